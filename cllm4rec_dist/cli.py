@@ -1,0 +1,49 @@
+"""`cllm4rec`: one command line for every stage. Each subcommand lives in its stage's home.
+
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cllm4rec_dist.data.records import InputError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("cllm4rec_dist.data.demo", "write the synthetic demo dataset (table format) to --out"),
+    "init-backbone": ("cllm4rec_dist.model.presets", "build a small random backbone (+ tokenizer) from a preset and save it"),
+    "preprocess": ("cllm4rec_dist.corpus.preprocess", "raw files -> protocol -> documents -> webdataset shards + manifest"),
+    "train": ("cllm4rec_dist.train.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
+    "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics"),
+    "export": ("cllm4rec_dist.export.command", "export user/item embeddings with original ids (Parquet + NumPy)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cllm4rec",
+        description="CLLM4Rec: LLM-based recommender training. Typical flow: "
+        "cllm4rec demo-data --out raw/ && cllm4rec preprocess --format table --input raw/ --out data/ "
+        "&& cllm4rec train --data data/ --out run/",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Import only the module that runs (and all of them for the top-level --help).
+        if wanted in (None, name):
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

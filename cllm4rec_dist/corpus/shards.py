@@ -1,0 +1,238 @@
+"""Corpus documents in webdataset tar shards, through fsspec (local paths or any fsspec URL).
+
+Layout of a preprocessed dataset folder::
+
+    manifest.json        written LAST: its presence means the dataset is complete
+    stats.json           the protocol / input statistics
+    id_maps.json         {"users": [original ids], "items": [original ids]}
+    collab-000000.tar    webdataset shards, one sample per document: <key>.json
+    content-000000.tar ...
+
+Every file is written under a temporary name and renamed into place, and the
+manifest records each shard's size and sha256: a reader checks both, so a
+partial or foreign shard is never read as a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from webdataset import tariterators
+from webdataset.writer import TarWriter
+
+from cllm4rec_dist.eval.split import EvalSplit
+
+MANIFEST = "manifest.json"
+FORMAT = "cllm4rec-shards"
+VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A dataset folder that is missing, incomplete or corrupt; the message says what to re-run."""
+
+
+def canonical_json(obj) -> bytes:
+    """The one serialisation used for documents and metadata (sorted keys, no spaces): reruns are byte-identical."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fs(url: str):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def atomic_write(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it appears whole or not at all (temp name, then rename)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:
+    """One webdataset tar holding ``docs`` as ``<name>-<index>.json`` samples, deterministic bytes."""
+    buf = io.BytesIO()
+    with TarWriter(buf, mtime=0.0, encoder=False) as writer:
+        for k, doc in enumerate(docs):
+            writer.write({"__key__": f"{name}-{start + k:09d}", "json": canonical_json(doc)})
+    return buf.getvalue()
+
+
+@dataclass
+class ShardPlan:
+    """How many documents go into one shard: at least ``min_shards`` shards (for many workers), at most ``max_docs`` per shard."""
+
+    min_shards: int = 8
+    max_docs_per_shard: int = 5000
+
+    def docs_per_shard(self, num_docs: int) -> int:
+        return max(1, min(self.max_docs_per_shard, math.ceil(num_docs / self.min_shards)))
+
+
+class DatasetWriter:
+    """Writes the shards of each corpus, then the manifest last."""
+
+    def __init__(self, url: str, plan: ShardPlan | None = None):
+        self.url = url
+        self.fs, self.root = _fs(url)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.plan = plan or ShardPlan()
+        self.corpora: dict[str, dict] = {}
+        self.files: dict[str, dict] = {}
+
+    def write_corpus(self, name: str, docs, num_docs: int, count_tokens) -> dict:
+        """Stream ``docs`` (an iterable of ``num_docs`` dicts) into shards; returns the manifest entry."""
+        per_shard = self.plan.docs_per_shard(num_docs)
+        shards, batch, written, tokens_total = [], [], 0, 0
+
+        def flush():
+            nonlocal batch, written, tokens_total
+            data = shard_bytes(name, written, batch)
+            path = f"{name}-{len(shards):06d}.tar"
+            atomic_write(self.fs, posixpath.join(self.root, path), data)
+            tokens = sum(count_tokens(d) for d in batch)
+            shards.append({"path": path, "num_docs": len(batch), "num_tokens": tokens,
+                           "bytes": len(data), "sha256": sha256(data)})
+            written += len(batch)
+            tokens_total += tokens
+            batch = []
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == per_shard:
+                flush()
+        if batch:
+            flush()
+        if written != num_docs:
+            raise RuntimeError(f"corpus {name}: expected {num_docs} documents, got {written}")
+        entry = {"num_docs": written, "num_tokens": tokens_total, "shards": shards}
+        self.corpora[name] = entry
+        return entry
+
+    def write_json(self, name: str, obj) -> dict:
+        data = canonical_json(obj)
+        atomic_write(self.fs, posixpath.join(self.root, name), data)
+        self.files[name] = {"path": name, "bytes": len(data), "sha256": sha256(data)}
+        return self.files[name]
+
+    def finalize(self, meta: dict) -> dict:
+        """Write manifest.json (last, atomically). ``meta`` holds sizes, backbone, protocol, templates."""
+        digest = hashlib.sha256()
+        for name in sorted(self.corpora):
+            for shard in self.corpora[name]["shards"]:
+                digest.update(shard["sha256"].encode())
+        for name in sorted(self.files):
+            digest.update(self.files[name]["sha256"].encode())
+        manifest = {"format": FORMAT, "version": VERSION, **meta, "corpora": self.corpora,
+                    "files": self.files, "content_hash": digest.hexdigest()}
+        atomic_write(self.fs, posixpath.join(self.root, MANIFEST),
+                     json.dumps(manifest, sort_keys=True, indent=1).encode())
+        return manifest
+
+
+class ShardedDataset:
+    """A preprocessed dataset folder: its manifest, and verified reads of its shards."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = _fs(url)
+        path = posixpath.join(self.root, MANIFEST)
+        if not self.fs.exists(path):
+            raise ShardError(f"{url}: no {MANIFEST}. This folder is not a finished preprocessed dataset; "
+                             "run `cllm4rec preprocess ... --out` to (re)create it.")
+        self.manifest = json.loads(self.fs.cat_file(path))
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise ShardError(f"{path}: not a {FORMAT} v{VERSION} manifest; re-run `cllm4rec preprocess`.")
+
+    @property
+    def num_users(self) -> int:
+        return int(self.manifest["num_users"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def _verified(self, entry: dict) -> bytes:
+        path = posixpath.join(self.root, entry["path"])
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise ShardError(f"{path}: listed in the manifest but missing; re-run `cllm4rec preprocess`.") from None
+        if len(data) != entry["bytes"] or sha256(data) != entry["sha256"]:
+            raise ShardError(f"{path}: {len(data)} bytes, sha256 {sha256(data)[:12]}..., but the manifest records "
+                             f"{entry['bytes']} bytes, {entry['sha256'][:12]}...: the file is partial or was changed. "
+                             "Re-run `cllm4rec preprocess`.")
+        return data
+
+    def shard_urls(self, corpus: str) -> list[str]:
+        """Full URLs of a corpus's shards, for any webdataset pipeline (see ``register_fsspec``)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        return [prefix + posixpath.join(self.root, s["path"]) for s in self.corpus_entry(corpus)["shards"]]
+
+    def corpus_entry(self, corpus: str) -> dict:
+        if corpus not in self.manifest["corpora"]:
+            raise ShardError(f"{self.url}: no corpus {corpus!r}; it has {sorted(self.manifest['corpora'])}")
+        return self.manifest["corpora"][corpus]
+
+    def iter_shard(self, entry: dict):
+        """Documents of one shard, in order, after checking its size and checksum."""
+        source = {"stream": io.BytesIO(self._verified(entry)), "url": entry["path"]}
+        for sample in tariterators.group_by_keys(tariterators.tar_file_expander([source])):
+            yield json.loads(sample["json"])
+
+    def read_corpus(self, corpus: str) -> list[dict]:
+        """All documents of a corpus in manifest order (document index = position)."""
+        docs = []
+        for shard in self.corpus_entry(corpus)["shards"]:
+            docs.extend(self.iter_shard(shard))
+        if len(docs) != self.corpus_entry(corpus)["num_docs"]:
+            raise ShardError(f"{self.url}: corpus {corpus} has {len(docs)} documents, manifest says "
+                             f"{self.corpus_entry(corpus)['num_docs']}; re-run `cllm4rec preprocess`.")
+        return docs
+
+    def read_json(self, name: str):
+        return json.loads(self._verified(self.manifest["files"][name]))
+
+    def eval_split(self) -> EvalSplit:
+        docs = self.read_corpus("eval")
+        as_array = lambda key: [np.asarray(d[key], dtype=np.int64) for d in docs]  # noqa: E731
+        return EvalSplit(self.num_users, self.num_items, as_array("train"), as_array("valid"), as_array("test"))
+
+
+def load_eval_split(data_dir: str) -> EvalSplit:
+    """The train/valid/test lists of a preprocessed dataset (what every model is scored on)."""
+    return ShardedDataset(data_dir).eval_split()
+
+
+def register_fsspec() -> None:
+    """Let ``webdataset.WebDataset`` open any fsspec URL (memory://, s3://, gs://, ...).
+
+    webdataset's own opener knows only local files, pipes and a few schemes
+    (see shared notes); this routes every fsspec protocol through fsspec.
+    """
+    import sys
+
+    gopen = sys.modules["webdataset.gopen"]
+
+    def fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
+        return fsspec.open(url, mode).open()
+
+    for protocol in fsspec.available_protocols():
+        if protocol not in ("file", "pipe"):
+            gopen.gopen_schemes.setdefault(protocol, fsspec_gopen)

@@ -1,0 +1,32 @@
+"""The evaluation view of a preprocessed dataset: per-user train/valid/test item lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class EvalSplit:
+    """Per-user item index arrays (0..num_items-1); index u is user u.
+
+    Built by ``cllm4rec_dist.corpus.shards.load_eval_split(data_dir)`` from the
+    ``eval`` corpus of a preprocessed dataset, so every model (CLLM4Rec and the
+    baselines) is scored on exactly the same split.
+    """
+
+    num_users: int
+    num_items: int
+    train: list[np.ndarray]
+    valid: list[np.ndarray]
+    test: list[np.ndarray]
+
+    def train_matrix(self):
+        """Binary user x item train matrix (scipy CSR, float32)."""
+        import scipy.sparse as sp
+
+        rows = np.concatenate([np.full(len(x), u) for u, x in enumerate(self.train)]) if self.num_users else np.zeros(0)
+        cols = np.concatenate(self.train) if self.num_users else np.zeros(0)
+        data = np.ones(len(cols), dtype=np.float32)
+        return sp.csr_matrix((data, (rows, cols)), shape=(self.num_users, self.num_items), dtype=np.float32)
