@@ -1,0 +1,64 @@
+"""Score every item for each user in one forward pass, mask known items, top-K, metrics.
+
+Distributed: each rank scores users ``rank::world`` and returns metric SUMS; the
+ranks all-reduce them and only then divide (eval/metrics.py), so every user
+counts once whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.eval.metrics import all_reduce_sums, finalize, merge_sums, metric_sums
+from cllm4rec_dist.model.item_softmax import chunked_topk
+from cllm4rec_dist.train.loader import prediction_prompts
+
+TOP_K = 100  # enough for Recall@20/40 and NDCG@100
+
+
+@torch.no_grad()
+def user_representations(model, docs: list[dict], space: TokenSpace, style: str = "rec", batch_size: int = 64,
+                         max_length: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector."""
+    was_training = model.training
+    model.eval()
+    device = model.item_head_weight().device
+    out = []
+    for start in range(0, len(docs), batch_size):
+        ids, mask, lengths = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed)
+        ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
+        hidden = model.hidden_states(ids, mask, side="collab")
+        out.append(hidden[torch.arange(len(lengths), device=device), lengths - 1].float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.hidden_size)
+
+
+@torch.no_grad()
+def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: str = "rec", batch_size: int = 64,
+                  exclude_valid_on_test: bool = True, max_length: int = 1024, seed: int = 0,
+                  distributed: bool = False) -> dict:
+    """Recall@20/40, NDCG@100 on ``part`` ('valid' or 'test') for these users' eval docs.
+
+    Train items are always excluded from the ranking; at test time the valid items too
+    when ``exclude_valid_on_test``. With ``distributed`` the sums are all-reduced.
+    """
+    if part not in ("valid", "test"):
+        raise ValueError("part must be 'valid' or 'test'")
+    weight = model.item_head_weight().detach()
+    sums = []
+    for start in range(0, len(docs), batch_size):
+        chunk = docs[start:start + batch_size]
+        users = user_representations(model, chunk, space, style, batch_size, max_length, seed)
+        exclude = [torch.as_tensor(d["train"] + (d["valid"] if part == "test" and exclude_valid_on_test else []),
+                                   dtype=torch.long) for d in chunk]
+        _, topk = chunked_topk(users, weight, TOP_K, exclude=exclude,
+                               max_logit_elements=model.config.max_logit_elements)
+        heldout = [np.asarray(d[part], dtype=np.int64) for d in chunk]
+        sums.append(metric_sums(topk.cpu().numpy(), heldout))
+    total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
+                                             "num_users": 0.0, "num_skipped": 0.0}
+    if distributed:
+        total = all_reduce_sums(total)
+    return finalize(total)

@@ -1,0 +1,144 @@
+"""One optimizer engine per trainable parameter group: 'collab', 'content' (and 'backbone' for FtAll).
+
+The paper trains the collaborative and the content side with separate Adam
+optimizers; a C-step must never touch collaborative Adam state and vice versa.
+Each group therefore gets its own engine. The rec-step uses the 'collab' group
+with a FRESH optimizer state and the finetuning lr (``reset_optimizer``): L-steps
+and rec-steps never share a phase, so one engine per group serves both.
+
+``TorchEngine`` is the single-process reference; ``DeepSpeedEngine`` wraps a
+DeepSpeed ZeRO engine over the same parameters and has the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+
+class TorchEngine:
+    """Plain torch Adam over one parameter group."""
+
+    def __init__(self, name: str, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
+                 grad_clip: float = 0.0):
+        self.name = name
+        self.params = params
+        self.grad_clip = grad_clip
+        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip (if set), step, zero the grads; returns the gradient norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer(self, lr: float) -> None:
+        self.optimizer.state = defaultdict(dict)
+        self.set_lr(lr)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, directory: str, rank: int = 0) -> None:
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optim-{self.name}.pt"))
+
+    def load(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, f"optim-{self.name}.pt"), weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+
+class _ParamGroup(nn.Module):
+    """A module view of a parameter group (same Parameter objects), for DeepSpeed to manage."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        super().__init__()
+        self.group = nn.ParameterList(params)
+
+
+def load_ds_config(path: str, micro_batch: int, world_size: int, grad_clip: float) -> dict:
+    """Read a DeepSpeed JSON and fill in what comes from our config (batch sizes, clipping)."""
+    with open(path, encoding="utf-8") as f:
+        ds = json.load(f)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 0-3")
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled"):
+            raise ValueError(f"{path}: {key}.enabled casts the whole module; the trainable tables stay fp32 and the "
+                             "backbone precision is model.precision. Remove the '{key}' section.")
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro_batch * world_size
+    ds["gradient_clipping"] = grad_clip
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+class DeepSpeedEngine(TorchEngine):
+    """A DeepSpeed ZeRO engine over one parameter group (the optimizer state is partitioned across ranks)."""
+
+    def __init__(self, name: str, params: list[nn.Parameter], lr: float, ds_config: dict, weight_decay: float = 0.0):
+        import deepspeed
+
+        self.name = name
+        self.params = params
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # no DeepSpeed op compile
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=_ParamGroup(params), optimizer=optimizer, config=ds_config)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    @property
+    def _inner(self) -> torch.optim.Optimizer:
+        # ZeRO wraps the torch optimizer; its .optimizer holds the Adam state of this rank's partition.
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def reset_optimizer(self, lr: float) -> None:
+        self._inner.state = defaultdict(dict)
+        self.set_lr(lr)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._inner.param_groups:
+            group["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self._inner.param_groups[0]["lr"]
+
+    def save(self, directory: str, rank: int = 0) -> None:
+        # Every rank must call this (DeepSpeed holds a barrier); each writes its optimizer partition.
+        self.engine.save_checkpoint(directory, tag=f"engine-{self.name}", exclude_frozen_parameters=True)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=f"engine-{self.name}", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint engine-{self.name}")

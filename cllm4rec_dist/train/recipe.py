@@ -1,0 +1,109 @@
+"""The training recipe (torchtune-style): setup -> train -> save, shared by every entry point.
+
+The single-process reference (`cllm4rec train`), each Ray Train worker and each
+`deepspeed` launcher process run this same class; they differ only in the Rank,
+the engine factory (torch Adam or DeepSpeed ZeRO) and the checkpoint sink.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.preprocess import tokenizer_identity
+from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+from cllm4rec_dist.model.presets import load_tokenizer
+from cllm4rec_dist.train.config import TrainConfig, to_yaml
+from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
+from cllm4rec_dist.train.monitor import Monitor
+from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
+from cllm4rec_dist.train.trainer import Rank, Trainer, write_json_atomic
+
+
+def default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
+    """The backbone to train with: cfg.backbone, else the one the dataset was tokenised with."""
+    recorded = manifest["backbone"]
+    if cfg.backbone is None:
+        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
+    location = {"path": cfg.backbone, "gguf_file": None}
+    if tokenizer_identity(load_tokenizer(location)) != recorded["tokenizer_sha256"]:
+        raise ValueError(f"backbone {cfg.backbone}: its tokenizer differs from the one {cfg.data} was tokenised "
+                         f"with ({recorded['path']}); re-run `cllm4rec preprocess --backbone {cfg.backbone}`.")
+    return location
+
+
+class CLLM4RecRecipe:
+    def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink):
+        self.cfg, self.rank, self.engine_factory, self.sink = cfg, rank, engine_factory, sink
+        if not cfg.out:
+            cfg.out = default_run_dir()
+
+    def setup(self) -> "CLLM4RecRecipe":
+        cfg, rank = self.cfg, self.rank
+        os.makedirs(cfg.out, exist_ok=True)
+        if rank.is_main:
+            with open(os.path.join(cfg.out, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(cfg))
+        data = ShardedDataset(cfg.data)
+        location = backbone_location(cfg, data.manifest)
+        torch.manual_seed(cfg.seed)  # identical table init on every rank
+        model = CLLM4Rec(ModelConfig(
+            backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
+            num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
+            init_std=cfg.model.init_std, max_logit_elements=cfg.model.max_logit_elements,
+            ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
+            separate_item_head=cfg.model.separate_item_head,
+            device="cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu"))
+        if model.vocab_size != data.vocab_size:
+            raise ValueError(f"{cfg.data} was tokenised for a vocabulary of {data.vocab_size} but the backbone has "
+                             f"{model.vocab_size}; re-run `cllm4rec preprocess` with this backbone.")
+        self.model = model
+        space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
+
+        settings = BatchSettings(batch_size=cfg.batch.batch_size, max_length=cfg.batch.max_length,
+                                 reorder=cfg.reorder, mask_ratio=cfg.batch.mask_ratio, seed=cfg.seed)
+        kinds = ("L", "C", "rec") if cfg.uses_content else ("L", "rec")
+        streams = rank.world_size * rank.accumulate
+        batches = {k: CorpusBatches(CORPUS_OF[k], data.read_corpus(CORPUS_OF[k]), space, settings, streams)
+                   for k in kinds}
+        blocks = build_schedule(cfg, {k: b.steps_per_epoch for k, b in batches.items()})
+
+        groups = model.parameter_groups()
+        if not cfg.uses_content:
+            groups.pop("content", None)
+        engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr) for name, params in groups.items()}
+        self.trainer = Trainer(cfg, model, engines, batches, blocks, data.read_corpus("eval"), space, rank,
+                               self.sink, logger=None)
+        resumed = cfg.resume and self.sink.load_latest(self.trainer)
+        state = self.trainer.state
+        # The monitor starts after the resume so that it drops log lines past the checkpoint.
+        self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
+                                   resume_step=state.global_step if resumed else 0)
+        if resumed and rank.is_main:
+            print(f"[train] resumed at step {state.global_step} (block {state.block}, step {state.step})", flush=True)
+        if rank.is_main:
+            trainable = sum(p.numel() for ps in groups.values() for p in ps)
+            print(f"[train] {data.num_users} users, {data.num_items} items, backbone {location['path']} "
+                  f"({cfg.model.precision}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
+                  f"{total_steps(blocks)} steps, world {rank.world_size}", flush=True)
+        return self
+
+    def train(self) -> dict:
+        start = time.time()
+        result = self.trainer.train()
+        result["seconds"] = round(time.time() - start, 2)
+        if self.rank.is_main and "test" in result:
+            write_json_atomic(os.path.join(self.cfg.out, "metrics.json"), result)
+        self.trainer.log.close()
+        return result
+
+    def save_checkpoint(self) -> None:
+        self.trainer.save_checkpoint()

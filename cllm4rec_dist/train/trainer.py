@@ -1,0 +1,214 @@
+"""The coordinator: runs the schedule's blocks step by step on one rank, the same code on 1 or N ranks.
+
+What differs between the single-process reference and a distributed worker is
+only what is passed in: the engines (torch Adam vs DeepSpeed ZeRO), the rank and
+world size, and the checkpoint sink. A single process can also stand in for W
+ranks exactly (``accumulate=W``: W micro-batches per step, gradients averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.eval.evaluate import evaluate_docs
+from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.loader import CorpusBatches
+from cllm4rec_dist.train.schedule import Block
+
+LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
+ENGINE_OF = {"L": "collab", "C": "content", "rec": "collab"}
+SCALARS = ("loss", "lm", "mr", "tokens")
+
+
+@dataclass
+class TrainerState:
+    """Everything about the coordinator's position that a checkpoint must restore."""
+
+    block: int = 0
+    step: int = 0                      # step within the block
+    global_step: int = 0
+    counters: dict = field(default_factory=lambda: {"L": 0, "C": 0, "rec": 0})  # steps run per kind = data position
+    best: dict = field(default_factory=dict)      # best validation record
+    evals: list = field(default_factory=list)     # every validation result
+    finished: bool = False
+
+
+@dataclass
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    accumulate: int = 1
+    """Micro-batches per step on this rank; >1 lets one process reproduce a multi-rank run."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Average scalars across ranks (what rank 0 logs)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, CorpusBatches],
+                 blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger):
+        self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
+        self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
+        self.sink = sink        # checkpoint writer/reader (train/checkpoint.py)
+        self.log = logger       # progress lines + TensorBoard (train/monitor.py)
+        self.state = TrainerState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.device = model.item_head_weight().device
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def train_step(self, kind: str) -> dict:
+        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update."""
+        corpus = self.batches[kind]
+        epoch, step = divmod(self.state.counters[kind], corpus.steps_per_epoch)
+        engine = self.engines[ENGINE_OF[kind]]
+        backbone = self.engines.get("backbone")  # LLM-FtAll / LLM-Scratch only
+        totals = defaultdict(float)
+        for micro in range(self.r.accumulate):
+            batch = corpus.batch(epoch, step, rank=self.r.rank * self.r.accumulate + micro).to(self.device)
+            out = LOSSES[kind](self.model, batch)
+            engine.backward(out["loss"] / self.r.accumulate)
+            for key in SCALARS:
+                totals[key] += float(out[key]) / self.r.accumulate
+        totals["grad_norm"] = engine.step()
+        if backbone is not None:
+            backbone.step()
+        self.state.counters[kind] += 1
+        return dict(totals)
+
+    # ---- the schedule ------------------------------------------------------------------------
+
+    def enter_block(self, block: Block) -> None:
+        """Set learning rates for the block's phase; entering finetuning starts a fresh rec optimizer."""
+        lr = self.cfg.optim.finetune_lr if block.phase == "finetune" else self.cfg.optim.pretrain_lr
+        previous = self.blocks[self.state.block - 1].phase if self.state.block > 0 else None
+        for name, engine in self.engines.items():
+            if name == "collab" and block.phase == "finetune" and previous != "finetune":
+                engine.reset_optimizer(lr)  # rec-step Adam state never mixes with L-step state
+            else:
+                engine.set_lr(lr)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        total = sum(b.steps for b in self.blocks)
+        while self.state.block < len(self.blocks):
+            block = self.blocks[self.state.block]
+            if self.state.step == 0:
+                self.enter_block(block)
+            while self.state.step < block.steps:
+                if cfg.max_steps and self.state.global_step >= cfg.max_steps:
+                    return self.stop("max_steps reached")
+                kind = block.kinds[self.state.step]
+                start = time.perf_counter()
+                out = self.train_step(kind)
+                self.state.step += 1
+                self.state.global_step += 1
+                self.log.step(self.state, block, kind, self.r.mean([out[k] for k in (*SCALARS, "grad_norm")]),
+                              time.perf_counter() - start, total, self.engines[ENGINE_OF[kind]].lr)
+                if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if block.evaluate:
+                self.validate(block)
+            self.state.block += 1
+            self.state.step = 0
+            if not cfg.checkpoint_every:
+                self.save_checkpoint()
+        return self.finish()
+
+    # ---- evaluation and model selection --------------------------------------------------------
+
+    def my_eval_docs(self) -> list[dict]:
+        return self.eval_docs[self.r.rank::self.r.world_size]
+
+    def evaluate(self, part: str) -> dict:
+        style = "collab" if self.cfg.ablation == "prerec" else "rec"
+        return evaluate_docs(self.model, self.my_eval_docs(), self.space, part, style, self.cfg.eval.batch_size,
+                             self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.seed,
+                             distributed=self.r.distributed)
+
+    def validate(self, block: Block) -> None:
+        metrics = self.evaluate("valid")
+        record = {"block": self.state.block, "phase": block.phase, "epoch": block.epoch,
+                  "global_step": self.state.global_step, **metrics}
+        self.state.evals.append(record)
+        self.log.evaluation("valid", metrics, self.state.global_step)
+        if not self.state.best or (metrics["recall@20"] or 0.0) > (self.state.best["recall@20"] or 0.0):
+            self.state.best = record
+            self.best_weights = self.trainable_state()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def finish(self) -> dict:
+        """Test the best validation model once and write metrics.json."""
+        if self.best_weights is not None:
+            self.load_trainable_state(self.best_weights)
+        valid = self.state.best if self.state.best else self.evaluate("valid")
+        test = self.evaluate("test")
+        self.log.evaluation("test", test, self.state.global_step)
+        self.state.finished = True
+        result = {"valid": {k: v for k, v in valid.items() if k not in ("block", "phase", "epoch", "global_step")},
+                  "test": test,
+                  "best": {k: valid.get(k) for k in ("block", "phase", "epoch", "global_step")},
+                  "history": self.state.evals, "global_step": self.state.global_step,
+                  "ablation": self.cfg.ablation}
+        return result
+
+    def stop(self, why: str) -> dict:
+        self.save_checkpoint()
+        return {"stopped": why, "global_step": self.state.global_step, "history": self.state.evals}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """The coordinator's part of a checkpoint (the engines save their own optimizer state)."""
+        return {"state": asdict(self.state), "config": asdict(self.cfg),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def save_checkpoint(self) -> None:
+        self.sink.save(self)
+
+    def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
+        self.state = TrainerState(**snapshot["state"])
+        self.load_trainable_state(trainable)
+        self.best_weights = best
+        torch.set_rng_state(snapshot["rng"]["torch"])
+        np.random.set_state(snapshot["rng"]["numpy"])
+        random.setstate(snapshot["rng"]["python"])
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
