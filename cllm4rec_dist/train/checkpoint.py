@@ -91,6 +91,9 @@ class LocalSink:
             if old != keep:
                 shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
+    def has_checkpoint(self) -> bool:
+        return self.latest() is not None
+
     def load_latest(self, trainer) -> bool:
         path = self.latest()
         if path is None:
@@ -112,6 +115,11 @@ class RaySink:
             write_checkpoint(trainer, tmp)
             metrics = {"global_step": trainer.state.global_step, "block": trainer.state.block}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def has_checkpoint(self) -> bool:
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
 
     def load_latest(self, trainer) -> bool:
         import ray.train

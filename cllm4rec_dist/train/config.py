@@ -110,6 +110,9 @@ class TrainConfig:
     """Steps between progress lines / TensorBoard points."""
     max_steps: int = 0
     """Stop after this many steps in total (0 = run the whole schedule); for smoke runs and tests."""
+    init_from: str | None = None
+    """A checkpoint folder (with trainer.pt) whose tables and heads initialise this run, e.g. the last
+    pretraining checkpoint for `launchers/finetune.py`; its optimizer state and position are not taken."""
     resume: bool = True
     """Continue from the run folder's latest checkpoint when there is one."""
     simulate_ranks: int = 1

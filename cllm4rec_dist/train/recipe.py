@@ -17,11 +17,12 @@ from cllm4rec_dist.corpus.preprocess import tokenizer_identity
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
+from cllm4rec_dist.train.checkpoint import TRAINER_FILE
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
-from cllm4rec_dist.train.trainer import Rank, Trainer, write_json_atomic
+from cllm4rec_dist.train.trainer import Rank, Trainer, load_trainable, write_json_atomic
 
 
 def default_run_dir() -> str:
@@ -76,13 +77,18 @@ class CLLM4RecRecipe:
                    for k in kinds}
         blocks = build_schedule(cfg, {k: b.steps_per_epoch for k, b in batches.items()})
 
+        resuming = cfg.resume and self.sink.has_checkpoint()
+        if cfg.init_from and not resuming:
+            # Before the engines exist: ZeRO keeps its own fp32 master copy of what it is given.
+            blob = torch.load(os.path.join(cfg.init_from, TRAINER_FILE), weights_only=False, map_location="cpu")
+            load_trainable(model, blob["trainable"])
         groups = model.parameter_groups()
         if not cfg.uses_content:
             groups.pop("content", None)
         engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr) for name, params in groups.items()}
         self.trainer = Trainer(cfg, model, engines, batches, blocks, data.read_corpus("eval"), space, rank,
                                self.sink, logger=None)
-        resumed = cfg.resume and self.sink.load_latest(self.trainer)
+        resumed = resuming and self.sink.load_latest(self.trainer)
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,

@@ -164,10 +164,7 @@ class Trainer:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable(self.model, state)
 
     def finish(self) -> dict:
         """Test the best validation model once and write metrics.json."""
@@ -205,6 +202,18 @@ class Trainer:
         torch.set_rng_state(snapshot["rng"]["torch"])
         np.random.set_state(snapshot["rng"]["numpy"])
         random.setstate(snapshot["rng"]["python"])
+
+
+def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved tables/heads into the model; a name or shape mismatch is an error, not a silent skip."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params or params[name].shape != value.shape:
+                have = tuple(params[name].shape) if name in params else "missing"
+                raise ValueError(f"checkpoint tensor {name} {tuple(value.shape)} does not fit this model ({have}): "
+                                 "was it trained on another dataset or backbone?")
+            params[name].copy_(value)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,0 +1,58 @@
+"""What the launchers share: parse the config, make the demo dataset when it is the default, run, export.
+
+`launchers/pretrain_llama.py` (Ray) and `launchers/finetune.py` (DeepSpeed launcher or Ray)
+are thin wrappers around this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
+DEMO_DATA = os.path.join("shards", "demo")
+
+
+def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=description)
+    add_config_arguments(p)
+    p.add_argument("--no-export", action="store_true", help="skip the embedding export at the end")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    args = p.parse_args(argv)
+    if not args.config:
+        args.config = DEFAULT_CONFIG
+    return config_from_args(args), args
+
+
+def ensure_demo_data(cfg: TrainConfig) -> None:
+    """The embedded default: build the synthetic dataset + tiny backbone if `data` is the demo and missing."""
+    if os.path.normpath(cfg.data) != DEMO_DATA or os.path.exists(os.path.join(cfg.data, "manifest.json")):
+        return
+    from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
+    from cllm4rec_dist.data.demo import DemoConfig, write
+    from cllm4rec_dist.data.readers import ReaderOptions
+
+    raw = os.path.join("shards", "demo-raw")
+    print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it", flush=True)
+    write(raw, DemoConfig())
+    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data))
+
+
+def export_run(cfg: TrainConfig) -> str | None:
+    """Export the best tables with original ids into <run>/export (see cllm4rec_dist/export)."""
+    try:
+        from cllm4rec_dist.export.command import export_checkpoint
+    except ImportError:
+        return None
+    out = os.path.join(cfg.out, "export")
+    export_checkpoint(cfg.out, out)
+    return out
+
+
+def summary(result: dict) -> str:
+    keep = {k: result.get(k) for k in ("valid", "test", "best", "global_step", "seconds", "export")}
+    return json.dumps(keep, indent=1, default=str)

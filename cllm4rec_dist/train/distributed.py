@@ -1,0 +1,150 @@
+"""Distributed training: Ray Train starts N workers; each runs the recipe with DeepSpeed ZeRO engines.
+
+Two ways in, one worker function:
+* `launch_ray(cfg)`: a Ray Train `TorchTrainer` (local Ray started in-process when there is
+  no cluster; `ray job submit` runs it on a cluster). Checkpoints go to Ray's storage path
+  and a restarted worker resumes from the latest one (``FailureConfig``).
+* `run_torch_distributed(cfg)`: a process of the `deepspeed` / `torchrun` launchers
+  (RANK / WORLD_SIZE / MASTER_ADDR in the environment); checkpoints in <run>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
+from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
+from cllm4rec_dist.train.trainer import Rank, write_json_atomic
+
+# Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
+KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"
+
+
+def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and cfg.model.precision in ("int8", "nf4"):
+        raise ValueError(f"{cfg.dist.ds_config}: ZeRO-3 with an {cfg.model.precision} backbone is not a supported "
+                         "pair (ZeRO-3 partitions module weights and cannot hold bitsandbytes int8/4-bit weights). "
+                         "Use ds_configs/zero2.json (the frozen backbone is replicated; only the tables and their "
+                         "optimizer state are partitioned).")
+
+
+def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
+    """Recipe for this process's rank, with DeepSpeed engines from cfg.dist.ds_config."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config = load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, world, cfg.optim.grad_clip)
+    check_combination(cfg, ds_config)
+
+    def engine_factory(name, params, lr):
+        return DeepSpeedEngine(name, params, lr, ds_config, cfg.optim.weight_decay)
+
+    return CLLM4RecRecipe(cfg, Rank(rank, world), engine_factory, sink)
+
+
+def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    marker = os.path.join(recipe.cfg.out, f".killed-rank{kill_rank}-step{kill_step}")
+    if recipe.rank.rank != kill_rank or os.path.exists(marker):
+        return
+    trainer = recipe.trainer
+    original = trainer.train_step
+
+    def train_step(kind):
+        if trainer.state.global_step + 1 == kill_step:
+            open(marker, "w").close()
+            print(f"[train] rank {kill_rank}: killed at step {kill_step} (test hook)", flush=True)
+            os._exit(1)
+        return original(kind)
+
+    trainer.train_step = train_step
+
+
+def ray_worker_loop(config: dict) -> None:
+    """Runs in every Ray Train worker (torch.distributed is already initialised by Ray)."""
+    import ray.train
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    cfg = config_from_dict(config)
+    recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints)).setup()
+    _install_kill_hook(recipe)
+    result = recipe.train()
+    final = {"final": True, **{f"{part}/{k}": v for part in ("valid", "test") for k, v in result.get(part, {}).items()},
+             "global_step": result.get("global_step", 0)}
+    ray.train.report(final)
+
+
+def config_from_dict(config: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        value = config.get(f.name, getattr(cfg, f.name))
+        if dataclasses.is_dataclass(getattr(cfg, f.name)) and isinstance(value, dict):
+            value = type(getattr(cfg, f.name))(**value)
+        setattr(cfg, f.name, value)
+    return cfg.validate()
+
+
+def launch_ray(cfg: TrainConfig) -> dict:
+    """Train with Ray Train; joins a running cluster if there is one, else starts a local one."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.out = os.path.abspath(cfg.out or default_run_dir())
+    cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+    cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
+    os.makedirs(cfg.out, exist_ok=True)
+    if not ray.is_initialized():
+        address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+            env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+            ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}})
+    storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
+    name = os.path.basename(cfg.out.rstrip("/"))
+    trainer = TorchTrainer(
+        ray_worker_loop,
+        train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                     resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def run_torch_distributed(cfg: TrainConfig) -> dict:
+    """One process of `deepspeed launchers/finetune.py` / torchrun (env:// rendezvous)."""
+    import deepspeed
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
+                               "(or torchrun), or use `cllm4rec train` for one process.")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    cfg.out = cfg.out or default_run_dir()
+    recipe = build_worker_recipe(cfg, LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
+    _install_kill_hook(recipe)
+    result = recipe.train()
+    dist.barrier()
+    return result
+
+
+

@@ -1,0 +1,42 @@
+"""Recommendation finetuning (rec steps + interleaved C steps) from a pretraining checkpoint.
+
+    deepspeed --num_gpus 8 launchers/finetune.py --config cfg.yaml --init_from RUN/checkpoints/step-N
+    deepspeed --num_nodes 1 --num_gpus 2 launchers/finetune.py ...      # CPU: DeepSpeed's CPU accelerator
+    python launchers/finetune.py --ray --config cfg.yaml --init_from ...  # the same under Ray Train
+
+Warm-up and pretraining are skipped (their epochs are set to 0); validation runs after
+every finetuning epoch and the best model is tested once.
+"""
+
+import os
+import sys
+
+from cllm4rec_dist.launch import export_run, parse, summary
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    use_ray = "--ray" in argv
+    if use_ray:
+        argv.remove("--ray")
+    cfg, args = parse(__doc__, argv)
+    cfg.schedule.warmup_epochs = 0
+    cfg.schedule.pretrain_epochs = 0
+    if use_ray:
+        from cllm4rec_dist.train.distributed import launch_ray
+
+        result = launch_ray(cfg)
+    else:
+        from cllm4rec_dist.train.distributed import run_torch_distributed
+
+        result = run_torch_distributed(cfg)
+        if "test" not in result or os.environ.get("RANK", "0") != "0":
+            return 0  # only rank 0 exports and prints
+    if not args.no_export:
+        result["export"] = export_run(cfg)
+    print(summary(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
