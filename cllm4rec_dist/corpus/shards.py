@@ -63,7 +63,7 @@ def atomic_write(fs, path: str, data: bytes) -> None:
 def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:
     """One webdataset tar holding ``docs`` as ``<name>-<index>.json`` samples, deterministic bytes."""
     buf = io.BytesIO()
-    with TarWriter(buf, mtime=0.0, encoder=False) as writer:
+    with TarWriter(buf, mtime=0, encoder=False) as writer:
         for k, doc in enumerate(docs):
             writer.write({"__key__": f"{name}-{start + k:09d}", "json": canonical_json(doc)})
     return buf.getvalue()

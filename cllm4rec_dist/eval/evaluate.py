@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
-from cllm4rec_dist.eval.metrics import all_reduce_sums, finalize, merge_sums, metric_sums
+from cllm4rec_dist.eval.metrics import PAD, all_reduce_sums, finalize, merge_sums, metric_sums
 from cllm4rec_dist.model.item_softmax import chunked_topk
 from cllm4rec_dist.train.loader import prediction_prompts
 
@@ -55,8 +55,11 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
                                    dtype=torch.long) for d in chunk]
         _, topk = chunked_topk(users, weight, TOP_K, exclude=exclude,
                                max_logit_elements=model.config.max_logit_elements)
+        topk = topk.cpu().numpy()
+        if topk.shape[1] < TOP_K:  # catalogues smaller than K: the missing ranks are misses
+            topk = np.pad(topk, ((0, 0), (0, TOP_K - topk.shape[1])), constant_values=PAD)
         heldout = [np.asarray(d[part], dtype=np.int64) for d in chunk]
-        sums.append(metric_sums(topk.cpu().numpy(), heldout))
+        sums.append(metric_sums(topk, heldout))
     total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
                                              "num_users": 0.0, "num_skipped": 0.0}
     if distributed:

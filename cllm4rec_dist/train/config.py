@@ -233,13 +233,17 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     return cfg.validate()
 
 
+def config_from_dict(values: dict, source: str = "config", cls=TrainConfig):
+    """A validated config from a (possibly nested) dict, e.g. one saved in a checkpoint; ``source`` names it in errors."""
+    cfg = cls()
+    for key, value in values.items():
+        _set(cfg, key, value, source)
+    return cfg.validate()
+
+
 def load_config(path: str, cls=TrainConfig):
     with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
-    cfg = cls()
-    for key, value in loaded.items():
-        _set(cfg, key, value, path)
-    return cfg.validate()
+        return config_from_dict(yaml.safe_load(f) or {}, path, cls)
 
 
 def to_yaml(cfg) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
-from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
 from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
 from cllm4rec_dist.train.trainer import Rank, write_json_atomic
@@ -28,12 +28,13 @@ KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"
 
 
 def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and cfg.model.precision in ("int8", "nf4"):
-        raise ValueError(f"{cfg.dist.ds_config}: ZeRO-3 with an {cfg.model.precision} backbone is not a supported "
-                         "pair (ZeRO-3 partitions module weights and cannot hold bitsandbytes int8/4-bit weights). "
-                         "Use ds_configs/zero2.json (the frozen backbone is replicated; only the tables and their "
-                         "optimizer state are partitioned).")
+    """Refuse DeepSpeed setups known not to work with this model, saying what to use instead."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(
+            f"{cfg.dist.ds_config}: ZeRO stage 3 is not supported. It partitions the tables' WEIGHTS, which every "
+            "step reads in full (any user or item can be in a batch; the item softmax spans the catalogue), and it "
+            "cannot hold a bitsandbytes int8/4-bit backbone either. Use ds_configs/zero2.json (gradients and Adam "
+            "state partitioned, the frozen backbone replicated) or ds_configs/zero1.json.")
 
 
 def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
@@ -76,23 +77,13 @@ def ray_worker_loop(config: dict) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    cfg = config_from_dict(config)
+    cfg = config_from_dict(config, "ray train_loop_config")
     recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints)).setup()
     _install_kill_hook(recipe)
     result = recipe.train()
     final = {"final": True, **{f"{part}/{k}": v for part in ("valid", "test") for k, v in result.get(part, {}).items()},
              "global_step": result.get("global_step", 0)}
     ray.train.report(final)
-
-
-def config_from_dict(config: dict) -> TrainConfig:
-    cfg = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        value = config.get(f.name, getattr(cfg, f.name))
-        if dataclasses.is_dataclass(getattr(cfg, f.name)) and isinstance(value, dict):
-            value = type(getattr(cfg, f.name))(**value)
-        setattr(cfg, f.name, value)
-    return cfg.validate()
 
 
 def launch_ray(cfg: TrainConfig) -> dict:

@@ -71,6 +71,9 @@ class CLLM4RecRecipe:
 
         settings = BatchSettings(batch_size=cfg.batch.batch_size, max_length=cfg.batch.max_length,
                                  reorder=cfg.reorder, mask_ratio=cfg.batch.mask_ratio, seed=cfg.seed)
+        if cfg.uses_content and data.corpus_entry("content")["num_docs"] == 0:
+            raise ValueError(f"{cfg.data} has no content documents (no reviews, bios or item texts), so there is no "
+                             "content LLM to train: run with --ablation cf (the collaborative-only LLM-CF).")
         kinds = ("L", "C", "rec") if cfg.uses_content else ("L", "rec")
         streams = rank.world_size * rank.accumulate
         batches = {k: CorpusBatches(CORPUS_OF[k], data.read_corpus(CORPUS_OF[k]), space, settings, streams)

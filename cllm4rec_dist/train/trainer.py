@@ -93,7 +93,7 @@ class Trainer:
             out = LOSSES[kind](self.model, batch)
             engine.backward(out["loss"] / self.r.accumulate)
             for key in SCALARS:
-                totals[key] += float(out[key]) / self.r.accumulate
+                totals[key] += float(torch.as_tensor(out[key]).detach()) / self.r.accumulate
         totals["grad_norm"] = engine.step()
         if backbone is not None:
             backbone.step()

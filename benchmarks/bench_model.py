@@ -1,0 +1,280 @@
+"""Benchmark of the CLLM4Rec model: step throughput and the memory of the item-space softmax. Prints JSON.
+
+(a) tokens/s of the L-, C- and rec-steps (forward + backward + Adam step on the tables) against a
+    plain forward + backward of the same frozen backbone on the same number of tokens
+    (inputs_embeds requiring grad, the backbone's own LM loss over its vocabulary).
+(b) peak memory of the item-space loss (forward + backward, hidden (N,d) and item table (J,d) both
+    trainable) at 10k / 100k / 1M items, chunked (``sparse_softmax_nll``) vs the dense
+    ``cross_entropy(hidden @ W.T)``.
+    Method: on CUDA, ``torch.cuda.max_memory_allocated`` after a reset, minus the memory allocated
+    before the loss. On CPU, each case runs in its own SUBPROCESS: peak RSS (VmHWM, whose mark is
+    reset through /proc/self/clear_refs right before the loss, so imports and input creation do not
+    count) minus the RSS just before the loss, with the address space capped (RLIMIT_AS) at the
+    pre-loss size + ``--memory-limit-gb`` so that an allocation beyond it fails with an error ("oom")
+    instead of swapping or meeting the machine's OOM killer. (tracemalloc does not see torch's allocator.)
+    Both count everything the loss allocates: logits, their gradient, and the dense (J,d) weight gradient.
+
+    python benchmarks/bench_model.py                       # tiny random LLaMA, CPU, a couple of minutes
+    python benchmarks/bench_model.py --device cuda --hidden 1024 --positions 2048
+    python benchmarks/bench_model.py --backbone DIR        # a real checkpoint instead of the random one
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cllm4rec_dist.model.batch import LMBatch, RecBatch  # noqa: E402
+from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS, sparse_softmax_nll  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
+    # (a) throughput
+    p.add_argument("--backbone", default=None, help="local checkpoint dir; default: a random LLaMA of the sizes below")
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "nf4"])
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (random backbone, and the memory part)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=10000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each kind per round, after a warm-up round); medians reported")
+    # (b) memory
+    p.add_argument("--positions", type=int, default=256, help="N: rows of hidden states in the item loss")
+    p.add_argument("--item-counts", default="10000,100000,1000000")
+    p.add_argument("--max-logit-elements", type=int, default=DEFAULT_MAX_LOGIT_ELEMENTS)
+    p.add_argument("--memory-limit-gb", type=float, default=4.0, help="CPU: cap on what one case may allocate")
+    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: "items,chunked"
+    return p.parse_args(argv)
+
+
+# ---- (a) throughput ------------------------------------------------------------------------------
+
+def make_batches(model, args, device):
+    """Full rows (no padding) of seq_len tokens: an L-, a C- and a rec-batch and the vocab ids of the baseline."""
+    gen = torch.Generator().manual_seed(0)
+    V, I, J, B, T = model.vocab_size, model.num_users, model.num_items, args.batch, args.seq_len
+    users = torch.randint(0, I, (B,), generator=gen)
+    user_tokens = (V + users)[:, None]
+    vocab = lambda n: torch.randint(1, V, (B, n), generator=gen)  # noqa: E731
+    items = lambda n: V + I + torch.randint(0, J, (B, n), generator=gen)  # noqa: E731
+    full = torch.ones(B, T, dtype=torch.long)
+    lengths = torch.full((B,), T)
+
+    l_ids = torch.cat([user_tokens, vocab(3), items(T - 4)], dim=1)
+    l_batch = LMBatch(l_ids, full, torch.full((B,), 4), lengths)
+    c_ids = torch.cat([user_tokens, vocab(2), items(1), vocab(T - 4)], dim=1)
+    c_batch = LMBatch(c_ids, full, torch.full((B,), 4), lengths)
+    rec_ids = torch.cat([user_tokens, vocab(3), items(T - 8), user_tokens, vocab(3)], dim=1)
+    held_out = 5
+    rec_batch = RecBatch(rec_ids, full, lengths, users, torch.arange(B).repeat_interleave(held_out),
+                         torch.randint(0, J, (B * held_out,), generator=gen))
+    plain_ids = vocab(T)
+    return l_batch.to(device), c_batch.to(device), rec_batch.to(device), plain_ids.to(device)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_seconds(steps: dict, rounds: int, device) -> dict:
+    """Median seconds per step of each named step, timed ROUND-ROBIN (one step of each kind per round)
+    so that load from other processes on a shared machine hits all kinds alike."""
+    times = {name: [] for name in steps}
+    for step in steps.values():  # warm-up
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def bench_throughput(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone_dir = args.backbone
+        if backbone_dir is None:
+            torch.manual_seed(0)
+            heads = max(1, args.hidden // 32)
+            config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                                 num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                 vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 128),
+                                 tie_word_embeddings=False)
+            LlamaForCausalLM(config).save_pretrained(tmp)
+            backbone_dir = tmp
+        model = CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
+                                     num_users=args.users, num_items=args.items, device=str(device)))
+    l_batch, c_batch, rec_batch, plain_ids = make_batches(model, args, device)
+    num_tokens = args.batch * args.seq_len
+    groups = model.parameter_groups()
+    optimizers = {name: torch.optim.Adam(params, lr=1e-3) for name, params in groups.items()}
+
+    def train_step(loss_fn, batch, side):
+        def step():
+            optimizers[side].zero_grad(set_to_none=True)
+            loss_fn(model, batch)["loss"].backward()
+            optimizers[side].step()
+        return step
+
+    vocab_embeddings = model.backbone.get_input_embeddings()
+
+    def plain_step():
+        embeds = vocab_embeddings(plain_ids).detach().requires_grad_()
+        out = model.backbone(inputs_embeds=embeds, attention_mask=torch.ones_like(plain_ids), labels=plain_ids)
+        out.loss.backward()
+
+    seconds = median_step_seconds({
+        "baseline_forward_backward": plain_step,
+        "l_step": train_step(l_step_loss, l_batch, "collab"),
+        "c_step": train_step(c_step_loss, c_batch, "content"),
+        "rec_step": train_step(rec_step_loss, rec_batch, "collab"),
+    }, args.steps, device)
+    baseline = seconds["baseline_forward_backward"]
+    result = {name: {"tokens_per_s": round(num_tokens / s, 1), "time_ratio_vs_baseline": round(s / baseline, 3)}
+              for name, s in seconds.items()}
+    return {"backbone": args.backbone or f"random LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}",
+            "precision": args.precision, "users": args.users, "items": args.items,
+            "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, **result}
+
+
+# ---- (b) memory of the item-space loss -----------------------------------------------------------
+
+def item_loss(hidden, weight, targets, chunked, max_logit_elements):
+    if chunked:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return sparse_softmax_nll(hidden, weight, rows, targets, max_logit_elements=max_logit_elements) / len(rows)
+    return torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+
+
+def item_loss_inputs(args, num_items, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(args.positions, args.hidden, generator=gen, device=device).requires_grad_()
+    weight = (0.02 * torch.randn(num_items, args.hidden, generator=gen, device=device)).requires_grad_()
+    targets = torch.randint(0, num_items, (args.positions,), generator=gen, device=device)
+    return hidden, weight, targets
+
+
+def proc_status_bytes(field):
+    """VmRSS / VmHWM (peak RSS) / VmSize of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def memory_case_cpu_child(args):
+    """Runs in its own process: one (items, chunked) case; prints one JSON line."""
+    items, chunked = args.memory_case.split(",")
+    items, chunked = int(items), chunked == "1"
+    hidden, weight, targets = item_loss_inputs(args, items, torch.device("cpu"))
+    # reset the kernel's peak-RSS mark (VmHWM) so imports and input creation do not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = proc_status_bytes("VmRSS")
+    limit = proc_status_bytes("VmSize") + int(args.memory_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    start = time.perf_counter()
+    try:
+        item_loss(hidden, weight, targets, chunked, args.max_logit_elements).backward()
+    except (RuntimeError, MemoryError) as error:
+        print(json.dumps({"peak_mb": "oom", "error": str(error).splitlines()[0][:200]}))
+        return
+    seconds = time.perf_counter() - start
+    peak = proc_status_bytes("VmHWM")
+    print(json.dumps({"peak_mb": round((peak - before) / 2**20, 1), "seconds": round(seconds, 3)}))
+
+
+def memory_case(args, items, chunked, device):
+    if device.type == "cuda":
+        hidden, weight, targets = item_loss_inputs(args, items, device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        try:
+            item_loss(hidden, weight, targets, chunked, args.max_logit_elements).backward()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            del hidden, weight, targets
+            torch.cuda.empty_cache()
+            return {"peak_mb": "oom"}
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device)
+        del hidden, weight, targets
+        torch.cuda.empty_cache()
+        return {"peak_mb": round((peak - before) / 2**20, 1), "seconds": round(seconds, 3)}
+    command = [sys.executable, os.path.abspath(__file__), "--memory-case", f"{items},{int(chunked)}",
+               "--hidden", str(args.hidden), "--positions", str(args.positions),
+               "--max-logit-elements", str(args.max_logit_elements), "--memory-limit-gb", str(args.memory_limit_gb)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"peak_mb": "oom" if proc.returncode in (-9, 137) else "error",
+                "returncode": proc.returncode, "stderr": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(lines[-1])
+
+
+def bench_memory(args, device):
+    cases = []
+    for items in [int(n) for n in args.item_counts.split(",")]:
+        for chunked in (True, False):
+            case = {"items": items, "chunked": chunked, **memory_case(args, items, chunked, device)}
+            # what is inherent to the problem: the (J,d) weight gradient; and the dense logits alone
+            case["weight_grad_mb"] = round(items * args.hidden * 4 / 2**20, 1)
+            case["dense_logits_mb"] = round(items * args.positions * 4 / 2**20, 1)
+            cases.append(case)
+    method = ("torch.cuda.max_memory_allocated minus allocated before the loss" if device.type == "cuda" else
+              "subprocess per case: peak RSS (VmHWM, reset through /proc/self/clear_refs just before the loss) "
+              "after forward+backward minus RSS before the loss; "
+              f"address space capped at +{args.memory_limit_gb} GB so larger allocations fail as 'oom'")
+    return {"method": method, "hidden": args.hidden, "positions": args.positions,
+            "max_logit_elements": args.max_logit_elements, "cases": cases}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_case is not None:
+        memory_case_cpu_child(args)
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__}
+    # libraries log to stdout (DeepSpeed's accelerator line); keep stdout for the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.part in ("all", "throughput"):
+            report["throughput"] = bench_throughput(args, device)
+        if args.part in ("all", "memory"):
+            report["item_loss_memory"] = bench_memory(args, device)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

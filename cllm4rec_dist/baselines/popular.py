@@ -1,0 +1,40 @@
+"""Most-popular: every user gets the items with the most TRAIN interactions.
+
+The floor any personalised model must clear; it has no hyperparameters, so
+validation is reported but selects nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result
+from cllm4rec_dist.eval.split import EvalSplit
+
+
+@dataclass
+class PopularSettings(EvalSettings):
+    """Most-popular has only the shared evaluation settings."""
+
+
+def item_counts(split: EvalSplit) -> np.ndarray:
+    """Number of train interactions per item (float64, length num_items)."""
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in split.train]) if split.num_users else np.zeros(0, np.int64)
+    return np.bincount(flat, minlength=split.num_items).astype(np.float64)
+
+
+def run(split: EvalSplit, settings: PopularSettings) -> dict[str, Any]:
+    """Evaluate most-popular on valid and test; the result dict of ``make_result``."""
+    started = time.perf_counter()
+    counts = item_counts(split)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(counts, (len(users), split.num_items))
+
+    valid = evaluate(score, split, "valid", settings)
+    test = evaluate(score, split, "test", settings)
+    return make_result("popular", valid, test, {}, settings, started)

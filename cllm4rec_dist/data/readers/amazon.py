@@ -1,0 +1,129 @@
+"""Amazon review JSON-lines (McAuley lab 2014 and 2018 dumps), plain or gzip.
+
+One review per line with ``reviewerID`` (user), ``asin`` (item), ``overall``
+(rating 1-5), ``reviewText``, ``summary`` and ``unixReviewTime``; the 2014 and
+2018 dumps use the same names for these fields. Several ``--input`` files are
+read in order and concatenated (e.g. two categories).
+
+Review text = ``summary + ". " + reviewText`` when both are non-empty (the
+summary is a one-line title worth keeping; the ". " is left out when the summary
+already ends in . ! or ?), else whichever exists. A missing ``unixReviewTime``
+gives timestamp NaN (the protocol then keeps file order).
+
+``--meta`` files are Amazon item metadata, one item per line with ``asin``,
+``title`` and ``description`` (a string or a list of strings). The 2018
+metadata is JSON; the 2014 metadata is one Python dict literal per line (single
+quotes), so each line is tried with ``json.loads`` and then
+``ast.literal_eval``. Item text = "title. description" (or whichever exists);
+only items that occur in the reviews are kept, since metadata files list the
+whole catalogue.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+
+from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, clean_text, open_binary, text_lines, to_number
+
+
+def read(options, report: InputReport) -> RawDataset:
+    rows: list[tuple] = []
+    for path in options.inputs:
+        rows.extend(_read_reviews(path, report))
+    items = {row[1] for row in rows}
+    item_texts: dict[str, str] = {}
+    for path in options.meta:
+        item_texts.update(_read_meta(path, items, report))
+    return RawDataset(
+        name=base_name(options.inputs[0]),
+        interactions=RawDataset.frame(rows),
+        item_texts=item_texts,
+        has_ratings=True,
+        report=report,
+    )
+
+
+def join_sentences(first: str, second: str) -> str:
+    """'first. second', without doubling the full stop; whichever exists if one is empty."""
+    if first and second:
+        return first + (" " if first[-1] in ".!?" else ". ") + second
+    return first or second
+
+
+def _read_reviews(path: str, report: InputReport) -> list[tuple]:
+    rows = []
+    with open_binary(path) as raw:
+        for lineno, line in enumerate(text_lines(raw), 1):
+            if not line.strip():
+                continue
+            report.line(path)
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                report.bad(path, lineno, "bad_json", str(err))
+                continue
+            if not isinstance(obj, dict):
+                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
+                continue
+            row = _review_row(obj, path, lineno, report)
+            if row is not None:
+                rows.append(row)
+    report.finish_file(path)
+    return rows
+
+
+def _review_row(obj: dict, path: str, lineno: int, report: InputReport) -> tuple | None:
+    for name in ("reviewerID", "asin", "overall"):
+        if obj.get(name) is None:
+            report.bad(path, lineno, f"missing_field:{name}")
+            return None
+    user, item = str(obj["reviewerID"]).strip(), str(obj["asin"]).strip()
+    if not user or not item:
+        report.bad(path, lineno, "empty_id", "reviewerID" if not user else "asin")
+        return None
+    rating = to_number(obj["overall"])
+    if rating is None:
+        report.bad(path, lineno, "non_numeric_rating", repr(obj["overall"]))
+        return None
+    timestamp = to_number(obj.get("unixReviewTime"))
+    review = report.text(join_sentences(clean_text(obj.get("summary")), clean_text(obj.get("reviewText"))))
+    return (user, item, rating, math.nan if timestamp is None else timestamp, review)
+
+
+def parse_meta_line(line: str):
+    """A metadata line as a dict: JSON (2018) or a Python dict literal (2014)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return ast.literal_eval(line)
+
+
+def _read_meta(path: str, items: set[str], report: InputReport) -> dict[str, str]:
+    texts = {}
+    with open_binary(path) as raw:
+        for lineno, line in enumerate(text_lines(raw), 1):
+            if not line.strip():
+                continue
+            report.line(path)
+            try:
+                obj = parse_meta_line(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+                report.bad(path, lineno, "bad_json", f"neither JSON nor a Python dict literal: {err}")
+                continue
+            if not isinstance(obj, dict):
+                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
+                continue
+            asin = clean_text(obj.get("asin"))
+            if not asin:
+                report.bad(path, lineno, "missing_field:asin")
+                continue
+            if asin not in items:
+                continue
+            description = obj.get("description")
+            if isinstance(description, list):
+                description = " ".join(clean_text(part) for part in description)
+            texts[asin] = report.text(join_sentences(clean_text(obj.get("title")), clean_text(description)))
+    report.finish_file(path)
+    return texts

@@ -1,0 +1,290 @@
+"""Generic tables: CSV, TSV or Parquet with named columns, one interaction per row.
+
+``--input`` is one or more FILES or a FOLDER.
+
+Files: ``.csv`` is comma-separated, ``.tsv``/``.tab`` tab-separated (other
+names: tab if the header line has a tab, else comma); Parquet is recognised by
+``.parquet``/``.pq`` or its ``PAR1`` magic. CSV/TSV need a header line. Column
+names come from the flags: ``--user-col`` and ``--item-col`` are required;
+``--rating-col``, ``--timestamp-col``, ``--review-col``, ``--user-text-col`` and
+``--item-text-col`` are used when the column exists and ignored when it does
+not (no rating column -> ``has_ratings=False``). A timestamp is unix seconds or
+a date string (parsed with pandas, naive = UTC); an empty one is NaN.
+
+``user_text``/``item_text`` hold a per-user / per-item text repeated on each of
+its rows; when rows disagree the FIRST NON-EMPTY value in file order wins.
+
+Folder layout (what ``cllm4rec demo-data`` writes)::
+
+    <folder>/interactions.csv   (or interactions.parquet / interactions.tsv)
+             columns user,item[,rating][,timestamp][,review] (names as the flags)
+    <folder>/users.csv          optional; columns user,user_text
+    <folder>/items.csv          optional; columns item,item_text
+
+users.csv/items.csv (or .parquet) always use those fixed column names; their
+texts fill in after any text columns of the interactions file (first non-empty
+wins again).
+
+Line numbers in messages are file line numbers (the header is line 1); for
+Parquet they are 1-based row numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import itertools
+import math
+from contextlib import contextmanager
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cllm4rec_dist.data.records import (
+    InputError,
+    InputReport,
+    RawDataset,
+    base_name,
+    clean_text,
+    dates_to_seconds,
+    exists,
+    is_dir,
+    join_path,
+    open_binary,
+    text_lines,
+    to_number,
+)
+
+csv.field_size_limit(2**31 - 1)  # long review texts exceed the csv module's 128 KiB default
+
+FOLDER_INTERACTIONS = ("interactions.csv", "interactions.parquet", "interactions.tsv")
+FLAGS = {
+    "user_col": "--user-col",
+    "item_col": "--item-col",
+    "rating_col": "--rating-col",
+    "timestamp_col": "--timestamp-col",
+    "review_col": "--review-col",
+    "user_text_col": "--user-text-col",
+    "item_text_col": "--item-text-col",
+}
+
+
+def read(options, report: InputReport) -> RawDataset:
+    rows: list[tuple] = []
+    user_texts: dict[str, str] = {}
+    item_texts: dict[str, str] = {}
+    rating_files = []
+    for path in options.inputs:
+        if is_dir(path):
+            files, side = _folder_files(path), [("users", "user", "user_text"), ("items", "item", "item_text")]
+        else:
+            files, side = [path], []
+        for file in files:
+            had_rating = _read_interactions(file, options, report, rows, user_texts, item_texts)
+            rating_files.append((file, had_rating))
+        for stem, key, value in side:
+            side_file = _find(path, [f"{stem}.csv", f"{stem}.parquet"])
+            if side_file:
+                texts = user_texts if key == "user" else item_texts
+                _read_side_texts(side_file, key, value, report, texts)
+    if len({had for _, had in rating_files}) > 1:
+        listing = ", ".join(f"{f} ({'has' if had else 'no'} {options.rating_col!r})" for f, had in rating_files)
+        raise InputError(f"some input files have a rating column and some do not: {listing}. Read them separately.")
+    return RawDataset(
+        name=base_name(options.inputs[0]),
+        interactions=RawDataset.frame(rows),
+        user_texts={k: report.text(v) for k, v in user_texts.items()},
+        item_texts={k: report.text(v) for k, v in item_texts.items()},
+        has_ratings=rating_files[0][1],
+        report=report,
+    )
+
+
+def _find(folder: str, names) -> str | None:
+    return next((join_path(folder, n) for n in names if exists(join_path(folder, n))), None)
+
+
+def _folder_files(folder: str) -> list[str]:
+    found = _find(folder, FOLDER_INTERACTIONS)
+    if found is None:
+        raise InputError(
+            f"{folder}: a --format table folder needs one of {', '.join(FOLDER_INTERACTIONS)} "
+            "(plus optional users.csv with columns user,user_text and items.csv with columns item,item_text)."
+        )
+    return [found]
+
+
+def column_index(header: list[str], name: str, path: str, fix: str) -> int:
+    """Position of column ``name``; a missing one names the columns that exist and ``fix`` (how to fix it)."""
+    if name not in header:
+        raise InputError(f"{path}: no column {name!r}; the columns are: {', '.join(map(repr, header))}. {fix}")
+    return header.index(name)
+
+
+def set_flag(key: str) -> str:
+    return f"Set {FLAGS[key]} to the column that holds it."
+
+
+def _read_interactions(path, options, report, rows, user_texts, item_texts) -> bool:
+    """Append the file's rows to ``rows``; returns whether it has a rating column."""
+    with open_table(path, report) as (header, lines):
+        idx = {key: column_index(header, getattr(options, key), path, set_flag(key)) for key in ("user_col", "item_col")}
+        for key in ("rating_col", "timestamp_col", "review_col", "user_text_col", "item_text_col"):
+            name = getattr(options, key)
+            if name and name in header:
+                idx[key] = header.index(name)
+        parsed = []  # (lineno, user, item, rating, timestamp or raw date, review, user_text, item_text)
+        for lineno, row in lines:
+            user, item = ident(row[idx["user_col"]]), ident(row[idx["item_col"]])
+            if not user or not item:
+                report.bad(path, lineno, "empty_id", options.user_col if not user else options.item_col)
+                continue
+            rating = math.nan
+            if "rating_col" in idx:
+                rating = to_number(row[idx["rating_col"]])
+                if rating is None:
+                    report.bad(path, lineno, "non_numeric_rating", f"{options.rating_col}={row[idx['rating_col']]!r}")
+                    continue
+            timestamp = _timestamp(row[idx["timestamp_col"]]) if "timestamp_col" in idx else math.nan
+            review = report.text(row[idx["review_col"]]) if "review_col" in idx else ""
+            utext = clean_text(row[idx["user_text_col"]]) if "user_text_col" in idx else ""
+            itext = clean_text(row[idx["item_text_col"]]) if "item_text_col" in idx else ""
+            parsed.append((lineno, user, item, rating, timestamp, review, utext, itext))
+        parsed = _parse_dates(parsed, path, report)
+    report.finish_file(path)
+    for _, user, item, rating, timestamp, review, utext, itext in parsed:
+        rows.append((user, item, rating, timestamp, review))
+        if "user_text_col" in idx:
+            _first_non_empty(user_texts, user, utext)
+        if "item_text_col" in idx:
+            _first_non_empty(item_texts, item, itext)
+    return "rating_col" in idx
+
+
+def _read_side_texts(path: str, key: str, value: str, report: InputReport, texts: dict[str, str]) -> None:
+    with open_table(path, report) as (header, lines):
+        fix = f"This side file needs the columns {key},{value} (see the folder layout of --format table)."
+        k, v = column_index(header, key, path, fix), column_index(header, value, path, fix)
+        for lineno, row in lines:
+            ident_ = ident(row[k])
+            if not ident_:
+                report.bad(path, lineno, "empty_id", key)
+                continue
+            _first_non_empty(texts, ident_, clean_text(row[v]))
+    report.finish_file(path)
+
+
+def _first_non_empty(texts: dict[str, str], key: str, text: str) -> None:
+    if not texts.get(key):
+        texts[key] = text
+
+
+def ident(value) -> str:
+    """An id as a string exactly as in the file, stripped; '' when missing (Parquet ints that became floats lose the .0)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _timestamp(value):
+    """Float seconds, NaN when empty, or the stripped string when it must be parsed as a date."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    if isinstance(value, dt.datetime):
+        stamp = pd.Timestamp(value)
+        return (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp).timestamp()
+    number = to_number(value)
+    if number is not None:
+        return number
+    text = str(value).strip()
+    return text if text else math.nan
+
+
+def _parse_dates(parsed: list[tuple], path: str, report: InputReport) -> list[tuple]:
+    """Turn date-string timestamps into seconds in one pandas call; an unparseable date is a bad line."""
+    pending = [i for i, row in enumerate(parsed) if isinstance(row[4], str)]
+    if not pending:
+        return parsed
+    seconds = dates_to_seconds([parsed[i][4] for i in pending])
+    drop = set()
+    for i, sec in zip(pending, seconds):
+        if math.isnan(sec):
+            report.bad(path, parsed[i][0], "bad_timestamp", repr(parsed[i][4]))
+            drop.add(i)
+        else:
+            parsed[i] = parsed[i][:4] + (sec,) + parsed[i][5:]
+    return [row for i, row in enumerate(parsed) if i not in drop]
+
+
+@contextmanager
+def open_table(path: str, report: InputReport, encoding: str = "utf-8", delimiter: str | None = None, opener=None):
+    """``with open_table(path, report) as (header, lines)``: the header and (lineno, row) pairs of a CSV/TSV/Parquet file.
+
+    ``report.line`` is called for each data row. A CSV row whose field count
+    differs from the header's is reported (``wrong_field_count``) and skipped;
+    a row the csv module cannot parse is ``bad_csv``. ``opener`` (a function
+    returning a binary file context) replaces opening ``path``, which is then
+    only the name used in messages (e.g. a member of a zip file).
+    """
+    with (opener() if opener else open_binary(path)) as raw:
+        head = raw.read(4)
+        raw.seek(0)
+        if head == b"PAR1" or path.lower().endswith((".parquet", ".pq")):
+            yield _parquet(raw, path, report)
+        else:
+            yield _csv(raw, path, report, encoding, delimiter)
+
+
+def _parquet(raw, path: str, report: InputReport):
+    table = pq.read_table(raw)
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+
+    def lines():
+        for lineno, row in enumerate(zip(*columns), 1):
+            report.line(path)
+            yield lineno, row
+
+    return list(table.column_names), lines()
+
+
+def _csv(raw, path: str, report: InputReport, encoding: str, delimiter: str | None):
+    text = text_lines(raw, encoding)
+    first = next(text, "")
+    if not first.strip():
+        raise InputError(f"{path}: the first line is empty; a CSV/TSV table needs a header line with the column names.")
+    reader = csv.reader(itertools.chain([first], text), delimiter=delimiter or _delimiter(path, first))
+    header = [name.strip() for name in next(reader)]
+    header[0] = header[0].lstrip("\ufeff")
+
+    def lines():
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                report.line(path)
+                report.bad(path, reader.line_num, "bad_csv", str(err))
+                continue
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            report.line(path)
+            if len(row) != len(header):
+                report.bad(path, reader.line_num, "wrong_field_count", f"{len(row)} fields, the header has {len(header)}")
+                continue
+            yield reader.line_num, row
+
+    return header, lines()
+
+
+def _delimiter(path: str, header_line: str) -> str:
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(suffix)
+    if name.endswith((".tsv", ".tab")):
+        return "\t"
+    if name.endswith(".csv"):
+        return ","
+    return "\t" if "\t" in header_line else ","

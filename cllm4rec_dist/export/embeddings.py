@@ -1,0 +1,435 @@
+"""Export a trained CLLM4Rec's user/item embeddings with their ORIGINAL ids (spec §15).
+
+The learned token embeddings are the product downstream systems consume (the
+paper's CLLM4Rec-Emb feeds them, projected to 128 dimensions, to a two-tower
+retrieval model), so they leave the training system in plain, self-describing
+files keyed by the ids of the raw data, not by internal indices.
+
+Layout of an export folder (local path or any fsspec URL)::
+
+    users.parquet          user_id (original id, string), user_index (int64),
+                           collab, content[, rec]              (list<float32> each)
+    items.parquet          item_id, item_index, collab, content[, head]
+    user_ids.npy           (I,) unicode array: user_ids[k] is the original id of row k
+    item_ids.npy           (J,) unicode array
+    users_collab.npy       (I, D) float32, row k = user_ids[k]; likewise users_content,
+    users_content.npy      users_rec, items_collab, items_content, items_head
+    ...
+    projection.npz         only with ``dim``: per table T, ``T_mean`` (d,) and
+                           ``T_components`` (d, D); exported = (original - mean) @ components
+    export.json            written LAST: what was exported, from which checkpoint and weights,
+                           dims, projection, and each file's size and sha256
+
+Tables:
+
+* ``collab`` / ``content``: the collaborative (Z^l) and content (Z^c) token embeddings.
+* ``rec`` (users, optional): the finetuned RecLLM's user representation, i.e. the hidden
+  state of the last prompt token over the user's TRAIN items (eval/evaluate.py). It needs
+  the backbone, so ``user_vectors=False`` skips it.
+* ``head`` (items, only for models with a separate item head, e.g. LLaMA): the item scoring
+  vectors. For tied backbones (GPT-2) the scoring vectors ARE ``collab``; export.json says so.
+
+Weights: the best-validation copy stored in the checkpoint when there is one (and
+``use_best``), else the last trained state; export.json records which.
+
+Projection (``dim``): PCA fitted separately per table (center, then the top-``dim``
+right singular vectors of the centered table, float64 SVD, signs fixed so the largest
+entry of each component is positive: deterministic). Projecting each table separately
+keeps every feature block's own geometry but does NOT preserve dot products between
+tables (e.g. ``rec`` x ``head`` scores); use an unprojected export for scoring.
+
+Every file is written under a temporary name and renamed into place; export.json goes
+last (and an older one is removed first), so a folder with export.json is a whole export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+
+import fsspec
+import numpy as np
+import torch
+
+from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError, atomic_write
+from cllm4rec_dist.data.records import InputError
+from cllm4rec_dist.train.checkpoint import TRAINER_FILE
+from cllm4rec_dist.train.config import TrainConfig, config_from_dict
+
+FORMAT = "cllm4rec-export"
+VERSION = 1
+EXPORT_FILE = "export.json"
+PROJECTION_FILE = "projection.npz"
+
+# (entity, table) -> parameter name in the checkpoint's trainable state
+PARAMS = {
+    ("users", "collab"): "collab_user_table.weight",
+    ("users", "content"): "content_user_table.weight",
+    ("items", "collab"): "collab_item_table.weight",
+    ("items", "content"): "content_item_table.weight",
+    ("items", "head"): "item_head.weight",
+}
+ID_COLUMN = {"users": "user_id", "items": "item_id"}
+INDEX_COLUMN = {"users": "user_index", "items": "item_index"}
+
+
+class ExportError(InputError):
+    """A source that is not a usable checkpoint, or export settings that cannot work; says what to pass instead."""
+
+
+# --------------------------------------------------------------------------- finding the checkpoint
+
+
+def _fs(url: str):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/") or "/"
+
+
+def _mtime(fs, path: str) -> float:
+    info = fs.info(path)
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+def _newest(fs, paths: list[str]) -> str | None:
+    """The newest of ``paths`` by modification time (ties and unknown times: the last by name)."""
+    if not paths:
+        return None
+    return max(sorted(paths), key=lambda p: _mtime(fs, p))
+
+
+def resolve_checkpoint(source: str) -> tuple[object, str]:
+    """(filesystem, checkpoint folder) for a checkpoint folder, its trainer.pt, or a run folder.
+
+    A run folder's checkpoint is, in this order: ``RUN/checkpoints/latest`` (single-process and
+    DeepSpeed runs), the newest ``checkpoint_*`` of a Ray run (under ``RUN/ray/<name>/`` or the
+    run's ``dist.storage_path``), the newest ``RUN/checkpoints/step-*``.
+    """
+    fs, root = _fs(source)
+    if not fs.exists(root):
+        raise ExportError(f"{source}: no such file or folder. Pass a run folder (the --out of `cllm4rec train` or a "
+                          "launcher) or a checkpoint folder holding trainer.pt.")
+    if fs.isfile(root):
+        if posixpath.basename(root) == TRAINER_FILE:
+            return fs, posixpath.dirname(root)
+        raise ExportError(f"{source}: a file, not a run or checkpoint folder (expected a folder, or its {TRAINER_FILE}).")
+    if fs.exists(posixpath.join(root, TRAINER_FILE)):
+        return fs, root
+
+    pointer = posixpath.join(root, "checkpoints", "latest")
+    if fs.exists(pointer):
+        name = fs.cat_file(pointer).decode("utf-8").strip()
+        folder = posixpath.join(root, "checkpoints", name)
+        if not fs.exists(posixpath.join(folder, TRAINER_FILE)):
+            raise ExportError(f"{pointer} names {name!r} but {folder}/{TRAINER_FILE} is missing: the checkpoint was "
+                              "removed or is incomplete. Pass an existing checkpoint folder instead.")
+        return fs, folder
+
+    ray_roots = [posixpath.join(root, "ray")]
+    config_path = posixpath.join(root, "config.yaml")
+    if fs.exists(config_path):
+        import yaml
+
+        storage = ((yaml.safe_load(fs.cat_file(config_path)) or {}).get("dist") or {}).get("storage_path")
+        if storage:
+            ray_roots.append(posixpath.join(storage.rstrip("/"), posixpath.basename(root)))
+    for ray_root in ray_roots:
+        rfs, rroot = _fs(ray_root)
+        pattern = (posixpath.join(rroot, "checkpoint_*", TRAINER_FILE) if ray_root != ray_roots[0]
+                   else posixpath.join(rroot, "*", "checkpoint_*", TRAINER_FILE))
+        newest = _newest(rfs, rfs.glob(pattern))
+        if newest is not None:
+            return rfs, posixpath.dirname(newest)
+
+    steps = [p for p in fs.glob(posixpath.join(root, "checkpoints", "step-*", TRAINER_FILE)) if ".tmp" not in p]
+    newest = _newest(fs, steps)
+    if newest is not None:
+        return fs, posixpath.dirname(newest)
+    raise ExportError(f"{source}: no checkpoint found. Looked for {root}/{TRAINER_FILE} (a checkpoint folder), "
+                      f"{root}/checkpoints/latest (single-process / DeepSpeed run) and "
+                      f"{root}/ray/*/checkpoint_*/{TRAINER_FILE} (Ray run). Has the run saved a checkpoint yet?")
+
+
+def load_trainer_blob(fs, folder: str) -> dict:
+    path = posixpath.join(folder, TRAINER_FILE)
+    with fs.open(path, "rb") as f:
+        try:
+            blob = torch.load(io.BytesIO(f.read()), weights_only=False, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+            raise ExportError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
+                              "it is partial or not a CLLM4Rec trainer.pt.") from None
+    missing = [k for k in ("snapshot", "trainable") if k not in (blob if isinstance(blob, dict) else {})]
+    if missing:
+        raise ExportError(f"{path}: not a CLLM4Rec trainer checkpoint (no {', '.join(missing)}).")
+    return blob
+
+
+# --------------------------------------------------------------------------- projection
+
+
+def fit_pca(table: torch.Tensor, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean (d,), components (d, dim), explained variance (dim,)) of ``table`` (N, d), deterministic.
+
+    float64 SVD of the centered table; when ``dim`` exceeds its rank (N < dim) the remaining
+    components complete an orthonormal basis (zero variance). Component signs are fixed so
+    the largest-magnitude entry of each is positive, which makes reruns bit-identical
+    whatever sign the SVD routine picks.
+    """
+    x = table.detach().to(torch.float64).cpu()
+    n, d = x.shape
+    if dim > d:
+        raise ExportError(f"dim={dim} is larger than the embedding size {d}; pass --dim <= {d} (or none).")
+    mean = x.mean(dim=0)
+    centered = x - mean
+    _, s, vh = torch.linalg.svd(centered, full_matrices=dim > min(n, d))
+    components = vh[:dim].T.clone()  # (d, dim)
+    signs = torch.sign(components[components.abs().argmax(dim=0), torch.arange(dim)])
+    components *= torch.where(signs == 0, torch.ones_like(signs), signs)
+    variance = torch.zeros(dim, dtype=torch.float64)
+    k = min(dim, s.numel())
+    variance[:k] = s[:k] ** 2 / max(n - 1, 1)
+    return mean.numpy(), components.numpy(), variance.numpy()
+
+
+def project(table: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Project vectors (N, d) with a saved PCA: (x - mean) @ components, float32 (N, dim)."""
+    return ((np.asarray(table, dtype=np.float64) - mean) @ components).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the finetuned user vectors
+
+
+def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, torch.Tensor],
+                     device: str | None = None) -> tuple[torch.Tensor, str]:
+    """(I, d) user representations of the model with ``state`` loaded, and the prompt style used.
+
+    Built exactly as the trainer evaluates (same backbone, precision, prompts, max length,
+    seed), so these are the vectors that scored the items in metrics.json.
+    """
+    from cllm4rec_dist.corpus.ids import TokenSpace
+    from cllm4rec_dist.eval.evaluate import user_representations
+    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+    from cllm4rec_dist.train.recipe import backbone_location
+
+    location = backbone_location(cfg, data.manifest)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = CLLM4Rec(ModelConfig(
+        backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
+        num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
+        max_logit_elements=cfg.model.max_logit_elements, ft_all=cfg.ablation == "ftall",
+        from_scratch=cfg.ablation == "scratch", separate_item_head=cfg.model.separate_item_head, device=device))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ExportError(f"the checkpoint holds parameters this model does not have ({', '.join(unknown[:5])}); "
+                          "was it trained with another backbone or model.separate_item_head? Set them in its config "
+                          "or pass user_vectors=False (--no-user-vectors).")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    docs = sorted(data.read_corpus("eval"), key=lambda d: int(d["user"]))
+    if [int(d["user"]) for d in docs] != list(range(data.num_users)):
+        raise ShardError(f"{data.url}: the eval corpus does not hold exactly one document per user; "
+                         "re-run `cllm4rec preprocess`.")
+    style = "collab" if cfg.ablation == "prerec" else "rec"
+    space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
+    vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length, cfg.seed)
+    return vectors.cpu(), style
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {ID_COLUMN[entity]: pa.array(ids, type=pa.string()),
+               INDEX_COLUMN[entity]: pa.array(np.arange(len(ids), dtype=np.int64))}
+    for name, matrix in tables.items():
+        n, d = matrix.shape
+        offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if n else np.zeros(1, dtype=np.int32))
+        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), type=pa.float32()))
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+class _Writer:
+    """Atomic writes into the export folder, recording each file's size and checksum."""
+
+    def __init__(self, out_dir: str):
+        self.fs, self.root = _fs(out_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.files: dict[str, dict] = {}
+        self._remove_previous()
+
+    def _remove_previous(self) -> None:
+        """Drop an older export here first (its export.json first), so old and new files never pass as one export."""
+        path = posixpath.join(self.root, EXPORT_FILE)
+        if not self.fs.exists(path):
+            return
+        try:
+            previous = json.loads(self.fs.cat_file(path)).get("files", {})
+        except ValueError:
+            previous = {}
+        self.fs.rm(path)
+        for name in previous:
+            target = posixpath.join(self.root, name)
+            if "/" not in name and self.fs.exists(target):
+                self.fs.rm(target)
+
+    def write(self, name: str, data: bytes) -> None:
+        atomic_write(self.fs, posixpath.join(self.root, name), data)
+        self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_best: bool = True,
+                      user_vectors: bool = True, data_dir: str | None = None, device: str | None = None) -> dict:
+    """Export a run's (or checkpoint's) embeddings to ``out_dir``; returns the export.json content.
+
+    source:       run folder, checkpoint folder, or a trainer.pt (see ``resolve_checkpoint``).
+    dim:          PCA-project every table to this many dimensions (paper: 128); None keeps them.
+    use_best:     the best-validation weights when the checkpoint has them, else the last state.
+    user_vectors: also export the finetuned model's user representations (loads the backbone).
+    data_dir:     the preprocessed dataset, when the one in the checkpoint's config has moved.
+    device:       where to run the backbone for ``user_vectors`` (default: CUDA if present).
+    """
+    if dim is not None and dim < 1:
+        raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
+    fs, folder = resolve_checkpoint(source)
+    ckpt_path = posixpath.join(folder, TRAINER_FILE)
+    blob = load_trainer_blob(fs, folder)
+    cfg = config_from_dict(blob["snapshot"]["config"], f"{ckpt_path} (snapshot config)")
+    state_record = blob["snapshot"].get("state", {})
+    best = blob.get("best")
+    weights = "best" if use_best and best else "last"
+    state = best if weights == "best" else blob["trainable"]
+
+    data_url = data_dir or cfg.data
+    try:
+        data = ShardedDataset(data_url)
+    except ShardError as e:
+        raise ExportError(f"{ckpt_path} was trained on dataset {cfg.data!r}, which cannot be opened ({e}). "
+                          "Pass the dataset folder with --data (data_dir=...).") from None
+    id_maps = data.read_json("id_maps.json")
+    ids = {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
+
+    tables: dict[str, dict[str, np.ndarray]] = {"users": {}, "items": {}}
+    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
+    for (entity, table), param in PARAMS.items():
+        if param not in state:
+            if table == "head":
+                continue
+            raise ExportError(f"{ckpt_path}: the {weights} weights have no {param!r}; "
+                              f"they hold {', '.join(sorted(state)[:8])}. Not a CLLM4Rec checkpoint?")
+        matrix = state[param].detach().float().cpu().numpy()
+        if matrix.shape[0] != len(ids[entity]):
+            raise ExportError(f"{ckpt_path}: {param} has {matrix.shape[0]} rows but {data_url}/id_maps.json lists "
+                              f"{len(ids[entity])} {entity}: the checkpoint was trained on another dataset. "
+                              "Pass the right one with --data.")
+        tables[entity][table] = matrix
+        origin[entity][table] = param
+    hidden = tables["users"]["collab"].shape[1]
+    if dim is not None and dim > hidden:
+        raise ExportError(f"dim={dim} is larger than the embedding size {hidden} of {ckpt_path}; "
+                          f"pass --dim <= {hidden} (or none).")
+    rec_style = None
+    if user_vectors:
+        vectors, rec_style = rec_user_vectors(cfg, data, state, device)
+        tables["users"]["rec"] = vectors.numpy().astype(np.float32)
+        origin["users"]["rec"] = f"finetuned model: last-token hidden state of the {rec_style!r} prompt"
+    projection: dict[str, np.ndarray] = {}
+    variance_kept: dict[str, float] = {}
+    if dim is not None:
+        for entity, by_name in tables.items():
+            for name, matrix in by_name.items():
+                key = f"{entity}_{name}"
+                mean, components, variance = fit_pca(torch.from_numpy(matrix), dim)
+                projection[f"{key}_mean"], projection[f"{key}_components"] = mean, components
+                projection[f"{key}_explained_variance"] = variance
+                total = float(np.var(matrix.astype(np.float64), axis=0, ddof=1).sum()) if len(matrix) > 1 else 0.0
+                variance_kept[key] = round(float(variance.sum()) / total, 6) if total > 0 else 1.0
+                by_name[name] = project(matrix, mean, components)
+
+    writer = _Writer(out_dir)
+    for entity in ("users", "items"):
+        writer.write(f"{entity[:-1]}_ids.npy", _npy_bytes(np.asarray(ids[entity], dtype=str)))
+        for name, matrix in tables[entity].items():
+            writer.write(f"{entity}_{name}.npy", _npy_bytes(np.ascontiguousarray(matrix, dtype=np.float32)))
+        writer.write(f"{entity}.parquet", _parquet_bytes(entity, ids[entity], tables[entity]))
+    if projection:
+        buf = io.BytesIO()
+        np.savez(buf, **projection)
+        writer.write(PROJECTION_FILE, buf.getvalue())
+
+    has_head = "head" in tables["items"]
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "source": {"input": source, "checkpoint": ckpt_path, "global_step": state_record.get("global_step"),
+                   "ablation": cfg.ablation, "data": data_url, "backbone": cfg.backbone or data.manifest["backbone"]["path"]},
+        "weights": weights,
+        "weights_note": ("best-validation weights" if weights == "best" else
+                         "last trained state" + (" (asked for)" if not use_best else
+                                                 " (the checkpoint has no best-validation copy yet)")),
+        "best": state_record.get("best") or None,
+        "num_users": len(ids["users"]), "num_items": len(ids["items"]),
+        "hidden_size": hidden, "dim": dim if dim is not None else hidden,
+        "tables": {entity: {name: {"dim": int(m.shape[1]), "from": origin[entity][name]} for name, m in by.items()}
+                   for entity, by in tables.items()},
+        "item_scoring": "head" if has_head else "collab",
+        "rec_style": rec_style,
+        "projection": None if dim is None else {
+            "method": "pca", "file": PROJECTION_FILE, "dim": dim,
+            "formula": "projected = (original - <table>_mean) @ <table>_components",
+            "explained_variance_ratio": variance_kept},
+        "layout": {"ids": "user_ids.npy / item_ids.npy: row k of every users_*/items_* array",
+                   "parquet": "users.parquet (user_id, user_index, tables...), items.parquet (item_id, item_index, ...)"},
+        "files": writer.files,
+    }
+    atomic_write(writer.fs, posixpath.join(writer.root, EXPORT_FILE),
+                 json.dumps(manifest, indent=1, sort_keys=False, default=str).encode("utf-8"))
+    return manifest
+
+
+def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, dict[str, np.ndarray]]]:
+    """(export.json, {"users": ids, "items": ids}, {"users": {table: (N, D)}, "items": {...}}) of an export folder."""
+    fs, root = _fs(export_dir)
+    path = posixpath.join(root, EXPORT_FILE)
+    if not fs.exists(path):
+        raise ExportError(f"{export_dir}: no {EXPORT_FILE}; not a finished export. Run `cllm4rec export "
+                          f"--checkpoint RUN --out {export_dir}`.")
+    manifest = json.loads(fs.cat_file(path))
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} file.")
+
+    def load(name: str) -> np.ndarray:
+        return np.load(io.BytesIO(fs.cat_file(posixpath.join(root, name))), allow_pickle=False)
+
+    ids = {"users": [str(x) for x in load("user_ids.npy")], "items": [str(x) for x in load("item_ids.npy")]}
+    tables = {entity: {name: load(f"{entity}_{name}.npy") for name in manifest["tables"][entity]}
+              for entity in ("users", "items")}
+    return manifest, ids, tables
+
+
+__all__ = ["ExportError", "export_checkpoint", "fit_pca", "project", "read_export", "resolve_checkpoint"]

