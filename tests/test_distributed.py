@@ -113,15 +113,15 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     assert list((out / "ray").rglob("trainer.pt"))
     assert load_config(str(out / "config.yaml")).dist.num_workers == 2
     # The export round-trips the original ids.
+    import pandas as pd
+
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
     export = out / "export"
-    if (export / "export.json").exists():
-        import pandas as pd
-
-        from cllm4rec_dist.corpus.shards import ShardedDataset
-
-        ids = ShardedDataset(demo_data).read_json("id_maps.json")
-        assert pd.read_parquet(export / "users.parquet")["user_id"].tolist() == ids["users"]
-        assert pd.read_parquet(export / "items.parquet")["item_id"].tolist() == ids["items"]
+    ids = ShardedDataset(demo_data).read_json("id_maps.json")
+    assert json.loads((export / "export.json").read_text())["weights"] == "best"
+    assert pd.read_parquet(export / "users.parquet")["user_id"].tolist() == ids["users"]
+    assert pd.read_parquet(export / "items.parquet")["item_id"].tolist() == ids["items"]
 
 
 def test_two_ray_workers_match_the_single_process_reference(ray_run, reference_log):

@@ -122,3 +122,39 @@ def test_config_yaml_and_flags(tmp_path):
         config_from_args(p.parse_args(["--config", str(path)]))
     with pytest.raises(ValueError, match="quantised"):
         TrainConfig(ablation="ftall", model=ModelSettings(precision="int8")).validate()
+
+
+def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data, tmp_path):
+    import torch
+
+    from cllm4rec_dist.train.checkpoint import LocalSink
+    from cllm4rec_dist.train.engines import TorchEngine
+    from cllm4rec_dist.train.recipe import CLLM4RecRecipe
+    from cllm4rec_dist.train.trainer import Rank
+
+    cfg = tiny_config(demo_data, str(tmp_path))
+    recipe = CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
+                            LocalSink(cfg.out)).setup()
+    trainer = recipe.trainer
+
+    def adam_state(group):
+        opt = trainer.engines[group].optimizer
+        return {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.param_groups[0]["params"]
+                if p in opt.state}
+
+    trainer.train_step("C")
+    trainer.train_step("L")
+    collab, content = adam_state("collab"), adam_state("content")
+    assert collab and content
+    trainer.train_step("C")  # moves content state only
+    assert all(torch.equal(v, adam_state("collab")[p][k]) for p, s in collab.items() for k, v in s.items())
+    assert not all(torch.equal(v, adam_state("content")[p][k]) for p, s in content.items() for k, v in s.items())
+    content = adam_state("content")
+    trainer.train_step("rec")  # moves collab state only
+    assert all(torch.equal(v, adam_state("content")[p][k]) for p, s in content.items() for k, v in s.items())
+    # Entering finetuning gives the rec step a fresh collab optimizer at the finetuning lr.
+    finetune = next(b for b in trainer.blocks if b.phase == "finetune")
+    trainer.state.block = trainer.blocks.index(finetune)
+    trainer.enter_block(finetune)
+    assert not trainer.engines["collab"].optimizer.state
+    assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
