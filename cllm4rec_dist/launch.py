@@ -42,17 +42,13 @@ def ensure_demo_data(cfg: TrainConfig) -> None:
     preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data))
 
 
-def export_run(cfg: TrainConfig) -> str | None:
-    """Export the best tables with original ids into <run>/export (see cllm4rec_dist/export)."""
-    try:
+def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict) -> int:
+    """After training: export the best tables with original ids into <run>/export, print the summary."""
+    if not args.no_export:
         from cllm4rec_dist.export.command import export_checkpoint
-    except ImportError:
-        return None
-    out = os.path.join(cfg.out, "export")
-    export_checkpoint(cfg.out, out)
-    return out
 
-
-def summary(result: dict) -> str:
+        result["export"] = os.path.join(cfg.out, "export")
+        export_checkpoint(cfg.out, result["export"])
     keep = {k: result.get(k) for k in ("valid", "test", "best", "global_step", "seconds", "export")}
-    return json.dumps(keep, indent=1, default=str)
+    print(json.dumps(keep, indent=1, default=str), flush=True)
+    return 0

@@ -11,7 +11,7 @@ every finetuning epoch and the best model is tested once.
 import os
 import sys
 
-from cllm4rec_dist.launch import export_run, parse, summary
+from cllm4rec_dist.launch import finish, parse
 
 
 def main(argv=None) -> int:
@@ -32,10 +32,7 @@ def main(argv=None) -> int:
         result = run_torch_distributed(cfg)
         if "test" not in result or os.environ.get("RANK", "0") != "0":
             return 0  # only rank 0 exports and prints
-    if not args.no_export:
-        result["export"] = export_run(cfg)
-    print(summary(result), flush=True)
-    return 0
+    return finish(cfg, args, result)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,14 @@ key of the --config YAML or a `--section.field VALUE` flag (see --help).
 
 import sys
 
-from cllm4rec_dist.launch import ensure_demo_data, export_run, parse, summary
+from cllm4rec_dist.launch import ensure_demo_data, finish, parse
 from cllm4rec_dist.train.distributed import launch_ray
 
 
 def main(argv=None) -> int:
     cfg, args = parse(__doc__, argv)
     ensure_demo_data(cfg)
-    result = launch_ray(cfg)
-    if not args.no_export:
-        result["export"] = export_run(cfg)
-    print(summary(result), flush=True)
-    return 0
+    return finish(cfg, args, launch_ray(cfg))
 
 
 if __name__ == "__main__":

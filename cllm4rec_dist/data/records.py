@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import math
 import re
 from collections import Counter
@@ -164,6 +165,29 @@ def text_lines(binary, encoding: str = "utf-8"):
     finally:
         if not binary.closed:  # an abandoned generator may be finalised after the file was closed
             wrapper.detach()
+
+
+def json_records(path: str, report: InputReport, parse=json.loads, parse_errors=(ValueError,)):
+    """Yield (line number, object) for each JSON-object line of a (gzipped) JSON-lines file.
+
+    Blank lines are ignored; a line ``parse`` rejects, or that is not an object, is a
+    ``bad_json`` bad line; the file's bad-line share is checked at the end.
+    """
+    with open_binary(path) as raw:
+        for lineno, line in enumerate(text_lines(raw), 1):
+            if not line.strip():
+                continue
+            report.line(path)
+            try:
+                obj = parse(line)
+            except parse_errors as err:
+                report.bad(path, lineno, "bad_json", str(err))
+                continue
+            if not isinstance(obj, dict):
+                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
+                continue
+            yield lineno, obj
+    report.finish_file(path)
 
 
 def join_path(folder: str, name: str) -> str:

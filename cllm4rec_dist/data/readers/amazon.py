@@ -25,7 +25,7 @@ import ast
 import json
 import math
 
-from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, clean_text, open_binary, text_lines, to_number
+from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, clean_text, json_records, to_number
 
 
 def read(options, report: InputReport) -> RawDataset:
@@ -54,23 +54,10 @@ def join_sentences(first: str, second: str) -> str:
 
 def _read_reviews(path: str, report: InputReport) -> list[tuple]:
     rows = []
-    with open_binary(path) as raw:
-        for lineno, line in enumerate(text_lines(raw), 1):
-            if not line.strip():
-                continue
-            report.line(path)
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                report.bad(path, lineno, "bad_json", str(err))
-                continue
-            if not isinstance(obj, dict):
-                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
-                continue
-            row = _review_row(obj, path, lineno, report)
-            if row is not None:
-                rows.append(row)
-    report.finish_file(path)
+    for lineno, obj in json_records(path, report):
+        row = _review_row(obj, path, lineno, report)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -102,28 +89,15 @@ def parse_meta_line(line: str):
 
 def _read_meta(path: str, items: set[str], report: InputReport) -> dict[str, str]:
     texts = {}
-    with open_binary(path) as raw:
-        for lineno, line in enumerate(text_lines(raw), 1):
-            if not line.strip():
-                continue
-            report.line(path)
-            try:
-                obj = parse_meta_line(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
-                report.bad(path, lineno, "bad_json", f"neither JSON nor a Python dict literal: {err}")
-                continue
-            if not isinstance(obj, dict):
-                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
-                continue
-            asin = clean_text(obj.get("asin"))
-            if not asin:
-                report.bad(path, lineno, "missing_field:asin")
-                continue
-            if asin not in items:
-                continue
-            description = obj.get("description")
-            if isinstance(description, list):
-                description = " ".join(clean_text(part) for part in description)
-            texts[asin] = report.text(join_sentences(clean_text(obj.get("title")), clean_text(description)))
-    report.finish_file(path)
+    for lineno, obj in json_records(path, report, parse_meta_line, (ValueError, SyntaxError, MemoryError, RecursionError)):
+        asin = clean_text(obj.get("asin"))
+        if not asin:
+            report.bad(path, lineno, "missing_field:asin")
+            continue
+        if asin not in items:
+            continue
+        description = obj.get("description")
+        if isinstance(description, list):
+            description = " ".join(clean_text(part) for part in description)
+        texts[asin] = report.text(join_sentences(clean_text(obj.get("title")), clean_text(description)))
     return texts

@@ -9,9 +9,8 @@ unparseable or missing date gives timestamp NaN rather than dropping the review.
 
 from __future__ import annotations
 
-import json
 
-from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, dates_to_seconds, open_binary, text_lines, to_number
+from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, dates_to_seconds, json_records, to_number
 
 
 def read(options, report: InputReport) -> RawDataset:
@@ -23,33 +22,20 @@ def read(options, report: InputReport) -> RawDataset:
 
 def _read_file(path: str, report: InputReport) -> list[tuple]:
     rows, dates = [], []
-    with open_binary(path) as raw:
-        for lineno, line in enumerate(text_lines(raw), 1):
-            if not line.strip():
-                continue
-            report.line(path)
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                report.bad(path, lineno, "bad_json", str(err))
-                continue
-            if not isinstance(obj, dict):
-                report.bad(path, lineno, "bad_json", f"expected an object, got {type(obj).__name__}")
-                continue
-            missing = next((name for name in ("user_id", "business_id", "stars") if obj.get(name) is None), None)
-            if missing:
-                report.bad(path, lineno, f"missing_field:{missing}")
-                continue
-            user, item = str(obj["user_id"]).strip(), str(obj["business_id"]).strip()
-            if not user or not item:
-                report.bad(path, lineno, "empty_id", "user_id" if not user else "business_id")
-                continue
-            rating = to_number(obj["stars"])
-            if rating is None:
-                report.bad(path, lineno, "non_numeric_rating", repr(obj["stars"]))
-                continue
-            rows.append((user, item, rating, report.text(obj.get("text"))))
-            dates.append(str(obj.get("date") or ""))
-    report.finish_file(path)
+    for lineno, obj in json_records(path, report):
+        missing = next((name for name in ("user_id", "business_id", "stars") if obj.get(name) is None), None)
+        if missing:
+            report.bad(path, lineno, f"missing_field:{missing}")
+            continue
+        user, item = str(obj["user_id"]).strip(), str(obj["business_id"]).strip()
+        if not user or not item:
+            report.bad(path, lineno, "empty_id", "user_id" if not user else "business_id")
+            continue
+        rating = to_number(obj["stars"])
+        if rating is None:
+            report.bad(path, lineno, "non_numeric_rating", repr(obj["stars"]))
+            continue
+        rows.append((user, item, rating, report.text(obj.get("text"))))
+        dates.append(str(obj.get("date") or ""))
     seconds = dates_to_seconds(dates)
     return [(user, item, rating, ts, review) for (user, item, rating, review), ts in zip(rows, seconds)]
