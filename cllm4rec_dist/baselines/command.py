@@ -62,8 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lambdas", type=_float_list, default=None,
         help="comma-separated L2 grid searched on validation (ease; default 1,10,50,100,200,500,1000,2000)",
     )
+    parser.add_argument("--device", default=None, help="torch device (multivae; default cpu)")
     parser.add_argument(
-        "--device", default=None, help="torch device (multivae; default cpu)",
+        "--threads", dest="num_threads", type=int, default=None,
+        help="torch CPU threads (multivae; default 1, robust on a shared CPU; 0 = torch's default, all cores)",
     )
     parser.add_argument(
         "--keep-valid-on-test", dest="exclude_valid_on_test", action="store_false", default=None,
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "lambdas": args.lambdas,
         "device": args.device,
+        "num_threads": args.num_threads,
         "exclude_valid_on_test": args.exclude_valid_on_test,
     }
     from cllm4rec_dist.baselines.common import SettingsError

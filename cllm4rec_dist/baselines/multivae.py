@@ -74,6 +74,13 @@ class MultiVAESettings(EvalSettings):
     device: str = "cpu"
     """Torch device to train and score on."""
 
+    num_threads: int = 1
+    """Torch intra-op CPU threads for this run (restored afterwards); 0 keeps torch's
+    setting (all cores). 1 is the default because it is robust on a shared CPU: on a busy
+    2-core machine ML-100K took 17 s with 1 thread and 118 s with torch's 2, since the
+    OpenMP threads of an oversubscribed pool wait on each other. Use 0
+    on a large dedicated machine or a big catalogue."""
+
 
 class MultiVAE(nn.Module):
     """Encoder / decoder of Multi-VAE with one hidden tanh layer each."""
@@ -92,6 +99,7 @@ class MultiVAE(nn.Module):
             nn.init.normal_(layer.bias, std=0.001)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z | x) for raw (binary) rows x."""
         h = self.drop(F.normalize(x, p=2, dim=1))
         h = self.enc_out(torch.tanh(self.enc_hidden(h)))
         return h[:, : self.latent_dim], h[:, self.latent_dim :]
@@ -116,15 +124,26 @@ def multivae_loss(
 
 
 def _rows(x, users: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Dense rows of the CSR train matrix (one batch of users x all items)."""
     return torch.from_numpy(x[users].toarray()).to(device)
 
 
 def run(split: EvalSplit, settings: MultiVAESettings) -> dict[str, Any]:
     """Train with per-epoch validation, keep the best epoch, evaluate it once on test."""
     started = time.perf_counter()
-    if settings.epochs < 1:
-        raise ValueError("epochs must be >= 1")
+    if settings.epochs < 1 or settings.eval_every < 1:
+        raise ValueError("epochs and eval_every must be >= 1")
     device = torch.device(settings.device)
+    threads_before = torch.get_num_threads()
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    try:
+        return _train_and_evaluate(split, settings, device, started)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_and_evaluate(split: EvalSplit, settings: MultiVAESettings, device: torch.device, started: float) -> dict[str, Any]:
     x = split.train_matrix().astype(np.float32).tocsr()
     train_users = np.flatnonzero(np.diff(x.indptr) > 0)
     steps_per_epoch = max(1, math.ceil(len(train_users) / settings.batch_size))
@@ -136,7 +155,7 @@ def run(split: EvalSplit, settings: MultiVAESettings) -> dict[str, Any]:
         torch.manual_seed(settings.seed)
         rng = np.random.default_rng(settings.seed)
         model = MultiVAE(split.num_items, settings.hidden_dim, settings.latent_dim, settings.dropout).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
 
         @torch.no_grad()
         def score(users: np.ndarray) -> torch.Tensor:

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
@@ -95,6 +96,10 @@ def launch_ray(cfg: TrainConfig) -> dict:
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
+    # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
+    ShardedDataset(cfg.data)
+    check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
+                                          cfg.optim.grad_clip))
     os.makedirs(cfg.out, exist_ok=True)
     if not ray.is_initialized():
         address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
