@@ -143,13 +143,14 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_from_the_last_checkp
     assert_same_losses(out, reference_log)  # same losses as a run that was never interrupted
 
 
-def test_deepspeed_launcher_finetunes_from_a_pretraining_checkpoint(config_file, ray_run, tmp_path):
+def test_deepspeed_launcher_finetunes_an_int8_backbone_from_a_pretraining_checkpoint(config_file, ray_run, tmp_path):
     out, _ = ray_run
     checkpoint = max((out / "ray").rglob("trainer.pt"), key=os.path.getmtime).parent
     ft = tmp_path / "ft"
     output = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launchers/finetune.py",
                      "--config", str(config_file), "--init_from", str(checkpoint), "--dist.ds_config",
-                     "ds_configs/zero1.json", "--no-export"], ft)
+                     "ds_configs/zero1.json", "--model.precision", "int8", "--no-export"], ft)
+    assert "(int8)" in output  # the frozen backbone really is bitsandbytes int8 on every rank
     metrics = json.loads((ft / "metrics.json").read_text())
     assert metrics["best"]["phase"] == "finetune"
     assert {r["phase"] for r in read_log(ft)} == {"finetune"}

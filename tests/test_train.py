@@ -117,6 +117,7 @@ def test_config_yaml_and_flags(tmp_path):
                                          "--model.init_std", "none", "--batch.reorder", "true"]))
     assert cfg.schedule.warmup_epochs == 3 and cfg.batch.batch_size == 4 and cfg.model.init_std is None
     assert cfg.ablation == "fixord" and cfg.reorder is False  # the ablation switch wins
+    assert "Seed of the data order" in p.format_help()  # per-field docs reach --help
     path.write_text("schedule:\n  warmup_epoch: 3\n")
     with pytest.raises(ValueError, match="unknown setting 'schedule.warmup_epoch'"):
         config_from_args(p.parse_args(["--config", str(path)]))
@@ -158,3 +159,16 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     trainer.enter_block(finetune)
     assert not trainer.engines["collab"].optimizer.state
     assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
+
+
+def test_train_command_writes_metrics_json(demo_data, tmp_path, capsys):
+    from cllm4rec_dist.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", demo_data, "--out", str(out), "--schedule.warmup_epochs", "0",
+                 "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
+                 "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for part in ("valid", "test"):
+        assert {"recall@20", "recall@40", "ndcg@100"} <= set(metrics[part])
+    assert '"test"' in capsys.readouterr().out

@@ -57,6 +57,7 @@ class OptimSettings:
     finetune_lr: float = 1e-4
     """Adam lr of rec steps and C steps in finetuning (paper: 1e-4)."""
     weight_decay: float = 0.0
+    """Adam weight decay on the tables and heads (paper: 0)."""
     grad_clip: float = 0.0
     """Max gradient norm per step (0 = off)."""
 
@@ -74,7 +75,9 @@ class DistSettings:
     num_workers: int = 2
     """Ray Train workers (ranks)."""
     use_gpu: bool = False
+    """One GPU per worker (the backbone, tables and engines on it; NCCL)."""
     cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker."""
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON (ZeRO stage etc.); batch sizes are filled in from this config."""
     storage_path: str | None = None
@@ -97,6 +100,7 @@ class TrainConfig:
     """One of none, cf (no content LLM), fixord (no reordering), prerec (no finetuning),
     ftall (backbone trained), scratch (random backbone, trained)."""
     seed: int = 0
+    """Seed of the table and head initialisation (batch.seed seeds the data)."""
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
@@ -106,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = at the end of every schedule block)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept (older ones are deleted)."""
     log_every: int = 10
     """Steps between progress lines / TensorBoard points."""
     max_steps: int = 0
@@ -185,12 +190,31 @@ def _walk(cls, prefix=""):
             yield f"{prefix}{f.name}", tp, f
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (the per-field docs shown by --help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def add_config_arguments(p: argparse.ArgumentParser, cls=TrainConfig) -> None:
     p.add_argument("--config", help="YAML file with any of the settings below; flags override it")
     for name, tp, f in _walk(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        owner = cls
+        for part in name.split(".")[:-1]:
+            owner = typing.get_type_hints(owner)[part]
+        doc = field_docs(owner).get(f.name, "")
         p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=_field_type(tp)[0].__name__.upper(),
-                       help=f"(default: {default})")
+                       help=f"{doc} (default: {default})".replace("%", "%%"))
 
 
 def _set(cfg, dotted: str, value, source: str):

@@ -56,6 +56,7 @@ class BatchSettings:
     mask_ratio: float = 0.2
     """Rec step: share of a user's train items held out as targets (at least one kept, one held out)."""
     seed: int = 0
+    """Seed of the data order, item reordering and masked prompting (the table init has its own)."""
 
 
 class CorpusBatches:

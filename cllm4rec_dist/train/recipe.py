@@ -70,7 +70,7 @@ class CLLM4RecRecipe:
         space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
 
         settings = BatchSettings(batch_size=cfg.batch.batch_size, max_length=cfg.batch.max_length,
-                                 reorder=cfg.reorder, mask_ratio=cfg.batch.mask_ratio, seed=cfg.seed)
+                                 reorder=cfg.reorder, mask_ratio=cfg.batch.mask_ratio, seed=cfg.batch.seed)
         if cfg.uses_content and data.corpus_entry("content")["num_docs"] == 0:
             raise ValueError(f"{cfg.data} has no content documents (no reviews, bios or item texts), so there is no "
                              "content LLM to train: run with --ablation cf (the collaborative-only LLM-CF).")

@@ -147,7 +147,7 @@ class Trainer:
     def evaluate(self, part: str) -> dict:
         style = "collab" if self.cfg.ablation == "prerec" else "rec"
         return evaluate_docs(self.model, self.my_eval_docs(), self.space, part, style, self.cfg.eval.batch_size,
-                             self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.seed,
+                             self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
                              distributed=self.r.distributed)
 
     def validate(self, block: Block) -> None:
