@@ -8,7 +8,7 @@ import pytest
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.batch import PAD_ID
-from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, mask_items, prediction_prompts
+from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, mask_items, partition_sizes, prediction_prompts
 
 
 @pytest.fixture(scope="module")
@@ -18,42 +18,51 @@ def corpora(demo_data):
     return ds, space, {name: ds.read_corpus(name) for name in ("collab", "content", "rec", "eval")}
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_rank_runs_the_same_steps_and_an_epoch_covers_every_document(corpora, world):
-    _, space, docs = corpora
-    b = CorpusBatches("content", docs["content"], space, BatchSettings(batch_size=7), world_size=world)
-    seen = set()
-    for step in range(b.steps_per_epoch):
-        for rank in range(world):
-            idx = b.doc_indices(epoch=0, step=step, rank=rank)
-            assert len(idx) == 7
-            seen.update(idx.tolist())
-    assert seen == set(range(len(docs["content"])))
+def batches(ds, space, name, rank=0, world=1, **settings):
+    return CorpusBatches.for_rank(ds, name, space, BatchSettings(**settings), rank, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 9])
+def test_each_rank_reads_its_own_part_and_all_run_the_same_steps(corpora, world):
+    ds, space, docs = corpora
+    entry = ds.corpus_entry("content")
+    parts = [batches(ds, space, "content", r, world, batch_size=7) for r in range(world)]
+    assert len({p.steps_per_epoch for p in parts}) == 1
+    assert parts[0].steps_per_epoch == max(-(-n // 7) for n in partition_sizes(entry, world))
+    ids = [set(p.doc_ids.tolist()) for p in parts]
+    assert set().union(*ids) == set(range(len(docs["content"]))) and sum(map(len, ids)) == len(docs["content"])
+    for p in parts:  # the documents really are the ones at those global indices
+        assert all(d == docs["content"][i] for d, i in zip(p.docs, p.doc_ids))
+    if len(entry["shards"]) >= world:  # shard-level partition: rank r holds shards r, r+W, ...
+        first_of_shard = np.cumsum([0] + [s["num_docs"] for s in entry["shards"]])[:-1]
+        for r, p in enumerate(parts):
+            assert {int(first_of_shard[k]) for k in range(r, len(entry["shards"]), world)} <= ids[r]
+    for p in parts:  # an epoch covers the whole partition
+        seen = set()
+        for step in range(p.steps_per_epoch):
+            seen.update(p.doc_positions(0, step).tolist())
+        assert seen == set(range(len(p.docs)))
     with pytest.raises(IndexError):
-        b.batch(0, b.steps_per_epoch)
+        parts[0].batch(0, parts[0].steps_per_epoch)
 
 
-def test_two_ranks_see_what_one_process_accumulating_two_micro_batches_sees(corpora):
-    _, space, docs = corpora
-    two = CorpusBatches("collab", docs["collab"], space, BatchSettings(batch_size=4), world_size=2)
-    one = CorpusBatches("collab", docs["collab"], space, BatchSettings(batch_size=8), world_size=1)
-    assert two.steps_per_epoch == one.steps_per_epoch
-    for step in range(two.steps_per_epoch):
-        both = np.concatenate([two.doc_indices(1, step, r) for r in range(2)])
-        assert np.array_equal(both, one.doc_indices(1, step, 0))
+def test_a_corpus_too_small_for_the_world_is_a_clear_error(corpora):
+    ds, space, docs = corpora
+    with pytest.raises(ValueError, match="too few for"):
+        batches(ds, space, "collab", 0, len(docs["collab"]) + 1)
 
 
 def test_batches_are_deterministic_and_epochs_differ(corpora):
-    _, space, docs = corpora
-    b = CorpusBatches("collab", docs["collab"], space, BatchSettings(batch_size=5))
+    ds, space, _ = corpora
+    b = batches(ds, space, "collab", batch_size=5)
     x, y, z = b.batch(0, 1), b.batch(0, 1), b.batch(1, 1)
     assert x.input_ids.equal(y.input_ids)
     assert not x.input_ids.equal(z.input_ids)
 
 
 def test_lm_batch_layout(corpora):
-    _, space, docs = corpora
-    batch = CorpusBatches("content", docs["content"], space, BatchSettings(batch_size=6)).batch(0, 0)
+    ds, space, _ = corpora
+    batch = batches(ds, space, "content", batch_size=6).batch(0, 0)
     for row in range(6):
         n = int(batch.lengths[row])
         assert batch.attention_mask[row, :n].all() and not batch.attention_mask[row, n:].any()
@@ -62,11 +71,12 @@ def test_lm_batch_layout(corpora):
 
 
 def test_reordering_changes_main_order_but_not_the_prompt(corpora):
-    _, space, docs = corpora
+    ds, space, docs = corpora
     collab = docs["collab"]
-    on = CorpusBatches("collab", collab, space, BatchSettings(batch_size=len(collab), reorder=True))
-    off = CorpusBatches("collab", collab, space, BatchSettings(batch_size=len(collab), reorder=False))
-    idx = on.doc_indices(0, 0, 0)
+    on = batches(ds, space, "collab", batch_size=len(collab), reorder=True)
+    off = batches(ds, space, "collab", batch_size=len(collab), reorder=False)
+    idx = on.doc_positions(0, 0)
+    assert np.array_equal(idx, off.doc_positions(0, 0))
     a, c = on.batch(0, 0), off.batch(0, 0)
     changed = 0
     for row, d in enumerate(idx):
@@ -81,12 +91,12 @@ def test_reordering_changes_main_order_but_not_the_prompt(corpora):
 
 
 def test_masked_prompting_never_leaks_a_held_out_item_into_the_prompt(corpora):
-    _, space, docs = corpora
+    ds, space, docs = corpora
     rec = docs["rec"]
-    b = CorpusBatches("rec", rec, space, BatchSettings(batch_size=len(rec), mask_ratio=0.2))
+    b = batches(ds, space, "rec", batch_size=len(rec), mask_ratio=0.2)
     for epoch in range(3):
         batch = b.batch(epoch, 0)
-        for row, d in enumerate(b.doc_indices(epoch, 0, 0)):
+        for row, d in enumerate(b.doc_positions(epoch, 0)):
             prompt = batch.input_ids[row, : batch.lengths[row]].tolist()
             prompt_items = {space.item_of(t) for t in prompt if space.is_item(t)}
             held = set(batch.target_items[batch.target_rows == row].tolist())

@@ -70,7 +70,7 @@ def schedule_of(cfg: TrainConfig, data: str) -> list[Block]:
     ds = ShardedDataset(data)
     space = TokenSpace(ds.vocab_size, ds.num_users, ds.num_items)
     settings = BatchSettings(batch_size=cfg.batch.batch_size)
-    spe = {k: CorpusBatches(c, ds.read_corpus(c), space, settings).steps_per_epoch
+    spe = {k: CorpusBatches.for_rank(ds, c, space, settings).steps_per_epoch
            for k, c in (("C", "content"), ("L", "collab"), ("rec", "rec"))}
     return build_schedule(cfg, spe)
 

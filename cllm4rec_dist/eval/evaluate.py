@@ -1,6 +1,6 @@
 """Score every item for each user in one forward pass, mask known items, top-K, metrics.
 
-Distributed: each rank scores users ``rank::world`` and returns metric SUMS; the
+Distributed: each rank scores the users of its own eval shards and returns metric SUMS; the
 ranks all-reduce them and only then divide (eval/metrics.py), so every user
 counts once whatever the number of ranks.
 """

@@ -1,19 +1,18 @@
-"""Batches of one corpus for one rank, as a pure function of (epoch, step, rank).
+"""Batches of one rank's part of a corpus, as a pure function of (epoch, step).
 
-Every rank holds the corpus's token ids in memory (documents are small: the
-Amazon Beauty content corpus is ~10M tokens) and the same per-epoch global
-permutation. Global step s of epoch e covers positions [s*B*W, (s+1)*B*W) of
-that permutation; rank r takes its B-slice. Hence:
+Each rank reads only its own shards: rank r of W takes shards r, r+W, r+2W, ...
+(with fewer shards than ranks, every rank reads all and keeps every W-th document).
+The manifest's per-shard counts tell every rank every partition's size, so all
+ranks agree, without communicating, on ``steps_per_epoch = max_r ceil(n_r / B)``;
+a rank with fewer documents wraps around its own permutation, so no rank runs
+short and no all-reduce hangs.
 
-* every rank runs exactly ``steps_per_epoch`` steps (the last global batch wraps
-  around to the start of the permutation, so no rank runs short and no
-  all-reduce hangs);
-* one process accumulating W micro-batches sees exactly the documents W ranks
-  see (the distributed-vs-reference test relies on it);
-* resuming needs no iterator state: (epoch, step) is the data position.
-
-Online randomness (stochastic item reordering, masked prompting) is seeded by
-(seed, epoch, document), so it is identical across ranks, world sizes and resumes.
+A single process standing in for W ranks (``simulate_ranks``) builds the same W
+partitions as streams and accumulates one micro-batch from each: it sees exactly
+what W workers see. Resuming needs no iterator state: (epoch, step) is the data
+position. Online randomness (the per-epoch order, stochastic item reordering,
+masked prompting) is seeded by (seed, epoch, global document index), so it does
+not depend on which rank holds a document.
 """
 
 from __future__ import annotations
@@ -59,35 +58,67 @@ class BatchSettings:
     """Seed of the data order, item reordering and masked prompting (the table init has its own)."""
 
 
-class CorpusBatches:
-    """Deterministic batches of one corpus ('collab', 'content' or 'rec') for any rank of a world."""
+def partition_sizes(entry: dict, world: int) -> list[int]:
+    """Documents per rank for a corpus's manifest entry (no shard is read)."""
+    shards = entry["shards"]
+    if len(shards) >= world:
+        return [sum(s["num_docs"] for s in shards[r::world]) for r in range(world)]
+    return [len(range(r, entry["num_docs"], world)) for r in range(world)]
 
-    def __init__(self, name: str, docs: list[dict], space: TokenSpace, settings: BatchSettings, world_size: int = 1):
+
+def read_partition(data, corpus: str, rank: int, world: int) -> tuple[list[dict], np.ndarray]:
+    """(documents, their global indices) of ``rank``'s part of ``corpus`` in a ShardedDataset."""
+    entry = data.corpus_entry(corpus)
+    shards = entry["shards"]
+    if len(shards) < world:  # too few shards to split: read all, keep every world-th document
+        docs = data.read_corpus(corpus)
+        ids = np.arange(rank, len(docs), world)
+        return [docs[i] for i in ids], ids
+    offsets = np.cumsum([0] + [s["num_docs"] for s in shards])
+    docs, ids = [], []
+    for k in range(rank, len(shards), world):
+        docs.extend(data.iter_shard(shards[k]))
+        ids.append(np.arange(offsets[k], offsets[k + 1]))
+    return docs, np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+class CorpusBatches:
+    """Deterministic batches of one rank's partition of a corpus ('collab', 'content' or 'rec')."""
+
+    def __init__(self, name: str, docs: list[dict], doc_ids: np.ndarray, space: TokenSpace, settings: BatchSettings,
+                 steps_per_epoch: int, stream: int = 0):
         if not docs:
-            raise ValueError(f"corpus {name} has no documents")
-        self.name = name
-        self.docs = docs
-        self.space = space
-        self.s = settings
-        self.world_size = world_size
+            raise ValueError(f"corpus {name}: this rank's partition is empty")
+        self.name, self.docs, self.doc_ids, self.space, self.s = name, docs, doc_ids, space, settings
+        self.steps_per_epoch = steps_per_epoch
+        self.stream = stream
         self._corpus_seed = sum(ord(c) for c in name)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.docs) / (self.s.batch_size * self.world_size))
+    @classmethod
+    def for_rank(cls, data, name: str, space: TokenSpace, settings: BatchSettings, rank: int = 0,
+                 world: int = 1) -> "CorpusBatches":
+        entry = data.corpus_entry(name)
+        sizes = partition_sizes(entry, world)
+        if min(sizes) == 0:
+            raise ValueError(f"corpus {name} has {entry['num_docs']} documents, too few for {world} ranks")
+        steps = max(math.ceil(n / settings.batch_size) for n in sizes)
+        docs, ids = read_partition(data, name, rank, world)
+        return cls(name, docs, ids, space, settings, steps, stream=rank)
 
-    def doc_indices(self, epoch: int, step: int, rank: int) -> np.ndarray:
-        perm = np.random.default_rng([self.s.seed, self._corpus_seed, epoch, _STREAM["perm"]]).permutation(len(self.docs))
-        start = (step * self.world_size + rank) * self.s.batch_size
+    def doc_positions(self, epoch: int, step: int) -> np.ndarray:
+        """Positions (in this partition) of the documents of batch (epoch, step)."""
+        order = np.random.default_rng([self.s.seed, self._corpus_seed, epoch, self.stream, _STREAM["perm"]])
+        perm = order.permutation(len(self.docs))
+        start = step * self.s.batch_size
         return perm[np.arange(start, start + self.s.batch_size) % len(self.docs)]
 
-    def batch(self, epoch: int, step: int, rank: int = 0) -> LMBatch | RecBatch:
+    def batch(self, epoch: int, step: int) -> LMBatch | RecBatch:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"{self.name}: step {step} outside 0..{self.steps_per_epoch - 1}")
-        indices = self.doc_indices(epoch, step, rank)
+        positions = self.doc_positions(epoch, step)
         if self.name == "rec":
-            return self._rec_batch(indices, epoch)
-        return self._lm_batch(indices, epoch)
+            return self._rec_batch(positions, epoch)
+        return self._lm_batch(positions, epoch)
 
     def _items(self, items: list[int], epoch: int, doc: int, budget: int) -> list[int]:
         """Reorder (or keep) a user's items and fit them into ``budget`` tokens."""
@@ -97,14 +128,14 @@ class CorpusBatches:
             return items[: max(budget, 0)]
         return items[-budget:] if budget > 0 else []
 
-    def _lm_batch(self, indices: np.ndarray, epoch: int) -> LMBatch:
+    def _lm_batch(self, positions: np.ndarray, epoch: int) -> LMBatch:
         rows, prompt_lengths = [], []
-        for doc_index in indices:
-            doc = self.docs[doc_index]
+        for position in positions:
+            doc = self.docs[position]
             prompt, main = doc["prompt"], doc["main"]
             budget = self.s.max_length - len(prompt)
             if doc["kind"] == "collab":  # MAIN is a set of items: reorder online
-                main = self._items(main, epoch, int(doc_index), budget)
+                main = self._items(main, epoch, int(self.doc_ids[position]), budget)
             else:
                 main = main[:budget]
             rows.append(prompt + main)
@@ -112,14 +143,13 @@ class CorpusBatches:
         ids, mask, lengths = pad(rows)
         return LMBatch(ids, mask, torch.tensor(prompt_lengths, dtype=torch.long), lengths)
 
-    def _rec_batch(self, indices: np.ndarray, epoch: int) -> RecBatch:
+    def _rec_batch(self, positions: np.ndarray, epoch: int) -> RecBatch:
         rows, users, target_rows, target_items = [], [], [], []
-        for row, doc_index in enumerate(indices):
-            doc = self.docs[doc_index]
-            kept, held_out = mask_items(doc["items"], self.s.mask_ratio,
-                                        doc_rng(self.s.seed, epoch, int(doc_index), "mask"))
+        for row, position in enumerate(positions):
+            doc, doc_id = self.docs[position], int(self.doc_ids[position])
+            kept, held_out = mask_items(doc["items"], self.s.mask_ratio, doc_rng(self.s.seed, epoch, doc_id, "mask"))
             budget = self.s.max_length - len(doc["prompt_prefix"]) - len(doc["prompt_suffix"])
-            kept = self._items(kept, epoch, int(doc_index), budget)
+            kept = self._items(kept, epoch, doc_id, budget)
             rows.append(doc["prompt_prefix"] + [self.space.item_token(i) for i in kept] + doc["prompt_suffix"])
             users.append(doc["user"])
             target_rows.extend([row] * len(held_out))

@@ -19,7 +19,7 @@ from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
 from cllm4rec_dist.train.checkpoint import TRAINER_FILE
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
-from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
+from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.train.trainer import Rank, Trainer, load_trainable, write_json_atomic
@@ -75,10 +75,12 @@ class CLLM4RecRecipe:
             raise ValueError(f"{cfg.data} has no content documents (no reviews, bios or item texts), so there is no "
                              "content LLM to train: run with --ablation cf (the collaborative-only LLM-CF).")
         kinds = ("L", "C", "rec") if cfg.uses_content else ("L", "rec")
-        streams = rank.world_size * rank.accumulate
-        batches = {k: CorpusBatches(CORPUS_OF[k], data.read_corpus(CORPUS_OF[k]), space, settings, streams)
+        # This process's data streams: its own rank's partition, or W of them when standing in for W ranks.
+        world = rank.world_size * rank.accumulate
+        streams = range(rank.rank * rank.accumulate, (rank.rank + 1) * rank.accumulate)
+        batches = {k: [CorpusBatches.for_rank(data, CORPUS_OF[k], space, settings, s, world) for s in streams]
                    for k in kinds}
-        blocks = build_schedule(cfg, {k: b.steps_per_epoch for k, b in batches.items()})
+        blocks = build_schedule(cfg, {k: b[0].steps_per_epoch for k, b in batches.items()})
 
         resuming = cfg.resume and self.sink.has_checkpoint()
         if cfg.init_from and not resuming:
@@ -89,8 +91,8 @@ class CLLM4RecRecipe:
         if not cfg.uses_content:
             groups.pop("content", None)
         engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr) for name, params in groups.items()}
-        self.trainer = Trainer(cfg, model, engines, batches, blocks, data.read_corpus("eval"), space, rank,
-                               self.sink, logger=None)
+        eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
+        self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None)
         resumed = resuming and self.sink.load_latest(self.trainer)
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.

@@ -69,7 +69,7 @@ class Rank:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, CorpusBatches],
+    def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, list[CorpusBatches]],
                  blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger):
         self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
         self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
@@ -83,17 +83,17 @@ class Trainer:
 
     def train_step(self, kind: str) -> dict:
         """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update."""
-        corpus = self.batches[kind]
-        epoch, step = divmod(self.state.counters[kind], corpus.steps_per_epoch)
+        streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
+        epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
         engine = self.engines[ENGINE_OF[kind]]
         backbone = self.engines.get("backbone")  # LLM-FtAll / LLM-Scratch only
         totals = defaultdict(float)
-        for micro in range(self.r.accumulate):
-            batch = corpus.batch(epoch, step, rank=self.r.rank * self.r.accumulate + micro).to(self.device)
+        for stream in streams:
+            batch = stream.batch(epoch, step).to(self.device)
             out = LOSSES[kind](self.model, batch)
-            engine.backward(out["loss"] / self.r.accumulate)
+            engine.backward(out["loss"] / len(streams))
             for key in SCALARS:
-                totals[key] += float(torch.as_tensor(out[key]).detach()) / self.r.accumulate
+                totals[key] += float(torch.as_tensor(out[key]).detach()) / len(streams)
         totals["grad_norm"] = engine.step()
         if backbone is not None:
             backbone.step()
@@ -141,12 +141,9 @@ class Trainer:
 
     # ---- evaluation and model selection --------------------------------------------------------
 
-    def my_eval_docs(self) -> list[dict]:
-        return self.eval_docs[self.r.rank::self.r.world_size]
-
     def evaluate(self, part: str) -> dict:
         style = "collab" if self.cfg.ablation == "prerec" else "rec"
-        return evaluate_docs(self.model, self.my_eval_docs(), self.space, part, style, self.cfg.eval.batch_size,
+        return evaluate_docs(self.model, self.eval_docs, self.space, part, style, self.cfg.eval.batch_size,
                              self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
                              distributed=self.r.distributed)
 
