@@ -1,0 +1,352 @@
+"""`cllm4rec report`: baselines, CLLM4Rec and its ablations on one split, one schedule, one table and one plot.
+
+Why a command rather than a notebook: a quality claim is only as good as the
+exact command, schedule, split and machine behind it. Running every model from
+one invocation on the same preprocessed dataset, with the same metric code and
+the same training config, and writing that provenance next to the numbers, is
+what makes the rows comparable (and the paper comparison honest).
+
+Outputs in ``--out REPORT_DIR``:
+
+* ``report.md``   Markdown table (valid / test Recall@20, Recall@40, NDCG@100, wall time) + provenance;
+* ``recall20.png`` validation Recall@20 per finetuning epoch of each CLLM4Rec variant, baselines (and LLM-PreRec,
+  which has no finetuning epochs) as horizontal lines;
+* ``report.json`` everything above, machine-readable;
+* ``runs/<model>/`` each model's own run folder (CLLM4Rec: metrics.json, train_log.jsonl, ...; baselines: result.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+
+from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
+
+BASELINES = ("popular", "ease", "multivae")
+# report model name -> (display name, TrainConfig.ablation)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "cllm4rec": ("CLLM4Rec", "none"),
+    "cf": ("LLM-CF", "cf"),
+    "prerec": ("LLM-PreRec", "prerec"),
+    "fixord": ("LLM-FixOrd", "fixord"),
+    "ftall": ("LLM-FtAll", "ftall"),
+    "scratch": ("LLM-Scratch", "scratch"),
+}
+DISPLAY = {"popular": "Most-popular", "ease": "EASE", "multivae": "Multi-VAE",
+           **{k: v[0] for k, v in VARIANTS.items()}}
+DEFAULT_MODELS = ("popular", "ease", "multivae", "cllm4rec", "cf", "prerec", "fixord")
+METRICS = ("recall@20", "recall@40", "ndcg@100")
+
+
+# ---- running the models ------------------------------------------------------------------------
+
+
+def parse_models(text: str) -> list[str]:
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in models if m not in DISPLAY]
+    if unknown or not models:
+        raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
+    return list(dict.fromkeys(models))
+
+
+def fresh_dir(path: str) -> str:
+    """The model's run folder, emptied: a stale checkpoint there would otherwise be resumed."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+def run_baseline_model(name: str, data: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None) -> dict:
+    from cllm4rec_dist.baselines import run_baseline
+    from cllm4rec_dist.corpus.shards import load_eval_split
+
+    settings = {"exclude_valid_on_test": cfg.eval.exclude_valid_on_test}
+    if name == "multivae":
+        settings.update(seed=cfg.seed, epochs=multivae_epochs)
+    result = run_baseline(load_eval_split(data), name, **settings)
+    with open(os.path.join(run_dir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return {"kind": "baseline", "valid": result["valid"], "test": result["test"], "selected": result["selected"],
+            "settings": result["settings"]}
+
+
+def run_variant(name: str, cfg: TrainConfig, run_dir: str) -> dict:
+    from cllm4rec_dist.train.reference import run_reference
+
+    variant = copy.deepcopy(cfg)
+    variant.ablation = VARIANTS[name][1]
+    variant.out = run_dir
+    variant.resume = False
+    result = run_reference(variant.validate())
+    if "test" not in result:
+        raise RuntimeError(f"{name}: training stopped before testing ({result.get('stopped')}); "
+                           "raise max_steps or set it to 0")
+    return {"kind": "cllm4rec", "ablation": variant.ablation, "valid": result["valid"], "test": result["test"],
+            "best": result["best"], "history": result["history"], "global_step": result["global_step"],
+            "train_seconds": result.get("seconds")}
+
+
+def settings_key(cfg: TrainConfig) -> str:
+    """What a finished run must have been run with to be reused: the whole config but the output folder."""
+    values = dataclasses.asdict(cfg)
+    values.pop("out")
+    return json.dumps(values, sort_keys=True)
+
+
+def load_finished(name: str, run_dir: str, cfg: TrainConfig) -> dict | None:
+    """A previous report's finished run of ``name`` with the same settings (for --reuse), or None."""
+    path = os.path.join(run_dir, "entry.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        entry = json.load(f)
+    if entry.get("settings_key") != settings_key(cfg):
+        print(f"[report] {name}: {run_dir} was run with other settings; running it again", flush=True)
+        return None
+    return {**entry, "run_dir": run_dir, "reused": True}
+
+
+def run_models(models: list[str], cfg: TrainConfig, report_dir: str, multivae_epochs: int | None,
+               reuse: bool = False) -> dict[str, dict]:
+    entries: dict[str, dict] = {}
+    for name in models:
+        run_dir = os.path.join(report_dir, "runs", name)
+        if reuse and (entry := load_finished(name, run_dir, cfg)) is not None:
+            print(f"[report] {name}: reusing {run_dir}", flush=True)
+            entries[name] = {k: v for k, v in entry.items() if k != "settings_key"}
+            continue
+        fresh_dir(run_dir)
+        print(f"[report] {name}: running into {run_dir}", flush=True)
+        start = time.time()
+        if name in BASELINES:
+            entry = run_baseline_model(name, cfg.data, cfg, run_dir, multivae_epochs)
+        else:
+            entry = run_variant(name, cfg, run_dir)
+        entry.update(model=name, display=DISPLAY[name], run_dir=run_dir, seconds=round(time.time() - start, 2),
+                     settings_key=settings_key(cfg))
+        with open(os.path.join(run_dir, "entry.json"), "w", encoding="utf-8") as f:
+            json.dump(entry, f, indent=1)
+        entries[name] = {k: v for k, v in entry.items() if k != "settings_key"}
+        print(f"[report] {name}: valid R@20 {fmt(entry['valid'].get('recall@20'))} "
+              f"test R@20 {fmt(entry['test'].get('recall@20'))} in {entry['seconds']:.0f}s", flush=True)
+        gc.collect()
+    return entries
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+
+def machine_info(cfg: TrainConfig) -> dict:
+    import torch
+
+    info = {"host": platform.node(), "platform": platform.platform(), "processor": platform.processor() or None,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": "cpu"}
+    if torch.cuda.is_available() and cfg.dist.use_gpu:
+        info["device"] = f"cuda ({torch.cuda.get_device_name()})"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        info["cpu_model"] = None
+    return info
+
+
+def code_info() -> dict:
+    """The commit the numbers come from, and whether the working tree had uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))
+            if commit else None}
+
+
+def backbone_info(cfg: TrainConfig) -> dict:
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    recorded = ShardedDataset(cfg.data).manifest["backbone"]
+    return {"used": cfg.backbone or recorded["path"], "gguf_file": None if cfg.backbone else recorded.get("gguf_file"),
+            "dataset_tokenised_with": recorded.get("spec") or recorded["path"], "precision": cfg.model.precision}
+
+
+def dataset_info(data: str) -> dict:
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    m = ShardedDataset(data).manifest
+    return {"path": os.path.abspath(data) if "://" not in data else data, "name": m.get("name"),
+            "num_users": m["num_users"], "num_items": m["num_items"], "content_hash": m.get("content_hash"),
+            "docs": {k: v["num_docs"] for k, v in m["corpora"].items()}}
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+
+
+def fmt(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# Quality report: {report['dataset'].get('name') or report['dataset']['path']}", "",
+             "| model | valid R@20 | valid R@40 | valid N@100 | test R@20 | test R@40 | test N@100 | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in report["models"].values():
+        cells = [fmt(entry["valid"].get(m)) for m in METRICS] + [fmt(entry["test"].get(m)) for m in METRICS]
+        wall = f"{entry['seconds']:.1f}" + (" (reused)" if entry.get("reused") else "")
+        lines.append(f"| {entry['display']} | " + " | ".join(cells) + f" | {wall} |")
+    ds, mach, bb = report["dataset"], report["machine"], report["backbone"]
+    lines += ["", f"Total wall time: {report['seconds']:.1f} s. Validation picks the best finetuning epoch by "
+              "Recall@20 (baselines: their own grid / epoch); test is scored once on that model.", "",
+              "## Command", "", "```bash", report["command"], "```", "",
+              "## Schedule and optimisation (every CLLM4Rec variant; the ablation switch is the only difference)", "",
+              "```yaml", yaml_text({k: cfg[k] for k in ("seed", "schedule", "optim", "batch", "model", "eval")}),
+              "```", "",
+              f"Multi-VAE epochs: {report['multivae_epochs'] or 'default'}.", "",
+              "## Data, backbone, machine", "",
+              f"* dataset: `{ds['path']}` ({ds['num_users']} users, {ds['num_items']} items; documents {ds['docs']})",
+              f"* backbone: `{bb['used']}`" + (f" (`{bb['gguf_file']}`)" if bb.get("gguf_file") else "")
+              + f", precision {bb['precision']}; dataset tokenised with `{bb['dataset_tokenised_with']}`",
+              f"* machine: {mach['cpu_model'] or mach['processor']} ({mach['cpu_count']} logical CPUs), "
+              f"{mach['platform']}, device {mach['device']}, torch {mach['torch']}",
+              f"* code: commit {report['code']['commit'] or 'unknown'}"
+              + (" with uncommitted changes" if report["code"]["dirty"] else ""),
+              f"* started {report['started']}, finished {report['finished']}", "",
+              "![validation Recall@20](recall20.png)", ""]
+    return "\n".join(lines)
+
+
+def yaml_text(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False).rstrip()
+
+
+def plot(report: dict, path: str) -> None:
+    """Validation Recall@20 per finetuning epoch for the CLLM4Rec variants; flat lines for the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    flat: list[tuple[str, float, str]] = []
+    max_epoch = 1
+    for entry in report["models"].values():
+        r20 = entry["valid"].get("recall@20")
+        curve = [(h["epoch"] + 1, h["recall@20"]) for h in entry.get("history", []) if h.get("phase") == "finetune"]
+        if entry["kind"] == "cllm4rec" and curve:
+            xs, ys = zip(*curve)
+            max_epoch = max(max_epoch, max(xs))
+            ax.plot(xs, ys, marker="o", markersize=3, color=next(colors), label=entry["display"])
+        elif r20 is not None:
+            style = "--" if entry["kind"] == "cllm4rec" else ":"  # PreRec dashed, baselines dotted
+            flat.append((entry["display"], r20, style))
+    for label, value, style in flat:
+        ax.axhline(value, linestyle=style, color=next(colors), label=f"{label} ({value:.4f})")
+    ax.set_xlim(0.5, max_epoch + 0.5)
+    if max_epoch <= 20:
+        ax.set_xticks(range(1, max_epoch + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if values:  # axhline sits on the axes edge otherwise
+        low, high = min(values), max(values)
+        pad = 0.08 * (high - low) or 0.01
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xlabel("finetuning epoch")
+    ax.set_ylabel("validation Recall@20")
+    ax.set_title(f"{report['dataset'].get('name') or 'dataset'}: validation Recall@20")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+
+def build_report(cfg: TrainConfig, models: list[str], report_dir: str, command: str,
+                 multivae_epochs: int | None = None, reuse: bool = False) -> dict:
+    """Run ``models`` with ``cfg`` and write report.md, recall20.png and report.json into ``report_dir``."""
+    os.makedirs(report_dir, exist_ok=True)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.time()
+    report = {"command": command, "models_requested": models, "config": dataclasses.asdict(cfg),
+              "dataset": dataset_info(cfg.data), "backbone": backbone_info(cfg), "machine": machine_info(cfg),
+              "code": code_info(),
+              "multivae_epochs": multivae_epochs, "started": started}
+    report["models"] = run_models(models, cfg, report_dir, multivae_epochs, reuse)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    report["seconds"] = round(time.time() - t0, 2)
+    report["files"] = {name: os.path.join(report_dir, name) for name in ("report.md", "recall20.png", "report.json")}
+    plot(report, report["files"]["recall20.png"])
+    with open(report["files"]["report.md"], "w", encoding="utf-8") as f:
+        f.write(markdown(report))
+    with open(report["files"]["report.json"], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=str)
+    return report
+
+
+def add_arguments(p) -> None:
+    p.description = ("Run the baselines and CLLM4Rec + ablations (LLM-CF = cf, LLM-PreRec = prerec, LLM-FixOrd = "
+                     "fixord) on one preprocessed dataset with one training config, and write REPORT_DIR/report.md, "
+                     "recall20.png and report.json (runs under REPORT_DIR/runs/<model>). --out is the report folder; "
+                     "every training setting is a --config key or --section.field flag (--ablation is set per model).")
+    p.add_argument("--models", type=parse_models, default=list(DEFAULT_MODELS),
+                   help=f"comma-separated, from {', '.join(DISPLAY)} (default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--multivae-epochs", type=int, default=None, help="Multi-VAE training epochs (default: its own)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep models already finished in REPORT_DIR/runs (runs/<model>/entry.json) instead of rerunning")
+    add_config_arguments(p)
+
+
+def command_line(args) -> str:
+    """The command as typed when run from the console script, else rebuilt from the parsed flags (tests, main(argv))."""
+    if sys.argv[1:2] == ["report"]:
+        return shlex.join(["cllm4rec", *sys.argv[1:]])
+    from cllm4rec_dist.train.config import _walk
+
+    parts = ["cllm4rec", "report"]
+    if getattr(args, "config", None):
+        parts += ["--config", args.config]
+    parts += [item for name, _, _ in _walk(TrainConfig) if name in vars(args)
+              for item in (f"--{name}", str(vars(args)[name]))]
+    parts += ["--models", ",".join(args.models)]
+    if args.multivae_epochs is not None:
+        parts += ["--multivae-epochs", str(args.multivae_epochs)]
+    if args.reuse:
+        parts.append("--reuse")
+    return shlex.join(parts)
+
+
+def run(args) -> int:
+    if "data" not in vars(args) or "out" not in vars(args):
+        print("error: cllm4rec report needs --data DIR and --out REPORT_DIR", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args)
+    report_dir = cfg.out
+    command = command_line(args)
+    report = build_report(cfg, args.models, report_dir, command, args.multivae_epochs, args.reuse)
+    print(markdown(report).split("\n## Command")[0])
+    print(f"wrote {', '.join(report['files'].values())}")
+    return 0
