@@ -50,35 +50,34 @@ def _next_token_targets(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return predicts.nonzero(as_tuple=True)
 
 
-def l_step_loss(model: CLLM4Rec, batch: LMBatch) -> dict:
-    """Collaborative LLM: CE of the next MAIN item over the J items (mean over target tokens) + MR to content."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, side="collab")
+def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor, first_class: int,
+                  num_classes: int, step: str) -> dict:
+    """Next-token CE over MAIN with classes ``first_class .. first_class+num_classes-1`` of the token
+    space scored by ``head`` (mean over target tokens) + MR of ``side`` to the other side."""
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, side=side)
     rows, positions = _next_token_targets(batch)
-    target_items = batch.input_ids[rows, positions + 1] - model.item_offset
-    if target_items.numel() and (int(target_items.min()) < 0 or int(target_items.max()) >= model.num_items):
-        raise ValueError("L-step MAIN tokens must all be item tokens (ids V+I .. V+I+J-1)")
-    num_targets = target_items.numel()
-    lm = sparse_softmax_nll(hidden[rows, positions], model.item_head_weight(),
-                            rows=torch.arange(num_targets, device=hidden.device), cols=target_items,
-                            max_logit_elements=model.config.max_logit_elements) / max(num_targets, 1)
-    mr = mutual_regularization(model, batch.input_ids, batch.attention_mask, trained_side="collab")
+    targets = batch.input_ids[rows, positions + 1] - first_class
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise ValueError(f"{step} MAIN tokens must all be ids {first_class} .. {first_class + num_classes - 1}")
+    num_targets = targets.numel()
+    lm = sparse_softmax_nll(hidden[rows, positions], head, rows=torch.arange(num_targets, device=hidden.device),
+                            cols=targets, max_logit_elements=model.config.max_logit_elements) / max(num_targets, 1)
+    mr = mutual_regularization(model, batch.input_ids, batch.attention_mask, trained_side=side)
     return {"loss": lm + mr, "lm": lm, "mr": mr, "tokens": num_targets}
+
+
+def l_step_loss(model: CLLM4Rec, batch: LMBatch) -> dict:
+    """Collaborative LLM: CE of the next MAIN item over the J items only (item tokens V+I .. V+I+J-1,
+    scored by the item head) + MR to the fixed content side."""
+    return _main_lm_loss(model, batch, "collab", model.item_head_weight(), model.item_offset, model.num_items,
+                         "L-step (item tokens)")
 
 
 def c_step_loss(model: CLLM4Rec, batch: LMBatch) -> dict:
     """Content LLM: CE of the next MAIN text token over the V vocab tokens with the backbone's own
-    (frozen) LM head (mean over target tokens) + MR to the collaborative side."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, side="content")
-    rows, positions = _next_token_targets(batch)
-    target_tokens = batch.input_ids[rows, positions + 1]
-    if target_tokens.numel() and int(target_tokens.max()) >= model.vocab_size:
-        raise ValueError("C-step MAIN tokens must all be vocab tokens (ids 0 .. V-1)")
-    num_targets = target_tokens.numel()
-    lm = sparse_softmax_nll(hidden[rows, positions], model.vocab_head_weight(),
-                            rows=torch.arange(num_targets, device=hidden.device), cols=target_tokens,
-                            max_logit_elements=model.config.max_logit_elements) / max(num_targets, 1)
-    mr = mutual_regularization(model, batch.input_ids, batch.attention_mask, trained_side="content")
-    return {"loss": lm + mr, "lm": lm, "mr": mr, "tokens": num_targets}
+    (frozen) LM head + MR to the fixed collaborative side."""
+    return _main_lm_loss(model, batch, "content", model.vocab_head_weight(), 0, model.vocab_size,
+                         "C-step (vocab tokens)")
 
 
 def rec_step_loss(model: CLLM4Rec, batch: RecBatch) -> dict:
