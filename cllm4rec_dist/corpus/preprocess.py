@@ -67,7 +67,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     build_dir = os.path.join(cfg.out, "backbone") if is_local else os.path.join(".cache", "backbones", cfg.backbone)
     location = resolve_backbone(cfg.backbone, build_dir if cfg.backbone in PRESETS else None)
     tokenizer = load_tokenizer(location)
-    vocab_size = int(load_config(location).vocab_size)
+    backbone_config = load_config(location)
+    vocab_size = int(backbone_config.vocab_size)
     if len(tokenizer) > vocab_size:
         raise InputError(f"backbone {location['path']}: tokenizer has {len(tokenizer)} tokens but the model's "
                          f"vocab_size is {vocab_size}; user/item ids would collide with vocab ids.")
@@ -100,7 +101,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "vocab_size": vocab_size,
         "backbone": {"spec": cfg.backbone, "path": location["path"], "gguf_file": location["gguf_file"],
                      "tokenizer_sha256": tokenizer_identity(tokenizer),
-                     "model_type": getattr(load_config(location), "model_type", None)},
+                     "model_type": getattr(backbone_config, "model_type", None)},
         "protocol": asdict(cfg.protocol),
         "templates": asdict(cfg.templates),
         "max_text_tokens": cfg.max_text_tokens,

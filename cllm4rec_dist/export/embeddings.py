@@ -219,32 +219,25 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
     """
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.eval.evaluate import user_representations
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.train.recipe import backbone_location
+    from cllm4rec_dist.train.recipe import build_model
+    from cllm4rec_dist.train.trainer import load_trainable
 
-    location = backbone_location(cfg, data.manifest)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = CLLM4Rec(ModelConfig(
-        backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
-        num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
-        max_logit_elements=cfg.model.max_logit_elements, ft_all=cfg.ablation == "ftall",
-        from_scratch=cfg.ablation == "scratch", separate_item_head=cfg.model.separate_item_head, device=device))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
+    model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = sorted(set(state) - {name for name, _ in model.named_parameters()})
     if unknown:
         raise ExportError(f"the checkpoint holds parameters this model does not have ({', '.join(unknown[:5])}); "
                           "was it trained with another backbone or model.separate_item_head? Set them in its config "
                           "or pass user_vectors=False (--no-user-vectors).")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    load_trainable(model, state)
     docs = sorted(data.read_corpus("eval"), key=lambda d: int(d["user"]))
     if [int(d["user"]) for d in docs] != list(range(data.num_users)):
         raise ShardError(f"{data.url}: the eval corpus does not hold exactly one document per user; "
                          "re-run `cllm4rec preprocess`.")
-    style = "collab" if cfg.ablation == "prerec" else "rec"
+    style = cfg.prediction_style
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-    vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length, cfg.seed)
+    # The trainer's prompts exactly (order seeded by batch.seed), so these vectors scored metrics.json.
+    vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length,
+                                   cfg.batch.seed)
     return vectors.cpu(), style
 
 

@@ -157,6 +157,11 @@ class TrainConfig:
     def finetune(self) -> bool:
         return self.ablation != "prerec"
 
+    @property
+    def prediction_style(self) -> str:
+        """Prompt used to score items: LLM-PreRec predicts the next item after the collab prompt."""
+        return "collab" if self.ablation == "prerec" else "rec"
+
 
 def _field_type(tp):
     """The argparse converter of a (possibly Optional) annotated field type."""

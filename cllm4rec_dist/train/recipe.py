@@ -41,6 +41,17 @@ def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
     return location
 
 
+def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec:
+    """The CLLM4Rec model a config describes, for a preprocessed dataset (trainer and export alike)."""
+    location = backbone_location(cfg, data.manifest)
+    return CLLM4Rec(ModelConfig(
+        backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
+        num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
+        init_std=cfg.model.init_std, max_logit_elements=cfg.model.max_logit_elements,
+        ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
+        separate_item_head=cfg.model.separate_item_head, device=device))
+
+
 class CLLM4RecRecipe:
     def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink):
         self.cfg, self.rank, self.engine_factory, self.sink = cfg, rank, engine_factory, sink
@@ -54,15 +65,8 @@ class CLLM4RecRecipe:
             with open(os.path.join(cfg.out, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(to_yaml(cfg))
         data = ShardedDataset(cfg.data)
-        location = backbone_location(cfg, data.manifest)
         torch.manual_seed(cfg.seed)  # identical table init on every rank
-        model = CLLM4Rec(ModelConfig(
-            backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
-            num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
-            init_std=cfg.model.init_std, max_logit_elements=cfg.model.max_logit_elements,
-            ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
-            separate_item_head=cfg.model.separate_item_head,
-            device="cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu"))
+        model = build_model(cfg, data, "cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu")
         if model.vocab_size != data.vocab_size:
             raise ValueError(f"{cfg.data} was tokenised for a vocabulary of {data.vocab_size} but the backbone has "
                              f"{model.vocab_size}; re-run `cllm4rec preprocess` with this backbone.")
@@ -102,7 +106,7 @@ class CLLM4RecRecipe:
             print(f"[train] resumed at step {state.global_step} (block {state.block}, step {state.step})", flush=True)
         if rank.is_main:
             trainable = sum(p.numel() for ps in groups.values() for p in ps)
-            print(f"[train] {data.num_users} users, {data.num_items} items, backbone {location['path']} "
+            print(f"[train] {data.num_users} users, {data.num_items} items, backbone {model.config.backbone} "
                   f"({cfg.model.precision}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
                   f"{total_steps(blocks)} steps, world {rank.world_size}", flush=True)
         return self

@@ -142,8 +142,7 @@ class Trainer:
     # ---- evaluation and model selection --------------------------------------------------------
 
     def evaluate(self, part: str) -> dict:
-        style = "collab" if self.cfg.ablation == "prerec" else "rec"
-        return evaluate_docs(self.model, self.eval_docs, self.space, part, style, self.cfg.eval.batch_size,
+        return evaluate_docs(self.model, self.eval_docs, self.space, part, self.cfg.prediction_style, self.cfg.eval.batch_size,
                              self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
                              distributed=self.r.distributed)
 
