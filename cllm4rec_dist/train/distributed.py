@@ -21,7 +21,8 @@ from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
-from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
+from cllm4rec_dist.train.recipe import default_run_dir
+from cllm4rec_dist.train.recipes import recipe_class
 from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 # Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
@@ -38,7 +39,7 @@ def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
             "state partitioned, the frozen backbone replicated) or ds_configs/zero1.json.")
 
 
-def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
+def build_worker_recipe(cfg: TrainConfig, sink):
     """Recipe for this process's rank, with DeepSpeed engines from cfg.dist.ds_config."""
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, world, cfg.optim.grad_clip)
@@ -47,10 +48,10 @@ def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
     def engine_factory(name, params, lr):
         return DeepSpeedEngine(name, params, lr, ds_config, cfg.optim.weight_decay)
 
-    return CLLM4RecRecipe(cfg, Rank(rank, world), engine_factory, sink)
+    return recipe_class(cfg.recommender)(cfg, Rank(rank, world), engine_factory, sink)
 
 
-def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
+def _install_kill_hook(recipe) -> None:
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return

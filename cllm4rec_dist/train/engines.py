@@ -63,6 +63,17 @@ class TorchEngine:
         self.optimizer.load_state_dict(state)
 
 
+class ReplicatedEngine(TorchEngine):
+    """Torch Adam over parameters that every rank trains identically (same data, same seed, no communication),
+    e.g. A-LLMRec's stage 1: rank 0 alone writes the optimizer state, every rank reads it back."""
+
+    def save(self, directory: str, rank: int = 0) -> None:
+        if rank == 0:
+            path = os.path.join(directory, f"optim-{self.name}.pt")
+            torch.save(self.optimizer.state_dict(), f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+
+
 class _ParamGroup(nn.Module):
     """A module view of a parameter group (same Parameter objects), for DeepSpeed to manage."""
 

@@ -12,7 +12,8 @@ import json
 from cllm4rec_dist.train.checkpoint import LocalSink
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.engines import TorchEngine
-from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
+from cllm4rec_dist.train.recipe import default_run_dir
+from cllm4rec_dist.train.recipes import recipe_class
 from cllm4rec_dist.train.trainer import Rank
 
 
@@ -21,14 +22,16 @@ def run_reference(cfg: TrainConfig) -> dict:
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
     cfg.out = cfg.out or default_run_dir()
-    recipe = CLLM4RecRecipe(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
+    recipe = recipe_class(cfg.recommender)(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
                             LocalSink(cfg.out, cfg.keep_checkpoints))
     return recipe.setup().train()
 
 
 def add_arguments(p) -> None:
-    p.description = ("Train CLLM4Rec in one process: content warm-up, L/C pretraining, rec finetuning with "
-                     "validation, test of the best model. Every setting is a flag (--section.field VALUE) or "
+    p.description = ("Train a recommender in one process. CLLM4Rec (recommender: cllm4rec): content warm-up, L/C "
+                     "pretraining, rec finetuning with validation, test of the best model. A-LLMRec (recommender: "
+                     "allmrec): CF model, collaborative-text alignment, LLM alignment, candidate evaluation. "
+                     "Every setting is a flag (--section.field VALUE) or "
                      "a key of a --config YAML file. Writes RUN/metrics.json, RUN/config.yaml, "
                      "RUN/train_log.jsonl, RUN/tensorboard and RUN/checkpoints.")
     add_config_arguments(p)
@@ -37,6 +40,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     cfg = config_from_args(args)
     result = run_reference(cfg)
-    print(json.dumps({k: result.get(k) for k in ("valid", "test", "best", "global_step", "seconds")}, indent=1,
-                     default=str))
+    keys = ("valid", "test", "best", "stages", "stopped", "global_step", "seconds")
+    print(json.dumps({k: result[k] for k in keys if k in result}, indent=1, default=str))
     return 0
