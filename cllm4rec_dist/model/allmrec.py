@@ -61,7 +61,7 @@ class TextEncoder(nn.Module):
         self.sbert = sbert
         self.texts = list(texts)
         self.trainable = trainable
-        self.dim = int(sbert.get_sentence_embedding_dimension())
+        self.dim = int(sbert.get_embedding_dimension())
         for p in sbert.parameters():
             p.requires_grad_(trainable)
         self.cache: torch.Tensor | None = None
