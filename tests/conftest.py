@@ -32,3 +32,16 @@ def demo_data(demo_raw, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("demo_data") / "ds")
     preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[demo_raw]), out=out))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_loo_data(demo_raw, tmp_path_factory) -> str:
+    """The same demo dataset preprocessed with the leave-one-out split (seq corpus, candidates, items.json)."""
+    from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
+    from cllm4rec_dist.data.protocol import ProtocolConfig
+    from cllm4rec_dist.data.readers import ReaderOptions
+
+    out = str(tmp_path_factory.mktemp("demo_loo_data") / "ds")
+    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[demo_raw]), out=out,
+                                protocol=ProtocolConfig(split="leave-one-out")))
+    return out

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 from cllm4rec_dist.corpus.documents import CORPORA, DocumentBuilder, Templates, num_tokens
 from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.sequences import ITEMS_FILE, SEQ_CORPUS, items_table, sequence_documents, sequence_length
 from cllm4rec_dist.corpus.shards import DatasetWriter, ShardPlan
-from cllm4rec_dist.data.protocol import ProtocolConfig, Split, apply_protocol
+from cllm4rec_dist.data.protocol import SPLITS, ProtocolConfig, Split, apply_protocol
 from cllm4rec_dist.data.readers import READERS, ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputError, InputReport
 from cllm4rec_dist.model.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
@@ -77,8 +78,12 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
     writer = DatasetWriter(cfg.out, cfg.shard_plan)
     writer.write_json("id_maps.json", {"users": split.user_ids, "items": split.item_ids})
-    for name in CORPORA:
-        entry = writer.write_corpus(name, builder.corpus(name, split), count_docs(name, split), num_tokens)
+    writer.write_json(ITEMS_FILE, items_table(split))
+    corpora = [(name, builder.corpus(name, split), num_tokens) for name in CORPORA]
+    if cfg.protocol.split == "leave-one-out":
+        corpora.append((SEQ_CORPUS, sequence_documents(split), sequence_length))
+    for name, docs, count_tokens in corpora:
+        entry = writer.write_corpus(name, docs, count_docs(name, split), count_tokens)
         _log(f"corpus {name}: {entry['num_docs']} documents, {entry['num_tokens']} tokens, "
              f"{len(entry['shards'])} shards, {sum(s['bytes'] for s in entry['shards']) / 1e6:.2f} MB")
 
@@ -86,11 +91,12 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "dataset": raw.name,
         "format": cfg.format,
         **{k: v for k, v in split.stats.items() if k != "protocol"},
+        "items_without_title": split.num_items - len(split.item_titles),
         "num_content_documents": writer.corpora["content"]["num_docs"],
         "num_collab_documents": writer.corpora["collab"]["num_docs"],
         "content_documents_truncated": builder.truncated,
         "tokens": {name: writer.corpora[name]["num_tokens"] for name in CORPORA},
-        "shard_bytes": {name: sum(s["bytes"] for s in writer.corpora[name]["shards"]) for name in CORPORA},
+        "shard_bytes": {name: sum(s["bytes"] for s in entry["shards"]) for name, entry in writer.corpora.items()},
         "input": report.as_dict(),
     }
     writer.write_json("stats.json", stats)
@@ -115,11 +121,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
         "Read raw interactions (+ texts), apply the paper's protocol (binarise rating > 3, 5-core, per-user "
-        "80/10/10 split), build the collaborative, content, rec and eval documents as token ids, and write "
-        "them as webdataset shards with a manifest.\n\nformats:\n"
+        "80/10/10 split, or --split leave-one-out with stored candidates), build the collaborative, content, "
+        "rec and eval documents as token ids (and, for leave-one-out, the seq corpus), and write them as "
+        "webdataset shards with a manifest.\n\nformats:\n"
         + "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in READERS.items())
         + "\n\nexamples:\n"
         "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --out shards/ml-100k\n"
+        "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --split leave-one-out\n"
         "  cllm4rec preprocess --format amazon --input All_Beauty_5.json.gz --meta meta_All_Beauty.json.gz\n"
         "  cllm4rec preprocess --format table --input raw/ --user-col uid --item-col iid --out s3://bucket/ds"
     )
@@ -135,7 +143,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kcore", type=int, default=ProtocolConfig.kcore, help="iterative k-core filter (0 disables)")
     g.add_argument("--valid-fraction", type=float, default=ProtocolConfig.valid_fraction)
     g.add_argument("--test-fraction", type=float, default=ProtocolConfig.test_fraction)
-    g.add_argument("--seed", type=int, default=ProtocolConfig.seed)
+    g.add_argument("--seed", type=int, default=ProtocolConfig.seed, help="seed of the random split")
+    g.add_argument("--split", choices=SPLITS, default=ProtocolConfig.split,
+                   help="random: per-user seeded valid/test fractions (CLLM4Rec); leave-one-out: per user in time "
+                        "order, last = test, second last = valid, with stored candidates (A-LLMRec, SASRec)")
+    g.add_argument("--num-negatives", type=int, default=ProtocolConfig.num_negatives,
+                   help="leave-one-out: never-interacted items sampled next to each valid/test positive")
+    g.add_argument("--candidate-seed", type=int, default=ProtocolConfig.candidate_seed,
+                   help="leave-one-out: seed of the candidate sampling")
     g = p.add_argument_group("documents and shards")
     g.add_argument("--max-text-tokens", type=int, default=256, help="cut longer review/bio/item texts")
     g.add_argument("--min-shards", type=int, default=ShardPlan.min_shards, help="at least this many shards per corpus")
@@ -144,7 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--format table columns")
     for flag, default in (("user-col", "user"), ("item-col", "item"), ("rating-col", "rating"),
                           ("timestamp-col", "timestamp"), ("review-col", "review"),
-                          ("user-text-col", "user_text"), ("item-text-col", "item_text")):
+                          ("user-text-col", "user_text"), ("item-text-col", "item_text"),
+                          ("item-title-col", "item_title")):
         g.add_argument(f"--{flag}", default=default)
 
 
@@ -153,10 +169,11 @@ def config_from_args(args) -> PreprocessConfig:
     options = ReaderOptions(
         inputs=args.input, meta=args.meta, user_col=args.user_col, item_col=args.item_col,
         rating_col=args.rating_col, timestamp_col=args.timestamp_col, review_col=args.review_col,
-        user_text_col=args.user_text_col, item_text_col=args.item_text_col,
+        user_text_col=args.user_text_col, item_text_col=args.item_text_col, item_title_col=args.item_title_col,
     )
     protocol = ProtocolConfig(binarize=not args.no_binarize, min_rating=args.min_rating, kcore=args.kcore,
-                              valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed)
+                              valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                              split=args.split, num_negatives=args.num_negatives, candidate_seed=args.candidate_seed)
     return PreprocessConfig(
         format=args.format, options=options, out=args.out or os.path.join("shards", name), backbone=args.backbone,
         protocol=protocol, max_text_tokens=args.max_text_tokens, strict=args.strict,

@@ -215,6 +215,20 @@ class ShardedDataset:
         return EvalSplit(self.num_users, self.num_items, as_array("train"), as_array("valid"), as_array("test"))
 
 
+def partition_doc_ids(entry: dict, rank: int, world: int) -> np.ndarray:
+    """Global indices of the documents rank ``rank`` of ``world`` reads from a corpus's manifest entry.
+
+    Rank r takes shards r, r+W, r+2W, ...; with fewer shards than ranks, every W-th document.
+    One rule for every corpus, so all ranks agree on every partition from the manifest alone.
+    """
+    shards = entry["shards"]
+    if len(shards) < world:
+        return np.arange(rank, entry["num_docs"], world, dtype=np.int64)
+    offsets = np.cumsum([0] + [s["num_docs"] for s in shards])
+    parts = [np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in range(rank, len(shards), world)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def load_eval_split(data_dir: str) -> EvalSplit:
     """The train/valid/test lists of a preprocessed dataset (what every model is scored on)."""
     return ShardedDataset(data_dir).eval_split()

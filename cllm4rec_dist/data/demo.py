@@ -2,13 +2,13 @@
 
 Users and items share latent topics. A user's topic tastes drive BOTH which
 items they interact with (and how they rate them) AND the words of their
-reviews and bio; an item's topic drives its description. So a model that reads
+reviews and bio; an item's topic drives its title and description. So a model that reads
 the text and the interactions can learn something a most-popular ranking
 cannot, and the metrics show it.
 
 Written in the `table` folder layout (see data/readers/table.py):
 ``interactions.csv`` (user,item,rating,timestamp,review), ``users.csv``
-(user,user_text) and ``items.csv`` (item,item_text), so the demo goes through
+(user,user_text) and ``items.csv`` (item,item_title,item_text), so the demo goes through
 the same `preprocess` path as real data.
 """
 
@@ -98,12 +98,28 @@ def generate(cfg: DemoConfig) -> tuple[list[tuple], list[tuple], list[tuple]]:
         liked = [topic_names[t] for t in np.argsort(-user_taste[u])[:2]]
         word = rng.choice(TOPICS[liked[0]])
         users.append((f"u{u:04d}", f"A fan of {liked[0]} and {liked[1]}, always looking for a good {word}."))
-    items = []
+    items, titles_seen = [], set()
     for i in range(cfg.num_items):
         topic = topic_names[item_topic[i]]
         words = rng.choice(TOPICS[topic], size=3, replace=False)
-        items.append((f"i{i:04d}", f"A {topic} {item_noun[i]} about the {words[0]}, the {words[1]} and the {words[2]}."))
+        title = item_title(topic, str(item_noun[i]), words[0], titles_seen)
+        items.append((f"i{i:04d}", title, f"A {topic} {item_noun[i]} about the {words[0]}, the {words[1]} and the {words[2]}."))
     return interactions, users, items
+
+
+def item_title(topic: str, noun: str, word: str, seen: set[str]) -> str:
+    """A unique title naming the item's topic, e.g. "The Rocket: a space book" ("..., part 2" on a repeat).
+
+    The topic word is in the title so that a model reading only titles can match an item to a
+    user's taste; uniqueness lets a generated title name exactly one item.
+    """
+    base = f"The {word.capitalize()}: a {topic} {noun}"
+    title, part = base, 1
+    while title in seen:
+        part += 1
+        title = f"{base}, part {part}"
+    seen.add(title)
+    return title
 
 
 def _write_csv(path: str, header: list[str], rows: list[tuple]) -> None:
@@ -120,12 +136,12 @@ def write(out_dir: str, cfg: DemoConfig) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(os.path.join(out_dir, "interactions.csv"), ["user", "item", "rating", "timestamp", "review"], interactions)
     _write_csv(os.path.join(out_dir, "users.csv"), ["user", "user_text"], users)
-    _write_csv(os.path.join(out_dir, "items.csv"), ["item", "item_text"], items)
+    _write_csv(os.path.join(out_dir, "items.csv"), ["item", "item_title", "item_text"], items)
     return {"interactions": len(interactions), "users": len(users), "items": len(items)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder to write interactions.csv, users.csv, items.csv into")
+    p.add_argument("--out", required=True, help="folder to write interactions.csv, users.csv, items.csv (with item titles) into")
     p.add_argument("--num-users", type=int, default=DemoConfig.num_users)
     p.add_argument("--num-items", type=int, default=DemoConfig.num_items)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)

@@ -1,7 +1,11 @@
 """The paper's data protocol: merge duplicates, binarise, iterative k-core, per-user split, id maps.
 
+Two per-user splits (``ProtocolConfig.split``): ``random`` (CLLM4Rec's seeded 80/10/10) and
+``leave-one-out`` (A-LLMRec and sequential recommenders: in time order, last = test, second
+last = valid, the rest train; plus stored candidates, see ``data/candidates.py``).
+
 Everything here is a pure function of (RawDataset, ProtocolConfig): the same
-inputs and seed give the same Split, byte for byte.
+inputs and seeds give the same Split, byte for byte.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from cllm4rec_dist.data.candidates import sample_candidates
 from cllm4rec_dist.data.records import InputError, RawDataset
+
+SPLITS = ("random", "leave-one-out")
 
 
 @dataclass
@@ -30,8 +37,20 @@ class ProtocolConfig:
     """Per-user share of items held out for test (at least one)."""
     seed: int = 0
     """Seed of the per-user random split."""
+    split: str = "random"
+    """Per-user split: ``random`` (seeded shares ``valid_fraction`` / ``test_fraction``) or ``leave-one-out``
+    (time order: last item = test, second last = valid, the rest train; users with fewer than 3
+    interactions stay train-only and are not evaluated)."""
+    num_negatives: int = 19
+    """leave-one-out: items the user never interacted with, sampled once per valid/test user next to the positive."""
+    candidate_seed: int = 0
+    """leave-one-out: seed of the candidate sampling (separate from ``seed``)."""
 
     def validate(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"protocol.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.num_negatives < 1:
+            raise ValueError("protocol.num_negatives must be >= 1")
         if not 0 < self.valid_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ValueError("protocol.valid_fraction and protocol.test_fraction must be in (0, 1)")
         if self.valid_fraction + self.test_fraction >= 1:
@@ -46,7 +65,10 @@ class Split:
 
     ``train[u]``, ``valid[u]`` and ``test[u]`` are int64 arrays of item indices in
     chronological order (file order where there are no timestamps). ``reviews`` holds
-    only TRAIN pairs, so held-out pairs never reach the content corpus.
+    only TRAIN pairs, so held-out pairs never reach the content corpus. ``item_titles``
+    holds the items that have a title. ``candidates`` (leave-one-out only) maps
+    ``"valid"`` / ``"test"`` to one entry per user: the int64 array of the positive plus
+    ``num_negatives`` sampled items in a seeded order, or None for a user not evaluated.
     """
 
     user_ids: list[str]
@@ -58,6 +80,8 @@ class Split:
     user_texts: dict[int, str] = field(default_factory=dict)
     item_texts: dict[int, str] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    item_titles: dict[int, str] = field(default_factory=dict)
+    candidates: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
 
     @property
     def num_users(self) -> int:
@@ -106,6 +130,22 @@ def holdout_sizes(n: int, cfg: ProtocolConfig) -> tuple[int, int]:
     return n_valid, n_test
 
 
+def heldout_masks(n: int, user: int, cfg: ProtocolConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(is_valid, is_test) boolean masks over a user's ``n`` time-ordered items under ``cfg.split``."""
+    is_valid = np.zeros(n, bool)
+    is_test = np.zeros(n, bool)
+    if cfg.split == "leave-one-out":
+        if n >= 3:
+            is_valid[n - 2] = True
+            is_test[n - 1] = True
+        return is_valid, is_test
+    n_valid, n_test = holdout_sizes(n, cfg)
+    perm = np.random.default_rng([cfg.seed, int(user)]).permutation(n)
+    is_valid[perm[:n_valid]] = True
+    is_test[perm[n_valid:n_valid + n_test]] = True
+    return is_valid, is_test
+
+
 def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
     """Run duplicates merge, binarisation, k-core, id mapping and the per-user split."""
     cfg.validate()
@@ -118,6 +158,7 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
     before = len(df)
     df = df.drop_duplicates(["user", "item"], keep="last").sort_values("_order", kind="stable")
     stats["duplicates_merged"] = int(before - len(df))
+    every_pair = df[["user", "item"]]  # before binarising: a low rating is still an interaction (candidates)
 
     binarized = cfg.binarize and raw.has_ratings
     if binarized:
@@ -151,15 +192,9 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
     users_train_only = 0
     for u, items in df.groupby("u", sort=True)["i"]:
         items = items.to_numpy(dtype=np.int64)
-        n_valid, n_test = holdout_sizes(len(items), cfg)
-        if n_valid == 0:
+        is_valid, is_test = heldout_masks(len(items), int(u), cfg)
+        if not is_valid.any():
             users_train_only += 1
-        rng = np.random.default_rng([cfg.seed, int(u)])
-        perm = rng.permutation(len(items))
-        is_valid = np.zeros(len(items), bool)
-        is_test = np.zeros(len(items), bool)
-        is_valid[perm[:n_valid]] = True
-        is_test[perm[n_valid:n_valid + n_test]] = True
         is_train = ~(is_valid | is_test)
         train.append(items[is_train])
         valid.append(items[is_valid])
@@ -178,6 +213,7 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
 
     user_texts = {int(uidx[k]): v for k, v in raw.user_texts.items() if k in uidx.index and v}
     item_texts = {int(iidx[k]): v for k, v in raw.item_texts.items() if k in iidx.index and v}
+    item_titles = {int(iidx[k]): v for k, v in raw.item_titles.items() if k in iidx.index and v}
 
     n_train = int(sum(len(x) for x in train))
     n_valid = int(sum(len(x) for x in valid))
@@ -195,6 +231,22 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
         heldout_reviews_dropped=heldout_reviews,
         user_texts=len(user_texts),
         item_texts=len(item_texts),
+        item_titles=len(item_titles),
         protocol=asdict(cfg),
     )
-    return Split(user_ids, item_ids, train, valid, test, reviews, user_texts, item_texts, stats)
+    split = Split(user_ids, item_ids, train, valid, test, reviews, user_texts, item_texts, stats, item_titles)
+    if cfg.split == "leave-one-out":
+        known = every_pair[every_pair["user"].isin(uidx.index) & every_pair["item"].isin(iidx.index)]
+        interacted = _items_per_user(uidx.loc[known["user"]].to_numpy(), iidx.loc[known["item"]].to_numpy(),
+                                     len(user_ids))
+        split.candidates = sample_candidates(split, interacted, cfg.num_negatives, cfg.candidate_seed, raw.name)
+        stats["users_evaluated"] = len(user_ids) - users_train_only
+    return split
+
+
+def _items_per_user(users: np.ndarray, items: np.ndarray, num_users: int) -> list[np.ndarray]:
+    """Sorted unique item indices of each user from parallel (user, item) arrays."""
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    bounds = np.searchsorted(users, np.arange(num_users + 1))
+    return [np.unique(items[bounds[u]:bounds[u + 1]]) for u in range(num_users)]

@@ -121,6 +121,9 @@ class RawDataset:
     interactions: pd.DataFrame
     user_texts: dict[str, str] = field(default_factory=dict)
     item_texts: dict[str, str] = field(default_factory=dict)
+    item_titles: dict[str, str] = field(default_factory=dict)
+    """Short item names (a movie's title, a product's name): what an LLM prompt shows for an item.
+    ``item_texts`` is the longer description. Items without a title fall back to their original id later."""
     has_ratings: bool = True
     report: InputReport = field(default_factory=InputReport)
 

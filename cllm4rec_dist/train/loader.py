@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.shards import partition_doc_ids
 from cllm4rec_dist.model.batch import PAD_ID, LMBatch, RecBatch
 
 _STREAM = {"order": 1, "mask": 2, "perm": 3}
@@ -60,26 +61,21 @@ class BatchSettings:
 
 def partition_sizes(entry: dict, world: int) -> list[int]:
     """Documents per rank for a corpus's manifest entry (no shard is read)."""
-    shards = entry["shards"]
-    if len(shards) >= world:
-        return [sum(s["num_docs"] for s in shards[r::world]) for r in range(world)]
-    return [len(range(r, entry["num_docs"], world)) for r in range(world)]
+    return [len(partition_doc_ids(entry, r, world)) for r in range(world)]
 
 
 def read_partition(data, corpus: str, rank: int, world: int) -> tuple[list[dict], np.ndarray]:
     """(documents, their global indices) of ``rank``'s part of ``corpus`` in a ShardedDataset."""
     entry = data.corpus_entry(corpus)
     shards = entry["shards"]
+    ids = partition_doc_ids(entry, rank, world)
     if len(shards) < world:  # too few shards to split: read all, keep every world-th document
         docs = data.read_corpus(corpus)
-        ids = np.arange(rank, len(docs), world)
         return [docs[i] for i in ids], ids
-    offsets = np.cumsum([0] + [s["num_docs"] for s in shards])
-    docs, ids = [], []
+    docs = []
     for k in range(rank, len(shards), world):
         docs.extend(data.iter_shard(shards[k]))
-        ids.append(np.arange(offsets[k], offsets[k + 1]))
-    return docs, np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    return docs, ids
 
 
 class CorpusBatches:

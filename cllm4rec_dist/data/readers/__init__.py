@@ -37,6 +37,7 @@ class ReaderOptions:
     review_col: str | None = "review"
     user_text_col: str | None = "user_text"
     item_text_col: str | None = "item_text"
+    item_title_col: str | None = "item_title"
     """Column names for --format table; a missing optional column is simply absent."""
 
 

@@ -14,7 +14,7 @@ gives timestamp NaN (the protocol then keeps file order).
 ``title`` and ``description`` (a string or a list of strings). The 2018
 metadata is JSON; the 2014 metadata is one Python dict literal per line (single
 quotes), so each line is tried with ``json.loads`` and then
-``ast.literal_eval``. Item text = "title. description" (or whichever exists);
+``ast.literal_eval``. Item text = "title. description" (or whichever exists), item title = ``title``;
 only items that occur in the reviews are kept, since metadata files list the
 whole catalogue.
 """
@@ -34,12 +34,16 @@ def read(options, report: InputReport) -> RawDataset:
         rows.extend(_read_reviews(path, report))
     items = {row[1] for row in rows}
     item_texts: dict[str, str] = {}
+    item_titles: dict[str, str] = {}
     for path in options.meta:
-        item_texts.update(_read_meta(path, items, report))
+        texts, titles = _read_meta(path, items, report)
+        item_texts.update(texts)
+        item_titles.update(titles)
     return RawDataset(
         name=base_name(options.inputs[0]),
         interactions=RawDataset.frame(rows),
         item_texts=item_texts,
+        item_titles=item_titles,
         has_ratings=True,
         report=report,
     )
@@ -87,8 +91,9 @@ def parse_meta_line(line: str):
         return ast.literal_eval(line)
 
 
-def _read_meta(path: str, items: set[str], report: InputReport) -> dict[str, str]:
-    texts = {}
+def _read_meta(path: str, items: set[str], report: InputReport) -> tuple[dict[str, str], dict[str, str]]:
+    """(item texts, item titles) of the metadata lines whose asin is in ``items``."""
+    texts, titles = {}, {}
     for lineno, obj in json_records(path, report, parse_meta_line, (ValueError, SyntaxError, MemoryError, RecursionError)):
         asin = clean_text(obj.get("asin"))
         if not asin:
@@ -99,5 +104,8 @@ def _read_meta(path: str, items: set[str], report: InputReport) -> dict[str, str
         description = obj.get("description")
         if isinstance(description, list):
             description = " ".join(clean_text(part) for part in description)
-        texts[asin] = report.text(join_sentences(clean_text(obj.get("title")), clean_text(description)))
-    return texts
+        title = clean_text(obj.get("title"))
+        texts[asin] = report.text(join_sentences(title, clean_text(description)))
+        if title:
+            titles[asin] = title
+    return texts, titles

@@ -10,7 +10,7 @@ MovieLens 100K (``u.data`` present):
   extra rows for a fake user 0; they are read like any other row (the k-core
   filter removes that user), one of them has a trailing tab and is skipped.
 * ``u.item`` (latin-1, ``|``-separated; the last 19 fields are genre flags):
-  item text "Title (year). Genres: Action, Comedy". Genre names come from
+  item text "Title (year). Genres: Action, Comedy"; item title "Title (year)". Genre names come from
   ``u.genre`` when present, else the standard list; the "unknown" genre is not
   written (a movie with no other genre gets just its title).
 * ``u.user`` (``id|age|gender|occupation|zip``): user text such as
@@ -21,7 +21,7 @@ MovieLens latest / 20M / 25M / 32M (``ratings.csv`` present):
 
 * ``ratings.csv``: ``userId,movieId,rating,timestamp``.
 * ``movies.csv``: ``movieId,title,genres`` (``|``-separated) -> item text
-  "Title (year). Genres: A, B" ("(no genres listed)" -> just the title).
+  "Title (year). Genres: A, B" ("(no genres listed)" -> just the title); item title = ``title``.
 * ``tags.csv``: ``userId,movieId,tag,timestamp`` -> user text "Tags written:
   t1, t2, ..." with the user's distinct tags (case-insensitive, first spelling
   kept) in file order, at most ``MAX_TAGS``: tags are the only free text a
@@ -75,9 +75,9 @@ def read(options, report: InputReport) -> RawDataset:
     path = options.inputs[0]
     with MovieLensSource(path) as source:
         if source.has("u.data"):
-            rows, user_texts, item_texts = _read_100k(source, report)
+            rows, user_texts, item_texts, item_titles = _read_100k(source, report)
         elif source.has("ratings.csv"):
-            rows, user_texts, item_texts = _read_latest(source, report)
+            rows, user_texts, item_texts, item_titles = _read_latest(source, report)
         else:
             raise InputError(f"{path}: {EXPECTED}; found: {source.listing()}")
     return RawDataset(
@@ -85,6 +85,7 @@ def read(options, report: InputReport) -> RawDataset:
         interactions=RawDataset.frame(rows),
         user_texts=user_texts,
         item_texts=item_texts,
+        item_titles=item_titles,
         has_ratings=True,
         report=report,
     )
@@ -179,7 +180,7 @@ def _read_100k(source: MovieLensSource, report: InputReport):
             if row is not None:
                 rows.append(row)
     genres = _genres(source)
-    item_texts, user_texts = {}, {}
+    item_texts, user_texts, item_titles = {}, {}, {}
     if source.has("u.item"):
         with _lines(source, "u.item", report) as (label, lines):
             for lineno, fields in lines:
@@ -188,6 +189,7 @@ def _read_100k(source: MovieLensSource, report: InputReport):
                     continue
                 names = [g for g, flag in zip(genres, fields[5:]) if flag.strip() == "1" and g != "unknown"]
                 item_texts[fields[0].strip()] = report.text(_titled(fields[1], names))
+                item_titles[fields[0].strip()] = clean_text(fields[1])
     if source.has("u.user"):
         with _lines(source, "u.user", report) as (label, lines):
             for lineno, fields in lines:
@@ -195,7 +197,7 @@ def _read_100k(source: MovieLensSource, report: InputReport):
                     report.bad(label, lineno, "wrong_field_count", f"{len(fields)} fields, expected 5 (id|age|gender|occupation|zip)")
                     continue
                 user_texts[fields[0].strip()] = report.text(user_bio(fields[1], fields[2], fields[3]))
-    return rows, user_texts, item_texts
+    return rows, user_texts, item_texts, item_titles
 
 
 def _rating_row(fields, width: int, label: str, lineno: int, report: InputReport):
@@ -263,7 +265,7 @@ def _csv(source: MovieLensSource, name: str, columns: tuple[str, ...], report: I
 
 
 def _read_latest(source: MovieLensSource, report: InputReport):
-    rows, item_texts, user_texts = [], {}, {}
+    rows, item_texts, user_texts, item_titles = [], {}, {}, {}
     with _csv(source, "ratings.csv", ("userId", "movieId", "rating", "timestamp"), report) as (label, cols, lines):
         for lineno, row in lines:
             parsed = _rating_row([row[i] for i in cols], 4, label, lineno, report)
@@ -274,6 +276,7 @@ def _read_latest(source: MovieLensSource, report: InputReport):
             for _, row in lines:
                 names = [g.strip() for g in row[genres].split("|") if g.strip() not in ("", "(no genres listed)")]
                 item_texts[row[movie].strip()] = report.text(_titled(row[title], names))
+                item_titles[row[movie].strip()] = clean_text(row[title])
     if source.has("tags.csv"):
         tags: dict[str, dict[str, str]] = {}  # user -> {lowercased tag: first spelling}, insertion-ordered
         with _csv(source, "tags.csv", ("userId", "tag"), report) as (_, (user, tag), lines):
@@ -282,4 +285,4 @@ def _read_latest(source: MovieLensSource, report: InputReport):
                 if text and len(seen) < MAX_TAGS:
                     seen.setdefault(text.lower(), text)
         user_texts = {u: report.text("Tags written: " + ", ".join(t.values()) if t else "") for u, t in tags.items()}
-    return rows, user_texts, item_texts
+    return rows, user_texts, item_texts, item_titles

@@ -6,22 +6,22 @@ Files: ``.csv`` is comma-separated, ``.tsv``/``.tab`` tab-separated (other
 names: tab if the header line has a tab, else comma); Parquet is recognised by
 ``.parquet``/``.pq`` or its ``PAR1`` magic. CSV/TSV need a header line. Column
 names come from the flags: ``--user-col`` and ``--item-col`` are required;
-``--rating-col``, ``--timestamp-col``, ``--review-col``, ``--user-text-col`` and
-``--item-text-col`` are used when the column exists and ignored when it does
+``--rating-col``, ``--timestamp-col``, ``--review-col``, ``--user-text-col``,
+``--item-text-col`` and ``--item-title-col`` are used when the column exists and ignored when it does
 not (no rating column -> ``has_ratings=False``). A timestamp is unix seconds or
 a date string (parsed with pandas, naive = UTC); an empty one is NaN.
 
-``user_text``/``item_text`` hold a per-user / per-item text repeated on each of
-its rows; when rows disagree the FIRST NON-EMPTY value in file order wins.
+``user_text``/``item_text``/``item_title`` hold a per-user / per-item text repeated on each of
+its rows (the title is the item's short name, the text its description); when rows disagree the FIRST NON-EMPTY value in file order wins.
 
 Folder layout (what ``cllm4rec demo-data`` writes)::
 
     <folder>/interactions.csv   (or interactions.parquet / interactions.tsv)
              columns user,item[,rating][,timestamp][,review] (names as the flags)
     <folder>/users.csv          optional; columns user,user_text
-    <folder>/items.csv          optional; columns item,item_text
+    <folder>/items.csv          optional; columns item,item_text[,item_title]
 
-users.csv/items.csv (or .parquet) always use those fixed column names; their
+users.csv/items.csv (or .parquet) always use those fixed column names (``item_title`` optional); their
 texts fill in after any text columns of the interactions file (first non-empty
 wins again).
 
@@ -66,6 +66,7 @@ FLAGS = {
     "review_col": "--review-col",
     "user_text_col": "--user-text-col",
     "item_text_col": "--item-text-col",
+    "item_title_col": "--item-title-col",
 }
 
 
@@ -73,6 +74,7 @@ def read(options, report: InputReport) -> RawDataset:
     rows: list[tuple] = []
     user_texts: dict[str, str] = {}
     item_texts: dict[str, str] = {}
+    item_titles: dict[str, str] = {}
     rating_files = []
     for path in options.inputs:
         if is_dir(path):
@@ -80,13 +82,14 @@ def read(options, report: InputReport) -> RawDataset:
         else:
             files, side = [path], []
         for file in files:
-            had_rating = _read_interactions(file, options, report, rows, user_texts, item_texts)
+            had_rating = _read_interactions(file, options, report, rows, user_texts, item_texts, item_titles)
             rating_files.append((file, had_rating))
         for stem, key, value in side:
             side_file = _find(path, [f"{stem}.csv", f"{stem}.parquet"])
             if side_file:
                 texts = user_texts if key == "user" else item_texts
-                _read_side_texts(side_file, key, value, report, texts)
+                titles = item_titles if key == "item" else None
+                _read_side_texts(side_file, key, value, report, texts, titles)
     if len({had for _, had in rating_files}) > 1:
         listing = ", ".join(f"{f} ({'has' if had else 'no'} {options.rating_col!r})" for f, had in rating_files)
         raise InputError(f"some input files have a rating column and some do not: {listing}. Read them separately.")
@@ -95,6 +98,7 @@ def read(options, report: InputReport) -> RawDataset:
         interactions=RawDataset.frame(rows),
         user_texts={k: report.text(v) for k, v in user_texts.items()},
         item_texts={k: report.text(v) for k, v in item_texts.items()},
+        item_titles={k: v for k, v in item_titles.items() if v},
         has_ratings=rating_files[0][1],
         report=report,
     )
@@ -125,15 +129,15 @@ def set_flag(key: str) -> str:
     return f"Set {FLAGS[key]} to the column that holds it."
 
 
-def _read_interactions(path, options, report, rows, user_texts, item_texts) -> bool:
+def _read_interactions(path, options, report, rows, user_texts, item_texts, item_titles) -> bool:
     """Append the file's rows to ``rows``; returns whether it has a rating column."""
     with open_table(path, report) as (header, lines):
         idx = {key: column_index(header, getattr(options, key), path, set_flag(key)) for key in ("user_col", "item_col")}
-        for key in ("rating_col", "timestamp_col", "review_col", "user_text_col", "item_text_col"):
+        for key in ("rating_col", "timestamp_col", "review_col", "user_text_col", "item_text_col", "item_title_col"):
             name = getattr(options, key)
             if name and name in header:
                 idx[key] = header.index(name)
-        parsed = []  # (lineno, user, item, rating, timestamp or raw date, review, user_text, item_text)
+        parsed = []  # (lineno, user, item, rating, timestamp or raw date, review, user_text, item_text, item_title)
         for lineno, row in lines:
             user, item = ident(row[idx["user_col"]]), ident(row[idx["item_col"]])
             if not user or not item:
@@ -149,28 +153,36 @@ def _read_interactions(path, options, report, rows, user_texts, item_texts) -> b
             review = report.text(row[idx["review_col"]]) if "review_col" in idx else ""
             utext = clean_text(row[idx["user_text_col"]]) if "user_text_col" in idx else ""
             itext = clean_text(row[idx["item_text_col"]]) if "item_text_col" in idx else ""
-            parsed.append((lineno, user, item, rating, timestamp, review, utext, itext))
+            ititle = clean_text(row[idx["item_title_col"]]) if "item_title_col" in idx else ""
+            parsed.append((lineno, user, item, rating, timestamp, review, utext, itext, ititle))
         parsed = _parse_dates(parsed, path, report)
     report.finish_file(path)
-    for _, user, item, rating, timestamp, review, utext, itext in parsed:
+    for _, user, item, rating, timestamp, review, utext, itext, ititle in parsed:
         rows.append((user, item, rating, timestamp, review))
         if "user_text_col" in idx:
             _first_non_empty(user_texts, user, utext)
         if "item_text_col" in idx:
             _first_non_empty(item_texts, item, itext)
+        if "item_title_col" in idx:
+            _first_non_empty(item_titles, item, ititle)
     return "rating_col" in idx
 
 
-def _read_side_texts(path: str, key: str, value: str, report: InputReport, texts: dict[str, str]) -> None:
+def _read_side_texts(path: str, key: str, value: str, report: InputReport, texts: dict[str, str],
+                     titles: dict[str, str] | None = None) -> None:
+    """Texts (and, for items, titles from an optional ``item_title`` column) of a users/items side file."""
     with open_table(path, report) as (header, lines):
         fix = f"This side file needs the columns {key},{value} (see the folder layout of --format table)."
         k, v = column_index(header, key, path, fix), column_index(header, value, path, fix)
+        t = header.index("item_title") if titles is not None and "item_title" in header else None
         for lineno, row in lines:
             ident_ = ident(row[k])
             if not ident_:
                 report.bad(path, lineno, "empty_id", key)
                 continue
             _first_non_empty(texts, ident_, clean_text(row[v]))
+            if t is not None:
+                _first_non_empty(titles, ident_, clean_text(row[t]))
     report.finish_file(path)
 
 
