@@ -14,7 +14,8 @@ from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
-DEMO_DATA = os.path.join("shards", "demo")
+# The embedded demo datasets and the split each is preprocessed with (A-LLMRec needs leave-one-out).
+DEMO_DATA = {os.path.join("shards", "demo"): "random", os.path.join("shards", "demo-loo"): "leave-one-out"}
 
 
 def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -29,17 +30,21 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig,
 
 
 def ensure_demo_data(cfg: TrainConfig) -> None:
-    """The embedded default: build the synthetic dataset + tiny backbone if `data` is the demo and missing."""
-    if os.path.normpath(cfg.data) != DEMO_DATA or os.path.exists(os.path.join(cfg.data, "manifest.json")):
+    """The embedded default: build the synthetic dataset + tiny backbone if `data` is a demo and missing."""
+    split = DEMO_DATA.get(os.path.normpath(cfg.data))
+    if split is None or os.path.exists(os.path.join(cfg.data, "manifest.json")):
         return
     from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
     from cllm4rec_dist.data.demo import DemoConfig, write
+    from cllm4rec_dist.data.protocol import ProtocolConfig
     from cllm4rec_dist.data.readers import ReaderOptions
 
     raw = os.path.join("shards", "demo-raw")
-    print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it", flush=True)
+    print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it "
+          f"({split} split)", flush=True)
     write(raw, DemoConfig())
-    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data))
+    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data,
+                                protocol=ProtocolConfig(split=split)))
 
 
 def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict) -> int:
@@ -49,6 +54,6 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict) -> int:
 
         result["export"] = os.path.join(cfg.out, "export")
         export_checkpoint(cfg.out, result["export"])
-    keep = {k: result.get(k) for k in ("valid", "test", "best", "global_step", "seconds", "export")}
+    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export") if k in result}
     print(json.dumps(keep, indent=1, default=str), flush=True)
     return 0

@@ -297,6 +297,21 @@ class _Writer:
 # --------------------------------------------------------------------------- the export
 
 
+def _cllm4rec_tables(ckpt_path: str, data_url: str, ids: dict, state: dict, weights: str):
+    """CLLM4Rec's exported tables (entity -> name -> matrix) and where each came from."""
+    tables: dict[str, dict[str, np.ndarray]] = {"users": {}, "items": {}}
+    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
+    for (entity, table), param in PARAMS.items():
+        if param not in state:
+            if table == "head":
+                continue
+            raise ExportError(f"{ckpt_path}: the {weights} weights have no {param!r}; "
+                              f"they hold {', '.join(sorted(state)[:8])}. Not a CLLM4Rec checkpoint?")
+        tables[entity][table] = state[param].detach().float().cpu().numpy()
+        origin[entity][table] = param
+    return tables, origin
+
+
 def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_best: bool = True,
                       user_vectors: bool = True, data_dir: str | None = None, device: str | None = None) -> dict:
     """Export a run's (or checkpoint's) embeddings to ``out_dir``; returns the export.json content.
@@ -328,30 +343,27 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     id_maps = data.read_json("id_maps.json")
     ids = {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
 
-    tables: dict[str, dict[str, np.ndarray]] = {"users": {}, "items": {}}
-    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
-    for (entity, table), param in PARAMS.items():
-        if param not in state:
-            if table == "head":
-                continue
-            raise ExportError(f"{ckpt_path}: the {weights} weights have no {param!r}; "
-                              f"they hold {', '.join(sorted(state)[:8])}. Not a CLLM4Rec checkpoint?")
-        matrix = state[param].detach().float().cpu().numpy()
-        if matrix.shape[0] != len(ids[entity]):
-            raise ExportError(f"{ckpt_path}: {param} has {matrix.shape[0]} rows but {data_url}/id_maps.json lists "
-                              f"{len(ids[entity])} {entity}: the checkpoint was trained on another dataset. "
-                              "Pass the right one with --data.")
-        tables[entity][table] = matrix
-        origin[entity][table] = param
-    hidden = tables["users"]["collab"].shape[1]
-    if dim is not None and dim > hidden:
-        raise ExportError(f"dim={dim} is larger than the embedding size {hidden} of {ckpt_path}; "
-                          f"pass --dim <= {hidden} (or none).")
     rec_style = None
-    if user_vectors:
-        vectors, rec_style = rec_user_vectors(cfg, data, state, device)
-        tables["users"]["rec"] = vectors.numpy().astype(np.float32)
-        origin["users"]["rec"] = f"finetuned model: last-token hidden state of the {rec_style!r} prompt"
+    if cfg.recommender == "allmrec":
+        from cllm4rec_dist.train.allmrec import export_tables
+
+        tables, origin = export_tables(cfg, data, state, device)
+    else:
+        tables, origin = _cllm4rec_tables(ckpt_path, data_url, ids, state, weights)
+        if user_vectors:
+            vectors, rec_style = rec_user_vectors(cfg, data, state, device)
+            tables["users"]["rec"] = vectors.numpy().astype(np.float32)
+            origin["users"]["rec"] = f"finetuned model: last-token hidden state of the {rec_style!r} prompt"
+    for entity, by_name in tables.items():
+        for name, matrix in by_name.items():
+            if matrix.shape[0] != len(ids[entity]):
+                raise ExportError(f"{ckpt_path}: {entity} table {name} has {matrix.shape[0]} rows but "
+                                  f"{data_url}/id_maps.json lists {len(ids[entity])} {entity}: the checkpoint was "
+                                  "trained on another dataset. Pass the right one with --data.")
+    hidden = min(m.shape[1] for by_name in tables.values() for m in by_name.values())
+    if dim is not None and dim > hidden:
+        raise ExportError(f"dim={dim} is larger than the smallest embedding size {hidden} of {ckpt_path}; "
+                          f"pass --dim <= {hidden} (or none).")
     projection: dict[str, np.ndarray] = {}
     variance_kept: dict[str, float] = {}
     if dim is not None:
@@ -380,7 +392,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     manifest = {
         "format": FORMAT, "version": VERSION,
         "source": {"input": source, "checkpoint": ckpt_path, "global_step": state_record.get("global_step"),
-                   "ablation": cfg.ablation, "data": data_url, "backbone": cfg.backbone or data.manifest["backbone"]["path"]},
+                   "recommender": cfg.recommender, "ablation": cfg.ablation, "data": data_url, "backbone": cfg.backbone or data.manifest["backbone"]["path"]},
         "weights": weights,
         "weights_note": ("best-validation weights" if weights == "best" else
                          "last trained state" + (" (asked for)" if not use_best else
@@ -390,7 +402,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
         "hidden_size": hidden, "dim": dim if dim is not None else hidden,
         "tables": {entity: {name: {"dim": int(m.shape[1]), "from": origin[entity][name]} for name, m in by.items()}
                    for entity, by in tables.items()},
-        "item_scoring": "head" if has_head else "collab",
+        "item_scoring": ("projected" if cfg.recommender == "allmrec" else "head" if has_head else "collab"),
         "rec_style": rec_style,
         "projection": None if dim is None else {
             "method": "pca", "file": PROJECTION_FILE, "dim": dim,

@@ -101,7 +101,7 @@ class ALLMRecTrainer:
                  engines: dict, rank: Rank, sink, train_cf):
         self.cfg, self.a, self.data, self.model, self.prompts = cfg, cfg.allmrec, data, model, prompts
         self.engines, self.r, self.sink = engines, rank, sink
-        self.train_cf = train_cf  # stage 0: (cfg, data, cf_model, rank) -> metrics (seqdata's trainer)
+        self.train_cf = train_cf  # stage 0: (cfg, data, cf_model, log) -> metrics
         self.state = ALLMRecState()
         self.best_weights = None  # A-LLMRec keeps the last weights of each stage (the paper's schedule)
         self.log: Monitor | None = None
@@ -205,7 +205,7 @@ class ALLMRecTrainer:
         if self.state.stage == "cf":
             start = time.time()
             self.model.cf.train()
-            self.state.metrics["cf"] = {self.a.cf_model: self.train_cf(cfg, self.data, self.model.cf, self.r)}
+            self.state.metrics["cf"] = {self.a.cf_model: self.train_cf(cfg, self.data, self.model.cf, self._cf_log)}
             self.model.cf.eval()
             self._timed("cf", time.time() - start)
             self._advance("align")
@@ -250,6 +250,10 @@ class ALLMRecTrainer:
             self.state.finished = True
             self.save_checkpoint()
         return self.result()
+
+    def _cf_log(self, tag: str, value: float, step: int) -> None:
+        if self.log is not None and self.log.writer is not None:
+            self.log.writer.add_scalar(f"cf/{tag}", value, step)
 
     def _log(self, stage: str, out: dict, seconds: float, total: int) -> None:
         keys = [k for k in out if k not in ("loss", "tokens", "grad_norm")]
@@ -331,26 +335,29 @@ class ALLMRecTrainer:
         return -1
 
     def _metrics(self, part: str, merged: dict[int, dict]) -> dict:
-        from cllm4rec_dist.eval.candidates import candidate_metrics
+        """eval/candidates.py metrics of every model from the gathered per-user scores and generated answers."""
+        from cllm4rec_dist.eval.candidates import MISS, candidate_metrics
 
         users = sorted(merged)
         positives = [getattr(self.data, part)[u] for u in users]
         candidates = [self.data.candidates[part][u] for u in users]
-        histories = [len(self.data.histories[u]) for u in users]
-        settings = dict(train_counts=self.data.train_counts, cold_item_max_count=self.a.cold_item_max_count,
-                        warm_item_min_count=self.a.warm_item_min_count,
-                        cold_user_max_history=self.a.cold_user_max_history)
+        lengths = [len(self.data.prefix(u, part)) for u in users]
+        common = dict(candidates=candidates, positives=positives, history_lengths=lengths,
+                      train_counts=self.data.train_counts, settings=candidate_settings(self.cfg))
         models = [self.a.cf_model, "allmrec"] + (["titles_only"] if self.a.titles_only_baseline else [])
         results = {}
         for model in models:
-            scores = np.asarray([merged[u][model] for u in users], dtype=np.float64)
-            metrics = candidate_metrics(scores, candidates, positives, histories, **settings)
-            key = f"{model}_generated"
-            if self.a.generate and key in merged[users[0]]:
-                named = np.asarray([merged[u][key] for u in users])
-                hit = np.asarray([n >= 0 and c[n] == p for n, c, p in zip(named, candidates, positives)])
-                metrics["hit@1_generated"] = float(hit.mean()) if len(hit) else None
-                metrics["no_candidate_share"] = float((named < 0).mean()) if len(named) else None
+            metrics = candidate_metrics(np.asarray([merged[u][model] for u in users]), **common)
+            named = [merged[u].get(f"{model}_generated") for u in users]
+            if self.a.generate and model != self.a.cf_model:
+                # Generated: hit if the answer is the positive's title; another candidate or none is a miss.
+                ranks = [0.0 if n is not None and n >= 0 and c[n] == p else MISS
+                         for n, c, p in zip(named, candidates, positives)]
+                generated = candidate_metrics(np.asarray(ranks), are_ranks=True, **common)
+                metrics["hit@1_generated"] = generated["hit@1"]
+                metrics["no_candidate_share"] = float(np.mean([n == -1 for n in named]))
+                for name, values in generated["slices"].items():
+                    metrics["slices"][name]["hit@1_generated"] = values["hit@1"]
             results[model] = metrics
         return results
 
@@ -396,11 +403,7 @@ def flat_metrics(metrics: dict) -> dict:
 
 def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: str) -> tuple[ALLMRec, ALLMRecPrompts]:
     """The A-LLMRec modules a config describes (untrained), and its prompt builder (trainer and export alike)."""
-    from cllm4rec_dist.model.cf import CF_MODELS
-
     a = cfg.allmrec
-    if a.cf_model not in CF_MODELS:
-        raise ValueError(f"allmrec.cf_model={a.cf_model!r}; known: {', '.join(sorted(CF_MODELS)) or 'none'}")
     torch.manual_seed(cfg.seed)  # identical init on every rank
     cf = build_cf(cfg, data.num_items).to(device)
     sbert = load_sbert(a.sbert, device)
@@ -412,17 +415,44 @@ def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: 
     return ALLMRec(cf, text, align, llm), prompts
 
 
-def build_cf(cfg: TrainConfig, num_items: int):
-    """The stage-0 CF model of the config (seqdata's constructors)."""
-    from cllm4rec_dist.model.cf import CF_MODELS
+def cf_stage_settings(cfg: TrainConfig):
+    """Stage 0's settings (train/cf_stage.py) from the allmrec section."""
+    from cllm4rec_dist.eval.candidates import CandidateEvalSettings
+    from cllm4rec_dist.train.cf_stage import CFStageSettings
 
     a = cfg.allmrec
-    return CF_MODELS[a.cf_model](num_items=num_items, dim=a.cf_dim, max_len=a.cf_max_len)
+    stage = CFStageSettings(model=a.cf_model, lr=a.cf_lr, batch_size=a.cf_batch_size, max_epochs=a.cf_epochs,
+                            patience=a.cf_patience, seed=cfg.seed, num_threads=0,
+                            candidates=candidate_settings(cfg))
+    model = stage.model_settings()
+    model.dim, model.max_len = a.cf_dim, a.cf_max_len
+    return stage.validate()
 
 
-def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, rank: Rank) -> dict:
-    """Stage 0 on this rank: the CF trainer with early stopping on validation; returns its metrics."""
-    raise NotImplementedError("stage 0 trainer: wired to seqdata's trainer after the merge")
+def candidate_settings(cfg: TrainConfig):
+    from cllm4rec_dist.eval.candidates import CandidateEvalSettings
+
+    a = cfg.allmrec
+    return CandidateEvalSettings(cold_item_max_count=a.cold_item_max_count, warm_item_min_count=a.warm_item_min_count,
+                                 cold_user_max_history=a.cold_user_max_history).validate()
+
+
+def build_cf(cfg: TrainConfig, num_items: int):
+    """The (untrained) stage-0 CF model of the config."""
+    from cllm4rec_dist.model.cf import CF_MODELS
+
+    return CF_MODELS[cfg.allmrec.cf_model](num_items, cf_stage_settings(cfg).model_settings())
+
+
+def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, log) -> dict:
+    """Stage 0 on this rank (train/cf_stage.py: early stopping on validation); the best model's weights are
+    copied into ``cf``; returns its valid/test candidate metrics."""
+    from cllm4rec_dist.train.cf_stage import CFStage
+
+    stage = CFStage(data, cf_stage_settings(cfg), log=log).setup()
+    result = stage.train()
+    cf.load_state_dict(stage.model.state_dict())
+    return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"]}
 
 
 class ALLMRecRecipe:
@@ -474,3 +504,34 @@ class ALLMRecRecipe:
 
     def save_checkpoint(self) -> None:
         self.trainer.save_checkpoint()
+
+
+def export_tables(cfg: TrainConfig, shards: ShardedDataset, state: dict[str, torch.Tensor],
+                  device: str | None = None) -> tuple[dict, dict]:
+    """A-LLMRec's exported tables (entity -> name -> [rows, dim] float32) and what each is.
+
+    items: ``cf`` (E_i of the stage-0 model), ``joint`` (e_i: the text path for cold items),
+    ``projected`` (F_I(e_i), the item soft token); users: ``cf`` (x_u over every known item, train
+    and valid), ``projected`` (F_U(x_u), the user soft token). Rows follow id_maps.json.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = SequentialData.open(shards)
+    model, _ = build_model(cfg, data, shards.manifest, device)
+    load_trainable(model, state)
+    model.eval()
+    cold = torch.tensor([c == 0 for c in data.train_counts], dtype=torch.bool)
+    with torch.no_grad():
+        items = model.cf.item_embeddings()
+        joint = model.align.joint_embeddings(items, model.text.all(), cold)
+        histories = pad_histories([data.prefix(u, "test") for u in range(data.num_users)], cfg.allmrec.cf_max_len)
+        users = torch.cat([model.cf.user_representation(histories[k:k + 1024].to(device))
+                           for k in range(0, data.num_users, 1024)])
+        tables = {"users": {"cf": users, "projected": model.llm.user_projection(users)},
+                  "items": {"cf": items, "joint": joint, "projected": model.llm.item_projection(joint)}}
+    origin = {"users": {"cf": f"stage 0 {cfg.allmrec.cf_model}: x_u over the train + valid items",
+                        "projected": "stage 2 F_U(x_u): the user soft token"},
+              "items": {"cf": f"stage 0 {cfg.allmrec.cf_model}: item embeddings E_i",
+                        "joint": "stage 1 e_i = f_enc^I(E_i), f_enc^T(SBERT text) for items with no train interaction",
+                        "projected": "stage 2 F_I(e_i): the item soft token"}}
+    tables = {e: {n: m.detach().float().cpu().numpy() for n, m in by.items()} for e, by in tables.items()}
+    return tables, origin

@@ -143,12 +143,12 @@ class ALLMRecSettings:
     """Also evaluate the frozen LLM on the same prompt without soft tokens (the titles-only baseline)."""
     eval_batch_size: int = 8
     """Users per evaluation forward (each expands to one row per candidate when scoring)."""
-    cold_item_max_count: int = 5
-    """Slice 'cold items': the positive has at most this many training interactions."""
-    warm_item_min_count: int = 20
-    """Slice 'warm items': the positive has at least this many training interactions."""
-    cold_user_max_history: int = 5
-    """Slice 'cold users': at most this many training interactions."""
+    cold_item_max_count: int = 10
+    """Slice 'cold_items': the positive has at most this many training interactions (eval/candidates.py)."""
+    warm_item_min_count: int = 50
+    """Slice 'warm_items': the positive has at least this many training interactions."""
+    cold_user_max_history: int = 10
+    """Slice 'cold_users': the history before the positive has at most this many items."""
 
 
 @dataclass
@@ -200,6 +200,8 @@ class TrainConfig:
             raise ValueError("allmrec: dims, lengths and batch sizes must be >= 1")
         if a.num_candidates < 2:
             raise ValueError("allmrec.num_candidates must be >= 2 (the next item and at least one other)")
+        if a.cold_item_max_count >= a.warm_item_min_count:
+            raise ValueError("allmrec.cold_item_max_count must be below allmrec.warm_item_min_count")
         if a.alpha < 0 or a.beta < 0:
             raise ValueError("allmrec.alpha and allmrec.beta are loss weights: >= 0")
         if self.ablation not in ABLATIONS:
