@@ -53,3 +53,16 @@ class SequentialCF(nn.Module):
 
 # name -> class; filled by the implementations' modules (sasrec, gru4rec, ...).
 CF_MODELS: dict[str, type[SequentialCF]] = {}
+
+
+def build_cf_model(config: dict) -> SequentialCF:
+    """A model from its ``config()`` dict: ``{"model": name, "num_items": J, "settings": {...}}``."""
+    name = config.get("model")
+    if name not in CF_MODELS:
+        raise ValueError(f"unknown CF model {name!r}; known: {', '.join(sorted(CF_MODELS))}")
+    cls = CF_MODELS[name]
+    return cls(int(config["num_items"]), cls.Settings(**config.get("settings", {})))
+
+
+# The implementations register themselves on import (imported last: they import this module).
+from cllm4rec_dist.model.cf import gru4rec, sasrec  # noqa: E402,F401
