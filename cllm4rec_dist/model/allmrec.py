@@ -256,27 +256,53 @@ class LLMAlignment(nn.Module):
         logprobs, _ = self._answer_logprobs(batch, user_vectors, item_vectors)
         return {"loss": -logprobs.mean(), "tokens": torch.tensor(float(logprobs.numel()))}
 
-    @torch.no_grad()
-    def answer_scores(self, batch: SoftBatch, user_vectors, item_vectors) -> torch.Tensor:
-        """``[B]`` length-normalised log-likelihood of each row's answer (mean log-prob per answer token)."""
-        logprobs, rows = self._answer_logprobs(batch, user_vectors, item_vectors)
-        n = batch.input_ids.shape[0]
-        sums = torch.zeros(n, device=logprobs.device).index_add_(0, rows, logprobs)
-        counts = torch.zeros(n, device=logprobs.device).index_add_(0, rows, torch.ones_like(logprobs))
-        return (sums / counts.clamp(min=1)).cpu()
-
-    @torch.no_grad()
-    def generate(self, batch: SoftBatch, user_vectors, item_vectors, max_new_tokens: int, eos: int) -> list[list[int]]:
-        """Greedy decoding after left-padded prompts (KV cache); returns each row's new ids up to EOS."""
+    def _prompt_pass(self, batch: SoftBatch, user_vectors, item_vectors):
+        """Forward over left-padded prompts with a KV cache: (outputs, attention mask, last position ids)."""
         embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
         mask = batch.attention_mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out, mask, positions[:, -1]
+
+    @torch.no_grad()
+    def candidate_scores(self, batch: SoftBatch, user_vectors, item_vectors,
+                         answers: list[list[list[int]]]) -> torch.Tensor:
+        """``[B, C]`` length-normalised log-likelihood (mean log-probability per token) of each row's C answers.
+
+        ``batch``: left-padded prompts; ``answers[b][c]``: token ids of candidate c's answer for row b.
+        The prompt runs once; its KV cache is repeated for the C answers, which run as one batch.
+        """
+        out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
+        c = len(answers[0])
+        flat = [a for row in answers for a in row]
+        width = max(len(a) for a in flat)
+        ids = torch.full((len(flat), width), batch.input_ids[0, 0].item(), dtype=torch.long, device=self.device)
+        answer_mask = torch.zeros((len(flat), width), dtype=mask.dtype, device=self.device)
+        for k, a in enumerate(flat):
+            ids[k, :len(a)] = torch.tensor(a, dtype=torch.long)
+            answer_mask[k, :len(a)] = 1
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(c)
+        first = F.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(c, 0)  # predicts answer token 0
+        embeds = self.backbone.get_input_embeddings()(ids).to(bb.compute_dtype(self.backbone))
+        positions = last.repeat_interleave(c)[:, None] + 1 + torch.arange(width, device=self.device)[None, :]
+        rest = self.backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.repeat_interleave(c, 0),
+                                                                             answer_mask], 1),
+                             position_ids=positions, past_key_values=cache, use_cache=True).logits
+        logprobs = torch.cat([first[:, None], F.log_softmax(rest[:, :-1].float(), -1)], 1)
+        token = logprobs.gather(2, ids[:, :, None])[:, :, 0] * answer_mask
+        scores = token.sum(1) / answer_mask.sum(1).clamp(min=1)
+        return scores.reshape(-1, c).cpu()
+
+    @torch.no_grad()
+    def generate(self, batch: SoftBatch, user_vectors, item_vectors, max_new_tokens: int, eos: int) -> list[list[int]]:
+        """Greedy decoding after left-padded prompts (KV cache); returns each row's new ids up to EOS."""
+        out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
         embedding = self.backbone.get_input_embeddings()
-        n = embeds.shape[0]
+        dtype = bb.compute_dtype(self.backbone)
+        n = mask.shape[0]
         generated = [[] for _ in range(n)]
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        last = positions[:, -1]
         for _ in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)
             for row in (~done).nonzero().flatten().tolist():
@@ -286,7 +312,7 @@ class LLMAlignment(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
             last = last + 1
-            out = self.backbone(inputs_embeds=embedding(token[:, None]).to(embeds.dtype), attention_mask=mask,
+            out = self.backbone(inputs_embeds=embedding(token[:, None]).to(dtype), attention_mask=mask,
                                 position_ids=last[:, None], past_key_values=out.past_key_values, use_cache=True)
         return generated
 

@@ -310,16 +310,12 @@ class ALLMRecTrainer:
             for model, soft in variants:
                 prompts = [self.prompts.prompt(h[-self.a.prompt_history:], c, soft=soft)
                            for h, c in zip(histories, candidates)]
-                expanded = [p for p in prompts for _ in candidates[0]]
-                answers = [self.prompts.answer(i) for c in candidates for i in c]
-                rows = torch.repeat_interleave(torch.arange(len(chunk)), len(candidates[0]))
-                scores = llm.answer_scores(SoftBatch.collate(expanded, answers, self.prompts.fill_id),
-                                           vectors[rows.to(vectors.device)], self.joint)
-                scores = scores.reshape(len(chunk), -1)
+                left = SoftBatch.collate(prompts, None, self.prompts.fill_id, left=True)
+                scores = llm.candidate_scores(left, vectors, self.joint,
+                                              [[self.prompts.answer(i) for i in c] for c in candidates])
                 generated = [None] * len(chunk)
                 if self.a.generate:
-                    ids = llm.generate(SoftBatch.collate(prompts, None, self.prompts.fill_id, left=True), vectors,
-                                       self.joint, self.a.max_new_tokens, self.prompts.eos)
+                    ids = llm.generate(left, vectors, self.joint, self.a.max_new_tokens, self.prompts.eos)
                     generated = [self._named_candidate(g, c) for g, c in zip(ids, candidates)]
                 for row, u in enumerate(chunk):
                     out[u][model] = scores[row].tolist()
@@ -351,7 +347,7 @@ class ALLMRecTrainer:
             named = [merged[u].get(f"{model}_generated") for u in users]
             if self.a.generate and model != self.a.cf_model:
                 # Generated: hit if the answer is the positive's title; another candidate or none is a miss.
-                ranks = [0.0 if n is not None and n >= 0 and c[n] == p else MISS
+                ranks = [MISS if n is None or n < 0 else 0.0 if c[n] == p else 1.0
                          for n, c, p in zip(named, candidates, positives)]
                 generated = candidate_metrics(np.asarray(ranks), are_ranks=True, **common)
                 metrics["hit@1_generated"] = generated["hit@1"]
