@@ -253,7 +253,7 @@ class ALLMRecTrainer:
 
     def _cf_log(self, tag: str, value: float, step: int) -> None:
         if self.log is not None and self.log.writer is not None:
-            self.log.writer.add_scalar(f"cf/{tag}", value, step)
+            self.log.writer.add_scalar(tag, value, step)  # tags come as cf/...
 
     def _log(self, stage: str, out: dict, seconds: float, total: int) -> None:
         keys = [k for k in out if k not in ("loss", "tokens", "grad_norm")]
