@@ -279,6 +279,7 @@ class ALLMRecTrainer:
         results: dict = {}
         for part in ("valid", "test"):
             users = [int(u) for u in self.data.evaluated_users(part)]
+            users = users[:self.a.eval_max_users] if self.a.eval_max_users else users
             mine = users[self.r.rank::self.r.world_size]
             rows = self._score_users(part, mine)
             gathered = [rows]

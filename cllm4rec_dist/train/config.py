@@ -141,6 +141,8 @@ class ALLMRecSettings:
     """Evaluate hit@1_generated (greedy decoding) besides the scored metrics; off saves time."""
     titles_only_baseline: bool = True
     """Also evaluate the frozen LLM on the same prompt without soft tokens (the titles-only baseline)."""
+    eval_max_users: int = 0
+    """Evaluate only the first N evaluated users of each part (0 = all of them): smoke runs and tests only."""
     eval_batch_size: int = 8
     """Users per evaluation forward (each expands to one row per candidate when scoring)."""
     cold_item_max_count: int = 10
@@ -198,6 +200,8 @@ class TrainConfig:
         if min(a.text_dim, a.stage1_batch_size, a.stage2_batch_size, a.eval_batch_size, a.prompt_history,
                a.cf_dim, a.cf_max_len, a.cf_batch_size, a.max_new_tokens) < 1:
             raise ValueError("allmrec: dims, lengths and batch sizes must be >= 1")
+        if a.eval_max_users < 0:
+            raise ValueError("allmrec.eval_max_users must be >= 0 (0 = every evaluated user)")
         if a.num_candidates < 2:
             raise ValueError("allmrec.num_candidates must be >= 2 (the next item and at least one other)")
         if a.cold_item_max_count >= a.warm_item_min_count:
