@@ -329,6 +329,11 @@ class ALLMRec(nn.Module):
         super().__init__()
         self.cf, self.text, self.align, self.llm = cf, text, align, llm
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cf.eval()  # frozen after stage 0 (trained by train/cf_stage.py into a copy): x_u without dropout
+        return self
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Everything a checkpoint holds: all parameters except the frozen LLM (and a frozen SBERT)."""
         skip = ["llm.backbone."] + ([] if self.text.trainable else ["text.sbert."])

@@ -204,9 +204,7 @@ class ALLMRecTrainer:
         cfg = self.cfg
         if self.state.stage == "cf":
             start = time.time()
-            self.model.cf.train()
             self.state.metrics["cf"] = {self.a.cf_model: self.train_cf(cfg, self.data, self.model.cf, self._cf_log)}
-            self.model.cf.eval()
             self._timed("cf", time.time() - start)
             self._advance("align")
             self.save_checkpoint()
