@@ -99,6 +99,9 @@ def launch_ray(cfg: TrainConfig) -> dict:
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
     # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
     ShardedDataset(cfg.data)
+    check_data = getattr(recipe_class(cfg.recommender), "check_data", None)
+    if check_data is not None:
+        check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
     check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                           cfg.optim.grad_clip))
     os.makedirs(cfg.out, exist_ok=True)
