@@ -186,3 +186,13 @@ def test_joint_embedding_takes_the_text_path_for_cold_items(sbert):
     with torch.no_grad():
         assert torch.allclose(joint[cold], align.text_encoder(text.all()[cold]))
         assert torch.allclose(joint[~cold], align.item_encoder(items[~cold]))
+
+
+def test_allmrec_on_a_random_split_dataset_fails_with_a_clear_error(demo_data, tmp_path):
+    from cllm4rec_dist.corpus.shards import ShardError
+    from cllm4rec_dist.train.allmrec import ALLMRecRecipe
+    from cllm4rec_dist.train.config import config_from_dict
+
+    cfg = config_from_dict({"recommender": "allmrec", "data": demo_data, "out": str(tmp_path / "run")})
+    with pytest.raises(ShardError, match="--split leave-one-out"):
+        ALLMRecRecipe.check_data(cfg)  # what the Ray launcher runs on the driver before any worker
