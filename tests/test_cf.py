@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -80,6 +82,10 @@ def test_early_stopping_keeps_the_best_validation_epoch(sequences):
     values = [h["valid"]["ndcg@10"] for h in evaluated]
     assert len(result["history"]) < 40 and values.index(max(values)) == len(values) - 3  # stopped 2 after the best
     assert result["valid"]["ndcg@10"] == max(values) and result["best_epoch"] == evaluated[values.index(max(values))]["epoch"]
+    # the settings survive the JSON round trip of cf_model.json
+    assert CFStageSettings.from_dict(json.loads(json.dumps(asdict(settings)))) == settings
+    with pytest.raises(ValueError, match="select_metric"):
+        CFStageSettings(select_metric="recall@20").validate()
 
 
 @pytest.mark.parametrize("model", [SASRec(NUM_ITEMS, SASRecSettings(dim=16, max_len=12, num_heads=2)),
@@ -165,8 +171,6 @@ def test_candidate_metrics_against_a_naive_reference():
 
 
 def test_baselines_command_scores_the_stored_candidates(demo_loo_data, demo_data, tmp_path, capsys):
-    import json
-
     from cllm4rec_dist.cli import main
 
     out = tmp_path / "popular.json"
