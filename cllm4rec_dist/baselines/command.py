@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs (multivae; default 100) / most epochs (sasrec, gru4rec; default 200)")
     parser.add_argument("--patience", type=int, default=None,
-                        help="sasrec, gru4rec: stop after this many validations without a better ndcg@10 (default 5)")
+                        help="sasrec, gru4rec: stop after this many validations without a better ndcg@10 (default 20)")
     parser.add_argument("--model-out", default=None, help="sasrec, gru4rec: save the best model here (safetensors + JSON)")
     parser.add_argument(
         "--lambdas", type=_float_list, default=None,

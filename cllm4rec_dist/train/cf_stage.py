@@ -66,8 +66,10 @@ class CFStageSettings:
     """Upper bound on training epochs; early stopping usually ends training first."""
     eval_every: int = 1
     """Evaluate on the validation candidates every this many epochs."""
-    patience: int = 5
-    """Stop after this many validation evaluations without a better ``select_metric``."""
+    patience: int = 20
+    """Stop after this many validation evaluations without a better ``select_metric``. Generous on purpose: on
+    MovieLens both models first learn popularity and sit on that plateau for 10-25 epochs before the sequence
+    signal takes over (with 5, GRU4Rec stopped there, at most-popular's level)."""
     select_metric: str = "ndcg@10"
     """Validation metric that picks the best epoch (hit@K or ndcg@K of ``candidates``; higher is better)."""
     candidates: CandidateEvalSettings = field(default_factory=CandidateEvalSettings)
