@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-backbone": ("cllm4rec_dist.model.presets", "build a small random backbone (+ tokenizer) from a preset and save it"),
     "preprocess": ("cllm4rec_dist.corpus.preprocess", "raw files -> protocol -> documents -> webdataset shards + manifest"),
     "train": ("cllm4rec_dist.train.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
-    "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics"),
+    "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics; popular / SASRec / GRU4Rec on leave-one-out candidates"),
     "export": ("cllm4rec_dist.export.command", "export user/item embeddings with original ids (Parquet + NumPy)"),
     "two-tower": ("cllm4rec_dist.export.two_tower", "two-tower retrieval without / with the exported embeddings (CLLM4Rec-Emb)"),
     "report": ("cllm4rec_dist.report", "baselines + CLLM4Rec and ablations on one split: report.md, recall20.png, report.json"),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -179,25 +177,16 @@ def test_multivae_loss_pieces():
 # ----------------------------------------------------------------------------- command
 
 
-def test_command_writes_json(split, tmp_path, monkeypatch, capsys):
-    fake = types.ModuleType("cllm4rec_dist.corpus.shards")
-    seen = []
-
-    def load_eval_split(data_dir: str) -> EvalSplit:
-        seen.append(data_dir)
-        return split
-
-    fake.load_eval_split = load_eval_split
-    monkeypatch.setitem(sys.modules, "cllm4rec_dist.corpus.shards", fake)
+def test_command_writes_json(demo_data, tmp_path, capsys):
     from cllm4rec_dist.cli import main
 
-    assert main(["baselines", "--data", str(tmp_path), "--model", "ease", "--lambdas", "10,100"]) == 0
-    assert seen == [str(tmp_path)]
+    out_json = tmp_path / "baselines" / "ease.json"
+    assert main(["baselines", "--data", demo_data, "--model", "ease", "--lambdas", "10,100", "--out", str(out_json)]) == 0
     written = json.loads((tmp_path / "baselines" / "ease.json").read_text())
     check_result(written, "ease")
     assert written["selected"]["lambda"] in (10.0, 100.0)
     assert '"selected"' in capsys.readouterr().out
     # A flag that does not apply to the model is an error, not silently ignored.
     out = tmp_path / "x.json"
-    assert main(["baselines", "--data", str(tmp_path), "--model", "ease", "--epochs", "3", "--out", str(out)]) == 2
+    assert main(["baselines", "--data", demo_data, "--model", "ease", "--epochs", "3", "--out", str(out)]) == 2
     assert not out.exists()

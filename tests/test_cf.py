@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
+from cllm4rec_dist.baselines.popular import run_candidates
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.data.candidates import sample_negatives
 from cllm4rec_dist.eval.candidates import MISS, CandidateEvalSettings, candidate_metrics
@@ -51,13 +54,6 @@ def sequences():
     return synthetic_sequences()
 
 
-def popular_metrics(data: SequentialData, part: str) -> dict:
-    cands = np.asarray(data.candidates[part])
-    counts = np.asarray(data.train_counts, dtype=float)
-    return candidate_metrics(counts[cands], cands, getattr(data, part), [len(data.prefix(u, part)) for u in
-                             range(data.num_users)], data.train_counts)
-
-
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
 def test_loss_falls_and_beats_most_popular(sequences, name, tmp_path):
     settings = CFStageSettings(model=name, max_epochs=30, patience=30, batch_size=32, lr=5e-3)
@@ -67,7 +63,7 @@ def test_loss_falls_and_beats_most_popular(sequences, name, tmp_path):
     result = stage.train()
     losses = [h["loss"] for h in result["history"]]
     assert losses[-1] < 0.7 * losses[0]
-    popular = popular_metrics(sequences, "test")
+    popular = run_candidates(sequences)["test"]
     assert result["test"]["hit@1"] > popular["hit@1"] + 0.25, (result["test"]["hit@1"], popular["hit@1"])
     assert result["test"]["ndcg@10"] > popular["ndcg@10"] + 0.15
     # the saved best model loads without pickle and scores exactly as trained
@@ -86,6 +82,10 @@ def test_early_stopping_keeps_the_best_validation_epoch(sequences):
     values = [h["valid"]["ndcg@10"] for h in evaluated]
     assert len(result["history"]) < 40 and values.index(max(values)) == len(values) - 3  # stopped 2 after the best
     assert result["valid"]["ndcg@10"] == max(values) and result["best_epoch"] == evaluated[values.index(max(values))]["epoch"]
+    # the settings survive the JSON round trip of cf_model.json
+    assert CFStageSettings.from_dict(json.loads(json.dumps(asdict(settings)))) == settings
+    with pytest.raises(ValueError, match="select_metric"):
+        CFStageSettings(select_metric="recall@20").validate()
 
 
 @pytest.mark.parametrize("model", [SASRec(NUM_ITEMS, SASRecSettings(dim=16, max_len=12, num_heads=2)),
@@ -168,3 +168,30 @@ def test_candidate_metrics_against_a_naive_reference():
     direct = candidate_metrics([0, MISS, 2], None, np.array([1, 2, 3]), [3, 3, 3], np.ones(5), settings, are_ranks=True)
     assert direct["hit@1"] == pytest.approx(1 / 3) and direct["hit@3"] == pytest.approx(2 / 3)
     assert direct["slices"]["cold_items"]["users"] == 3 and direct["slices"]["warm_items"]["hit@1"] is None
+
+
+def test_baselines_command_scores_the_stored_candidates(demo_loo_data, demo_data, tmp_path, capsys):
+    from cllm4rec_dist.cli import main
+
+    out = tmp_path / "popular.json"
+    assert main(["baselines", "--data", demo_loo_data, "--model", "popular", "--out", str(out)]) == 0
+    popular = json.loads(out.read_text())
+    data = SequentialData.open(demo_loo_data)
+    counts = np.asarray(data.train_counts)
+    for part in ("valid", "test"):
+        users = data.evaluated_users(part)
+        assert popular[part]["users"] == len(users)
+        best = [np.argmax(counts[data.candidates[part][u]]) for u in users]  # ties: the earlier candidate wins
+        hits = [data.candidates[part][u][b] == getattr(data, part)[u] for u, b in zip(users, best)]
+        assert popular[part]["hit@1"] == pytest.approx(np.mean(hits))
+        assert set(popular[part]["slices"]) == {"cold_items", "warm_items", "cold_users"}
+    out = tmp_path / "gru4rec.json"
+    assert main(["baselines", "--data", demo_loo_data, "--model", "gru4rec", "--epochs", "2", "--out", str(out),
+                 "--model-out", str(tmp_path / "gru")]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["history"]) == 2 and {"hit@1", "ndcg@10", "slices"} <= set(result["test"])
+    model, info = load_cf_model(str(tmp_path / "gru"))
+    assert info["test"] == result["test"] and model.num_items == data.num_items
+    assert main(["baselines", "--data", demo_data, "--model", "sasrec"]) == 2
+    assert "--split leave-one-out" in capsys.readouterr().err
+    assert main(["baselines", "--data", demo_loo_data, "--model", "popular", "--lambdas", "1"]) == 2

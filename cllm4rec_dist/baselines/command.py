@@ -1,8 +1,11 @@
-"""`cllm4rec baselines`: most-popular / EASE / Multi-VAE on a preprocessed dataset's split.
+"""`cllm4rec baselines`: most-popular / EASE / Multi-VAE / SASRec / GRU4Rec on a preprocessed dataset.
 
-The baselines read the same ``EvalSplit`` as CLLM4Rec (train only for fitting)
-and are scored by the same metric code, so their JSON can sit next to
-CLLM4Rec's metrics.json. ``run_baseline`` is the Python entry point.
+On a random split the baselines read the same ``EvalSplit`` as CLLM4Rec (train
+only for fitting) and are scored by the same full-ranking metric code, so their
+JSON can sit next to CLLM4Rec's metrics.json (``run_baseline``). On a
+leave-one-out dataset ``popular``, ``sasrec`` and ``gru4rec`` are scored on the
+stored candidates (hit@K, ndcg@K, warm/cold slices: ``eval/candidates.py``), as
+A-LLMRec is (``run_candidate_baseline``); EASE and Multi-VAE keep full ranking.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ MODELS: dict[str, tuple[str, str]] = {
     "ease": ("cllm4rec_dist.baselines.ease", "EaseSettings"),
     "multivae": ("cllm4rec_dist.baselines.multivae", "MultiVAESettings"),
 }
+# models scored on the stored candidates of a leave-one-out dataset
+CANDIDATE_MODELS = ("popular", "sasrec", "gru4rec")
+SEQUENTIAL_ONLY = ("sasrec", "gru4rec")
 
 
 def run_baseline(split: EvalSplit, model: str, **settings: Any) -> dict[str, Any]:
@@ -42,6 +48,41 @@ def run_baseline(split: EvalSplit, model: str, **settings: Any) -> dict[str, Any
     return module.run(split, settings_from_kwargs(getattr(module, cls_name), model, settings))
 
 
+def run_candidate_baseline(data, model: str, model_out: str | None = None, **settings: Any) -> dict[str, Any]:
+    """Score ``model`` on a ``SequentialData``'s stored candidates; the result dict of ``run_baseline``.
+
+    ``popular`` ranks by train counts; ``sasrec`` / ``gru4rec`` train stage 0 (``train/cf_stage.py``)
+    with early stopping on the validation candidates; ``settings`` are ``CFStageSettings`` fields
+    (None = default) and the best model is saved to ``model_out`` when given.
+    """
+    from cllm4rec_dist.baselines.common import SettingsError
+
+    if model not in CANDIDATE_MODELS:
+        raise ValueError(f"{model} is not scored on candidates; choose from {', '.join(CANDIDATE_MODELS)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    if model == "popular":
+        from cllm4rec_dist.baselines.popular import run_candidates
+
+        if given:
+            raise SettingsError(f"setting(s) {', '.join(sorted(given))} do not apply to popular")
+        return run_candidates(data)
+    import dataclasses
+
+    from cllm4rec_dist.train.cf_stage import CFStage, CFStageSettings
+
+    names = {f.name for f in dataclasses.fields(CFStageSettings)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise SettingsError(f"setting(s) {', '.join(unknown)} do not apply to {model}; valid: {', '.join(sorted(names))}")
+    stage = CFStage(data, CFStageSettings(model=model, **given)).setup()
+    result = stage.train()
+    if model_out:
+        stage.save_checkpoint(model_out)
+    return {"model": model, "valid": result["valid"], "test": result["test"],
+            "selected": {"best_epoch": result["best_epoch"]}, "settings": dataclasses.asdict(stage.settings),
+            "seconds": result["seconds"], "history": result["history"]}
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
@@ -54,10 +95,15 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="preprocessed dataset directory (output of `cllm4rec preprocess`)")
-    parser.add_argument("--model", required=True, choices=sorted(MODELS), help="which baseline")
+    parser.add_argument("--model", required=True, choices=sorted(set(MODELS) | set(CANDIDATE_MODELS)),
+                        help="which baseline; sasrec and gru4rec need a --split leave-one-out dataset")
     parser.add_argument("--out", default=None, help="result JSON (default: DATA/baselines/<model>.json)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (multivae; default 0)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (multivae; default 100)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (multivae, sasrec, gru4rec; default 0)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (multivae; default 100) / most epochs (sasrec, gru4rec; default 200)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="sasrec, gru4rec: stop after this many validations without a better ndcg@10 (default 20)")
+    parser.add_argument("--model-out", default=None, help="sasrec, gru4rec: save the best model here (safetensors + JSON)")
     parser.add_argument(
         "--lambdas", type=_float_list, default=None,
         help="comma-separated L2 grid searched on validation (ease; default 1,10,50,100,200,500,1000,2000)",
@@ -74,21 +120,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cllm4rec_dist.corpus.shards import load_eval_split
-
-    split = load_eval_split(args.data)
-    settings = {
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "lambdas": args.lambdas,
-        "device": args.device,
-        "num_threads": args.num_threads,
-        "exclude_valid_on_test": args.exclude_valid_on_test,
-    }
     from cllm4rec_dist.baselines.common import SettingsError
+    from cllm4rec_dist.corpus.sequences import SequentialData
+    from cllm4rec_dist.corpus.shards import ShardedDataset
 
+    dataset = ShardedDataset(args.data)
+    leave_one_out = dataset.manifest.get("protocol", {}).get("split") == "leave-one-out"
+    if args.model in SEQUENTIAL_ONLY and not leave_one_out:
+        print(f"error: {args.data} was preprocessed with the random split; --model {args.model} is scored on stored "
+              "candidates: re-run `cllm4rec preprocess ... --split leave-one-out`.", file=sys.stderr)
+        return 2
     try:
-        result = run_baseline(split, args.model, **settings)
+        if leave_one_out and args.model in CANDIDATE_MODELS:
+            for flag in ("lambdas", "device", "exclude_valid_on_test"):
+                if getattr(args, flag) is not None:
+                    raise SettingsError(f"--{flag.replace('_', '-')} does not apply to {args.model} on candidates")
+            result = run_candidate_baseline(
+                SequentialData.open(dataset), args.model, model_out=args.model_out,
+                seed=args.seed, max_epochs=args.epochs, patience=args.patience, num_threads=args.num_threads)
+        else:
+            if args.patience is not None or args.model_out is not None:
+                raise SettingsError("--patience and --model-out apply to sasrec and gru4rec only")
+            settings = {
+                "seed": args.seed,
+                "epochs": args.epochs,
+                "lambdas": args.lambdas,
+                "device": args.device,
+                "num_threads": args.num_threads,
+                "exclude_valid_on_test": args.exclude_valid_on_test,
+            }
+            result = run_baseline(dataset.eval_split(), args.model, **settings)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,7 @@ def config_from_args(args) -> PreprocessConfig:
 
 def run(args) -> int:
     stats = preprocess(config_from_args(args))
-    keys = ("num_users", "num_items", "num_interactions", "num_train", "num_valid", "num_test", "num_content_documents")
-    print(json.dumps({k: stats[k] for k in keys} | {"seconds": stats["seconds"]}, indent=1))
+    keys = ("num_users", "num_items", "num_interactions", "num_train", "num_valid", "num_test", "num_content_documents",
+            "users_evaluated", "items_without_title")
+    print(json.dumps({k: stats[k] for k in keys if k in stats} | {"seconds": stats["seconds"]}, indent=1))
     return 0

@@ -120,6 +120,13 @@ class SequentialData:
         """Users with a ``part`` ("valid" / "test") item and candidates, ascending."""
         return np.asarray([u for u, c in enumerate(self.candidates[part]) if c is not None], dtype=np.int64)
 
+    def evaluation_rows(self, part: str) -> tuple[np.ndarray, list[list[int]], np.ndarray, np.ndarray]:
+        """(users, prefixes, candidates ``[U, C]``, positives ``[U]``) of the users evaluated on ``part``."""
+        users = self.evaluated_users(part)
+        candidates = np.asarray([self.candidates[part][u] for u in users], dtype=np.int64)
+        positives = np.asarray([getattr(self, part)[u] for u in users], dtype=np.int64)
+        return users, [self.prefix(int(u), part) for u in users], candidates.reshape(len(users), -1), positives
+
     def partition(self, rank: int, world: int) -> np.ndarray:
         """The users rank ``rank`` of ``world`` owns: the seq shards r, r+W, ... (the loader's rule)."""
         return partition_doc_ids(self.manifest["corpora"][SEQ_CORPUS], rank, world)

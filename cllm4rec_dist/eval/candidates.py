@@ -21,6 +21,7 @@ at preprocessing, so the numbers are comparable by construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,3 +136,15 @@ def candidate_metrics(ranks_or_scores, candidates, positives, history_lengths, t
         positive_ranks(ranks_or_scores, candidates, positives)
     slices = slice_masks(positives, history_lengths, train_counts, settings)
     return finalize(rank_sums(ranks, slices, settings))
+
+
+def evaluate_part(score: Callable[[np.ndarray, list[list[int]], np.ndarray], np.ndarray], data, part: str,
+                  settings: CandidateEvalSettings | None = None) -> dict:
+    """``candidate_metrics`` of a model on ``part`` of a ``SequentialData``.
+
+    ``score(users, prefixes, candidates)`` returns the ``[U, C]`` scores of each user's candidates
+    after its prefix (the history for valid; history + valid item for test).
+    """
+    users, prefixes, candidates, positives = data.evaluation_rows(part)
+    scores = np.asarray(score(users, prefixes, candidates), dtype=np.float64).reshape(candidates.shape)
+    return candidate_metrics(scores, candidates, positives, [len(p) for p in prefixes], data.train_counts, settings)

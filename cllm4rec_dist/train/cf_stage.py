@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.corpus.shards import atomic_write, canonical_json
-from cllm4rec_dist.eval.candidates import CandidateEvalSettings, candidate_metrics, metric_names
+from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part, metric_names
 from cllm4rec_dist.model.cf import CF_MODELS, SequentialCF, build_cf_model, pad_histories
 from cllm4rec_dist.model.cf.gru4rec import GRU4RecSettings
 from cllm4rec_dist.model.cf.loss import draw_training_negatives, next_item_bce
@@ -66,8 +66,10 @@ class CFStageSettings:
     """Upper bound on training epochs; early stopping usually ends training first."""
     eval_every: int = 1
     """Evaluate on the validation candidates every this many epochs."""
-    patience: int = 5
-    """Stop after this many validation evaluations without a better ``select_metric``."""
+    patience: int = 20
+    """Stop after this many validation evaluations without a better ``select_metric``. Generous on purpose: on
+    MovieLens both models first learn popularity and sit on that plateau for 10-25 epochs before the sequence
+    signal takes over (with 5, GRU4Rec stopped there, at most-popular's level)."""
     select_metric: str = "ndcg@10"
     """Validation metric that picks the best epoch (hit@K or ndcg@K of ``candidates``; higher is better)."""
     candidates: CandidateEvalSettings = field(default_factory=CandidateEvalSettings)
@@ -112,22 +114,22 @@ class CFStageSettings:
 
 def evaluate_candidates(model: SequentialCF, data: SequentialData, part: str, settings: CFStageSettings) -> dict:
     """Candidate metrics of ``model`` on ``part`` (valid: history -> valid item; test: + valid item -> test item)."""
-    users = data.evaluated_users(part)
-    prefixes = [data.prefix(int(u), part) for u in users]
-    candidates = torch.as_tensor([data.candidates[part][u] for u in users], dtype=torch.long)
-    positives = np.asarray([getattr(data, part)[u] for u in users])
     max_len = settings.model_settings().max_len
-    was_training = model.training
-    model.eval()
-    scores = []
-    with torch.no_grad():
+
+    def score(users, prefixes, candidates):
+        rows = []
         for start in range(0, len(users), settings.eval_batch_users):
             stop = start + settings.eval_batch_users
-            scores.append(model.score(pad_histories(prefixes[start:stop], max_len), candidates[start:stop]))
+            rows.append(model.score(pad_histories(prefixes[start:stop], max_len),
+                                    torch.as_tensor(candidates[start:stop])))
+        return torch.cat(rows).numpy() if rows else np.zeros(candidates.shape)
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate_part(score, data, part, settings.candidates)
     model.train(was_training)
-    scores = torch.cat(scores) if scores else torch.zeros(0, candidates.shape[1])
-    return candidate_metrics(scores.numpy(), candidates.numpy(), positives, [len(p) for p in prefixes],
-                             data.train_counts, settings.candidates)
+    return metrics
 
 
 def training_examples(histories: list[list[int]], max_len: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ Conventions shared by every implementation and every caller:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -34,6 +36,8 @@ def pad_histories(histories: list[list[int]], max_len: int) -> torch.Tensor:
 class SequentialCF(nn.Module):
     """The interface every stage-0 CF model implements (see the module docstring)."""
 
+    name: str
+    """The model's key in ``CF_MODELS``."""
     num_items: int
     dim: int
 
@@ -41,14 +45,22 @@ class SequentialCF(nn.Module):
         """``[num_items, dim]``: E_i, the item table the model scores with."""
         raise NotImplementedError
 
+    def sequence_output(self, histories: torch.Tensor) -> torch.Tensor:
+        """``[B, L, dim]``: the output after each position (what next-item training scores); zero at PAD."""
+        raise NotImplementedError
+
     def user_representation(self, histories: torch.Tensor) -> torch.Tensor:
         """``[B, dim]``: x_u, the model's output at the most recent position of each history."""
-        raise NotImplementedError
+        return self.sequence_output(histories)[:, -1]
 
     def score(self, histories: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` scores of ``candidates`` (``[B, C]`` item indices) after each history."""
         users = self.user_representation(histories)
         return (users[:, None, :] * self.item_embeddings()[candidates]).sum(-1)
+
+    def config(self) -> dict:
+        """What rebuilds the model with ``build_cf_model``: its registered name, catalogue size and settings."""
+        return {"model": self.name, "num_items": self.num_items, "settings": dataclasses.asdict(self.settings)}
 
 
 # name -> class; filled by the implementations' modules (sasrec, gru4rec, ...).

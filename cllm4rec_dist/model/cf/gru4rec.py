@@ -13,7 +13,7 @@ the most recent position depends on the user's items only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class GRU4RecSettings:
 class GRU4Rec(SequentialCF):
     """Recurrent sequential recommender; see the module docstring."""
 
+    name = "gru4rec"
     Settings = GRU4RecSettings
 
     def __init__(self, num_items: int, settings: GRU4RecSettings | None = None):
@@ -80,13 +81,6 @@ class GRU4Rec(SequentialCF):
         aligned = torch.zeros_like(out).scatter(1, shift[..., None].expand(-1, -1, self.dim), out)
         present = (histories != PAD)[..., None].to(out.dtype)
         return self.dropout(aligned) * present
-
-    def user_representation(self, histories: torch.Tensor) -> torch.Tensor:
-        return self.sequence_output(histories)[:, -1]
-
-    def config(self) -> dict:
-        """What rebuilds this model (with ``build_cf_model``)."""
-        return {"model": "gru4rec", "num_items": self.num_items, "settings": asdict(self.settings)}
 
 
 CF_MODELS["gru4rec"] = GRU4Rec

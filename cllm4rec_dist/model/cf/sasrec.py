@@ -15,7 +15,7 @@ to, and their outputs are zero.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,7 @@ class SASRecBlock(nn.Module):
 class SASRec(SequentialCF):
     """Self-attentive sequential recommender; see the module docstring."""
 
+    name = "sasrec"
     Settings = SASRecSettings
 
     def __init__(self, num_items: int, settings: SASRecSettings | None = None):
@@ -127,13 +128,6 @@ class SASRec(SequentialCF):
         for block in self.blocks:
             x = block(x, allowed, present_f)
         return self.final_norm(x) * present_f
-
-    def user_representation(self, histories: torch.Tensor) -> torch.Tensor:
-        return self.sequence_output(histories)[:, -1]
-
-    def config(self) -> dict:
-        """What rebuilds this model (with ``build_cf_model``)."""
-        return {"model": "sasrec", "num_items": self.num_items, "settings": asdict(self.settings)}
 
 
 CF_MODELS["sasrec"] = SASRec
