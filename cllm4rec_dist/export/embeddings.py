@@ -362,7 +362,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
                                   "trained on another dataset. Pass the right one with --data.")
     hidden = min(m.shape[1] for by_name in tables.values() for m in by_name.values())
     if dim is not None and dim > hidden:
-        raise ExportError(f"dim={dim} is larger than the smallest embedding size {hidden} of {ckpt_path}; "
+        raise ExportError(f"dim={dim} is larger than the embedding size {hidden} (the smallest exported table) of {ckpt_path}; "
                           f"pass --dim <= {hidden} (or none).")
     projection: dict[str, np.ndarray] = {}
     variance_kept: dict[str, float] = {}
