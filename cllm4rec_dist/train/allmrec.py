@@ -57,6 +57,11 @@ class ALLMRecState:
     seconds: dict = field(default_factory=dict)   # wall time per stage
     finished: bool = False
 
+    @property
+    def block(self) -> int:
+        """Index of the current stage in STAGES: the position the checkpoint sinks report (like Trainer's block)."""
+        return STAGES.index(self.stage)
+
 
 @dataclass
 class _Phase:
