@@ -28,6 +28,7 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.writer import TarWriter
 
+from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.split import EvalSplit
 
 MANIFEST = "manifest.json"
@@ -35,7 +36,7 @@ FORMAT = "cllm4rec-shards"
 VERSION = 1
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A dataset folder that is missing, incomplete or corrupt; the message says what to re-run."""
 
 

@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 import fsspec
 import pandas as pd
 
+from cllm4rec_dist.errors import UserError
+
 INTERACTION_COLUMNS = ("user", "item", "rating", "timestamp", "review")
 MAX_EXAMPLES = 10
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input. The message names the file (and line or field) and says how to fix it."""
 
 

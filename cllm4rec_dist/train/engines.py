@@ -19,6 +19,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from cllm4rec_dist.train.checkpoint import CheckpointWriter, check_optimizer_state, load_state
+
 
 class TorchEngine:
     """Plain torch Adam over one parameter group."""
@@ -55,11 +57,17 @@ class TorchEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, directory: str, rank: int = 0) -> None:
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, f"optim-{self.name}.pt"))
+    def state_file(self, rank: int) -> str:
+        return f"optim-{self.name}.pt"  # one process holds the whole state
 
-    def load(self, directory: str) -> None:
-        state = torch.load(os.path.join(directory, f"optim-{self.name}.pt"), weights_only=True)
+    def save(self, writer: CheckpointWriter) -> None:
+        if writer.rank == 0:
+            writer.save(self.state_file(writer.rank), self.optimizer.state_dict())
+
+    def load(self, directory: str, rank: int = 0) -> None:
+        path = os.path.join(directory, self.state_file(rank))
+        state = load_state(path)
+        check_optimizer_state(path, state, [g["params"] for g in self.optimizer.param_groups])
         self.optimizer.load_state_dict(state)
 
 
@@ -133,12 +141,25 @@ class DeepSpeedEngine(TorchEngine):
     def lr(self) -> float:
         return self._inner.param_groups[0]["lr"]
 
-    def save(self, directory: str, rank: int = 0) -> None:
-        # Every rank must call this (DeepSpeed holds a barrier); each writes its optimizer partition.
-        self.engine.save_checkpoint(directory, tag=f"engine-{self.name}", exclude_frozen_parameters=True)
+    # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with weights_only=False,
+    # so a crafted file would run code on resume. Each rank instead saves the torch Adam state of its ZeRO
+    # partition (tensors and plain data) through train/checkpoint.py; the fp32 master partition is rebuilt
+    # from the restored weights (fp32 tables: exact).
 
-    def load(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=f"engine-{self.name}", load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint engine-{self.name}")
+    def state_file(self, rank: int) -> str:
+        return f"optim-{self.name}-rank{rank}.pt"
+
+    def save(self, writer: CheckpointWriter) -> None:
+        writer.save(self.state_file(writer.rank), self._inner.state_dict())
+
+    def load(self, directory: str, rank: int = 0) -> None:
+        path = os.path.join(directory, self.state_file(rank))
+        state = load_state(path)
+        check_optimizer_state(path, state, [g["params"] for g in self._inner.param_groups])
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO-1/2: the master partition from the weights the trainer just restored
+            refresh()
+        self._inner.load_state_dict(state)
+        relink = getattr(self.optimizer, "_link_all_hp_params", None)
+        if relink is not None:  # what DeepSpeed's own loader does after replacing the optimizer state
+            relink()

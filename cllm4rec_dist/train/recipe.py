@@ -17,7 +17,7 @@ from cllm4rec_dist.corpus.preprocess import tokenizer_identity
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
-from cllm4rec_dist.train.checkpoint import TRAINER_FILE
+from cllm4rec_dist.train.checkpoint import read_trainable
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
@@ -89,8 +89,7 @@ class CLLM4RecRecipe:
         resuming = cfg.resume and self.sink.has_checkpoint()
         if cfg.init_from and not resuming:
             # Before the engines exist: ZeRO keeps its own fp32 master copy of what it is given.
-            blob = torch.load(os.path.join(cfg.init_from, TRAINER_FILE), weights_only=False, map_location="cpu")
-            load_trainable(model, blob["trainable"])
+            load_trainable(model, read_trainable(cfg.init_from, model), f"{cfg.init_from} (init_from)")
         groups = model.parameter_groups()
         if not cfg.uses_content:
             groups.pop("content", None)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+from cllm4rec_dist.train.checkpoint import capture_rng, check_tensors, restore_rng, trainable_shapes
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.schedule import Block
@@ -185,8 +184,7 @@ class Trainer:
 
     def snapshot(self) -> dict:
         """The coordinator's part of a checkpoint (the engines save their own optimizer state)."""
-        return {"state": asdict(self.state), "config": asdict(self.cfg),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        return {"state": asdict(self.state), "config": asdict(self.cfg), "rng": capture_rng()}
 
     def save_checkpoint(self) -> None:
         self.sink.save(self)
@@ -195,20 +193,15 @@ class Trainer:
         self.state = TrainerState(**snapshot["state"])
         self.load_trainable_state(trainable)
         self.best_weights = best
-        torch.set_rng_state(snapshot["rng"]["torch"])
-        np.random.set_state(snapshot["rng"]["numpy"])
-        random.setstate(snapshot["rng"]["python"])
+        restore_rng(snapshot["rng"])
 
 
-def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved tables/heads into the model; a name or shape mismatch is an error, not a silent skip."""
+def load_trainable(model, state: dict[str, torch.Tensor], source: str = "saved weights") -> None:
+    """Copy saved tables/heads into the model; a missing, extra or misshapen tensor is an error naming ``source``."""
+    check_tensors(source, state, trainable_shapes(model))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            if name not in params or params[name].shape != value.shape:
-                have = tuple(params[name].shape) if name in params else "missing"
-                raise ValueError(f"checkpoint tensor {name} {tuple(value.shape)} does not fit this model ({have}): "
-                                 "was it trained on another dataset or backbone?")
             params[name].copy_(value)
 
 
