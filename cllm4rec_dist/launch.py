@@ -10,11 +10,10 @@ import argparse
 import json
 import os
 
+from cllm4rec_dist.resources import DEMO_DATA, demo_data_dir, packaged, resolve_path
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
-DEMO_DATA = os.path.join("shards", "demo")
+DEFAULT_CONFIG = packaged(os.path.join("configs", "demo.yaml"))
 
 
 def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -23,20 +22,23 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig,
     p.add_argument("--no-export", action="store_true", help="skip the embedding export at the end")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = p.parse_args(argv)
-    if not args.config:
-        args.config = DEFAULT_CONFIG
+    args.config = resolve_path(args.config) if args.config else DEFAULT_CONFIG
     return config_from_args(args), args
 
 
 def ensure_demo_data(cfg: TrainConfig) -> None:
-    """The embedded default: build the synthetic dataset + tiny backbone if `data` is the demo and missing."""
+    """The embedded default: when ``data`` is the demo's name (``shards/demo``) and no such dataset is in the
+    working directory, use the project's own ``shards/demo``, building it (synthetic data + tiny backbone) once."""
     if os.path.normpath(cfg.data) != DEMO_DATA or os.path.exists(os.path.join(cfg.data, "manifest.json")):
+        return
+    cfg.data = demo_data_dir()
+    if os.path.exists(os.path.join(cfg.data, "manifest.json")):
         return
     from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
     from cllm4rec_dist.data.demo import DemoConfig, write
     from cllm4rec_dist.data.readers import ReaderOptions
 
-    raw = os.path.join("shards", "demo-raw")
+    raw = f"{cfg.data}-raw"
     print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it", flush=True)
     write(raw, DemoConfig())
     preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data))

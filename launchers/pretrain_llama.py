@@ -9,6 +9,7 @@ key of the --config YAML or a `--section.field VALUE` flag (see --help).
 
 import sys
 
+from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.launch import ensure_demo_data, finish, parse
 from cllm4rec_dist.train.distributed import launch_ray
 
@@ -20,4 +21,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cllm4rec_dist.corpus.shards import atomic_write
 from cllm4rec_dist.errors import UserError
 
 TRAINER_FILE = "trainer.pt"
@@ -114,16 +115,11 @@ class CheckpointWriter:
     def finish(self, step: int) -> None:
         record = {"step": step, "rank": self.rank, "world_size": self.world_size, "files": self.files}
         path = os.path.join(self.directory, _RECORD.format(rank=self.rank))
-        _write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+        write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_text_atomic(path: str, text: str) -> None:
+    atomic_write(_local_fs(), path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- safe reading
@@ -378,7 +374,7 @@ class LocalSink:
         if trainer.r.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _write_text_atomic(os.path.join(self.root, LATEST), name)  # the pointer last, then pruning
+            write_text_atomic(os.path.join(self.root, LATEST), name)  # the pointer last, then pruning
             self._prune(trainer.state.global_step)
         _barrier()
         return final

@@ -14,14 +14,16 @@ import dataclasses
 import json
 import os
 
+import fsspec
 import torch
 import torch.distributed as dist
 
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
-from cllm4rec_dist.train.config import TrainConfig, config_from_dict
+from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
 from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
+from cllm4rec_dist.train.run_folder import RunFolderError, RunLock, check_resume_config
 from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 # Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
@@ -31,7 +33,7 @@ KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"
 def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
     """Refuse DeepSpeed setups known not to work with this model, saying what to use instead."""
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.dist.ds_config}: ZeRO stage 3 is not supported. It partitions the tables' WEIGHTS, which every "
             "step reads in full (any user or item can be in a batch; the item softmax spans the catalogue), and it "
             "cannot hold a bitsandbytes int8/4-bit backbone either. Use ds_configs/zero2.json (gradients and Adam "
@@ -89,18 +91,36 @@ def ray_worker_loop(config: dict) -> None:
 
 def launch_ray(cfg: TrainConfig) -> dict:
     """Train with Ray Train; joins a running cluster if there is one, else starts a local one."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
     # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-    ShardedDataset(cfg.data)
+    ShardedDataset(cfg.data).verify()
     check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                           cfg.optim.grad_clip))
-    os.makedirs(cfg.out, exist_ok=True)
+    storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
+    name = os.path.basename(cfg.out.rstrip("/"))
+    with RunLock(cfg.out):
+        _check_ray_resume(cfg, storage, name)
+        return _fit_ray(cfg, storage, name)
+
+
+def _check_ray_resume(cfg: TrainConfig, storage: str, name: str) -> None:
+    """On the driver, before any worker starts: a resume must keep the saved config's trajectory."""
+    saved = os.path.join(cfg.out, "config.yaml")
+    if not cfg.resume or not os.path.exists(saved):
+        return
+    fs, root = fsspec.core.url_to_fs(storage)
+    if fs.glob(f"{root.rstrip('/')}/{name}/checkpoint_*"):
+        check_resume_config(read_yaml_settings(saved), cfg, saved)
+
+
+def _fit_ray(cfg: TrainConfig, storage: str, name: str) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     if not ray.is_initialized():
         address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -110,8 +130,6 @@ def launch_ray(cfg: TrainConfig) -> dict:
             env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
             ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}})
-    storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
-    name = os.path.basename(cfg.out.rstrip("/"))
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config=dataclasses.asdict(cfg),
@@ -132,15 +150,31 @@ def run_torch_distributed(cfg: TrainConfig) -> dict:
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise RuntimeError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
+            raise ConfigError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
                                "(or torchrun), or use `cllm4rec train` for one process.")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     cfg.out = cfg.out or default_run_dir()
-    recipe = build_worker_recipe(cfg, LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
-    _install_kill_hook(recipe)
-    result = recipe.train()
-    dist.barrier()
-    return result
+    lock = RunLock(cfg.out)
+    refusal = None
+    if dist.get_rank() == 0:  # rank 0 holds the run folder for all ranks
+        try:
+            lock.acquire()
+        except RunFolderError as err:
+            refusal = err
+    flag = torch.tensor([0 if refusal else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if refusal is not None:
+        raise refusal
+    if not flag.item():
+        raise RunFolderError(f"{cfg.out}: in use by another run (rank 0 says why).")
+    try:
+        recipe = build_worker_recipe(cfg, LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
+        _install_kill_hook(recipe)
+        result = recipe.train()
+        dist.barrier()
+        return result
+    finally:
+        lock.release()
 
 
 

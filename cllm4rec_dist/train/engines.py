@@ -19,7 +19,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from cllm4rec_dist.resources import packaged
 from cllm4rec_dist.train.checkpoint import CheckpointWriter, check_optimizer_state, load_state
+from cllm4rec_dist.train.config import ConfigError
 
 
 class TorchEngine:
@@ -81,15 +83,25 @@ class _ParamGroup(nn.Module):
 
 def load_ds_config(path: str, micro_batch: int, world_size: int, grad_clip: float) -> dict:
     """Read a DeepSpeed JSON and fill in what comes from our config (batch sizes, clipping)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"dist.ds_config={path!r}: no such file. Use one of the project's "
+                          f"{', '.join(sorted(os.listdir(packaged('ds_configs'))))} (in {packaged('ds_configs')}) "
+                          "or a path to your own DeepSpeed JSON.")
     with open(path, encoding="utf-8") as f:
-        ds = json.load(f)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); fix the DeepSpeed "
+                              "config.") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got {type(ds).__name__}.")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{path}: zero_optimization.stage must be 0-3")
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; it must be 0-3 (use 1 or 2).")
     for key in ("fp16", "bf16"):
-        if ds.get(key, {}).get("enabled"):
-            raise ValueError(f"{path}: {key}.enabled casts the whole module; the trainable tables stay fp32 and the "
-                             "backbone precision is model.precision. Remove the '{key}' section.")
+        if (ds.get(key) or {}).get("enabled"):
+            raise ConfigError(f"{path}: {key}.enabled casts the whole module; the trainable tables stay fp32 and "
+                              f"the backbone precision is model.precision. Remove the '{key}' section.")
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = micro_batch * world_size

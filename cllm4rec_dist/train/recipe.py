@@ -17,10 +17,11 @@ from cllm4rec_dist.corpus.preprocess import tokenizer_identity
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
-from cllm4rec_dist.train.checkpoint import read_trainable
+from cllm4rec_dist.train.checkpoint import read_trainable, write_text_atomic
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
+from cllm4rec_dist.train.run_folder import check_resume_config
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.train.trainer import Rank, Trainer, load_trainable, write_json_atomic
 
@@ -61,9 +62,6 @@ class CLLM4RecRecipe:
     def setup(self) -> "CLLM4RecRecipe":
         cfg, rank = self.cfg, self.rank
         os.makedirs(cfg.out, exist_ok=True)
-        if rank.is_main:
-            with open(os.path.join(cfg.out, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(cfg))
         data = ShardedDataset(cfg.data)
         torch.manual_seed(cfg.seed)  # identical table init on every rank
         model = build_model(cfg, data, "cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu")
@@ -97,6 +95,13 @@ class CLLM4RecRecipe:
         eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
         self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None)
         resumed = resuming and self.sink.load_latest(self.trainer)
+        if resumed:  # before anything is written: a refused resume leaves the run folder as it was
+            changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")
+            if changes and rank.is_main:
+                print(f"[train] warning: resuming with changed settings (--allow_config_change): "
+                      f"{'; '.join(changes)}", flush=True)
+        if rank.is_main:
+            write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,

@@ -12,6 +12,7 @@ import json
 from cllm4rec_dist.train.checkpoint import LocalSink
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.engines import TorchEngine
+from cllm4rec_dist.train.run_folder import RunLock
 from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
 from cllm4rec_dist.train.trainer import Rank
 
@@ -21,9 +22,10 @@ def run_reference(cfg: TrainConfig) -> dict:
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
     cfg.out = cfg.out or default_run_dir()
-    recipe = CLLM4RecRecipe(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
-                            LocalSink(cfg.out, cfg.keep_checkpoints))
-    return recipe.setup().train()
+    with RunLock(cfg.out):
+        recipe = CLLM4RecRecipe(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
+                                LocalSink(cfg.out, cfg.keep_checkpoints))
+        return recipe.setup().train()
 
 
 def add_arguments(p) -> None:

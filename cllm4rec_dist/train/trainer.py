@@ -76,6 +76,7 @@ class Trainer:
         self.log = logger       # progress lines + TensorBoard (train/monitor.py)
         self.state = TrainerState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.restored_config: dict | None = None
         self.device = model.item_head_weight().device
 
     # ---- one step ----------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class Trainer:
         self.sink.save(self)
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
+        self.restored_config = snapshot["config"]  # what the checkpoint was trained with (compared on resume)
         self.state = TrainerState(**snapshot["state"])
         self.load_trainable_state(trainable)
         self.best_weights = best

@@ -162,7 +162,7 @@ def _lines(source: MovieLensSource, name: str, report: InputReport):
     label, sep = source.label(name), "\t" if name == "u.data" else "|"
 
     def lines(raw):
-        for lineno, line in enumerate(text_lines(raw, "latin-1"), 1):
+        for lineno, line in text_lines(raw, label, report, "latin-1"):
             if line.strip():
                 report.line(label)
                 yield lineno, line.rstrip("\r\n").split(sep)
@@ -226,7 +226,7 @@ def _genres(source: MovieLensSource) -> list[str]:
         return STANDARD_GENRES
     pairs = []
     with source.opener("u.genre")() as raw:
-        for line in text_lines(raw, "latin-1"):
+        for _, line in text_lines(raw, source.label("u.genre"), InputReport(), "latin-1"):
             name, _, index = line.strip().rpartition("|")
             if name and index.isdigit():
                 pairs.append((int(index), name))
