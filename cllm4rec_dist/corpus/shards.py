@@ -36,7 +36,8 @@ FORMAT = "cllm4rec-shards"
 VERSION = 1
 
 
-# Document fields holding item indices (``item`` may be -1: no item) and token ids, checked on every read.
+# Document fields holding item indices (``item`` may be -1: no item; ``user`` too) and token ids, checked on
+# every read.
 ITEM_FIELDS = ("item", "items", "train", "valid", "test", "history", "valid_candidates", "test_candidates")
 TOKEN_FIELDS = ("prompt", "main", "prompt_prefix", "prompt_suffix")
 
@@ -263,7 +264,7 @@ class ShardedDataset:
             values = value if isinstance(value, list) else [value]
             return any(v is not None and (not isinstance(v, int) or not low <= v < high) for v in values)
 
-        if "user" in doc and outside(doc["user"], 0, users):
+        if "user" in doc and outside(doc["user"], -1, users):  # -1: an item text (no user)
             return f"user {doc['user']!r} is not in [0, {users})"
         for key in ITEM_FIELDS:
             if key in doc and outside(doc[key], -1 if key == "item" else 0, items):

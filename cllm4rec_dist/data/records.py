@@ -171,18 +171,27 @@ def open_binary(path: str):
                              "again.") from None
 
 
+def decoded_lines(binary, encoding: str = "utf-8"):
+    """(line number, text or None, problem) for each line of a binary file; None when it is not ``encoding``."""
+    for lineno, raw_line in enumerate(binary, 1):
+        try:
+            yield lineno, raw_line.decode(encoding), ""
+        except UnicodeDecodeError as err:
+            yield lineno, None, f"not {encoding} at byte {err.start}"
+
+
 def text_lines(binary, path: str, report: "InputReport", encoding: str = "utf-8"):
     """(line number, decoded line) for each line of a binary file.
 
     A line that is not valid ``encoding`` is a bad line (``invalid_encoding``): skipped and counted, or an
     error with --strict. Decoding with replacement characters would silently merge distinct ids.
     """
-    for lineno, raw_line in enumerate(binary, 1):
-        try:
-            yield lineno, raw_line.decode(encoding)
-        except UnicodeDecodeError as err:
+    for lineno, text, problem in decoded_lines(binary, encoding):
+        if text is None:
             report.line(path)
-            report.bad(path, lineno, "invalid_encoding", f"not {encoding} at byte {err.start}")
+            report.bad(path, lineno, "invalid_encoding", problem)
+        else:
+            yield lineno, text
 
 
 def json_records(path: str, report: InputReport, parse=json.loads, parse_errors=(ValueError,)):

@@ -136,7 +136,8 @@ def load_state(path: str, required: tuple[str, ...] = (), fs=None) -> dict:
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        reason = " ".join(str(err).split())[:300]
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        reason = f"it calls or builds {found.group(1)}" if found else "not plain data"
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain data ({reason}); "
                               "loading it could run code. Use a checkpoint written by this project.") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:

@@ -96,9 +96,9 @@ def launch_ray(cfg: TrainConfig) -> dict:
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
     # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-    ShardedDataset(cfg.data).verify()
     check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                           cfg.optim.grad_clip))
+    ShardedDataset(cfg.data).verify()
     storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
     name = os.path.basename(cfg.out.rstrip("/"))
     with RunLock(cfg.out):

@@ -48,11 +48,11 @@ from cllm4rec_dist.data.records import (
     base_name,
     clean_text,
     dates_to_seconds,
+    decoded_lines,
     exists,
     is_dir,
     join_path,
     open_binary,
-    text_lines,
     to_number,
 )
 
@@ -285,21 +285,35 @@ def _csv(raw, path: str, report: InputReport, encoding: str, delimiter: str | No
     spans several lines and has the wrong number of fields, is a ``bad_csv`` line at the line where it
     starts, and parsing resumes at the NEXT line: the rows an unterminated quote ran over are all read.
     """
-    lines = text_lines(raw, path, report, encoding)
+    lines = decoded_lines(raw, encoding)
     first = next(lines, None)
+    while first is not None and first[1] is None:
+        report.line(path)
+        report.bad(path, first[0], "invalid_encoding", first[2])
+        first = next(lines, None)
     if first is None or not first[1].strip():
         raise InputError(f"{path}: the first line is empty; a CSV/TSV table needs a header line with the column names.")
     sep = delimiter or _delimiter(path, first[1])
     pending = collections.deque([first])  # lines to (re-)read before the rest of the file
-    used: list[tuple[int, str]] = []        # the lines of the record being parsed
+    used: list[tuple] = []                 # the lines of the record being parsed
+    undecodable: list[tuple] = []          # lines met while parsing it that are not valid `encoding`
 
     def feed():
         while True:
             item = pending.popleft() if pending else next(lines, None)
             if item is None:
                 return
+            if item[1] is None:  # reported once the record it fell into is settled (so line order holds)
+                undecodable.append(item)
+                continue
             used.append(item)
             yield item[1]
+
+    def report_undecodable():
+        while undecodable:
+            lineno, _, problem = undecodable.pop(0)
+            report.line(path)
+            report.bad(path, lineno, "invalid_encoding", problem)
 
     def new_reader():
         return csv.reader(feed(), delimiter=sep, strict=True)
@@ -315,6 +329,7 @@ def _csv(raw, path: str, report: InputReport, encoding: str, delimiter: str | No
             try:
                 row = next(reader)
             except StopIteration:
+                report_undecodable()
                 return
             except csv.Error as err:
                 start = used[0][0] if used else 0
@@ -322,18 +337,30 @@ def _csv(raw, path: str, report: InputReport, encoding: str, delimiter: str | No
                 report.bad(path, start, "bad_csv", f"{err}; an unterminated quote?")
                 pending.extendleft(reversed(used[1:]))  # re-read what this record ran over
                 reader = new_reader()
+                report_undecodable()
                 continue
             start = used[0][0]
             if not row or (len(row) == 1 and not row[0].strip()):
+                report_undecodable()
                 continue
+            if len(row) != len(header) and len(used) > 1:
+                # A quote spanning lines glued rows together: re-read them one by one.
+                report.line(path)
+                report.bad(path, start, "bad_csv", f"a quoted field runs over {len(used)} lines into "
+                           f"{len(row)} fields; an unterminated quote?")
+                pending.extendleft(reversed(used[1:]))
+                reader = new_reader()
+                report_undecodable()
+                continue
+            if undecodable and len(used) > 1:  # an undecodable line inside this record's quoted field
+                report.line(path)
+                report.bad(path, start, "invalid_encoding", f"line {undecodable[0][0]} of this record: "
+                           f"{undecodable[0][2]}")
+                undecodable.clear()
+                continue
+            report_undecodable()
             report.line(path)
             if len(row) != len(header):
-                if len(used) > 1:  # a quote spanning lines glued rows together: re-read them one by one
-                    report.bad(path, start, "bad_csv", f"a quoted field runs over {len(used)} lines into "
-                               f"{len(row)} fields; an unterminated quote?")
-                    pending.extendleft(reversed(used[1:]))
-                    reader = new_reader()
-                    continue
                 report.bad(path, start, "wrong_field_count", f"{len(row)} fields, the header has {len(header)}")
                 continue
             yield start, row
