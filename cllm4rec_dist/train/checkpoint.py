@@ -270,14 +270,11 @@ def trainable_shapes(model) -> dict[str, tuple]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def read_trainable(source: str, model, fs=None) -> dict[str, torch.Tensor]:
-    """The TRAINABLE tensors of a checkpoint folder, checked against ``model`` (e.g. for init_from)."""
-    fs = fs or _local_fs()
-    reason = incomplete_reason(source, ranks=[0], fs=fs)
-    if reason is not None:
-        raise CheckpointError(f"{source}: not a complete checkpoint ({reason}). Pass a complete checkpoint folder, "
-                              f"e.g. the one named by RUN/checkpoints/{LATEST}.")
-    path = posixpath.join(source, TRAINER_FILE)
+def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
+    """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
+    checkpoint), checked against ``model`` (e.g. for init_from)."""
+    fs, folder = resolve_checkpoint(source)
+    path = posixpath.join(folder, TRAINER_FILE)
     blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
     check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], trainable_shapes(model))
     return blob[TRAINABLE]

@@ -128,8 +128,9 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many steps in total (0 = run the whole schedule); for smoke runs and tests."""
     init_from: str | None = None
-    """A checkpoint folder (with trainer.pt) whose tables and heads initialise this run, e.g. the last
-    pretraining checkpoint for `launchers/finetune.py`; its optimizer state and position are not taken."""
+    """A checkpoint folder (with trainer.pt), or a run folder (its newest complete checkpoint), whose tables and
+    heads initialise this run, e.g. pretraining for `launchers/finetune.py`; its optimizer state and position
+    are not taken. Its tensors must match the model's exactly."""
     resume: bool = True
     """Continue from the run folder's latest checkpoint when there is one."""
     allow_config_change: bool = False

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-from cllm4rec_dist.train.checkpoint import capture_rng, check_tensors, restore_rng, trainable_shapes
+from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_tensors, restore_rng, trainable_shapes
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.schedule import Block
@@ -192,7 +192,11 @@ class Trainer:
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
         self.restored_config = snapshot["config"]  # what the checkpoint was trained with (compared on resume)
-        self.state = TrainerState(**snapshot["state"])
+        try:
+            self.state = TrainerState(**snapshot["state"])
+        except TypeError as err:
+            raise CheckpointError(f"the checkpoint's coordinator state does not fit this trainer ({err}); it was "
+                                  "written by another model or version.") from None
         self.load_trainable_state(trainable)
         self.best_weights = best
         restore_rng(snapshot["rng"])
