@@ -137,6 +137,7 @@ def test_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_newes
         json.loads((run_dir / "metrics.json").read_text())["global_step"]
     # the fallback checkpoint survived until newer complete ones existed; the pointer names a real one now
     assert (run / "checkpoints" / (run / "checkpoints" / LATEST).read_text()).is_dir()
+    assert not (run / LOCK_FILE).exists()  # released when the run ended
 
 
 def test_resume_with_a_changed_trajectory_setting_is_refused(run_dir, demo_data, tmp_path, capsys):
@@ -272,6 +273,9 @@ def test_ordinary_mistakes_exit_2_with_one_line_naming_the_file_or_field(demo_da
     table.write_bytes(table.read_bytes()[:-40])
     assert cli(["preprocess", "--format", "table", "--input", str(table), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, str(table), "Parquet")
+    # a bug is not a user error: it keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        run_command(lambda: 1 / 0)
 
 
 def test_manifest_counts_and_sizes_are_checked_against_the_shards(demo_data, tmp_path, capsys):
