@@ -386,3 +386,112 @@ def test_smollm2_gguf_backbone_runs_an_l_step():
     out = l_step_loss(model, batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.collab_item_table.weight.grad is not None
+
+
+# ---- (7) packed rows and a bf16 backbone against the fp32 one-document-at-a-time reference ------
+
+PACKED_MAIN_LENGTHS = [9, 1, 2, 3, 1, 5]  # prompt 4-5 tokens: several documents share a row when packed
+
+
+def lm_documents(kind, seed=0):
+    """(token rows, prompt lengths) of L- or C-documents of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, prompt_lengths = [], []
+    for b, main_len in enumerate(PACKED_MAIN_LENGTHS):
+        user = b % I
+        if kind == "L":
+            prompt = [user_token(user), 17, 23, 42]
+            main = [item_token(j) for j in torch.randperm(J, generator=gen)[:main_len].tolist()]
+        else:
+            prompt = [user_token(user), 5, 9, item_token((3 * b) % J), 11]
+            main = torch.randint(1, V, (main_len,), generator=gen).tolist()
+        rows.append(prompt + main)
+        prompt_lengths.append(len(prompt))
+    return rows, prompt_lengths
+
+
+def rec_documents(seed=0):
+    """(rows, users, target_rows, target_items) of rec prompts of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, users, target_rows, target_items = [], [], [], []
+    for b, (kept, held_out) in enumerate([(9, 2), (1, 1), (1, 3), (2, 1), (1, 2)]):
+        items = torch.randperm(J, generator=gen)[: kept + held_out].tolist()
+        user = (b + 2) % I
+        rows.append([user_token(user), 17, 23] + [item_token(j) for j in items[:kept]] + [user_token(user), 31, 32])
+        users.append(user)
+        target_rows += [b] * held_out
+        target_items += items[kept:]
+    return rows, users, target_rows, target_items
+
+
+def reference_losses(model, kind, rows, prompt_lengths=None, targets=None):
+    """fp32, every document alone in its own forward pass (no padding, no packing): (lm, mr)."""
+    side = "content" if kind == "C" else "collab"
+    terms, per_user = [], []
+    for k, row in enumerate(rows):
+        ids = torch.tensor([row])
+        hidden = naive_hidden(model, ids, torch.ones_like(ids), side)[0]
+        if kind == "rec":
+            log_probs = torch.log_softmax(model.item_head_weight() @ hidden[len(row) - 1], dim=0)
+            per_user.append(-sum(log_probs[j] for j, r in zip(*targets) if r == k))
+            continue
+        head, offset = ((model.item_head_weight(), V + I) if kind == "L"
+                        else (model.backbone.get_output_embeddings().weight, 0))
+        for t in range(prompt_lengths[k] - 1, len(row) - 1):
+            terms.append(-torch.log_softmax(head @ hidden[t], dim=0)[row[t + 1] - offset])
+    lm = torch.stack(per_user).mean() if kind == "rec" else torch.stack(terms).mean()
+    padded, _, lengths = pad_rows(rows)
+    return lm, naive_mr(model, padded, lengths, side)
+
+
+def step_batch(kind, pack):
+    if kind == "rec":
+        rows, users, target_rows, target_items = rec_documents()
+        return RecBatch.from_rows(rows, users, target_rows, target_items, pack=pack), rows, None, (target_items,
+                                                                                                      target_rows)
+    rows, prompt_lengths = lm_documents(kind)
+    return LMBatch.from_rows(rows, prompt_lengths, pack=pack), rows, prompt_lengths, None
+
+
+LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
+
+
+def grads(model, loss, side):
+    params = model.parameter_groups()["content" if side == "C" else "collab"]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_packed_batches_match_the_unpadded_reference(backbone_dir, kind):
+    model = make_model(backbone_dir)
+    packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
+    assert packed.input_ids.shape[0] < len(rows), "the test batch must really share rows"
+    assert packed.real_token_fraction > step_batch(kind, pack=False)[0].real_token_fraction
+    out = LOSSES[kind](model, packed)
+    lm, mr = reference_losses(model, kind, rows, prompt_lengths, targets)
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads(model, out["loss"], kind), grads(model, lm + mr, kind)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def relative_error(got, want):
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_bf16_packed_batches_match_the_fp32_unpadded_reference(llama_dir, kind):
+    reference = make_model(llama_dir)
+    model = make_model(llama_dir, precision="bf16")
+    model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")},
+                          strict=False)
+    assert model.collab_item_table.weight.dtype == torch.float32
+    packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
+    out = LOSSES[kind](model, packed)
+    assert out["lm"].dtype == torch.float32
+    lm, mr = reference_losses(reference, kind, rows, prompt_lengths, targets)
+    torch.testing.assert_close(out["lm"], lm, rtol=2e-2, atol=1e-2)  # bf16 keeps ~3 significant digits
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)  # tables are fp32: exact
+    for g, w in zip(grads(model, out["loss"], kind), grads(reference, lm + mr, kind)):
+        assert g.dtype == torch.float32
+        assert relative_error(g, w) < 5e-2

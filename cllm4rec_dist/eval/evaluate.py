@@ -20,17 +20,16 @@ TOP_K = 100  # enough for Recall@20/40 and NDCG@100
 
 @torch.no_grad()
 def user_representations(model, docs: list[dict], space: TokenSpace, style: str = "rec", batch_size: int = 64,
-                         max_length: int = 1024, seed: int = 0) -> torch.Tensor:
-    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector."""
+                         max_length: int = 1024, seed: int = 0, pack: bool = True) -> torch.Tensor:
+    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector.
+    Prompts are packed several to a row unless ``pack`` is off (the same vectors either way)."""
     was_training = model.training
     model.eval()
     device = model.item_head_weight().device
     out = []
     for start in range(0, len(docs), batch_size):
-        ids, mask, lengths = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed)
-        ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
-        hidden = model.hidden_states(ids, mask, side="collab")
-        out.append(hidden[torch.arange(len(lengths), device=device), lengths - 1].float())
+        layout = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, pack).to(device)
+        out.append(model.last_token_hidden(layout, side="collab"))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.hidden_size)
 

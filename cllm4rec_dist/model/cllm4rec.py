@@ -177,15 +177,29 @@ class CLLM4Rec(nn.Module):
         embeds[is_id_token] = self.id_embeddings(input_ids[is_id_token], side).to(embeds.dtype)
         return embeds
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       side: str = "collab") -> torch.Tensor:
-        """Last-layer hidden states (B, T, d) of the decoder stack (no LM head)."""
-        embeds = self.embed(input_ids, side)
-        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        """Last-layer hidden states (R, T, d) of the decoder stack (no LM head), in the compute dtype.
 
-    def last_token_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
-                          side: str = "collab") -> torch.Tensor:
-        """(B, d) hidden state of each row's last real token (index lengths-1): the query that scores the
-        items in the rec-step and at prediction time (``item_softmax.chunked_topk`` with ``item_head_weight()``)."""
-        hidden = self.hidden_states(input_ids, attention_mask, side)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        ``position_ids`` restart at 0 for every document (see model/batch.py); no 2D attention mask
+        is passed, so transformers derives a causal mask that is block-diagonal over the documents
+        of a packed row (and plain causal when nothing is packed: right padding is never attended).
+        use_cache=False: the config's default (True) would build a KV cache nobody reads, and with a
+        cache present transformers skips the packed-sequence detection (documents would see each other).
+        """
+        embeds = self.embed(input_ids, side)
+        return self.backbone.base_model(inputs_embeds=embeds, position_ids=position_ids,
+                                        use_cache=False).last_hidden_state
+
+    def document_hidden(self, batch, positions: torch.Tensor, docs: torch.Tensor, side: str = "collab") -> torch.Tensor:
+        """(N, d) fp32 hidden states at ``positions`` (within their document) of documents ``docs`` of a
+        batch laid out as in model/batch.py, cast to the fp32 of the tables and heads."""
+        hidden = self.hidden_states(batch.input_ids, batch.position_ids, side)
+        return hidden[batch.doc_rows[docs], batch.doc_starts[docs] + positions].float()
+
+    def last_token_hidden(self, batch, side: str = "collab") -> torch.Tensor:
+        """(B, d) fp32 hidden state of each document's last token (index lengths-1): the query that scores
+        the items in the rec-step and at prediction time (``item_softmax.chunked_topk`` with
+        ``item_head_weight()``)."""
+        docs = torch.arange(batch.lengths.shape[0], device=batch.lengths.device)
+        return self.document_hidden(batch, batch.lengths - 1, docs, side)

@@ -43,24 +43,26 @@ def mutual_regularization(model: CLLM4Rec, input_ids: torch.Tensor, attention_ma
 
 
 def _next_token_targets(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, positions) predicting a MAIN token: t in [prompt_len-1, len-2] predicts token t+1,
-    so the first MAIN token is predicted from the last prompt position."""
-    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
-    predicts = (positions >= batch.prompt_lengths[:, None] - 1) & (positions <= batch.lengths[:, None] - 2)
-    return predicts.nonzero(as_tuple=True)
+    """(docs, positions) predicting a MAIN token: position t of a document, t in [prompt_len-1, len-2],
+    predicts its token t+1, so the first MAIN token is predicted from the last prompt position."""
+    counts = batch.lengths - batch.prompt_lengths
+    docs = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+    first_of_doc = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(docs.shape[0], device=counts.device) - first_of_doc[docs]
+    return docs, batch.prompt_lengths[docs] - 1 + offsets
 
 
 def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor, first_class: int,
                   num_classes: int, step: str) -> dict:
     """Next-token CE over MAIN with classes ``first_class .. first_class+num_classes-1`` of the token
     space scored by ``head`` (mean over target tokens) + MR of ``side`` to the other side."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, side=side)
-    rows, positions = _next_token_targets(batch)
-    targets = batch.input_ids[rows, positions + 1] - first_class
+    docs, positions = _next_token_targets(batch)
+    hidden = model.document_hidden(batch, positions, docs, side=side)
+    targets = batch.input_ids[batch.doc_rows[docs], batch.doc_starts[docs] + positions + 1] - first_class
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         raise ValueError(f"{step} MAIN tokens must all be ids {first_class} .. {first_class + num_classes - 1}")
     num_targets = targets.numel()
-    lm = sparse_softmax_nll(hidden[rows, positions], head, rows=torch.arange(num_targets, device=hidden.device),
+    lm = sparse_softmax_nll(hidden, head, rows=torch.arange(num_targets, device=hidden.device),
                             cols=targets, max_logit_elements=model.config.max_logit_elements) / max(num_targets, 1)
     mr = mutual_regularization(model, batch.input_ids, batch.attention_mask, trained_side=side)
     return {"loss": lm + mr, "lm": lm, "mr": mr, "tokens": num_targets}
@@ -83,7 +85,7 @@ def c_step_loss(model: CLLM4Rec, batch: LMBatch) -> dict:
 def rec_step_loss(model: CLLM4Rec, batch: RecBatch) -> dict:
     """RecLLM: -sum_{j held out} log softmax(h_last . W_item^T)_j, mean over the users of the batch
     (h_last = hidden state of the last real prompt token) + MR to content over the prompt's id tokens."""
-    last_hidden = model.last_token_hidden(batch.input_ids, batch.attention_mask, batch.lengths, side="collab")
+    last_hidden = model.last_token_hidden(batch, side="collab")
     num_users = last_hidden.shape[0]
     lm = sparse_softmax_nll(last_hidden, model.item_head_weight(), rows=batch.target_rows,
                             cols=batch.target_items,
