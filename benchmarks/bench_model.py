@@ -17,6 +17,11 @@
     python benchmarks/bench_model.py                       # tiny random LLaMA, CPU, a couple of minutes
     python benchmarks/bench_model.py --device cuda --hidden 1024 --positions 2048
     python benchmarks/bench_model.py --backbone DIR        # a real checkpoint instead of the random one
+
+(c) per step kind on real batches (benchmarks/step_kinds.py): one JSON line per (precision, layout, step)
+    with tokens/s, the real-token fraction and the fraction of the machine's matmul rate:
+    python benchmarks/bench_model.py --backbone smollm2 --precision fp32,bf16 [--data SHARDS] [--pack on,off]
+    python benchmarks/bench_model.py --backbone tiny --precision fp32,bf16,int8
 """
 
 from __future__ import annotations
@@ -38,15 +43,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from cllm4rec_dist.model.batch import LMBatch, RecBatch  # noqa: E402
 from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS, sparse_softmax_nll  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_kinds  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
+    p.add_argument("--part", choices=["auto", "all", "throughput", "memory", "steps"], default="auto",
+                   help="auto: 'steps' when --backbone is a name (tiny, smollm2) or several precisions are given, "
+                        "else 'all' (throughput + memory)")
     # (a) throughput
     p.add_argument("--backbone", default=None, help="local checkpoint dir; default: a random LLaMA of the sizes below")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "nf4"])
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16, int8 or nf4; the steps part takes a comma-separated list")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (random backbone, and the memory part)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
@@ -61,7 +72,26 @@ def parse_args(argv=None):
     p.add_argument("--max-logit-elements", type=int, default=DEFAULT_MAX_LOGIT_ELEMENTS)
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="CPU: cap on what one case may allocate")
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: "items,chunked"
-    return p.parse_args(argv)
+    add_step_arguments(p)
+    args = p.parse_args(argv)
+    for precision in args.precision.split(","):
+        if precision not in ("fp32", "bf16", "int8", "nf4"):
+            p.error(f"--precision {precision!r}: choose from fp32, bf16, int8, nf4")
+    if args.part == "auto":
+        named = args.backbone in step_kinds.BACKBONE_NAMES
+        args.part = "steps" if named or "," in args.precision else "all"
+    return args
+
+
+def add_step_arguments(p):
+    """(c) per step kind on real batches (benchmarks/step_kinds.py)."""
+    g = p.add_argument_group("steps part")
+    g.add_argument("--data", default=None, help="preprocessed shards; default: the demo dataset tokenised for --backbone")
+    g.add_argument("--pack", default="on", help="on, off or on,off: packed rows vs one right-padded row per document")
+    g.add_argument("--docs-per-step", type=int, default=16, help="documents per L/C/rec step (batch.batch_size)")
+    g.add_argument("--eval-batch", type=int, default=64, help="users per scoring batch (eval.batch_size)")
+    g.add_argument("--max-length", type=int, default=1024)
+    g.add_argument("--kinds", default=None, help="subset of L,C,rec,score")
 
 
 # ---- (a) throughput ------------------------------------------------------------------------------
@@ -261,6 +291,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_case is not None:
         memory_case_cpu_child(args)
+        return
+    if args.part == "steps":
+        json_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):  # library prints go to stderr, the JSON lines to stdout
+            step_kinds.bench_steps(args, json_out)
         return
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
