@@ -476,7 +476,7 @@ def test_packed_batches_match_the_unpadded_reference(backbone_dir, kind):
 
 
 def relative_error(got, want):
-    return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+    return float((got.detach().float() - want.detach()).norm() / want.detach().norm().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("kind", ["L", "C", "rec"])
@@ -495,3 +495,46 @@ def test_bf16_packed_batches_match_the_fp32_unpadded_reference(llama_dir, kind):
     for g, w in zip(grads(model, out["loss"], kind), grads(reference, lm + mr, kind)):
         assert g.dtype == torch.float32
         assert relative_error(g, w) < 5e-2
+
+
+# ---- (8) cold items: collaborative side from the content side -----------------------------------
+
+def test_unseen_items_take_their_content_rows(gpt2_dir, llama_dir):
+    tied = make_model(gpt2_dir)
+    warm_before = tied.collab_item_table.weight[[0, 1, 2]].clone()
+    tied.set_unseen_items_from_content([3, 7])
+    assert torch.equal(tied.collab_item_table.weight[[3, 7]], tied.content_item_table.weight[[3, 7]])
+    assert torch.equal(tied.collab_item_table.weight[[0, 1, 2]], warm_before)
+    assert tied.item_head_weight() is tied.collab_item_table.weight  # scored with the content rows
+
+    untied = make_model(llama_dir, num_items=120)  # more warm items than dimensions: the map is identifiable
+    mapping = torch.randn(D, D)
+    with torch.no_grad():
+        untied.item_head.weight.copy_(untied.content_item_table.weight @ mapping)
+        untied.item_head.weight[[5, 50]] = 0.0
+    untied.set_unseen_items_from_content([5, 50])
+    want = untied.content_item_table.weight[[5, 50]] @ mapping
+    assert relative_error(untied.item_head.weight[[5, 50]], want) < 1e-2
+    assert torch.equal(untied.collab_item_table.weight[[5, 50]], untied.content_item_table.weight[[5, 50]])
+
+
+def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
+    from cllm4rec_dist.corpus.ids import TokenSpace
+    from cllm4rec_dist.eval.evaluate import evaluate_docs
+
+    model = make_model(llama_dir, num_items=40)
+    space = TokenSpace(V, I, 40)
+    rng = torch.Generator().manual_seed(0)
+    docs = []
+    for u in range(I):
+        items = torch.randperm(40, generator=rng)[:9].tolist()
+        docs.append({"user": u, "prompt_prefix": [V + u, 17], "prompt_suffix": [V + u, 31],
+                     "train": items[:5], "valid": items[5:7], "test": items[7:]})
+    cold = sorted({d["valid"][0] for d in docs[:3]})
+    out = evaluate_docs(model, docs, space, "valid", cold_items=cold)
+    restricted = [{**d, "valid": [i for i in d["valid"] if i in cold]} for d in docs]
+    want = evaluate_docs(model, restricted, space, "valid")
+    assert out["num_cold_users"] == want["num_users"] == 3
+    for key in ("recall@20", "recall@40", "ndcg@100"):
+        assert out[f"cold/{key}"] == pytest.approx(want[key])
+    assert out["recall@20"] == pytest.approx(evaluate_docs(model, docs, space, "valid")["recall@20"])

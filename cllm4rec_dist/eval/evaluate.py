@@ -37,12 +37,17 @@ def user_representations(model, docs: list[dict], space: TokenSpace, style: str 
 @torch.no_grad()
 def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: str = "rec", batch_size: int = 64,
                   exclude_valid_on_test: bool = True, max_length: int = 1024, seed: int = 0,
-                  distributed: bool = False) -> dict:
+                  distributed: bool = False, cold_items=()) -> dict:
     """Recall@20/40, NDCG@100 on ``part`` ('valid' or 'test') for these users' eval docs.
 
     Train items are always excluded from the ranking; at test time the valid items too
     when ``exclude_valid_on_test``. With ``distributed`` the sums are all-reduced.
+    ``cold_items`` (items never trained on): the same ranking scored against each user's held-out COLD
+    items only, reported as ``cold/recall@20`` ... over the users that have one (``num_cold_users``).
     """
+    cold = np.zeros(model.num_items, bool)
+    cold[np.asarray(list(cold_items), dtype=np.int64)] = True
+    cold_sums = []
     if part not in ("valid", "test"):
         raise ValueError("part must be 'valid' or 'test'")
     weight = model.item_head_weight().detach()
@@ -59,8 +64,17 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
             topk = np.pad(topk, ((0, 0), (0, TOP_K - topk.shape[1])), constant_values=PAD)
         heldout = [np.asarray(d[part], dtype=np.int64) for d in chunk]
         sums.append(metric_sums(topk, heldout))
+        if cold.any():
+            cold_sums.append(metric_sums(topk, [h[cold[h]] for h in heldout]))
     total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
                                              "num_users": 0.0, "num_skipped": 0.0}
     if distributed:
         total = all_reduce_sums(total)
-    return finalize(total)
+    result = finalize(total)
+    if cold.any():
+        cold_total = merge_sums(*cold_sums) if cold_sums else {k: 0.0 for k in total}
+        if distributed:
+            cold_total = all_reduce_sums(cold_total)
+        for key, value in finalize(cold_total).items():
+            result[f"num_cold_{key[4:]}" if key.startswith("num_") else f"cold/{key}"] = value
+    return result

@@ -157,6 +157,26 @@ class CLLM4Rec(nn.Module):
         groups = {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
         return {name: params for name, params in groups.items() if params}
 
+    @torch.no_grad()
+    def set_unseen_items_from_content(self, items) -> None:
+        """Cold items (never in a collaborative document): their collaborative rows take the MODE of the
+        mutual-regularisation prior z_collab ~ N(z_content, I / lambda_c), i.e. their content rows, which the
+        C-steps trained on their texts (no likelihood term pulls the collaborative row anywhere else).
+        A separate item head (untied backbones) has no prior of its own: its cold rows come from a ridge
+        regression, fitted on the warm items, from content rows to head rows."""
+        cold = torch.as_tensor(list(items), dtype=torch.long, device=self.collab_item_table.weight.device)
+        if cold.numel() == 0:
+            return
+        content = self.content_item_table.weight
+        self.collab_item_table.weight[cold] = content[cold]
+        if self.item_head is not None:
+            warm = torch.ones(self.num_items, dtype=torch.bool, device=cold.device)
+            warm[cold] = False
+            x, y = content[warm].double(), self.item_head.weight[warm].double()
+            ridge = torch.eye(x.shape[1], dtype=torch.float64, device=x.device) * 1e-3 * x.pow(2).sum() / x.shape[0]
+            mapping = torch.linalg.solve(x.T @ x + ridge, x.T @ y)
+            self.item_head.weight[cold] = (content[cold].double() @ mapping).float()
+
     # ---- forward -----------------------------------------------------------------------------
 
     def id_embeddings(self, token_ids: torch.Tensor, side: str) -> torch.Tensor:

@@ -93,7 +93,8 @@ class CLLM4RecRecipe:
             groups.pop("content", None)
         engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr) for name, params in groups.items()}
         eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
-        self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None)
+        self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None,
+                               cold_items=data.manifest.get("cold_items", []))
         resumed = resuming and self.sink.load_latest(self.trainer)
         if resumed:  # before anything is written: a refused resume leaves the run folder as it was
             changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")

@@ -69,9 +69,11 @@ class Rank:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, list[CorpusBatches]],
-                 blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger):
+                 blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger,
+                 cold_items: list[int] = ()):
         self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
         self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
+        self.cold_items = list(cold_items)  # items held out of training (protocol.cold_item_fraction)
         self.sink = sink        # checkpoint writer/reader (train/checkpoint.py)
         self.log = logger       # progress lines + TensorBoard (train/monitor.py)
         self.state = TrainerState()
@@ -142,9 +144,11 @@ class Trainer:
     # ---- evaluation and model selection --------------------------------------------------------
 
     def evaluate(self, part: str) -> dict:
+        if self.cold_items:  # their collaborative rows come from their content rows (the MR prior's mode)
+            self.model.set_unseen_items_from_content(self.cold_items)
         return evaluate_docs(self.model, self.eval_docs, self.space, part, self.cfg.prediction_style, self.cfg.eval.batch_size,
                              self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
-                             distributed=self.r.distributed)
+                             distributed=self.r.distributed, cold_items=self.cold_items)
 
     def validate(self, block: Block) -> None:
         metrics = self.evaluate("valid")
