@@ -161,14 +161,18 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
 
 
-def test_train_command_writes_metrics_json(demo_data, tmp_path, capsys):
+def train_command_one_epoch_each(data, out) -> dict:
+    """`cllm4rec train` with one pretraining and one finetuning epoch; returns metrics.json."""
     from cllm4rec_dist.cli import main
 
-    out = tmp_path / "run"
-    assert main(["train", "--data", demo_data, "--out", str(out), "--schedule.warmup_epochs", "0",
+    assert main(["train", "--data", data, "--out", str(out), "--schedule.warmup_epochs", "0",
                  "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
                  "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_command_writes_metrics_json(demo_data, tmp_path, capsys):
+    metrics = train_command_one_epoch_each(demo_data, tmp_path / "run")
     for part in ("valid", "test"):
         assert {"recall@20", "recall@40", "ndcg@100"} <= set(metrics[part])
     assert '"test"' in capsys.readouterr().out
@@ -188,10 +192,6 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
     assert len(cold) == round(0.2 * ds.num_items)
     for doc in ds.read_corpus("eval"):
         assert len(doc["train"]) <= 6 and not cold & set(doc["train"])
-    out = tmp_path / "run"
-    assert main(["train", "--data", data, "--out", str(out), "--schedule.warmup_epochs", "0",
-                 "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
-                 "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = train_command_one_epoch_each(data, tmp_path / "run")
     for part in ("valid", "test"):
         assert metrics[part]["num_cold_users"] > 0 and metrics[part]["cold/recall@20"] is not None
