@@ -59,8 +59,9 @@ def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor
     docs, positions = _next_token_targets(batch)
     hidden = model.document_hidden(batch, positions, docs, side=side)
     targets = batch.input_ids[batch.doc_rows[docs], batch.doc_starts[docs] + positions + 1] - first_class
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        raise ValueError(f"{step} MAIN tokens must all be ids {first_class} .. {first_class + num_classes - 1}")
+    # checked on the device, without waiting for it (a host-side check would sync every step)
+    torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                        f"{step} MAIN tokens must all be ids {first_class} .. {first_class + num_classes - 1}")
     num_targets = targets.numel()
     lm = sparse_softmax_nll(hidden, head, rows=torch.arange(num_targets, device=hidden.device),
                             cols=targets, max_logit_elements=model.config.max_logit_elements) / max(num_targets, 1)

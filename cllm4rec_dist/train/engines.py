@@ -37,12 +37,12 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip (if set), step, zero the grads; returns the gradient norm."""
+    def step(self) -> torch.Tensor:
+        """Clip (if set), step, zero the grads; returns the gradient norm (a tensor: no host-device sync)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -126,10 +126,10 @@ class DeepSpeedEngine(TorchEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # a tensor or a float, whatever the ZeRO stage computed
+        return torch.as_tensor(norm if norm is not None else float("nan")).detach()
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()

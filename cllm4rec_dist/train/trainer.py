@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ from cllm4rec_dist.train.schedule import Block
 LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
 ENGINE_OF = {"L": "collab", "C": "content", "rec": "collab"}
 SCALARS = ("loss", "lm", "mr", "tokens")
+LOGGED = (*SCALARS, "grad_norm")  # per-step values, all-reduced every log_every steps
 
 
 @dataclass
@@ -58,13 +58,13 @@ class Rank:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: list[float]) -> list[float]:
-        """Average scalars across ranks (what rank 0 logs)."""
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a tensor of scalars across ranks (what rank 0 logs): ONE all-reduce, whatever its shape."""
         if not self.distributed:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / self.world_size
 
 
 class Trainer:
@@ -80,27 +80,30 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.restored_config: dict | None = None
         self.device = model.item_head_weight().device
+        self.unlogged: list[tuple[tuple, torch.Tensor]] = []  # (step facts, LOGGED values on the device)
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def train_step(self, kind: str) -> dict:
-        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update."""
+    def train_step(self, kind: str) -> dict[str, torch.Tensor]:
+        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update.
+
+        Returns the LOGGED scalars as device tensors: nothing here waits for the device."""
         streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
         epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
         engine = self.engines[ENGINE_OF[kind]]
         backbone = self.engines.get("backbone")  # LLM-FtAll / LLM-Scratch only
-        totals = defaultdict(float)
+        totals = dict.fromkeys(SCALARS, 0.0)
         for stream in streams:
             batch = stream.batch(epoch, step).to(self.device)
             out = LOSSES[kind](self.model, batch)
             engine.backward(out["loss"] / len(streams))
             for key in SCALARS:
-                totals[key] += float(torch.as_tensor(out[key]).detach()) / len(streams)
+                totals[key] = totals[key] + torch.as_tensor(out[key]).detach() / len(streams)
         totals["grad_norm"] = engine.step()
         if backbone is not None:
             backbone.step()
         self.state.counters[kind] += 1
-        return dict(totals)
+        return totals
 
     # ---- the schedule ------------------------------------------------------------------------
 
@@ -117,6 +120,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         total = sum(b.steps for b in self.blocks)
+        self.log.schedule(self.blocks)
         while self.state.block < len(self.blocks):
             block = self.blocks[self.state.block]
             if self.state.step == 0:
@@ -129,17 +133,33 @@ class Trainer:
                 out = self.train_step(kind)
                 self.state.step += 1
                 self.state.global_step += 1
-                self.log.step(self.state, block, kind, self.r.mean([out[k] for k in (*SCALARS, "grad_norm")]),
-                              time.perf_counter() - start, total, self.engines[ENGINE_OF[kind]].lr)
+                values = torch.stack([torch.as_tensor(out[k], dtype=torch.float64).to(self.device) for k in LOGGED])
+                self.unlogged.append(((self.state.global_step, block, kind, time.perf_counter() - start, total,
+                                       self.engines[ENGINE_OF[kind]].lr), values))
+                if self.state.global_step % cfg.log_every == 0:
+                    self.flush_log()
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+            self.flush_log()
             if block.evaluate:
                 self.validate(block)
+            self.log.block_done(block, self.state.global_step, total)
             self.state.block += 1
             self.state.step = 0
             if not cfg.checkpoint_every:
                 self.save_checkpoint()
         return self.finish()
+
+    def flush_log(self) -> None:
+        """Hand the steps not yet logged to the monitor, averaged over ranks in ONE all-reduce.
+
+        Every rank calls this at the same steps (every log_every steps, block ends, checkpoints)."""
+        if not self.unlogged:
+            return
+        values = self.r.mean(torch.stack([v for _, v in self.unlogged])).tolist()
+        for (facts, _), row in zip(self.unlogged, values):
+            self.log.step(*facts, row)
+        self.unlogged = []
 
     # ---- evaluation and model selection --------------------------------------------------------
 
@@ -192,6 +212,7 @@ class Trainer:
         return {"state": asdict(self.state), "config": asdict(self.cfg), "rng": capture_rng()}
 
     def save_checkpoint(self) -> None:
+        self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
         self.sink.save(self)
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
