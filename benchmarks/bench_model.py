@@ -144,12 +144,11 @@ def median_step_seconds(steps: dict, rounds: int, device) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def bench_throughput(args, device):
+def build_model(args, device):
+    """CLLM4Rec over ``--backbone`` or a random LLaMA of ``--hidden/--layers/--vocab`` (also bench_scaling.py's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-    from cllm4rec_dist.train.engines import TorchEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = args.backbone
@@ -162,8 +161,15 @@ def bench_throughput(args, device):
                                  tie_word_embeddings=False)
             LlamaForCausalLM(config).save_pretrained(tmp)
             backbone_dir = tmp
-        model = CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
-                                     num_users=args.users, num_items=args.items, device=str(device)))
+        return CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
+                                    num_users=args.users, num_items=args.items, device=str(device)))
+
+
+def bench_throughput(args, device):
+    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+    from cllm4rec_dist.train.engines import TorchEngine
+
+    model = build_model(args, device)
     l_batch, c_batch, rec_batch, plain_ids = make_batches(model, args, device)
     batches = {"l_step": l_batch, "c_step": c_batch, "rec_step": rec_batch}
     num_tokens = args.batch * args.seq_len
@@ -271,6 +277,12 @@ def memory_case_cpu_child(args):
     """Runs in its own process: one (items, chunked) case; prints one JSON line."""
     items, chunked = args.memory_case.split(",")
     items, chunked = int(items), chunked == "1"
+    # first use of the kernels (BLAS, oneDNN, unique, ...) outside the measurement: a small case through
+    # the one-buffer and the chunked path alike
+    small = item_loss_inputs(args, 1000, torch.device("cpu"))
+    for budget in (args.max_logit_elements, args.positions * 100):
+        item_loss(*small, chunked, budget).backward()
+    del small
     hidden, weight, targets = item_loss_inputs(args, items, torch.device("cpu"))
     # reset the kernel's peak-RSS mark (VmHWM) so imports and input creation do not count
     with open("/proc/self/clear_refs", "w") as f:
@@ -333,7 +345,26 @@ def bench_memory(args, device):
               "after forward+backward minus RSS before the loss; "
               f"address space capped at +{args.memory_limit_gb} GB so larger allocations fail as 'oom'")
     return {"method": method, "hidden": args.hidden, "positions": args.positions,
-            "max_logit_elements": args.max_logit_elements, "cases": cases}
+            "max_logit_elements": args.max_logit_elements, "cases": cases,
+            "chunked_vs_dense": chunked_vs_dense(cases, args)}
+
+
+def chunked_vs_dense(cases: list[dict], args) -> dict:
+    """Per catalogue size: our loss's peak against its bound (the (J,d) weight gradient + one chunk of
+    ``max_logit_elements`` fp32 logits) and its time against the dense loss's, where the dense one ran."""
+    chunk_mb = args.max_logit_elements * 4 / 2**20
+    out = {}
+    for items in sorted({c["items"] for c in cases}):
+        ours = next(c for c in cases if c["items"] == items and c["chunked"])
+        dense = next(c for c in cases if c["items"] == items and not c["chunked"])
+        row = {"bound_mb": round(ours["weight_grad_mb"] + min(chunk_mb, ours["dense_logits_mb"]), 1),
+               "path": "one buffer (logits fit)" if items * args.positions <= args.max_logit_elements else "chunked"}
+        if isinstance(ours.get("peak_mb"), float):
+            row["peak_over_bound"] = round(ours["peak_mb"] / row["bound_mb"], 3)
+        if "seconds" in ours and "seconds" in dense:
+            row["time_over_dense"] = round(ours["seconds"] / dense["seconds"], 3)
+        out[str(items)] = row
+    return out
 
 
 def main(argv=None):

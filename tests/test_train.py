@@ -62,6 +62,23 @@ def test_reference_trainer_beats_most_popular_and_writes_metrics(reference_run, 
     assert (out / "config.yaml").exists() and list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(reference_run, demo_data):
+    out, _ = reference_run
+    blocks = schedule_of(tiny_config(demo_data, str(out)), demo_data)
+    console = (out / "console.log").read_text().splitlines()
+    block_lines = [line for line in console if " epoch " in line and "ETA" in line]
+    assert [line.split(" epoch ")[0] for line in block_lines] == [f"[train] {b.phase}" for b in blocks]
+    assert sum("valid recall@20" in line for line in block_lines) == sum(b.evaluate for b in blocks)
+    assert sum("ETA for the whole schedule" in line for line in console) == 1
+    assert len(console) <= len(blocks) + 5  # fits a screen; the detail is in progress.log
+    assert "[eval] valid" in (out / "progress.log").read_text()
+    rank0 = json.loads((out / "timing.json").read_text())["rank0"]
+    assert rank0["counts"]["validation"] == sum(b.evaluate for b in blocks) and rank0["counts"]["test"] == 1
+    assert rank0["counts"]["train_steps"] == sum(b.steps for b in blocks)
+    assert rank0["counts"]["checkpoints"] == len(blocks)  # checkpoint_every 0: one per block
+    assert {"data", "backbone_load", "engines"} <= set(rank0["seconds"])
+
+
 def schedule_of(cfg: TrainConfig, data: str) -> list[Block]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset

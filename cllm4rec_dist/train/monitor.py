@@ -19,6 +19,8 @@ import time
 
 import torch
 
+CONSOLE_FILE = "console.log"  # the lines meant for the user's console, relayed by the Ray driver
+
 
 class Monitor:
     def __init__(self, run_dir: str, is_main: bool, log_every: int = 10, world_size: int = 1,
@@ -30,6 +32,7 @@ class Monitor:
         self.log_path = os.path.join(run_dir, "train_log.jsonl")
         self.started = time.time()
         self.progress_path = os.path.join(run_dir, "progress.log")
+        self.console_path = os.path.join(run_dir, CONSOLE_FILE)
         self.tokens_since = 0.0
         self.seconds_since = 0.0
         self.kind_seconds: dict[str, tuple[float, int]] = {}  # step kind -> (seconds, steps) so far
@@ -67,8 +70,11 @@ class Monitor:
                      f"{sum(b.evaluate for b in blocks)} validations")
 
     def console(self, line: str) -> None:
-        """A line for the user: printed, and kept in <run>/progress.log with the detailed ones."""
+        """A line for the user: printed, appended to <run>/console.log (which the Ray driver relays to its
+        console) and kept in <run>/progress.log with the detailed ones."""
         print(line, flush=True)
+        with open(self.console_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
         self.progress(line)
 
     def progress(self, line: str) -> None:
@@ -113,15 +119,20 @@ class Monitor:
                           f"loss {loss:.4f} (lm {lm:.4f} mr {mr:.4f}) {rate:,.0f} tok/s "
                           f"elapsed {time.time() - self.started:.0f}s")
             self.tokens_since = self.seconds_since = 0.0
-            if not self.eta_shown:
-                self.eta_shown = True
-                self.console(f"[train] ETA for the whole schedule: {_duration(self.eta_seconds(gs))} of steps "
-                             f"(from the first {gs}; validations not included)")
+            self.show_schedule_eta(gs)
+
+    def show_schedule_eta(self, global_step: int) -> None:
+        """Once, after the first logged steps: how long all the schedule's steps will take."""
+        if not self.eta_shown:
+            self.eta_shown = True
+            self.console(f"[train] ETA for the whole schedule: {_duration(self.eta_seconds(global_step))} of steps "
+                         f"(from the first {global_step}; validations not included)")
 
     def block_done(self, block, global_step: int, total_steps: int) -> None:
         """The console line of a finished block: its phase and epoch, mean loss, tokens/s, validation, ETA."""
         if not self.is_main:
             return
+        self.show_schedule_eta(global_step)
         loss, tokens, seconds, steps = self.block_totals
         self.block_totals = [0.0, 0.0, 0.0, 0]
         kinds = "+".join(dict.fromkeys(block.kinds))

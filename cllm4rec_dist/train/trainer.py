@@ -23,6 +23,7 @@ from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_t
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.schedule import Block
+from cllm4rec_dist.train.timing import PhaseTimer
 
 LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
 ENGINE_OF = {"L": "collab", "C": "content", "rec": "collab"}
@@ -70,7 +71,7 @@ class Rank:
 class Trainer:
     def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, list[CorpusBatches]],
                  blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger,
-                 cold_items: list[int] = ()):
+                 cold_items: list[int] = (), timer: PhaseTimer | None = None):
         self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
         self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
         self.cold_items = list(cold_items)  # items held out of training (protocol.cold_item_fraction)
@@ -81,6 +82,7 @@ class Trainer:
         self.restored_config: dict | None = None
         self.device = model.item_head_weight().device
         self.unlogged: list[tuple[tuple, torch.Tensor]] = []  # (step facts, LOGGED values on the device)
+        self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -134,7 +136,9 @@ class Trainer:
                 self.state.step += 1
                 self.state.global_step += 1
                 values = torch.stack([torch.as_tensor(out[k], dtype=torch.float64).to(self.device) for k in LOGGED])
-                self.unlogged.append(((self.state.global_step, block, kind, time.perf_counter() - start, total,
+                seconds = time.perf_counter() - start
+                self.timer.add("train_steps", seconds)
+                self.unlogged.append(((self.state.global_step, block, kind, seconds, total,
                                        self.engines[ENGINE_OF[kind]].lr), values))
                 if self.state.global_step % cfg.log_every == 0:
                     self.flush_log()
@@ -171,7 +175,8 @@ class Trainer:
                              distributed=self.r.distributed, cold_items=self.cold_items)
 
     def validate(self, block: Block) -> None:
-        metrics = self.evaluate("valid")
+        with self.timer.phase("validation"):
+            metrics = self.evaluate("valid")
         record = {"block": self.state.block, "phase": block.phase, "epoch": block.epoch,
                   "global_step": self.state.global_step, **metrics}
         self.state.evals.append(record)
@@ -191,7 +196,8 @@ class Trainer:
         if self.best_weights is not None:
             self.load_trainable_state(self.best_weights)
         valid = self.state.best if self.state.best else self.evaluate("valid")
-        test = self.evaluate("test")
+        with self.timer.phase("test"):
+            test = self.evaluate("test")
         self.log.evaluation("test", test, self.state.global_step)
         self.state.finished = True
         result = {"valid": {k: v for k, v in valid.items() if k not in ("block", "phase", "epoch", "global_step")},
@@ -213,7 +219,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
-        self.sink.save(self)
+        with self.timer.phase("checkpoints"):
+            self.sink.save(self)
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
         self.restored_config = snapshot["config"]  # what the checkpoint was trained with (compared on resume)
