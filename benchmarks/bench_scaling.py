@@ -141,7 +141,8 @@ def main(argv=None):
             bench_model.build_model(args.model, torch.device("cpu")).backbone.save_pretrained(tmp)
             args.model.backbone = tmp
         runs = {str(w): run(w, args) for w in counts}
-    report = {"cpu_count": os.cpu_count(), "threads_per_worker": args.threads, "ds_config": os.path.basename(args.ds_config),
+    report = {"cpu_count": os.cpu_count(), "threads_per_worker": args.threads,
+              "ds_config": os.path.basename(args.ds_config),
               "shapes": {k: getattr(args.model, k) for k in ("hidden", "layers", "vocab", "users", "items", "batch",
                                                                "seq_len")},
               "workers": runs}
