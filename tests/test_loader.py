@@ -141,3 +141,24 @@ def test_prediction_prompts_use_all_train_items(corpora):
     assert all(padded.document(k).equal(prompts.document(k)) for k in range(len(ev)))
     collab = prediction_prompts(ev, space, style="collab")
     assert (collab.lengths == prompts.lengths - len(ev[0]["prompt_suffix"])).all()
+
+
+def test_prediction_prompts_without_reordering_keep_the_training_order(corpora):
+    """LLM-FixOrd is scored as it trained: the stored order, cut to the latest items like its batches."""
+    ds, space, docs = corpora
+    ev = docs["eval"][:5]
+    fixed_prompts = prediction_prompts(ev, space, style="collab", reorder=False)
+    shuffled = prediction_prompts(ev, space, style="collab", reorder=True)
+    items_of = lambda tokens: [space.item_of(t) for t in tokens.tolist() if space.is_item(t)]  # noqa: E731
+    for k, doc in enumerate(ev):
+        assert items_of(fixed_prompts.document(k)) == list(doc["train"])
+    assert any(not fixed_prompts.document(k).equal(shuffled.document(k)) for k in range(len(ev)))
+    # the same (user's) collab document, as an L-step batch without reordering, has the same items in order
+    user = int(ev[0]["user"])
+    position = next(k for k, d in enumerate(docs["collab"]) if int(d["user"]) == user)
+    fixed = CorpusBatches("collab", [docs["collab"][position]], np.array([position]), space,
+                          BatchSettings(batch_size=1, reorder=False), steps_per_epoch=1).batch(3, 0)
+    assert items_of(fixed.document(0)) == items_of(fixed_prompts.document(0))
+    budget = len(ev[0]["prompt_prefix"]) + 3  # too long: the latest 3 items, as the training batches keep
+    cut = prediction_prompts(ev[:1], space, style="collab", max_length=budget, reorder=False)
+    assert items_of(cut.document(0)) == ev[0]["train"][-3:]

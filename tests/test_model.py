@@ -123,92 +123,174 @@ def naive_hidden(model, input_ids, attention_mask, side):
                                      attention_mask=attention_mask).last_hidden_state
 
 
-def naive_mr(model, input_ids, lengths, trained_side):
-    trained = {"collab": (model.collab_user_table, model.collab_item_table),
-               "content": (model.content_user_table, model.content_item_table)}
-    fixed = trained["content" if trained_side == "collab" else "collab"]
-    trained = trained[trained_side]
-    terms = []
-    for b in range(input_ids.shape[0]):
-        for t in range(int(lengths[b])):
-            token = int(input_ids[b, t])
+def naive_tables(model, side):
+    return ((model.collab_user_table, model.collab_item_table) if side == "collab"
+            else (model.content_user_table, model.content_item_table))
+
+
+def naive_prior_term(model, token, trained_side):
+    """||z_trained - z_fixed||^2 of one user/item token, summed over d by hand."""
+    fixed_side = "content" if trained_side == "collab" else "collab"
+    which, index = (0, token - V) if token < V + I else (1, token - V - I)
+    diff = naive_tables(model, trained_side)[which].weight[index] - naive_tables(model, fixed_side)[which].weight[index].detach()
+    return sum(diff[k] ** 2 for k in range(D))
+
+
+def naive_embedding_sq_sum(model, input_ids, trained_side):
+    """The authors' MSELoss(reduction='sum') between the two sides' input embeddings of EVERY position
+    (padding included: vocab positions embed identically on both sides and cancel)."""
+    fixed_side = "content" if trained_side == "collab" else "collab"
+    total = 0.0
+    for row in input_ids.tolist():
+        for token in row:
             if token < V:
-                continue
-            which, index = (0, token - V) if token < V + I else (1, token - V - I)
-            diff = trained[which].weight[index] - fixed[which].weight[index].detach()
-            terms.append(sum(diff[k] ** 2 for k in range(D)))
-    return LAMBDA_C / 2 * torch.stack(terms).mean()
+                continue  # the same frozen vocab row on both sides: difference exactly 0
+            total = total + naive_prior_term(model, token, trained_side)
+    return total
+
+
+def doc_id_tokens(input_ids, lengths, b):
+    return [int(t) for t in input_ids[b, : int(lengths[b])] if int(t) >= V]
+
+
+def naive_lm_mr(model, batch, trained_side, per_doc_ce, reduction, rec=False):
+    """(lm, mr) of one step transcribed from the formulas of each mr_reduction (model/losses.py)."""
+    B = batch.input_ids.shape[0]
+    docs = [doc_id_tokens(batch.input_ids, batch.lengths, b) for b in range(B)]
+    targets = [[item_token(int(j)) for j in batch.target_items[batch.target_rows == b]] for b in range(B)] if rec else None
+    all_ce = [ce for doc in per_doc_ce for ce in doc]
+    if rec:  # multinomial NLL summed per user, averaged over users, in every mode
+        lm = torch.stack([sum(doc) for doc in per_doc_ce]).mean()
+    elif reduction == "paper":
+        lm = torch.stack([sum(doc) for doc in per_doc_ce]).mean()
+    else:
+        lm = torch.stack(all_ce).mean()
+    if reduction == "paper":
+        per_doc = []
+        for b in range(B):
+            tokens = docs[b]
+            if rec:  # Eq. 10: the user once and every interacted item (prompt + held out) once
+                tokens = [user_token(int(batch.users[b]))] + sorted({t for t in tokens + targets[b] if t >= V + I})
+            per_doc.append(LAMBDA_C / 2 * sum(naive_prior_term(model, t, trained_side) for t in tokens))
+        mr = torch.stack(per_doc).mean()
+    elif reduction == "authors":
+        mr = LAMBDA_C * naive_embedding_sq_sum(model, batch.input_ids, trained_side)
+        if rec:  # their rec-step also regularises the target items (main_ids)
+            mr = mr + LAMBDA_C * sum(naive_prior_term(model, t, trained_side) for doc in targets for t in doc)
+    else:
+        occurrences = [t for doc in docs for t in doc]
+        mr = LAMBDA_C / 2 * torch.stack([naive_prior_term(model, t, trained_side) for t in occurrences]).mean()
+    return lm, mr
 
 
 def naive_next_token_ce(model, batch, side, head_weight, target_offset):
+    """Per-document lists of next-token CE terms over MAIN."""
     hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, side)
-    terms = []
+    per_doc = []
     for b in range(hidden.shape[0]):
+        terms = []
         for t in range(int(batch.prompt_lengths[b]) - 1, int(batch.lengths[b]) - 1):
             log_probs = torch.log_softmax(head_weight @ hidden[b, t], dim=0)
             terms.append(-log_probs[int(batch.input_ids[b, t + 1]) - target_offset])
-    return torch.stack(terms).mean()
+        per_doc.append(terms)
+    return per_doc
 
 
 def naive_rec_nll(model, batch):
+    """Per-user lists of -log softmax terms of the held-out items."""
     hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, "collab")
     per_user = []
     for b in range(hidden.shape[0]):
         log_probs = torch.log_softmax(model.item_head_weight() @ hidden[b, int(batch.lengths[b]) - 1], dim=0)
         held_out = batch.target_items[batch.target_rows == b]
-        per_user.append(-sum(log_probs[int(j)] for j in held_out))
-    return torch.stack(per_user).mean()
+        per_user.append([-log_probs[int(j)] for j in held_out])
+    return per_user
 
 
 # ---- (1) losses equal the naive computation ------------------------------------------------
 
-def test_l_step_loss_and_gradient_match_naive(backbone_dir):
-    model = make_model(backbone_dir)
-    batch = lm_batch("L")
-    out = l_step_loss(model, batch)
-    assert out["tokens"] == batch.num_target_tokens == 11
-    lm = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
+REDUCTIONS = ("paper", "authors", "token_mean")
+
+
+def _check_against_naive(model, out, lm, mr, side):
     torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], lm + mr, rtol=1e-5, atol=1e-5)
-
-    params = model.parameter_groups()["collab"]
-    got = torch.autograd.grad(out["loss"], params)
-    want = torch.autograd.grad(lm + mr, params)
+    groups = model.parameter_groups()
+    params = groups[side]
+    got = torch.autograd.grad(out["loss"], params, retain_graph=True)
+    want = torch.autograd.grad(lm + mr, params, retain_graph=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # the fixed side is detached: the step's loss does not reach it at all
+    other = groups["content" if side == "collab" else "collab"]
+    assert all(g is None for g in torch.autograd.grad(out["loss"], other, allow_unused=True))
 
 
-def test_c_step_loss_matches_naive(backbone_dir):
-    model = make_model(backbone_dir)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_l_step_loss_and_gradient_match_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
+    batch = lm_batch("L")
+    out = l_step_loss(model, batch)
+    assert out["tokens"] == batch.num_target_tokens == 11
+    per_doc = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
+    lm, mr = naive_lm_mr(model, batch, "collab", per_doc, reduction)
+    _check_against_naive(model, out, lm, mr, "collab")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_c_step_loss_matches_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
     batch = lm_batch("C")
     out = c_step_loss(model, batch)
     head = model.backbone.get_output_embeddings().weight
-    lm = naive_next_token_ce(model, batch, "content", head, 0)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "content")
-    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    per_doc = naive_next_token_ce(model, batch, "content", head, 0)
+    lm, mr = naive_lm_mr(model, batch, "content", per_doc, reduction)
     assert out["tokens"] == 11
-
-    params = model.parameter_groups()["content"]
-    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    _check_against_naive(model, out, lm, mr, "content")
 
 
-def test_rec_step_loss_matches_naive(backbone_dir):
-    model = make_model(backbone_dir)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_rec_step_loss_matches_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
     batch = rec_batch()
     out = rec_step_loss(model, batch)
-    lm = naive_rec_nll(model, batch)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
-    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    lm, mr = naive_lm_mr(model, batch, "collab", naive_rec_nll(model, batch), reduction, rec=True)
     assert out["tokens"] == 6
+    _check_against_naive(model, out, lm, mr, "collab")
 
-    params = model.parameter_groups()["collab"]
-    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+def test_reductions_differ_as_documented(llama_dir):
+    """The scale factors the docstring states, on the C batch: paper / token_mean MR = mean id tokens per doc,
+    authors / token_mean = 2 x id-token occurrences; and the rec-step prior of paper covers the held-out items."""
+    batch = lm_batch("C")
+    mr = {r: c_step_loss(make_model(llama_dir, mr_reduction=r), batch)["mr"] for r in REDUCTIONS}
+    occurrences = int((batch.input_ids >= V).logical_and(batch.attention_mask.bool()).sum())
+    torch.testing.assert_close(mr["paper"] / mr["token_mean"], torch.tensor(occurrences / 3.0))
+    torch.testing.assert_close(mr["authors"] / mr["token_mean"], torch.tensor(2.0 * occurrences))
+    model = make_model(llama_dir, mr_reduction="paper")
+    with torch.no_grad():  # collapse the two sides on every prompt token: only the held-out items remain
+        model.content_user_table.weight.copy_(model.collab_user_table.weight)
+        prompt_items = {int(t) - V - I for t in rec_batch().input_ids.flatten() if int(t) >= V + I}
+        for j in prompt_items:
+            model.content_item_table.weight[j] = model.collab_item_table.weight[j]
+    assert float(rec_step_loss(model, rec_batch())["mr"].detach()) > 0
+
+
+@pytest.mark.parametrize("step", ["L", "C", "rec"])
+def test_regularize_false_leaves_mr_out_exactly(llama_dir, step):
+    model = make_model(llama_dir)
+    loss_fn, batch = {"L": (l_step_loss, lm_batch("L")), "C": (c_step_loss, lm_batch("C")),
+                      "rec": (rec_step_loss, rec_batch())}[step]
+    out = loss_fn(model, batch, regularize=False)
+    assert float(out["mr"]) == 0.0
+    assert torch.equal(out["loss"], out["lm"])
+    torch.testing.assert_close(out["lm"], loss_fn(model, batch)["lm"])
+
+
+def test_unknown_mr_reduction_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="mr_reduction='sum'.*paper, authors, token_mean"):
+        make_model(llama_dir, mr_reduction="sum")
 
 
 def test_main_tokens_of_the_wrong_kind_are_rejected(llama_dir):

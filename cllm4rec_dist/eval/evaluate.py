@@ -20,15 +20,17 @@ TOP_K = 100  # enough for Recall@20/40 and NDCG@100
 
 @torch.no_grad()
 def user_representations(model, docs: list[dict], space: TokenSpace, style: str = "rec", batch_size: int = 64,
-                         max_length: int = 1024, seed: int = 0, pack: bool = True) -> torch.Tensor:
-    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector.
+                         max_length: int = 1024, seed: int = 0, pack: bool = True, reorder: bool = True) -> torch.Tensor:
+    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector
+    (prompt items shuffled with ``reorder``, else in stored order: ``prediction_prompts``).
     Prompts are packed several to a row unless ``pack`` is off (the same vectors either way)."""
     was_training = model.training
     model.eval()
     device = model.item_head_weight().device
     out = []
     for start in range(0, len(docs), batch_size):
-        layout = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, pack).to(device)
+        layout = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, pack,
+                                    reorder).to(device)
         out.append(model.last_token_hidden(layout, side="collab"))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.hidden_size)
@@ -37,7 +39,7 @@ def user_representations(model, docs: list[dict], space: TokenSpace, style: str 
 @torch.no_grad()
 def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: str = "rec", batch_size: int = 64,
                   exclude_valid_on_test: bool = True, max_length: int = 1024, seed: int = 0,
-                  distributed: bool = False, cold_items=()) -> dict:
+                  reorder: bool = True, distributed: bool = False, cold_items=()) -> dict:
     """Recall@20/40, NDCG@100 on ``part`` ('valid' or 'test') for these users' eval docs.
 
     Train items are always excluded from the ranking; at test time the valid items too
@@ -54,7 +56,7 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
     sums = []
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
-        users = user_representations(model, chunk, space, style, batch_size, max_length, seed)
+        users = user_representations(model, chunk, space, style, batch_size, max_length, seed, reorder=reorder)
         exclude = [torch.as_tensor(d["train"] + (d["valid"] if part == "test" and exclude_valid_on_test else []),
                                    dtype=torch.long) for d in chunk]
         _, topk = chunked_topk(users, weight, TOP_K, exclude=exclude,

@@ -159,9 +159,10 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
                          "re-run `cllm4rec preprocess`.")
     style = cfg.prediction_style
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-    # The trainer's prompts exactly (order seeded by batch.seed), so these vectors scored metrics.json.
+    # The trainer's prompts exactly (order seeded by batch.seed, stored order for LLM-FixOrd), so these
+    # vectors scored metrics.json.
     vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length,
-                                   cfg.batch.seed)
+                                   cfg.batch.seed, reorder=cfg.reorder)
     return vectors.cpu(), style
 
 

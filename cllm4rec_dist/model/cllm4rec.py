@@ -19,6 +19,8 @@ from . import backbone as bb
 from .item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
 
 SIDES = ("collab", "content")
+MR_REDUCTIONS = ("paper", "authors", "token_mean")
+"""How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
 
 
 @dataclass
@@ -34,7 +36,12 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file inside ``backbone`` to load instead of a safetensors checkpoint (e.g. SmolLM2)."""
     lambda_c: float = 1.0
-    """Mutual-regularisation weight: the loss adds lambda_c/2 * mean ||z_trained - z_fixed||^2 per id token."""
+    """Mutual-regularisation weight: the prior precision of z_content ~ N(z_collab, I / lambda_c); how it
+    weighs against the likelihood depends on ``mr_reduction``."""
+    mr_reduction: str = "paper"
+    """"paper" (per-document sums of likelihood and prior terms, averaged over documents), "authors"
+    (lambda_c x sum over batch x length x d against a mean CE) or "token_mean" (lambda_c/2 x mean over id
+    tokens against a mean CE); formulas in model/losses.py."""
     init_std: float | None = None
     """Std of the normal init of the tables and item head; None -> the backbone's initializer_range."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
@@ -58,6 +65,8 @@ class CLLM4Rec(nn.Module):
     def __init__(self, config: ModelConfig, backbone: PreTrainedModel | None = None):
         """Build the model; ``backbone`` may be passed already loaded (it must match ``config.precision``)."""
         super().__init__()
+        if config.mr_reduction not in MR_REDUCTIONS:
+            raise ValueError(f"mr_reduction={config.mr_reduction!r}; choose one of {', '.join(MR_REDUCTIONS)}")
         self.config = config
         if backbone is None:
             backbone = bb.load_backbone(config.backbone, config.precision, gguf_file=config.gguf_file,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.eval.metrics import SELECTION_METRICS
+from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
 
@@ -37,7 +39,16 @@ class ModelSettings:
     precision: str = "fp32"
     """Backbone precision: fp32, bf16, int8 or nf4 (int8/nf4: bitsandbytes; the tables stay fp32)."""
     lambda_c: float = 1.0
-    """Mutual-regularisation weight (the paper's lambda_c; ~1 recommended)."""
+    """Mutual-regularisation weight (the paper's prior precision lambda_c). Its strength depends on
+    mr_reduction: with 'paper' ~1 is the paper's recommended start; with 'authors' it is their lambda (their runs
+    use 1); with 'token_mean' it weighs a per-id-token mean against the per-token CE mean."""
+    mr_reduction: str = "paper"
+    """How losses reduce the likelihood and the MR prior over a batch (formulas: model/losses.py).
+    'paper': per-document sums of CE and of lambda_c/2 ||z - z_other||^2 over the document's user/item tokens
+    (Eqs. 7, 8, 10; rec-step: the user and every interacted item, prompt and held-out), averaged over documents:
+    the paper's method. 'authors': lambda_c x sum over batch x length x d of the squared difference against a mean
+    CE: to reproduce the authors' code at their lambda. 'token_mean': lambda_c/2 x mean over id tokens against a
+    mean CE: this project's earlier default, MR strength independent of batch size and document length."""
     init_std: float | None = None
     """Std of the table/head init; None = the backbone's initializer_range."""
     max_logit_elements: int = 2**24
@@ -50,6 +61,9 @@ class ModelSettings:
 class ScheduleSettings:
     warmup_epochs: int = 10
     """Content-LLM-only epochs before mutually-regularised pretraining (paper: 10)."""
+    warmup_mr: bool = False
+    """Add the mutual regularisation to the warm-up C-steps too (false = the paper's and the authors' warm-up:
+    the content LLM alone, logged mr = 0; true = earlier versions of this project)."""
     pretrain_epochs: int = 100
     """Mutually-regularised pretraining epochs alternating L and C (paper: 100)."""
     alternate: str = "epoch"
@@ -80,6 +94,9 @@ class EvalSettings:
     """Users scored per forward pass."""
     exclude_valid_on_test: bool = True
     """At test time also mask the user's validation items (they are known interactions by then)."""
+    select_on: str = "recall@20"
+    """Validation score that picks the best finetuning epoch: 'recall@20', or 'authors' (Recall@20 + Recall@40
+    + NDCG@100, as the authors' code selects)."""
 
 
 @dataclass
@@ -147,6 +164,10 @@ class TrainConfig:
         _require(self.schedule.alternate in ("epoch", "steps"), "schedule.alternate", self.schedule.alternate,
                  "'epoch' or 'steps'")
         _require(self.model.precision in PRECISIONS, "model.precision", self.model.precision, ", ".join(PRECISIONS))
+        _require(self.model.mr_reduction in MR_REDUCTIONS, "model.mr_reduction", self.model.mr_reduction,
+                 ", ".join(MR_REDUCTIONS))
+        _require(self.eval.select_on in SELECTION_METRICS, "eval.select_on", self.eval.select_on,
+                 ", ".join(SELECTION_METRICS))
         if self.ablation in ("ftall", "scratch") and self.model.precision in ("int8", "nf4"):
             raise ConfigError(f"ablation={self.ablation} trains the backbone; a quantised ({self.model.precision}) "
                               "backbone cannot be trained: use model.precision=fp32 or bf16")

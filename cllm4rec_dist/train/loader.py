@@ -159,20 +159,25 @@ def mask_items(items: list[int], ratio: float, rng: np.random.Generator) -> tupl
 
 
 def prediction_prompts(docs: list[dict], space: TokenSpace, style: str = "rec", max_length: int = 1024,
-                       seed: int = 0, pack: bool = True) -> RowLayout:
+                       seed: int = 0, pack: bool = True, reorder: bool = True) -> RowLayout:
     """Prompts for scoring: ALL train items of each user (no masking).
 
     style 'rec' = prefix + items + suffix (the finetuned RecLLM); 'collab' = prefix +
     items, predicting the next item as the L-step does (the paper's LLM-PreRec).
-    Item order is a fixed shuffle (seeded) so it matches neither file order nor ids.
+    Items in the order the model trained on: with ``reorder`` (stochastic reordering in training) a
+    fixed shuffle (seeded), so it matches neither file order nor ids; without it (LLM-FixOrd) the
+    stored order, cut to the latest items as the training batches are.
     Document k of the returned layout is the prompt of ``docs[k]`` (packed unless ``pack`` is off).
     """
     rows = []
     for doc in docs:
         suffix = doc["prompt_suffix"] if style == "rec" else []
         items = list(doc["train"])
-        order = doc_rng(seed, 0, int(doc["user"]), "order").permutation(len(items))
         budget = max_length - len(doc["prompt_prefix"]) - len(suffix)
-        items = [items[k] for k in order][:budget]
+        if reorder:
+            order = doc_rng(seed, 0, int(doc["user"]), "order").permutation(len(items))
+            items = [items[k] for k in order][:budget]
+        else:
+            items = items[-budget:] if budget > 0 else []
         rows.append(doc["prompt_prefix"] + [space.item_token(i) for i in items] + suffix)
     return pack_rows(rows, pack)

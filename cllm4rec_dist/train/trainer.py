@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
+from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
 from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_tensors, restore_rng, trainable_shapes
 from cllm4rec_dist.train.config import TrainConfig
@@ -86,8 +87,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def train_step(self, kind: str) -> dict[str, torch.Tensor]:
-        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update.
+    def train_step(self, kind: str, regularize: bool = True) -> dict[str, torch.Tensor]:
+        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update
+        (``regularize=False``: without the mutual regularisation, as in the warm-up).
 
         Returns the LOGGED scalars as device tensors: nothing here waits for the device."""
         streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
@@ -97,7 +99,7 @@ class Trainer:
         totals = dict.fromkeys(SCALARS, 0.0)
         for stream in streams:
             batch = stream.batch(epoch, step).to(self.device)
-            out = LOSSES[kind](self.model, batch)
+            out = LOSSES[kind](self.model, batch, regularize=regularize)
             engine.backward(out["loss"] / len(streams))
             for key in SCALARS:
                 totals[key] = totals[key] + torch.as_tensor(out[key]).detach() / len(streams)
@@ -132,7 +134,8 @@ class Trainer:
                     return self.stop("max_steps reached")
                 kind = block.kinds[self.state.step]
                 start = time.perf_counter()
-                out = self.train_step(kind)
+                # The paper's warm-up trains the content LLM alone: no prior toward the random collab tables.
+                out = self.train_step(kind, regularize=block.phase != "warmup" or cfg.schedule.warmup_mr)
                 self.state.step += 1
                 self.state.global_step += 1
                 values = torch.stack([torch.as_tensor(out[k], dtype=torch.float64).to(self.device) for k in LOGGED])
@@ -172,16 +175,17 @@ class Trainer:
             self.model.set_unseen_items_from_content(self.cold_items)
         return evaluate_docs(self.model, self.eval_docs, self.space, part, self.cfg.prediction_style, self.cfg.eval.batch_size,
                              self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
-                             distributed=self.r.distributed, cold_items=self.cold_items)
+                             reorder=self.cfg.reorder, distributed=self.r.distributed, cold_items=self.cold_items)
 
     def validate(self, block: Block) -> None:
         with self.timer.phase("validation"):
             metrics = self.evaluate("valid")
+        select_on = self.cfg.eval.select_on
         record = {"block": self.state.block, "phase": block.phase, "epoch": block.epoch,
                   "global_step": self.state.global_step, **metrics}
         self.state.evals.append(record)
         self.log.evaluation("valid", metrics, self.state.global_step)
-        if not self.state.best or (metrics["recall@20"] or 0.0) > (self.state.best["recall@20"] or 0.0):
+        if not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best, select_on):
             self.state.best = record
             self.best_weights = self.trainable_state()
 
