@@ -68,7 +68,7 @@ def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
     trainer = recipe.trainer
     original = trainer.train_step
 
-    def train_step(kind):
+    def train_step(kind, **kwargs):
         if trainer.state.global_step + 1 == kill_step:
             open(marker, "w").close()
             line = f"[train] rank {kill_rank}: killed at step {kill_step} (test hook)"
@@ -76,7 +76,7 @@ def _install_kill_hook(recipe: CLLM4RecRecipe) -> None:
             with open(os.path.join(recipe.cfg.out, CONSOLE_FILE), "a", encoding="utf-8") as f:
                 f.write(line + "\n")  # what the Ray driver relays to its console
             os._exit(1)
-        return original(kind)
+        return original(kind, **kwargs)
 
     trainer.train_step = train_step
 
