@@ -523,8 +523,9 @@ def reference_losses(model, kind, rows, prompt_lengths=None, targets=None):
         for t in range(prompt_lengths[k] - 1, len(row) - 1):
             terms.append(-torch.log_softmax(head @ hidden[t], dim=0)[row[t + 1] - offset])
     lm = torch.stack(per_user).mean() if kind == "rec" else torch.stack(terms).mean()
-    padded, _, lengths = pad_rows(rows)
-    return lm, naive_mr(model, padded, lengths, side)
+    # token_mean MR: lambda_c/2 * mean over the id-token occurrences of the documents
+    occurrences = [naive_prior_term(model, t, side) for row in rows for t in row if t >= V]
+    return lm, LAMBDA_C / 2 * torch.stack(occurrences).mean()
 
 
 def step_batch(kind, pack):
@@ -539,6 +540,18 @@ def step_batch(kind, pack):
 LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
 
 
+@pytest.mark.parametrize("reduction", ["paper", "authors", "token_mean"])
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_packing_does_not_change_any_mr_reduction(backbone_dir, kind, reduction):
+    """Per-document prior terms follow documents, not rows: a packed row holds several users."""
+    model = make_model(backbone_dir, mr_reduction=reduction)
+    packed, padded = step_batch(kind, pack=True)[0], step_batch(kind, pack=False)[0]
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+    a, b = LOSSES[kind](model, packed), LOSSES[kind](model, padded)
+    for key in ("lm", "mr"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 def grads(model, loss, side):
     params = model.parameter_groups()["content" if side == "C" else "collab"]
     return torch.autograd.grad(loss, params)
@@ -546,7 +559,7 @@ def grads(model, loss, side):
 
 @pytest.mark.parametrize("kind", ["L", "C", "rec"])
 def test_packed_batches_match_the_unpadded_reference(backbone_dir, kind):
-    model = make_model(backbone_dir)
+    model = make_model(backbone_dir, mr_reduction="token_mean")  # the reference transcribes token_mean
     packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
     assert packed.input_ids.shape[0] < len(rows), "the test batch must really share rows"
     assert packed.real_token_fraction > step_batch(kind, pack=False)[0].real_token_fraction
@@ -564,8 +577,8 @@ def relative_error(got, want):
 
 @pytest.mark.parametrize("kind", ["L", "C", "rec"])
 def test_bf16_packed_batches_match_the_fp32_unpadded_reference(llama_dir, kind):
-    reference = make_model(llama_dir)
-    model = make_model(llama_dir, precision="bf16")
+    reference = make_model(llama_dir, mr_reduction="token_mean")  # the reference transcribes token_mean
+    model = make_model(llama_dir, precision="bf16", mr_reduction="token_mean")
     model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")},
                           strict=False)
     assert model.collab_item_table.weight.dtype == torch.float32
