@@ -83,17 +83,17 @@ def tree_bytes(path: str) -> int:
 
 
 def checkpoint_sizes(run_dir: str) -> dict:
-    import torch
+    from cllm4rec_dist.train.checkpoint import load_state
 
     ckpt = newest_checkpoint(run_dir)
     if ckpt is None:
         return {"error": f"no checkpoint with trainer.pt under {run_dir}"}
-    blob = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False, map_location="cpu")
+    blob = load_state(os.path.join(ckpt, "trainer.pt"))
     elements = sum(t.numel() for t in blob["trainable"].values())
     table_bytes = 4 * elements
     trainer_bytes = os.path.getsize(os.path.join(ckpt, "trainer.pt"))
     optim = {name: tree_bytes(os.path.join(ckpt, name)) for name in sorted(os.listdir(ckpt))
-             if name.startswith(("engine-", "optim-"))}
+             if name.startswith("optim-")}
     total = trainer_bytes + sum(optim.values())
     return {"checkpoint": os.path.relpath(ckpt, run_dir), "trainable_elements": elements,
             "table_bytes_fp32": table_bytes,

@@ -1,8 +1,12 @@
 """Benchmark of the CLLM4Rec model: step throughput and the memory of the item-space softmax. Prints JSON.
 
-(a) tokens/s of the L-, C- and rec-steps (forward + backward + Adam step on the tables) against a
-    plain forward + backward of the same frozen backbone on the same number of tokens
-    (inputs_embeds requiring grad, the backbone's own LM loss over its vocabulary).
+(a) tokens/s of the L-, C- and rec-steps (forward + backward + Adam step on the tables), each against
+    ITS baseline: a plain forward + backward of the same frozen backbone on the same tokens
+    (inputs_embeds requiring grad) plus the same-size dense softmax (``cross_entropy(hidden @ W.T)``
+    over the same target positions and the same number of classes: J items for L and rec, V vocab
+    tokens for C; W trainable where the step trains it, the item head, frozen for the vocab head).
+    What a step does beyond its baseline (routing ids to the tables, the MR term, the Adam update)
+    is the overhead that ``time_ratio_vs_baseline`` measures.
 (b) peak memory of the item-space loss (forward + backward, hidden (N,d) and item table (J,d) both
     trainable) at 10k / 100k / 1M items, chunked (``sparse_softmax_nll``) vs the dense
     ``cross_entropy(hidden @ W.T)``.
@@ -17,6 +21,11 @@
     python benchmarks/bench_model.py                       # tiny random LLaMA, CPU, a couple of minutes
     python benchmarks/bench_model.py --device cuda --hidden 1024 --positions 2048
     python benchmarks/bench_model.py --backbone DIR        # a real checkpoint instead of the random one
+
+(c) per step kind on real batches (benchmarks/step_kinds.py): one JSON line per (precision, layout, step)
+    with tokens/s, the real-token fraction and the fraction of the machine's matmul rate:
+    python benchmarks/bench_model.py --backbone smollm2 --precision fp32,bf16 [--data SHARDS] [--pack on,off]
+    python benchmarks/bench_model.py --backbone tiny --precision fp32,bf16,int8
 """
 
 from __future__ import annotations
@@ -38,15 +47,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from cllm4rec_dist.model.batch import LMBatch, RecBatch  # noqa: E402
 from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS, sparse_softmax_nll  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_kinds  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
+    p.add_argument("--part", choices=["auto", "all", "throughput", "memory", "steps"], default="auto",
+                   help="auto: 'steps' when --backbone is a name (tiny, smollm2) or several precisions are given, "
+                        "else 'all' (throughput + memory)")
     # (a) throughput
     p.add_argument("--backbone", default=None, help="local checkpoint dir; default: a random LLaMA of the sizes below")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "nf4"])
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16, int8 or nf4; the steps part takes a comma-separated list")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (random backbone, and the memory part)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
@@ -61,7 +76,26 @@ def parse_args(argv=None):
     p.add_argument("--max-logit-elements", type=int, default=DEFAULT_MAX_LOGIT_ELEMENTS)
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="CPU: cap on what one case may allocate")
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: "items,chunked"
-    return p.parse_args(argv)
+    add_step_arguments(p)
+    args = p.parse_args(argv)
+    for precision in args.precision.split(","):
+        if precision not in ("fp32", "bf16", "int8", "nf4"):
+            p.error(f"--precision {precision!r}: choose from fp32, bf16, int8, nf4")
+    if args.part == "auto":
+        named = args.backbone in step_kinds.BACKBONE_NAMES
+        args.part = "steps" if named or "," in args.precision else "all"
+    return args
+
+
+def add_step_arguments(p):
+    """(c) per step kind on real batches (benchmarks/step_kinds.py)."""
+    g = p.add_argument_group("steps part")
+    g.add_argument("--data", default=None, help="preprocessed shards; default: the demo dataset tokenised for --backbone")
+    g.add_argument("--pack", default="on", help="on, off or on,off: packed rows vs one right-padded row per document")
+    g.add_argument("--docs-per-step", type=int, default=16, help="documents per L/C/rec step (batch.batch_size)")
+    g.add_argument("--eval-batch", type=int, default=64, help="users per scoring batch (eval.batch_size)")
+    g.add_argument("--max-length", type=int, default=1024)
+    g.add_argument("--kinds", default=None, help="subset of L,C,rec,score")
 
 
 # ---- (a) throughput ------------------------------------------------------------------------------
@@ -110,11 +144,11 @@ def median_step_seconds(steps: dict, rounds: int, device) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def bench_throughput(args, device):
+def build_model(args, device):
+    """CLLM4Rec over ``--backbone`` or a random LLaMA of ``--hidden/--layers/--vocab`` (also bench_scaling.py's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = args.backbone
@@ -127,39 +161,90 @@ def bench_throughput(args, device):
                                  tie_word_embeddings=False)
             LlamaForCausalLM(config).save_pretrained(tmp)
             backbone_dir = tmp
-        model = CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
-                                     num_users=args.users, num_items=args.items, device=str(device)))
+        return CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
+                                    num_users=args.users, num_items=args.items, device=str(device)))
+
+
+def bench_throughput(args, device):
+    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+    from cllm4rec_dist.train.engines import TorchEngine
+
+    model = build_model(args, device)
     l_batch, c_batch, rec_batch, plain_ids = make_batches(model, args, device)
+    batches = {"l_step": l_batch, "c_step": c_batch, "rec_step": rec_batch}
     num_tokens = args.batch * args.seq_len
-    groups = model.parameter_groups()
-    optimizers = {name: torch.optim.Adam(params, lr=1e-3) for name, params in groups.items()}
+    # the trainer's own engine (train/engines.py): clipping, Adam step, zeroed gradients
+    engines = {name: TorchEngine(name, params, lr=1e-3, grad_clip=1.0)
+               for name, params in model.parameter_groups().items()}
 
     def train_step(loss_fn, batch, side):
         def step():
-            optimizers[side].zero_grad(set_to_none=True)
-            loss_fn(model, batch)["loss"].backward()
-            optimizers[side].step()
+            engines[side].backward(loss_fn(model, batch)["loss"])
+            engines[side].step()
         return step
 
-    vocab_embeddings = model.backbone.get_input_embeddings()
-
-    def plain_step():
-        embeds = vocab_embeddings(plain_ids).detach().requires_grad_()
-        out = model.backbone(inputs_embeds=embeds, attention_mask=torch.ones_like(plain_ids), labels=plain_ids)
-        out.loss.backward()
-
     seconds = median_step_seconds({
-        "baseline_forward_backward": plain_step,
-        "l_step": train_step(l_step_loss, l_batch, "collab"),
-        "c_step": train_step(c_step_loss, c_batch, "content"),
-        "rec_step": train_step(rec_step_loss, rec_batch, "collab"),
+        **{f"baseline_{name}": step for name, step in baseline_steps(model, batches, plain_ids).items()},
+        "l_step": train_step(l_step_loss, batches["l_step"], "collab"),
+        "c_step": train_step(c_step_loss, batches["c_step"], "content"),
+        "rec_step": train_step(rec_step_loss, batches["rec_step"], "collab"),
     }, args.steps, device)
-    baseline = seconds["baseline_forward_backward"]
-    result = {name: {"tokens_per_s": round(num_tokens / s, 1), "time_ratio_vs_baseline": round(s / baseline, 3)}
-              for name, s in seconds.items()}
+    result = {"baseline": BASELINE_DEFINITION}
+    for name in batches:
+        baseline = seconds[f"baseline_{name}"]
+        result[name] = {"tokens_per_s": round(num_tokens / seconds[name], 1),
+                        "baseline_tokens_per_s": round(num_tokens / baseline, 1),
+                        "time_ratio_vs_baseline": round(seconds[name] / baseline, 3)}
     return {"backbone": args.backbone or f"random LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}",
             "precision": args.precision, "users": args.users, "items": args.items,
             "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, **result}
+
+
+BASELINE_DEFINITION = ("per step: forward + backward of the same frozen backbone on the same (B, T) tokens "
+                       "(vocab embeddings as inputs_embeds requiring grad) + dense cross_entropy(hidden @ W.T) over "
+                       "the step's target positions and class count (L: J items, W trainable; C: V vocab, W frozen; "
+                       "rec: J items from the last prompt token, multi-hot, W trainable); no optimizer step")
+
+
+def baseline_steps(model, batches: dict, plain_ids: torch.Tensor) -> dict:
+    """The floor of each step kind: the same backbone forward + backward on the same tokens, plus the
+    same-size DENSE softmax (logits materialised, torch's own cross-entropy), nothing else."""
+    import torch.nn.functional as F
+
+    from cllm4rec_dist.model.losses import _next_token_targets
+
+    embeddings = model.backbone.get_input_embeddings()
+    gen = torch.Generator().manual_seed(1)
+    item_head = (0.02 * torch.randn(model.num_items, model.hidden_size, generator=gen)).to(plain_ids.device)
+    item_head.requires_grad_()
+    vocab_head = model.vocab_head_weight().detach().float()
+
+    def backbone_hidden():
+        embeds = embeddings(plain_ids).detach().requires_grad_()
+        return model.backbone.base_model(inputs_embeds=embeds,
+                                         attention_mask=torch.ones_like(plain_ids)).last_hidden_state
+
+    def next_token_step(batch, head):
+        rows, positions = _next_token_targets(batch)
+        targets = torch.randint(0, head.shape[0], rows.shape, generator=gen).to(rows.device)
+
+        def step():
+            item_head.grad = None
+            hidden = backbone_hidden()
+            F.cross_entropy(hidden[rows, positions].float() @ head.T, targets).backward()
+        return step
+
+    def rec_step():
+        batch = batches["rec_step"]
+        item_head.grad = None
+        hidden = backbone_hidden()
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.lengths - 1]
+        log_probs = torch.log_softmax(last.float() @ item_head.T, dim=1)
+        (-log_probs[batch.target_rows, batch.target_items].sum() / hidden.shape[0]).backward()
+
+    return {"l_step": next_token_step(batches["l_step"], item_head),
+            "c_step": next_token_step(batches["c_step"], vocab_head),
+            "rec_step": rec_step}
 
 
 # ---- (b) memory of the item-space loss -----------------------------------------------------------
@@ -192,6 +277,12 @@ def memory_case_cpu_child(args):
     """Runs in its own process: one (items, chunked) case; prints one JSON line."""
     items, chunked = args.memory_case.split(",")
     items, chunked = int(items), chunked == "1"
+    # first use of the kernels (BLAS, oneDNN, unique, ...) outside the measurement: a small case through
+    # the one-buffer and the chunked path alike
+    small = item_loss_inputs(args, 1000, torch.device("cpu"))
+    for budget in (args.max_logit_elements, args.positions * 100):
+        item_loss(*small, chunked, budget).backward()
+    del small
     hidden, weight, targets = item_loss_inputs(args, items, torch.device("cpu"))
     # reset the kernel's peak-RSS mark (VmHWM) so imports and input creation do not count
     with open("/proc/self/clear_refs", "w") as f:
@@ -254,13 +345,37 @@ def bench_memory(args, device):
               "after forward+backward minus RSS before the loss; "
               f"address space capped at +{args.memory_limit_gb} GB so larger allocations fail as 'oom'")
     return {"method": method, "hidden": args.hidden, "positions": args.positions,
-            "max_logit_elements": args.max_logit_elements, "cases": cases}
+            "max_logit_elements": args.max_logit_elements, "cases": cases,
+            "chunked_vs_dense": chunked_vs_dense(cases, args)}
+
+
+def chunked_vs_dense(cases: list[dict], args) -> dict:
+    """Per catalogue size: our loss's peak against its bound (the (J,d) weight gradient + one chunk of
+    ``max_logit_elements`` fp32 logits) and its time against the dense loss's, where the dense one ran."""
+    chunk_mb = args.max_logit_elements * 4 / 2**20
+    out = {}
+    for items in sorted({c["items"] for c in cases}):
+        ours = next(c for c in cases if c["items"] == items and c["chunked"])
+        dense = next(c for c in cases if c["items"] == items and not c["chunked"])
+        row = {"bound_mb": round(ours["weight_grad_mb"] + min(chunk_mb, ours["dense_logits_mb"]), 1),
+               "path": "one buffer (logits fit)" if items * args.positions <= args.max_logit_elements else "chunked"}
+        if isinstance(ours.get("peak_mb"), float):
+            row["peak_over_bound"] = round(ours["peak_mb"] / row["bound_mb"], 3)
+        if "seconds" in ours and "seconds" in dense:
+            row["time_over_dense"] = round(ours["seconds"] / dense["seconds"], 3)
+        out[str(items)] = row
+    return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_case is not None:
         memory_case_cpu_child(args)
+        return
+    if args.part == "steps":
+        json_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):  # library prints go to stderr, the JSON lines to stdout
+            step_kinds.bench_steps(args, json_out)
         return
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:

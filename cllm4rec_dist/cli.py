@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from cllm4rec_dist.data.records import InputError
+from cllm4rec_dist.errors import run_command
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted in (None, name):
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
-    try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(importlib.import_module(COMMANDS[args.command][0]).run, args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ import argparse
 import json
 import os
 
+from cllm4rec_dist.resources import DEMO_DATASETS, demo_data_dir, packaged, resolve_path
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
+from cllm4rec_dist.train.timing import PhaseTimer, read_timing, write_timing
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
-# The embedded demo datasets and the split each is preprocessed with (A-LLMRec needs leave-one-out).
-DEMO_DATA = {os.path.join("shards", "demo"): "random", os.path.join("shards", "demo-loo"): "leave-one-out"}
+DEFAULT_CONFIG = packaged(os.path.join("configs", "demo.yaml"))
 
 
 def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -24,22 +23,27 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig,
     p.add_argument("--no-export", action="store_true", help="skip the embedding export at the end")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = p.parse_args(argv)
-    if not args.config:
-        args.config = DEFAULT_CONFIG
+    args.config = resolve_path(args.config) if args.config else DEFAULT_CONFIG
     return config_from_args(args), args
 
 
 def ensure_demo_data(cfg: TrainConfig) -> None:
-    """The embedded default: build the synthetic dataset + tiny backbone if `data` is a demo and missing."""
-    split = DEMO_DATA.get(os.path.normpath(cfg.data))
+    """The embedded default: when ``data`` names a demo dataset (``shards/demo``, or ``shards/demo-loo`` for
+    A-LLMRec) and no such dataset is in the working directory, use the project's own copy, building it
+    (synthetic data + tiny backbone, with that demo's split) once."""
+    name = os.path.normpath(cfg.data)
+    split = DEMO_DATASETS.get(name)
     if split is None or os.path.exists(os.path.join(cfg.data, "manifest.json")):
+        return
+    cfg.data = demo_data_dir(name)
+    if os.path.exists(os.path.join(cfg.data, "manifest.json")):
         return
     from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
     from cllm4rec_dist.data.demo import DemoConfig, write
     from cllm4rec_dist.data.protocol import ProtocolConfig
     from cllm4rec_dist.data.readers import ReaderOptions
 
-    raw = os.path.join("shards", "demo-raw")
+    raw = f"{cfg.data}-raw"
     print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it "
           f"({split} split)", flush=True)
     write(raw, DemoConfig())
@@ -47,13 +51,57 @@ def ensure_demo_data(cfg: TrainConfig) -> None:
                                 protocol=ProtocolConfig(split=split)))
 
 
-def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict) -> int:
-    """After training: export the best tables with original ids into <run>/export, print the summary."""
+def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: PhaseTimer | None = None) -> int:
+    """After training: export the best tables with original ids into <run>/export, print the summary and
+    where the wall time went (``<run>/timing.json``)."""
+    timer = timer or PhaseTimer()
     if not args.no_export:
         from cllm4rec_dist.export.command import export_checkpoint
 
         result["export"] = os.path.join(cfg.out, "export")
-        export_checkpoint(cfg.out, result["export"])
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the backbone loads again for the export: no progress bar on the console
+        with timer.phase("export"):
+            export_checkpoint(cfg.out, result["export"])
+    timer.mark("finished")
+    write_timing(cfg.out, "driver", timer)
     keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export") if k in result}
-    print(json.dumps(keep, indent=1, default=str), flush=True)
+    for key, value in keep.items():
+        print(f"[result] {key}: {json.dumps(value, default=str)}", flush=True)
+    print(f"[result] wall time: {wall_time_line(read_timing(cfg.out))} (split in {cfg.out}/timing.json)", flush=True)
     return 0
+
+
+def wall_time_split(timing: dict) -> dict[str, float]:
+    """Seconds per phase of a whole job from timing.json's "driver" and "rank0" sections, in order;
+    "other" is what no phase covers (process start, imports, Ray's reporting)."""
+    driver, rank0 = timing.get("driver", {}), timing.get("rank0", {})
+    seconds, marks = driver.get("seconds", {}), driver.get("marks", {})
+    worker, worker_marks = rank0.get("seconds", {}), rank0.get("marks", {})
+    split = {}
+    if marks.get("process_started") and "started" in marks:
+        split["python_start_imports"] = marks["started"] - marks["process_started"]
+    split |= {"demo_data": seconds.get("demo_data", 0.0), "ray_start": seconds.get("ray_start", 0.0)}
+    if "fit_started" in marks and "worker_started" in worker_marks:
+        split["worker_start"] = worker_marks["worker_started"] - marks["fit_started"]
+    for key in ("worker_imports", "init_distributed", "data", "backbone_load", "engines", "resume",
+                "train_steps", "validation", "checkpoints", "test"):
+        split[key] = worker.get(key, 0.0)
+    if "fit_finished" in marks and "train_finished" in worker_marks:
+        split["workers_stop"] = marks["fit_finished"] - worker_marks["train_finished"]
+    split["ray_stop"] = seconds.get("ray_stop", 0.0)
+    split["export"] = seconds.get("export", 0.0)
+    first = marks.get("process_started") or marks.get("started")
+    if first and "finished" in marks:
+        split["total"] = marks["finished"] - first
+        split["other"] = split["total"] - sum(v for k, v in split.items() if k != "total")
+    return {k: round(v, 1) for k, v in split.items()}
+
+
+def wall_time_line(timing: dict) -> str:
+    split = wall_time_split(timing)
+    counts = {**timing.get("rank0", {}).get("counts", {})}
+    parts = [f"{k.replace('_', ' ')} {v:.0f}s" + (f" ({counts[k]}x)" if counts.get(k, 1) > 1 else "")
+             for k, v in split.items() if k != "total" and abs(v) >= 0.5]
+    return f"{split.get('total', 0):.0f}s = " + ", ".join(parts)

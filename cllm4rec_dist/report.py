@@ -6,13 +6,24 @@ one invocation on the same preprocessed dataset, with the same metric code and
 the same training config, and writing that provenance next to the numbers, is
 what makes the rows comparable (and the paper comparison honest).
 
+Seeds. ``--seeds 0,1,2`` trains every model once per seed (``seed`` and ``batch.seed`` both set to it: table
+init, data order, reordering, masking; the split is the preprocessed one, the same for all) and reports the
+mean ± sample standard deviation over the seeds. A difference between two models' means counts as larger
+than the seed noise when |mean_a - mean_b| > 2 * s_pooled, s_pooled = sqrt((s_a^2 + s_b^2) / 2) (the sample
+stds over the same number of seeds): a deliberately simple rule that asks a difference to exceed the run-to-run
+spread itself. It is a screen, not a significance test: with n seeds the threshold is
+sqrt(n/2) * 2 standard errors of the difference (2.45 SE for 3 seeds, where a 5% t-test would need about 2.8),
+and it does not shrink as seeds are added. Deterministic models (most-popular, EASE) have std 0.
+
 Outputs in ``--out REPORT_DIR``:
 
-* ``report.md``   Markdown table (valid / test Recall@20, Recall@40, NDCG@100, wall time) + provenance;
-* ``recall20.png`` validation Recall@20 per finetuning epoch of each CLLM4Rec variant, baselines (and LLM-PreRec,
-  which has no finetuning epochs) as horizontal lines;
+* ``report.md``   Markdown table (valid / test Recall@20, Recall@40, NDCG@100, wall time; mean ± std over seeds),
+  the pairwise differences against the seed noise, and provenance;
+* ``recall20.png`` validation Recall@20 per finetuning epoch of each CLLM4Rec variant (mean over seeds), baselines
+  (and LLM-PreRec, which has no finetuning epochs) as horizontal lines;
 * ``report.json`` everything above, machine-readable;
-* ``runs/<model>/`` each model's own run folder (CLLM4Rec: metrics.json, train_log.jsonl, ...; baselines: result.json).
+* ``runs/<model>/seed-<s>/`` each model's own run folder per seed (CLLM4Rec: metrics.json, train_log.jsonl, ...;
+  baselines: result.json).
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -55,6 +68,23 @@ def parse_models(text: str) -> list[str]:
     if unknown or not models:
         raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
     return list(dict.fromkeys(models))
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
+
+
+def seeded(cfg: TrainConfig, seed: int) -> TrainConfig:
+    """``cfg`` trained with ``seed``: the table init and the data order/reordering/masking both follow it."""
+    out = copy.deepcopy(cfg)
+    out.seed = out.batch.seed = seed
+    return out
 
 
 def fresh_dir(path: str) -> str:
@@ -95,10 +125,18 @@ def run_variant(name: str, cfg: TrainConfig, run_dir: str) -> dict:
             "train_seconds": result.get("seconds")}
 
 
-def settings_key(cfg: TrainConfig) -> str:
-    """What a finished run must have been run with to be reused: the whole config but the output folder."""
+# Settings a model does not read: a finished run is reused whatever they were (LLM-CF has no content LLM and
+# no MR, so one LLM-CF run serves reports that differ only in how MR is weighted).
+UNUSED_SETTINGS = {"cf": (("model", "lambda_c"), ("model", "mr_reduction"), ("schedule", "warmup_mr"))}
+
+
+def settings_key(cfg: TrainConfig, name: str | None = None) -> str:
+    """What a finished run of model ``name`` must have been run with to be reused: the whole config but the
+    output folder and the settings ``name`` does not read."""
     values = dataclasses.asdict(cfg)
     values.pop("out")
+    for section, key in UNUSED_SETTINGS.get(name, ()):
+        values[section].pop(key)
     return json.dumps(values, sort_keys=True)
 
 
@@ -109,37 +147,93 @@ def load_finished(name: str, run_dir: str, cfg: TrainConfig) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         entry = json.load(f)
-    if entry.get("settings_key") != settings_key(cfg):
+    if entry.get("settings_key") != settings_key(cfg, name):
         print(f"[report] {name}: {run_dir} was run with other settings; running it again", flush=True)
         return None
     return {**entry, "run_dir": run_dir, "reused": True}
 
 
+def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool) -> dict:
+    """One model with one seed's config, in ``run_dir`` (or its finished run there, with ``reuse``)."""
+    if reuse and (entry := load_finished(name, run_dir, cfg)) is not None:
+        print(f"[report] {name} seed {cfg.seed}: reusing {run_dir}", flush=True)
+        return {k: v for k, v in entry.items() if k != "settings_key"}
+    fresh_dir(run_dir)
+    print(f"[report] {name} seed {cfg.seed}: running into {run_dir}", flush=True)
+    start = time.time()
+    if name in BASELINES:
+        entry = run_baseline_model(name, cfg.data, cfg, run_dir, multivae_epochs)
+    else:
+        entry = run_variant(name, cfg, run_dir)
+    entry.update(model=name, display=DISPLAY[name], seed=cfg.seed, run_dir=run_dir,
+                 seconds=round(time.time() - start, 2), settings_key=settings_key(cfg, name))
+    with open(os.path.join(run_dir, "entry.json"), "w", encoding="utf-8") as f:
+        json.dump(entry, f, indent=1)
+    print(f"[report] {name} seed {cfg.seed}: valid R@20 {fmt(entry['valid'].get('recall@20'))} "
+          f"test R@20 {fmt(entry['test'].get('recall@20'))} in {entry['seconds']:.0f}s", flush=True)
+    gc.collect()
+    return {k: v for k, v in entry.items() if k != "settings_key"}
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of the values that are not None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    """A model's entry over its seeds: per-metric means (``valid``/``test``) and stds, and the per-seed runs."""
+    entry = {"model": name, "display": DISPLAY[name], "kind": runs[0]["kind"], "seeds": [r["seed"] for r in runs],
+             "runs": runs, "run_dir": os.path.dirname(runs[0]["run_dir"]),
+             "seconds": round(sum(r["seconds"] for r in runs), 2),
+             "seconds_per_seed": round(sum(r["seconds"] for r in runs) / len(runs), 2),
+             "reused": all(r.get("reused") for r in runs)}
+    for part in ("valid", "test"):
+        stats = {m: mean_std([r[part].get(m) for r in runs]) for m in METRICS}
+        entry[part] = {m: stats[m][0] for m in METRICS}
+        entry[f"{part}_std"] = {m: stats[m][1] for m in METRICS}
+    if "ablation" in runs[0]:
+        entry["ablation"] = runs[0]["ablation"]
+    return entry
+
+
 def run_models(models: list[str], cfg: TrainConfig, report_dir: str, multivae_epochs: int | None,
-               reuse: bool = False) -> dict[str, dict]:
+               reuse: bool = False, seeds: list[int] | None = None) -> dict[str, dict]:
+    """Every model once per seed; each model's entry holds the per-seed runs and their mean ± std."""
+    seeds = seeds or [cfg.seed]
     entries: dict[str, dict] = {}
     for name in models:
-        run_dir = os.path.join(report_dir, "runs", name)
-        if reuse and (entry := load_finished(name, run_dir, cfg)) is not None:
-            print(f"[report] {name}: reusing {run_dir}", flush=True)
-            entries[name] = {k: v for k, v in entry.items() if k != "settings_key"}
-            continue
-        fresh_dir(run_dir)
-        print(f"[report] {name}: running into {run_dir}", flush=True)
-        start = time.time()
-        if name in BASELINES:
-            entry = run_baseline_model(name, cfg.data, cfg, run_dir, multivae_epochs)
-        else:
-            entry = run_variant(name, cfg, run_dir)
-        entry.update(model=name, display=DISPLAY[name], run_dir=run_dir, seconds=round(time.time() - start, 2),
-                     settings_key=settings_key(cfg))
-        with open(os.path.join(run_dir, "entry.json"), "w", encoding="utf-8") as f:
-            json.dump(entry, f, indent=1)
-        entries[name] = {k: v for k, v in entry.items() if k != "settings_key"}
-        print(f"[report] {name}: valid R@20 {fmt(entry['valid'].get('recall@20'))} "
-              f"test R@20 {fmt(entry['test'].get('recall@20'))} in {entry['seconds']:.0f}s", flush=True)
-        gc.collect()
+        runs = [run_one(name, seeded(cfg, seed), os.path.join(report_dir, "runs", name, f"seed-{seed}"),
+                        multivae_epochs, reuse) for seed in seeds]
+        entries[name] = summarize(name, runs)
     return entries
+
+
+def exceeds_seed_noise(a: dict, b: dict, part: str, metric: str) -> dict | None:
+    """Difference of two models' means on ``part``/``metric`` against the seed-noise threshold
+    2 * sqrt((s_a^2 + s_b^2) / 2) (module docstring); None when a value is missing."""
+    mean_a, mean_b = a[part].get(metric), b[part].get(metric)
+    std_a, std_b = a[f"{part}_std"].get(metric), b[f"{part}_std"].get(metric)
+    if None in (mean_a, mean_b, std_a, std_b):
+        return None
+    threshold = 2 * math.sqrt((std_a ** 2 + std_b ** 2) / 2)
+    diff = mean_a - mean_b
+    return {"a": a["model"], "b": b["model"], "part": part, "metric": metric, "difference": diff,
+            "threshold": threshold, "exceeds": abs(diff) > threshold}
+
+
+DIFFERENCE_COLUMNS = (("valid", "recall@20"), ("test", "recall@20"), ("test", "recall@40"), ("test", "ndcg@100"))
+
+
+def differences(entries: dict[str, dict]) -> list[dict]:
+    """Every pair of models, on validation Recall@20 and the three test metrics."""
+    return [d for a, b in itertools.combinations(entries.values(), 2) for part, metric in DIFFERENCE_COLUMNS
+            if (d := exceeds_seed_noise(a, b, part, metric)) is not None]
 
 
 # ---- provenance ----------------------------------------------------------------------------------
@@ -203,22 +297,53 @@ def fmt(value) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def fmt_stat(mean, std, seeds: int) -> str:
+    return fmt(mean) if seeds < 2 or mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def difference_lines(report: dict) -> list[str]:
+    if len(report["seeds"]) < 2:
+        return []
+    head = [f"{part} {name}" for part, name in DIFFERENCE_COLUMNS]
+    lines = ["## Differences against the seed noise", "",
+             f"Each cell: mean(a) − mean(b) over {len(report['seeds'])} seeds, and the noise threshold "
+             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds); **bold** = larger than the threshold.", "",
+             "| a | b | " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * len(head)]
+    by_pair: dict[tuple[str, str], dict] = {}
+    for d in report["differences"]:
+        by_pair.setdefault((d["a"], d["b"]), {})[(d["part"], d["metric"])] = d
+    for (a, b), cells in by_pair.items():
+        shown = []
+        for column in DIFFERENCE_COLUMNS:
+            d = cells.get(column)
+            text = "—" if d is None else f"{d['difference']:+.4f} ({d['threshold']:.4f})"
+            shown.append(f"**{text}**" if d is not None and d["exceeds"] else text)
+        lines.append(f"| {DISPLAY[a]} | {DISPLAY[b]} | " + " | ".join(shown) + " |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
+    n = len(report["seeds"])
+    stat = f" (mean ± std over seeds {', '.join(map(str, report['seeds']))})" if n > 1 else ""
     lines = [f"# Quality report: {report['dataset'].get('name') or report['dataset']['path']}", "",
+             f"Metrics{stat}; wall time per seed.", "",
              "| model | valid R@20 | valid R@40 | valid N@100 | test R@20 | test R@40 | test N@100 | wall time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in report["models"].values():
-        cells = [fmt(entry["valid"].get(m)) for m in METRICS] + [fmt(entry["test"].get(m)) for m in METRICS]
-        wall = f"{entry['seconds']:.1f}" + (" (reused)" if entry.get("reused") else "")
+        cells = [fmt_stat(entry[part].get(m), entry[f"{part}_std"].get(m), n)
+                 for part in ("valid", "test") for m in METRICS]
+        wall = f"{entry['seconds_per_seed']:.1f}" + (" (reused)" if entry.get("reused") else "")
         lines.append(f"| {entry['display']} | " + " | ".join(cells) + f" | {wall} |")
     ds, mach, bb = report["dataset"], report["machine"], report["backbone"]
     lines += ["", f"Total wall time: {report['seconds']:.1f} s. Validation picks the best finetuning epoch by "
-              "Recall@20 (baselines: their own grid / epoch); test is scored once on that model.", "",
+              f"{cfg['eval']['select_on']} (baselines: their own grid / epoch); test is scored once on that model.",
+              "", *difference_lines(report),
               "## Command", "", "```bash", report["command"], "```", "",
               "## Schedule and optimisation (every CLLM4Rec variant; the ablation switch is the only difference)", "",
               "```yaml", yaml_text({k: cfg[k] for k in ("seed", "schedule", "optim", "batch", "model", "eval")}),
               "```", "",
+              f"Seeds: {', '.join(map(str, report['seeds']))} (each sets `seed` and `batch.seed`).",
               f"Multi-VAE epochs: {report['multivae_epochs'] or 'default'}.", "",
               "## Data, backbone, machine", "",
               f"* dataset: `{ds['path']}` ({ds['num_users']} users, {ds['num_items']} items; documents {ds['docs']})",
@@ -231,6 +356,16 @@ def markdown(report: dict) -> str:
               f"* started {report['started']}, finished {report['finished']}", "",
               "![validation Recall@20](recall20.png)", ""]
     return "\n".join(lines)
+
+
+def mean_curve(entry: dict) -> list[tuple[int, float]]:
+    """(finetuning epoch, validation Recall@20 averaged over the seeds that have it)."""
+    per_epoch: dict[int, list[float]] = {}
+    for run in entry.get("runs", []):
+        for h in run.get("history", []):
+            if h.get("phase") == "finetune" and h.get("recall@20") is not None:
+                per_epoch.setdefault(h["epoch"] + 1, []).append(h["recall@20"])
+    return [(epoch, sum(v) / len(v)) for epoch, v in sorted(per_epoch.items())]
 
 
 def yaml_text(obj) -> str:
@@ -253,7 +388,7 @@ def plot(report: dict, path: str) -> None:
     max_epoch = 1
     for entry in report["models"].values():
         r20 = entry["valid"].get("recall@20")
-        curve = [(h["epoch"] + 1, h["recall@20"]) for h in entry.get("history", []) if h.get("phase") == "finetune"]
+        curve = mean_curve(entry)
         if entry["kind"] == "cllm4rec" and curve:
             xs, ys = zip(*curve)
             max_epoch = max(max_epoch, max(xs))
@@ -274,7 +409,7 @@ def plot(report: dict, path: str) -> None:
         pad = 0.08 * (high - low) or 0.01
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("finetuning epoch")
-    ax.set_ylabel("validation Recall@20")
+    ax.set_ylabel("validation Recall@20" + (" (mean over seeds)" if len(report["seeds"]) > 1 else ""))
     ax.set_title(f"{report['dataset'].get('name') or 'dataset'}: validation Recall@20")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -287,15 +422,18 @@ def plot(report: dict, path: str) -> None:
 
 
 def build_report(cfg: TrainConfig, models: list[str], report_dir: str, command: str,
-                 multivae_epochs: int | None = None, reuse: bool = False) -> dict:
-    """Run ``models`` with ``cfg`` and write report.md, recall20.png and report.json into ``report_dir``."""
+                 multivae_epochs: int | None = None, reuse: bool = False, seeds: list[int] | None = None) -> dict:
+    """Run ``models`` with ``cfg`` once per seed (default: ``cfg.seed`` only) and write report.md, recall20.png
+    and report.json into ``report_dir``."""
+    seeds = seeds or [cfg.seed]
     os.makedirs(report_dir, exist_ok=True)
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.time()
     report = {"command": command, "models_requested": models, "config": dataclasses.asdict(cfg),
               "dataset": dataset_info(cfg.data), "backbone": backbone_info(cfg), "machine": machine_info(cfg),
               "code": code_info(),
-              "multivae_epochs": multivae_epochs, "started": started}
-    report["models"] = run_models(models, cfg, report_dir, multivae_epochs, reuse)
+              "multivae_epochs": multivae_epochs, "seeds": seeds, "started": started}
+    report["models"] = run_models(models, cfg, report_dir, multivae_epochs, reuse, seeds)
+    report["differences"] = differences(report["models"])
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     report["seconds"] = round(time.time() - t0, 2)
     report["files"] = {name: os.path.join(report_dir, name) for name in ("report.md", "recall20.png", "report.json")}
@@ -315,6 +453,10 @@ def add_arguments(p) -> None:
     p.add_argument("--models", type=parse_models, default=list(DEFAULT_MODELS),
                    help=f"comma-separated, from {', '.join(DISPLAY)} (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--multivae-epochs", type=int, default=None, help="Multi-VAE training epochs (default: its own)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="comma-separated training seeds, e.g. 0,1,2: every model runs once per seed (seed and "
+                        "batch.seed), the table shows mean ± std and which differences exceed the seed noise "
+                        "(default: --seed alone)")
     p.add_argument("--reuse", action="store_true",
                    help="keep models already finished in REPORT_DIR/runs (runs/<model>/entry.json) instead of rerunning")
     add_config_arguments(p)
@@ -334,6 +476,8 @@ def command_line(args) -> str:
     parts += ["--models", ",".join(args.models)]
     if args.multivae_epochs is not None:
         parts += ["--multivae-epochs", str(args.multivae_epochs)]
+    if args.seeds:
+        parts += ["--seeds", ",".join(map(str, args.seeds))]
     if args.reuse:
         parts.append("--reuse")
     return shlex.join(parts)
@@ -346,7 +490,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     report_dir = cfg.out
     command = command_line(args)
-    report = build_report(cfg, args.models, report_dir, command, args.multivae_epochs, args.reuse)
+    report = build_report(cfg, args.models, report_dir, command, args.multivae_epochs, args.reuse, args.seeds)
     print(markdown(report).split("\n## Command")[0])
     print(f"wrote {', '.join(report['files'].values())}")
     return 0

@@ -11,6 +11,7 @@ every finetuning epoch and the best model is tested once.
 import os
 import sys
 
+from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.launch import finish, parse
 
 
@@ -36,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -9,15 +9,21 @@ key of the --config YAML or a `--section.field VALUE` flag (see --help).
 
 import sys
 
+from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.launch import ensure_demo_data, finish, parse
 from cllm4rec_dist.train.distributed import launch_ray
+from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
 
 def main(argv=None) -> int:
+    timer = PhaseTimer()
+    timer.mark("process_started", process_started_at())
+    timer.mark("started")
     cfg, args = parse(__doc__, argv)
-    ensure_demo_data(cfg)
-    return finish(cfg, args, launch_ray(cfg))
+    with timer.phase("demo_data"):
+        ensure_demo_data(cfg)
+    return finish(cfg, args, launch_ray(cfg, timer), timer)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -99,11 +99,12 @@ def test_shard_manifest_round_trip_through_fsspec(tmp_path, scheme):
     docs = _docs(37)
     entry = writer.write_corpus("collab", iter(docs), len(docs), lambda d: len(d["prompt"]) + len(d["main"]))
     assert len(entry["shards"]) == 4 and entry["num_tokens"] == sum(2 + k % 5 for k in range(37))
-    writer.write_json("id_maps.json", {"users": ["a"], "items": ["b"]})
+    id_maps = {"users": [f"u{k}" for k in range(37)], "items": [f"i{k}" for k in range(5)]}
+    writer.write_json("id_maps.json", id_maps)
     writer.finalize({"num_users": 37, "num_items": 5, "vocab_size": 3})
     ds = ShardedDataset(url)
     assert ds.read_corpus("collab") == docs
-    assert ds.read_json("id_maps.json") == {"users": ["a"], "items": ["b"]}
+    assert ds.read_json("id_maps.json") == id_maps
     # The shards are plain webdataset tars: a stock WebDataset pipeline reads them (fsspec URLs included).
     register_fsspec()
     samples = list(wds.WebDataset(ds.shard_urls("collab"), shardshuffle=False, empty_check=False).decode())

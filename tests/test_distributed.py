@@ -109,6 +109,15 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     assert {"C/loss", "L/loss", "rec/loss", "C/mr", "L/lr", "rec/tokens_per_s", "valid/recall@20",
             "test/recall@20", "memory/rss_mb"} <= tags
     assert len(events.Scalars("valid/recall@20")) == 2
+    # The console: rank 0's lines relayed, one per block, none of the libraries' own output; the wall-time
+    # split of the whole job printed and kept; Ray's full logs (the workers' output too) in the run folder.
+    assert "PlacementGroupCleaner" not in output and "Loading weights" not in output
+    assert "[train] schedule:" in output and "[result] wall time:" in output
+    assert sum(" epoch " in line and "ETA" in line for line in output.splitlines()) == 4  # 1 + 1 + 2 blocks
+    timing = json.loads((out / "timing.json").read_text())
+    assert {"ray_start", "fit", "export", "ray_stop"} <= set(timing["driver"]["seconds"])
+    assert timing["rank0"]["counts"]["validation"] == 2 and "worker_started" in timing["rank0"]["marks"]
+    assert list((out / "logs" / "ray").glob("worker-*.out")) and (out / "progress.log").exists()
     # Ray persisted the checkpoints under the run's storage path; the resolved config was saved.
     assert list((out / "ray").rglob("trainer.pt"))
     assert load_config(str(out / "config.yaml")).dist.num_workers == 2

@@ -15,6 +15,7 @@ from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.export.command import ExportError, export_checkpoint
 from cllm4rec_dist.export.embeddings import fit_pca, project, read_export, resolve_checkpoint
 from cllm4rec_dist.export.two_tower import compare
+from cllm4rec_dist.train.checkpoint import CheckpointError, load_state
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.reference import run_reference
 
@@ -56,7 +57,7 @@ def run_dir(dataset, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def blob(run_dir) -> dict:
     fs, folder = resolve_checkpoint(run_dir)
-    return torch.load(os.path.join(folder, "trainer.pt"), weights_only=False, map_location="cpu")
+    return load_state(os.path.join(folder, "trainer.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +170,11 @@ def test_cli_export(run_dir, tmp_path, capsys):
 
 def test_bad_inputs_name_the_path(tmp_path, capsys):
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(ExportError, match="nowhere"):
+    with pytest.raises(CheckpointError, match="nowhere"):
         export_checkpoint(missing, str(tmp_path / "o"))
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    with pytest.raises(ExportError, match="no checkpoint found"):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
         export_checkpoint(str(empty), str(tmp_path / "o"))
     assert cli_main(["export", "--checkpoint", missing, "--out", str(tmp_path / "o")]) == 2
     assert "nowhere" in capsys.readouterr().err
@@ -204,13 +205,17 @@ def test_ray_run_layout_picks_the_newest_checkpoint(run_dir, tmp_path):
 
     _, folder = resolve_checkpoint(run_dir)
     ray_run = tmp_path / "ray_run"
-    for k, stamp in ((0, 2_000_000_000), (1, 1_000_000_000)):  # checkpoint_000000 is the newer one
+    for k, step in ((0, 2_000), (1, 1_000)):  # checkpoint_000000 holds the later step (its record says so)
         target = ray_run / "ray" / "ray_run" / f"checkpoint_{k:06d}"
-        target.mkdir(parents=True)
-        shutil.copy(os.path.join(folder, "trainer.pt"), target / "trainer.pt")
-        os.utime(target / "trainer.pt", (stamp, stamp))
+        shutil.copytree(folder, target)
+        record = json.loads((target / "files-rank0.json").read_text())
+        (target / "files-rank0.json").write_text(json.dumps({**record, "step": step}))
     _, found = resolve_checkpoint(str(ray_run))
     assert found.endswith("checkpoint_000000")
+    # a truncated newest checkpoint is skipped for the newest complete one
+    newest = ray_run / "ray" / "ray_run" / "checkpoint_000000" / "trainer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert resolve_checkpoint(str(ray_run))[1].endswith("checkpoint_000001")
     # a trainer.pt path works as well
     assert resolve_checkpoint(os.path.join(folder, "trainer.pt"))[1] == folder
 

@@ -57,18 +57,19 @@ def test_frozen_weight_gets_no_gradient_and_bf16_hidden_computes_in_fp32():
     torch.testing.assert_close(lse.detach(), dense, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_nll_multi_hot_matches_dense_log_softmax():
+@pytest.mark.parametrize("budget", [1, 12, 10**9])  # row chunks, class chunks, the one-buffer dense path
+def test_sparse_nll_multi_hot_matches_dense_log_softmax(budget):
     hidden, weight = _inputs(3)
     rows = torch.tensor([0, 0, 0, 2, 4, 4, 6])
     cols = torch.tensor([1, 5, 22, 0, 7, 8, 3])
     coeffs = torch.rand(len(rows))
-    loss = sparse_softmax_nll(hidden, weight, rows, cols, coeffs, chunk=4)
-    loss.backward()
+    loss = sparse_softmax_nll(hidden, weight, rows, cols, coeffs, max_logit_elements=budget)
+    (2.5 * loss).backward()  # the gradients computed in the forward are scaled by the incoming one
     got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
     hidden.grad = weight.grad = None
     log_probs = torch.log_softmax(hidden @ weight.T, dim=1)
     dense = -(coeffs * log_probs[rows, cols]).sum()
-    dense.backward()
+    (2.5 * dense).backward()
     for a, b in zip(got, (dense.detach(), hidden.grad, weight.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -124,3 +125,15 @@ def test_sparse_nll_with_bf16_hidden_and_default_coeffs():
     dense.backward()
     torch.testing.assert_close(loss.detach(), dense.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_weight_grad, weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_nll_refuses_a_second_backward_and_computes_no_gradient_under_no_grad():
+    hidden, weight = _inputs(7)
+    rows, cols = torch.tensor([0, 3]), torch.tensor([2, 2])
+    loss = sparse_softmax_nll(hidden, weight, rows, cols)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+    with torch.no_grad():
+        value = sparse_softmax_nll(hidden, weight, rows, cols)
+    torch.testing.assert_close(value, loss.detach())

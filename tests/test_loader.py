@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from cllm4rec_dist.corpus.ids import TokenSpace
@@ -60,14 +61,26 @@ def test_batches_are_deterministic_and_epochs_differ(corpora):
     assert not x.input_ids.equal(z.input_ids)
 
 
-def test_lm_batch_layout(corpora):
-    ds, space, _ = corpora
-    batch = batches(ds, space, "content", batch_size=6).batch(0, 0)
-    for row in range(6):
-        n = int(batch.lengths[row])
-        assert batch.attention_mask[row, :n].all() and not batch.attention_mask[row, n:].any()
-        assert (batch.input_ids[row, n:] == PAD_ID).all()
-        assert 0 < batch.prompt_lengths[row] < n
+@pytest.mark.parametrize("pack", [False, True])
+def test_lm_batch_layout(corpora, pack):
+    ds, space, docs = corpora
+    b = batches(ds, space, "content", batch_size=6, pack=pack)
+    batch = b.batch(0, 0)
+    covered = torch.zeros_like(batch.attention_mask)
+    for k, position in enumerate(b.doc_positions(0, 0)):
+        row, start, n = int(batch.doc_rows[k]), int(batch.doc_starts[k]), int(batch.lengths[k])
+        doc = docs["content"][position]
+        assert batch.document(k).tolist() == (doc["prompt"] + doc["main"])[:n]
+        assert batch.position_ids[row, start:start + n].tolist() == list(range(n))
+        assert 0 < batch.prompt_lengths[k] < n
+        covered[row, start:start + n] += 1
+    assert covered.max() == 1 and covered.equal(batch.attention_mask)  # documents never overlap
+    assert (batch.input_ids[batch.attention_mask == 0] == PAD_ID).all()
+    if not pack:
+        assert batch.doc_rows.tolist() == list(range(6)) and not batch.doc_starts.any()
+    else:  # never worse than one document per row
+        unpacked = batches(ds, space, "content", batch_size=6, pack=False).batch(0, 0)
+        assert batch.input_ids.shape[0] <= 6 and batch.real_token_fraction >= unpacked.real_token_fraction
 
 
 def test_reordering_changes_main_order_but_not_the_prompt(corpora):
@@ -82,11 +95,11 @@ def test_reordering_changes_main_order_but_not_the_prompt(corpora):
     for row, d in enumerate(idx):
         doc = collab[d]
         p, n = len(doc["prompt"]), len(doc["prompt"]) + len(doc["main"])
-        assert a.input_ids[row, :p].tolist() == doc["prompt"]
-        main = a.input_ids[row, p:n].tolist()
+        assert a.document(row)[:p].tolist() == doc["prompt"]
+        main = a.document(row)[p:n].tolist()
         assert sorted(main) == sorted(doc["main"])
         changed += main != doc["main"]
-        assert c.input_ids[row, p:n].tolist() == doc["main"]  # LLM-FixOrd: stored order
+        assert c.document(row)[p:n].tolist() == doc["main"]  # LLM-FixOrd: stored order
     assert changed > len(idx) // 2
 
 
@@ -97,7 +110,7 @@ def test_masked_prompting_never_leaks_a_held_out_item_into_the_prompt(corpora):
     for epoch in range(3):
         batch = b.batch(epoch, 0)
         for row, d in enumerate(b.doc_positions(epoch, 0)):
-            prompt = batch.input_ids[row, : batch.lengths[row]].tolist()
+            prompt = batch.document(row).tolist()
             prompt_items = {space.item_of(t) for t in prompt if space.is_item(t)}
             held = set(batch.target_items[batch.target_rows == row].tolist())
             assert held and prompt_items, "at least one kept and one held out"
@@ -119,10 +132,33 @@ def test_mask_items_edge_cases():
 def test_prediction_prompts_use_all_train_items(corpora):
     _, space, docs = corpora
     ev = docs["eval"][:5]
-    ids, mask, lengths = prediction_prompts(ev, space, style="rec")
-    for row, doc in enumerate(ev):
-        items = {space.item_of(t) for t in ids[row, : lengths[row]].tolist() if space.is_item(t)}
-        assert items == set(doc["train"])
-        assert ids[row, lengths[row] - len(doc["prompt_suffix"]): lengths[row]].tolist() == doc["prompt_suffix"]
-    ids2, _, lengths2 = prediction_prompts(ev, space, style="collab")
-    assert (lengths2 == lengths - len(ev[0]["prompt_suffix"])).all()
+    prompts = prediction_prompts(ev, space, style="rec")
+    for k, doc in enumerate(ev):
+        tokens = prompts.document(k).tolist()
+        assert {space.item_of(t) for t in tokens if space.is_item(t)} == set(doc["train"])
+        assert tokens[-len(doc["prompt_suffix"]):] == doc["prompt_suffix"]
+    padded = prediction_prompts(ev, space, style="rec", pack=False)
+    assert all(padded.document(k).equal(prompts.document(k)) for k in range(len(ev)))
+    collab = prediction_prompts(ev, space, style="collab")
+    assert (collab.lengths == prompts.lengths - len(ev[0]["prompt_suffix"])).all()
+
+
+def test_prediction_prompts_without_reordering_keep_the_training_order(corpora):
+    """LLM-FixOrd is scored as it trained: the stored order, cut to the latest items like its batches."""
+    ds, space, docs = corpora
+    ev = docs["eval"][:5]
+    fixed_prompts = prediction_prompts(ev, space, style="collab", reorder=False)
+    shuffled = prediction_prompts(ev, space, style="collab", reorder=True)
+    items_of = lambda tokens: [space.item_of(t) for t in tokens.tolist() if space.is_item(t)]  # noqa: E731
+    for k, doc in enumerate(ev):
+        assert items_of(fixed_prompts.document(k)) == list(doc["train"])
+    assert any(not fixed_prompts.document(k).equal(shuffled.document(k)) for k in range(len(ev)))
+    # the same (user's) collab document, as an L-step batch without reordering, has the same items in order
+    user = int(ev[0]["user"])
+    position = next(k for k, d in enumerate(docs["collab"]) if int(d["user"]) == user)
+    fixed = CorpusBatches("collab", [docs["collab"][position]], np.array([position]), space,
+                          BatchSettings(batch_size=1, reorder=False), steps_per_epoch=1).batch(3, 0)
+    assert items_of(fixed.document(0)) == items_of(fixed_prompts.document(0))
+    budget = len(ev[0]["prompt_prefix"]) + 3  # too long: the latest 3 items, as the training batches keep
+    cut = prediction_prompts(ev[:1], space, style="collab", max_length=budget, reorder=False)
+    assert items_of(cut.document(0)) == ev[0]["train"][-3:]

@@ -123,99 +123,182 @@ def naive_hidden(model, input_ids, attention_mask, side):
                                      attention_mask=attention_mask).last_hidden_state
 
 
-def naive_mr(model, input_ids, lengths, trained_side):
-    trained = {"collab": (model.collab_user_table, model.collab_item_table),
-               "content": (model.content_user_table, model.content_item_table)}
-    fixed = trained["content" if trained_side == "collab" else "collab"]
-    trained = trained[trained_side]
-    terms = []
-    for b in range(input_ids.shape[0]):
-        for t in range(int(lengths[b])):
-            token = int(input_ids[b, t])
+def naive_tables(model, side):
+    return ((model.collab_user_table, model.collab_item_table) if side == "collab"
+            else (model.content_user_table, model.content_item_table))
+
+
+def naive_prior_term(model, token, trained_side):
+    """||z_trained - z_fixed||^2 of one user/item token, summed over d by hand."""
+    fixed_side = "content" if trained_side == "collab" else "collab"
+    which, index = (0, token - V) if token < V + I else (1, token - V - I)
+    diff = naive_tables(model, trained_side)[which].weight[index] - naive_tables(model, fixed_side)[which].weight[index].detach()
+    return sum(diff[k] ** 2 for k in range(D))
+
+
+def naive_embedding_sq_sum(model, input_ids, trained_side):
+    """The authors' MSELoss(reduction='sum') between the two sides' input embeddings of EVERY position
+    (padding included: vocab positions embed identically on both sides and cancel)."""
+    fixed_side = "content" if trained_side == "collab" else "collab"
+    total = 0.0
+    for row in input_ids.tolist():
+        for token in row:
             if token < V:
-                continue
-            which, index = (0, token - V) if token < V + I else (1, token - V - I)
-            diff = trained[which].weight[index] - fixed[which].weight[index].detach()
-            terms.append(sum(diff[k] ** 2 for k in range(D)))
-    return LAMBDA_C / 2 * torch.stack(terms).mean()
+                continue  # the same frozen vocab row on both sides: difference exactly 0
+            total = total + naive_prior_term(model, token, trained_side)
+    return total
+
+
+def doc_id_tokens(input_ids, lengths, b):
+    return [int(t) for t in input_ids[b, : int(lengths[b])] if int(t) >= V]
+
+
+def naive_lm_mr(model, batch, trained_side, per_doc_ce, reduction, rec=False):
+    """(lm, mr) of one step transcribed from the formulas of each mr_reduction (model/losses.py)."""
+    B = batch.input_ids.shape[0]
+    docs = [doc_id_tokens(batch.input_ids, batch.lengths, b) for b in range(B)]
+    targets = [[item_token(int(j)) for j in batch.target_items[batch.target_rows == b]] for b in range(B)] if rec else None
+    all_ce = [ce for doc in per_doc_ce for ce in doc]
+    if rec:  # multinomial NLL summed per user, averaged over users, in every mode
+        lm = torch.stack([sum(doc) for doc in per_doc_ce]).mean()
+    elif reduction == "paper":
+        lm = torch.stack([sum(doc) for doc in per_doc_ce]).mean()
+    else:
+        lm = torch.stack(all_ce).mean()
+    if reduction == "paper":
+        per_doc = []
+        for b in range(B):
+            tokens = docs[b]
+            if rec:  # Eq. 10: the user once and every interacted item (prompt + held out) once
+                tokens = [user_token(int(batch.users[b]))] + sorted({t for t in tokens + targets[b] if t >= V + I})
+            per_doc.append(LAMBDA_C / 2 * sum(naive_prior_term(model, t, trained_side) for t in tokens))
+        mr = torch.stack(per_doc).mean()
+    elif reduction == "authors":
+        mr = LAMBDA_C * naive_embedding_sq_sum(model, batch.input_ids, trained_side)
+        if rec:  # their rec-step also regularises the target items (main_ids)
+            mr = mr + LAMBDA_C * sum(naive_prior_term(model, t, trained_side) for doc in targets for t in doc)
+    else:
+        occurrences = [t for doc in docs for t in doc]
+        mr = LAMBDA_C / 2 * torch.stack([naive_prior_term(model, t, trained_side) for t in occurrences]).mean()
+    return lm, mr
 
 
 def naive_next_token_ce(model, batch, side, head_weight, target_offset):
+    """Per-document lists of next-token CE terms over MAIN."""
     hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, side)
-    terms = []
+    per_doc = []
     for b in range(hidden.shape[0]):
+        terms = []
         for t in range(int(batch.prompt_lengths[b]) - 1, int(batch.lengths[b]) - 1):
             log_probs = torch.log_softmax(head_weight @ hidden[b, t], dim=0)
             terms.append(-log_probs[int(batch.input_ids[b, t + 1]) - target_offset])
-    return torch.stack(terms).mean()
+        per_doc.append(terms)
+    return per_doc
 
 
 def naive_rec_nll(model, batch):
+    """Per-user lists of -log softmax terms of the held-out items."""
     hidden = naive_hidden(model, batch.input_ids, batch.attention_mask, "collab")
     per_user = []
     for b in range(hidden.shape[0]):
         log_probs = torch.log_softmax(model.item_head_weight() @ hidden[b, int(batch.lengths[b]) - 1], dim=0)
         held_out = batch.target_items[batch.target_rows == b]
-        per_user.append(-sum(log_probs[int(j)] for j in held_out))
-    return torch.stack(per_user).mean()
+        per_user.append([-log_probs[int(j)] for j in held_out])
+    return per_user
 
 
 # ---- (1) losses equal the naive computation ------------------------------------------------
 
-def test_l_step_loss_and_gradient_match_naive(backbone_dir):
-    model = make_model(backbone_dir)
-    batch = lm_batch("L")
-    out = l_step_loss(model, batch)
-    assert out["tokens"] == batch.num_target_tokens == 11
-    lm = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
+REDUCTIONS = ("paper", "authors", "token_mean")
+
+
+def _check_against_naive(model, out, lm, mr, side):
     torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], lm + mr, rtol=1e-5, atol=1e-5)
-
-    params = model.parameter_groups()["collab"]
-    got = torch.autograd.grad(out["loss"], params)
-    want = torch.autograd.grad(lm + mr, params)
+    groups = model.parameter_groups()
+    params = groups[side]
+    got = torch.autograd.grad(out["loss"], params, retain_graph=True)
+    want = torch.autograd.grad(lm + mr, params, retain_graph=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # the fixed side is detached: the step's loss does not reach it at all
+    other = groups["content" if side == "collab" else "collab"]
+    assert all(g is None for g in torch.autograd.grad(out["loss"], other, allow_unused=True))
 
 
-def test_c_step_loss_matches_naive(backbone_dir):
-    model = make_model(backbone_dir)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_l_step_loss_and_gradient_match_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
+    batch = lm_batch("L")
+    out = l_step_loss(model, batch)
+    assert out["tokens"] == batch.num_target_tokens == 11
+    per_doc = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
+    lm, mr = naive_lm_mr(model, batch, "collab", per_doc, reduction)
+    _check_against_naive(model, out, lm, mr, "collab")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_c_step_loss_matches_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
     batch = lm_batch("C")
     out = c_step_loss(model, batch)
     head = model.backbone.get_output_embeddings().weight
-    lm = naive_next_token_ce(model, batch, "content", head, 0)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "content")
-    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    per_doc = naive_next_token_ce(model, batch, "content", head, 0)
+    lm, mr = naive_lm_mr(model, batch, "content", per_doc, reduction)
     assert out["tokens"] == 11
-
-    params = model.parameter_groups()["content"]
-    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    _check_against_naive(model, out, lm, mr, "content")
 
 
-def test_rec_step_loss_matches_naive(backbone_dir):
-    model = make_model(backbone_dir)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_rec_step_loss_matches_naive(backbone_dir, reduction):
+    model = make_model(backbone_dir, mr_reduction=reduction)
     batch = rec_batch()
     out = rec_step_loss(model, batch)
-    lm = naive_rec_nll(model, batch)
-    mr = naive_mr(model, batch.input_ids, batch.lengths, "collab")
-    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    lm, mr = naive_lm_mr(model, batch, "collab", naive_rec_nll(model, batch), reduction, rec=True)
     assert out["tokens"] == 6
+    _check_against_naive(model, out, lm, mr, "collab")
 
-    params = model.parameter_groups()["collab"]
-    for g, w in zip(torch.autograd.grad(out["loss"], params), torch.autograd.grad(lm + mr, params)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+def test_reductions_differ_as_documented(llama_dir):
+    """The scale factors the docstring states, on the C batch: paper / token_mean MR = mean id tokens per doc,
+    authors / token_mean = 2 x id-token occurrences; and the rec-step prior of paper covers the held-out items."""
+    batch = lm_batch("C")
+    mr = {r: c_step_loss(make_model(llama_dir, mr_reduction=r), batch)["mr"] for r in REDUCTIONS}
+    occurrences = int((batch.input_ids >= V).logical_and(batch.attention_mask.bool()).sum())
+    torch.testing.assert_close(mr["paper"] / mr["token_mean"], torch.tensor(occurrences / 3.0))
+    torch.testing.assert_close(mr["authors"] / mr["token_mean"], torch.tensor(2.0 * occurrences))
+    model = make_model(llama_dir, mr_reduction="paper")
+    with torch.no_grad():  # collapse the two sides on every prompt token: only the held-out items remain
+        model.content_user_table.weight.copy_(model.collab_user_table.weight)
+        prompt_items = {int(t) - V - I for t in rec_batch().input_ids.flatten() if int(t) >= V + I}
+        for j in prompt_items:
+            model.content_item_table.weight[j] = model.collab_item_table.weight[j]
+    assert float(rec_step_loss(model, rec_batch())["mr"].detach()) > 0
+
+
+@pytest.mark.parametrize("step", ["L", "C", "rec"])
+def test_regularize_false_leaves_mr_out_exactly(llama_dir, step):
+    model = make_model(llama_dir)
+    loss_fn, batch = {"L": (l_step_loss, lm_batch("L")), "C": (c_step_loss, lm_batch("C")),
+                      "rec": (rec_step_loss, rec_batch())}[step]
+    out = loss_fn(model, batch, regularize=False)
+    assert float(out["mr"]) == 0.0
+    assert torch.equal(out["loss"], out["lm"])
+    torch.testing.assert_close(out["lm"], loss_fn(model, batch)["lm"])
+
+
+def test_unknown_mr_reduction_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="mr_reduction='sum'.*paper, authors, token_mean"):
+        make_model(llama_dir, mr_reduction="sum")
 
 
 def test_main_tokens_of_the_wrong_kind_are_rejected(llama_dir):
     model = make_model(llama_dir)
-    with pytest.raises(ValueError, match="item tokens"):
+    # checked on the device (torch._assert_async): a RuntimeError, raised at once on CPU
+    with pytest.raises(RuntimeError, match="item tokens"):
         l_step_loss(model, lm_batch("C"))
-    with pytest.raises(ValueError, match="vocab tokens"):
+    with pytest.raises(RuntimeError, match="vocab tokens"):
         c_step_loss(model, lm_batch("L"))
 
 
@@ -386,3 +469,168 @@ def test_smollm2_gguf_backbone_runs_an_l_step():
     out = l_step_loss(model, batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.collab_item_table.weight.grad is not None
+
+
+# ---- (7) packed rows and a bf16 backbone against the fp32 one-document-at-a-time reference ------
+
+PACKED_MAIN_LENGTHS = [9, 1, 2, 3, 1, 5]  # prompt 4-5 tokens: several documents share a row when packed
+
+
+def lm_documents(kind, seed=0):
+    """(token rows, prompt lengths) of L- or C-documents of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, prompt_lengths = [], []
+    for b, main_len in enumerate(PACKED_MAIN_LENGTHS):
+        user = b % I
+        if kind == "L":
+            prompt = [user_token(user), 17, 23, 42]
+            main = [item_token(j) for j in torch.randperm(J, generator=gen)[:main_len].tolist()]
+        else:
+            prompt = [user_token(user), 5, 9, item_token((3 * b) % J), 11]
+            main = torch.randint(1, V, (main_len,), generator=gen).tolist()
+        rows.append(prompt + main)
+        prompt_lengths.append(len(prompt))
+    return rows, prompt_lengths
+
+
+def rec_documents(seed=0):
+    """(rows, users, target_rows, target_items) of rec prompts of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, users, target_rows, target_items = [], [], [], []
+    for b, (kept, held_out) in enumerate([(9, 2), (1, 1), (1, 3), (2, 1), (1, 2)]):
+        items = torch.randperm(J, generator=gen)[: kept + held_out].tolist()
+        user = (b + 2) % I
+        rows.append([user_token(user), 17, 23] + [item_token(j) for j in items[:kept]] + [user_token(user), 31, 32])
+        users.append(user)
+        target_rows += [b] * held_out
+        target_items += items[kept:]
+    return rows, users, target_rows, target_items
+
+
+def reference_losses(model, kind, rows, prompt_lengths=None, targets=None):
+    """fp32, every document alone in its own forward pass (no padding, no packing): (lm, mr)."""
+    side = "content" if kind == "C" else "collab"
+    terms, per_user = [], []
+    for k, row in enumerate(rows):
+        ids = torch.tensor([row])
+        hidden = naive_hidden(model, ids, torch.ones_like(ids), side)[0]
+        if kind == "rec":
+            log_probs = torch.log_softmax(model.item_head_weight() @ hidden[len(row) - 1], dim=0)
+            per_user.append(-sum(log_probs[j] for j, r in zip(*targets) if r == k))
+            continue
+        head, offset = ((model.item_head_weight(), V + I) if kind == "L"
+                        else (model.backbone.get_output_embeddings().weight, 0))
+        for t in range(prompt_lengths[k] - 1, len(row) - 1):
+            terms.append(-torch.log_softmax(head @ hidden[t], dim=0)[row[t + 1] - offset])
+    lm = torch.stack(per_user).mean() if kind == "rec" else torch.stack(terms).mean()
+    # token_mean MR: lambda_c/2 * mean over the id-token occurrences of the documents
+    occurrences = [naive_prior_term(model, t, side) for row in rows for t in row if t >= V]
+    return lm, LAMBDA_C / 2 * torch.stack(occurrences).mean()
+
+
+def step_batch(kind, pack):
+    if kind == "rec":
+        rows, users, target_rows, target_items = rec_documents()
+        return RecBatch.from_rows(rows, users, target_rows, target_items, pack=pack), rows, None, (target_items,
+                                                                                                      target_rows)
+    rows, prompt_lengths = lm_documents(kind)
+    return LMBatch.from_rows(rows, prompt_lengths, pack=pack), rows, prompt_lengths, None
+
+
+LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
+
+
+@pytest.mark.parametrize("reduction", ["paper", "authors", "token_mean"])
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_packing_does_not_change_any_mr_reduction(backbone_dir, kind, reduction):
+    """Per-document prior terms follow documents, not rows: a packed row holds several users."""
+    model = make_model(backbone_dir, mr_reduction=reduction)
+    packed, padded = step_batch(kind, pack=True)[0], step_batch(kind, pack=False)[0]
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+    a, b = LOSSES[kind](model, packed), LOSSES[kind](model, padded)
+    for key in ("lm", "mr"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def grads(model, loss, side):
+    params = model.parameter_groups()["content" if side == "C" else "collab"]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_packed_batches_match_the_unpadded_reference(backbone_dir, kind):
+    model = make_model(backbone_dir, mr_reduction="token_mean")  # the reference transcribes token_mean
+    packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
+    assert packed.input_ids.shape[0] < len(rows), "the test batch must really share rows"
+    assert packed.real_token_fraction > step_batch(kind, pack=False)[0].real_token_fraction
+    out = LOSSES[kind](model, packed)
+    lm, mr = reference_losses(model, kind, rows, prompt_lengths, targets)
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads(model, out["loss"], kind), grads(model, lm + mr, kind)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def relative_error(got, want):
+    return float((got.detach().float() - want.detach()).norm() / want.detach().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+def test_bf16_packed_batches_match_the_fp32_unpadded_reference(llama_dir, kind):
+    reference = make_model(llama_dir, mr_reduction="token_mean")  # the reference transcribes token_mean
+    model = make_model(llama_dir, precision="bf16", mr_reduction="token_mean")
+    model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")},
+                          strict=False)
+    assert model.collab_item_table.weight.dtype == torch.float32
+    packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
+    out = LOSSES[kind](model, packed)
+    assert out["lm"].dtype == torch.float32
+    lm, mr = reference_losses(reference, kind, rows, prompt_lengths, targets)
+    torch.testing.assert_close(out["lm"], lm, rtol=2e-2, atol=1e-2)  # bf16 keeps ~3 significant digits
+    torch.testing.assert_close(out["mr"], mr, rtol=1e-5, atol=1e-5)  # tables are fp32: exact
+    for g, w in zip(grads(model, out["loss"], kind), grads(reference, lm + mr, kind)):
+        assert g.dtype == torch.float32
+        assert relative_error(g, w) < 5e-2
+
+
+# ---- (8) cold items: collaborative side from the content side -----------------------------------
+
+def test_unseen_items_take_their_content_rows(gpt2_dir, llama_dir):
+    tied = make_model(gpt2_dir)
+    warm_before = tied.collab_item_table.weight[[0, 1, 2]].clone()
+    tied.set_unseen_items_from_content([3, 7])
+    assert torch.equal(tied.collab_item_table.weight[[3, 7]], tied.content_item_table.weight[[3, 7]])
+    assert torch.equal(tied.collab_item_table.weight[[0, 1, 2]], warm_before)
+    assert tied.item_head_weight() is tied.collab_item_table.weight  # scored with the content rows
+
+    untied = make_model(llama_dir, num_items=120)  # more warm items than dimensions: the map is identifiable
+    mapping = torch.randn(D, D)
+    with torch.no_grad():
+        untied.item_head.weight.copy_(untied.content_item_table.weight @ mapping)
+        untied.item_head.weight[[5, 50]] = 0.0
+    untied.set_unseen_items_from_content([5, 50])
+    want = untied.content_item_table.weight[[5, 50]] @ mapping
+    assert relative_error(untied.item_head.weight[[5, 50]], want) < 1e-2
+    assert torch.equal(untied.collab_item_table.weight[[5, 50]], untied.content_item_table.weight[[5, 50]])
+
+
+def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
+    from cllm4rec_dist.corpus.ids import TokenSpace
+    from cllm4rec_dist.eval.evaluate import evaluate_docs
+
+    model = make_model(llama_dir, num_items=40)
+    space = TokenSpace(V, I, 40)
+    rng = torch.Generator().manual_seed(0)
+    docs = []
+    for u in range(I):
+        items = torch.randperm(40, generator=rng)[:9].tolist()
+        docs.append({"user": u, "prompt_prefix": [V + u, 17], "prompt_suffix": [V + u, 31],
+                     "train": items[:5], "valid": items[5:7], "test": items[7:]})
+    cold = sorted({d["valid"][0] for d in docs[:3]})
+    out = evaluate_docs(model, docs, space, "valid", cold_items=cold)
+    restricted = [{**d, "valid": [i for i in d["valid"] if i in cold]} for d in docs]
+    want = evaluate_docs(model, restricted, space, "valid")
+    assert out["num_cold_users"] == want["num_users"] == 3
+    for key in ("recall@20", "recall@40", "ndcg@100"):
+        assert out[f"cold/{key}"] == pytest.approx(want[key])
+    assert out["recall@20"] == pytest.approx(evaluate_docs(model, docs, space, "valid")["recall@20"])

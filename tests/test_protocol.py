@@ -113,3 +113,42 @@ def test_frame_columns():
     df = RawDataset.frame([("a", "b", 1.0, 0.0, "t")])
     assert list(df.columns) == ["user", "item", "rating", "timestamp", "review"]
     assert isinstance(df, pd.DataFrame)
+
+
+# ---- regimes where text can matter: sparse users, cold items -------------------------------------
+
+def test_max_train_per_user_caps_train_only_seeded():
+    full = apply_protocol(random_raw(), ProtocolConfig())
+    cfg = ProtocolConfig(max_train_per_user=3)
+    sparse, again = apply_protocol(random_raw(), cfg), apply_protocol(random_raw(), cfg)
+    assert max(len(t) for t in sparse.train) == 3 and any(len(t) > 3 for t in full.train)
+    for u in range(full.num_users):
+        assert set(sparse.train[u]) <= set(full.train[u])
+        assert len(sparse.train[u]) == min(3, len(full.train[u]))
+        assert np.array_equal(sparse.valid[u], full.valid[u]) and np.array_equal(sparse.test[u], full.test[u])
+        assert np.array_equal(sparse.train[u], again.train[u])
+        order = {int(i): k for k, i in enumerate(full.train[u])}  # kept in chronological order
+        assert [order[int(i)] for i in sparse.train[u]] == sorted(order[int(i)] for i in sparse.train[u])
+    kept = {(u, int(i)) for u, t in enumerate(sparse.train) for i in t}
+    assert sparse.reviews and all((u, i) in kept for u, i, _ in sparse.reviews)
+    assert sparse.stats["max_train_per_user_dropped"] == full.stats["num_train"] - sparse.stats["num_train"]
+    other_seed = apply_protocol(random_raw(), ProtocolConfig(max_train_per_user=3, seed=1))
+    assert any(not np.array_equal(a, b) for a, b in zip(sparse.train, other_seed.train) if len(a) == 3)
+
+
+def test_cold_items_never_reach_training_but_stay_in_valid_test_and_content():
+    raw = random_raw()
+    raw.item_texts.update({f"i{i}": f"text of item {i}" for i in range(40)})
+    full = apply_protocol(raw, ProtocolConfig())
+    split = apply_protocol(raw, ProtocolConfig(cold_item_fraction=0.25))
+    cold = set(split.stats["cold_items"])
+    assert len(cold) == round(0.25 * split.num_items)
+    assert not cold & {int(i) for t in split.train for i in t}
+    assert not cold & {i for _, i, _ in split.reviews}
+    assert cold & {int(i) for v in split.valid + split.test for i in v}, "cold items are evaluated"
+    assert cold <= set(split.item_texts), "their content stays: it is all the model knows of them"
+    for u in range(split.num_users):
+        assert np.array_equal(split.valid[u], full.valid[u]) and np.array_equal(split.test[u], full.test[u])
+    assert split.stats["cold_train_dropped"] == full.stats["num_train"] - split.stats["num_train"]
+    with pytest.raises(ValueError, match="cold_item_fraction"):
+        apply_protocol(raw, ProtocolConfig(cold_item_fraction=1.0))

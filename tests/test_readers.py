@@ -213,7 +213,10 @@ def check_latest(ds, where: str):
     assert ds.report.skipped == {"non_numeric_rating": 1}
     assert ds.report.examples[0].startswith(f"{where}:3: non_numeric_rating")
     assert ds.item_texts == {"11": "American President, The (1995). Genres: Comedy, Drama", "12": "Odd (2017)"}
-    assert ds.user_texts == {"1": "Tags written: funny, dark", "2": ""}
+    # tags are user-item documents (the review of the pair): user 1 tagged the rated movie 11; 12's rating
+    # line is bad, so its tags have no interaction; user 2's empty tag gives no text
+    assert list(df.review) == ["Tags: funny", ""]
+    assert ds.user_texts == {}
 
 
 def test_movielens_latest_zip_and_folder(tmp_path):

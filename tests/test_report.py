@@ -66,12 +66,15 @@ def test_json_has_everything(report_dir):
             assert set(entry[part]) >= {"recall@20", "recall@40", "ndcg@100"}, (name, part)
         assert entry["seconds"] >= 0 and os.path.isdir(entry["run_dir"])
     full = report["models"]["cllm4rec"]
-    assert full["ablation"] == "none"
-    assert [h["epoch"] for h in full["history"] if h["phase"] == "finetune"] == [0, 1]
-    assert os.path.exists(os.path.join(full["run_dir"], "metrics.json"))
+    assert full["ablation"] == "none" and full["seeds"] == [0] and report["seeds"] == [0]
+    (run,) = full["runs"]
+    assert [h["epoch"] for h in run["history"] if h["phase"] == "finetune"] == [0, 1]
+    assert run["run_dir"] == os.path.join(full["run_dir"], "seed-0")
+    assert os.path.exists(os.path.join(run["run_dir"], "metrics.json"))
+    assert full["valid"] == {m: run["valid"][m] for m in ("recall@20", "recall@40", "ndcg@100")}
     prerec = report["models"]["prerec"]
-    assert prerec["ablation"] == "prerec" and all(h["phase"] != "finetune" for h in prerec["history"])
-    assert os.path.exists(os.path.join(report["models"]["ease"]["run_dir"], "result.json"))
+    assert prerec["ablation"] == "prerec" and all(h["phase"] != "finetune" for h in prerec["runs"][0]["history"])
+    assert os.path.exists(os.path.join(report["models"]["ease"]["runs"][0]["run_dir"], "result.json"))
 
 
 def test_reuse_keeps_finished_runs_with_the_same_settings(report_dir, tmp_path):
@@ -94,3 +97,54 @@ def test_unknown_model_is_refused(demo_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", "--data", demo_data, "--out", str(tmp_path), "--models", "popular,bert4rec"])
     assert "bert4rec" in capsys.readouterr().err
+
+
+def test_seeds_give_mean_and_std_and_flag_differences_beyond_the_noise(demo_data, tmp_path):
+    """Two seeds of most-popular (deterministic) and Multi-VAE: mean ± sample std from the per-seed runs, and
+    the pairwise rule |mean_a - mean_b| > 2 sqrt((s_a^2 + s_b^2)/2) applied to them."""
+    import math
+
+    out = str(tmp_path / "rep")
+    assert main(["report", "--data", demo_data, "--out", out, "--models", "popular,multivae", "--seeds", "0,1",
+                 "--multivae-epochs", "3"]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["seeds"] == [0, 1] and "--seeds 0,1" in report["command"]
+    vae = report["models"]["multivae"]
+    values = [run["test"]["recall@20"] for run in vae["runs"]]
+    assert [run["seed"] for run in vae["runs"]] == [0, 1] and values[0] != values[1]  # the seed reached Multi-VAE
+    mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+    assert vae["test"]["recall@20"] == pytest.approx(mean) and vae["test_std"]["recall@20"] == pytest.approx(std)
+    assert report["models"]["popular"]["test_std"]["recall@20"] == 0.0
+    (diff,) = [d for d in report["differences"] if d["part"] == "test" and d["metric"] == "recall@20"]
+    assert diff["threshold"] == pytest.approx(2 * math.sqrt(std ** 2 / 2))
+    assert diff["difference"] == pytest.approx(report["models"]["popular"]["test"]["recall@20"] - mean)
+    assert diff["exceeds"] == (abs(diff["difference"]) > diff["threshold"])
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert f"{mean:.4f} ± {std:.4f}" in text and "## Differences against the seed noise" in text
+    assert "| Most-popular | Multi-VAE |" in text
+
+
+def test_seed_noise_rule():
+    from cllm4rec_dist.report import exceeds_seed_noise
+
+    def entry(name, mean, std):
+        return {"model": name, "test": {"recall@20": mean}, "test_std": {"recall@20": std}}
+
+    d = exceeds_seed_noise(entry("a", 0.30, 0.01), entry("b", 0.27, 0.02), "test", "recall@20")
+    assert d["threshold"] == pytest.approx(2 * (0.00025 ** 0.5))  # 0.0316
+    assert d["difference"] == pytest.approx(0.03) and not d["exceeds"]
+    assert exceeds_seed_noise(entry("a", 0.31, 0.01), entry("b", 0.27, 0.02), "test", "recall@20")["exceeds"]
+
+
+def test_llm_cf_runs_are_reused_across_mr_settings_it_does_not_read():
+    from cllm4rec_dist.report import settings_key
+    from cllm4rec_dist.train.config import TrainConfig
+
+    a, b = TrainConfig(), TrainConfig()
+    b.model.mr_reduction, b.model.lambda_c, b.schedule.warmup_mr = "token_mean", 10.0, True
+    assert settings_key(a, "cf") == settings_key(b, "cf")
+    assert settings_key(a, "cllm4rec") != settings_key(b, "cllm4rec")
+    b.optim.finetune_lr = 0.5
+    assert settings_key(a, "cf") != settings_key(b, "cf")

@@ -62,6 +62,23 @@ def test_reference_trainer_beats_most_popular_and_writes_metrics(reference_run, 
     assert (out / "config.yaml").exists() and list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(reference_run, demo_data):
+    out, _ = reference_run
+    blocks = schedule_of(tiny_config(demo_data, str(out)), demo_data)
+    console = (out / "console.log").read_text().splitlines()
+    block_lines = [line for line in console if " epoch " in line and "ETA" in line]
+    assert [line.split(" epoch ")[0] for line in block_lines] == [f"[train] {b.phase}" for b in blocks]
+    assert sum("valid recall@20" in line for line in block_lines) == sum(b.evaluate for b in blocks)
+    assert sum("ETA for the whole schedule" in line for line in console) == 1
+    assert len(console) <= len(blocks) + 5  # fits a screen; the detail is in progress.log
+    assert "[eval] valid" in (out / "progress.log").read_text()
+    rank0 = json.loads((out / "timing.json").read_text())["rank0"]
+    assert rank0["counts"]["validation"] == sum(b.evaluate for b in blocks) and rank0["counts"]["test"] == 1
+    assert rank0["counts"]["train_steps"] == sum(b.steps for b in blocks)
+    assert rank0["counts"]["checkpoints"] == len(blocks)  # checkpoint_every 0: one per block
+    assert {"data", "backbone_load", "engines"} <= set(rank0["seconds"])
+
+
 def schedule_of(cfg: TrainConfig, data: str) -> list[Block]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset
@@ -161,14 +178,101 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
 
 
-def test_train_command_writes_metrics_json(demo_data, tmp_path, capsys):
+def train_command_one_epoch_each(data, out) -> dict:
+    """`cllm4rec train` with one pretraining and one finetuning epoch; returns metrics.json."""
     from cllm4rec_dist.cli import main
 
-    out = tmp_path / "run"
-    assert main(["train", "--data", demo_data, "--out", str(out), "--schedule.warmup_epochs", "0",
+    assert main(["train", "--data", data, "--out", str(out), "--schedule.warmup_epochs", "0",
                  "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
                  "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_command_writes_metrics_json(demo_data, tmp_path, capsys):
+    metrics = train_command_one_epoch_each(demo_data, tmp_path / "run")
     for part in ("valid", "test"):
         assert {"recall@20", "recall@40", "ndcg@100"} <= set(metrics[part])
     assert '"test"' in capsys.readouterr().out
+
+
+def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
+    """preprocess --max-train-per-user/--cold-item-fraction -> train: cold items are never trained on and are
+    reported as their own slice, scored through their content rows."""
+    from cllm4rec_dist.cli import main
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    data = str(tmp_path / "data")
+    assert main(["preprocess", "--format", "table", "--input", demo_raw, "--out", data,
+                 "--max-train-per-user", "6", "--cold-item-fraction", "0.2"]) == 0
+    ds = ShardedDataset(data)
+    cold = set(ds.manifest["cold_items"])
+    assert len(cold) == round(0.2 * ds.num_items)
+    for doc in ds.read_corpus("eval"):
+        assert len(doc["train"]) <= 6 and not cold & set(doc["train"])
+    metrics = train_command_one_epoch_each(data, tmp_path / "run")
+    for part in ("valid", "test"):
+        assert metrics[part]["num_cold_users"] > 0 and metrics[part]["cold/recall@20"] is not None
+
+
+def test_warmup_c_steps_have_no_mutual_regularisation_by_default(reference_run):
+    """The paper's warm-up trains the content LLM alone: mr is exactly 0 there, and on afterwards."""
+    out, _ = reference_run
+    log = read_log(out)
+    warmup = [r for r in log if r["phase"] == "warmup"]
+    assert warmup and all(r["kind"] == "C" and r["mr"] == 0.0 for r in warmup)
+    assert all(r["mr"] > 0 for r in log if r["phase"] == "pretrain")
+    assert all(r["mr"] > 0 for r in log if r["phase"] == "finetune" and r["kind"] == "rec")
+
+
+def test_train_help_lists_the_mutual_regularisation_and_selection_settings(capsys):
+    from cllm4rec_dist.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model.mr_reduction" in text and "averaged over documents" in text and "(default: paper)" in text
+    assert "--schedule.warmup_mr" in text and "the content LLM alone" in text and "(default: False)" in text
+    assert "--eval.select_on" in text and "Recall@20 + Recall@40 + NDCG@100, as the authors' code selects" in text
+    for bad, match in ((["--model.mr_reduction", "sum"], "model.mr_reduction='sum'"),
+                       (["--eval.select_on", "ndcg"], "eval.select_on='ndcg'")):
+        import argparse
+
+        p = argparse.ArgumentParser()
+        add_config_arguments(p)
+        with pytest.raises(ValueError, match=match):
+            config_from_args(p.parse_args(bad))
+
+
+def _recipe(cfg):
+    from cllm4rec_dist.train.checkpoint import LocalSink
+    from cllm4rec_dist.train.engines import TorchEngine
+    from cllm4rec_dist.train.recipe import CLLM4RecRecipe
+    from cllm4rec_dist.train.trainer import Rank
+
+    return CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
+                          LocalSink(cfg.out)).setup()
+
+
+def test_fixord_is_scored_with_prompts_in_its_training_order(demo_data, tmp_path):
+    from cllm4rec_dist.eval.evaluate import evaluate_docs
+
+    cfg = tiny_config(demo_data, str(tmp_path), ablation="fixord")
+    trainer = _recipe(cfg).trainer
+    for _ in range(3):
+        trainer.train_step("L")
+    args = (trainer.model, trainer.eval_docs, trainer.space, "valid", cfg.prediction_style, cfg.eval.batch_size,
+            cfg.eval.exclude_valid_on_test, cfg.batch.max_length, cfg.batch.seed)
+    assert trainer.evaluate("valid") == evaluate_docs(*args, reorder=False) != evaluate_docs(*args, reorder=True)
+
+
+def test_select_on_authors_keeps_the_epoch_with_the_best_metric_sum(demo_data, tmp_path):
+    from cllm4rec_dist.eval.metrics import selection_score
+
+    assert selection_score({"recall@20": 0.1, "recall@40": 0.2, "ndcg@100": None}, "authors") == pytest.approx(0.3)
+    cfg = tiny_config(demo_data, str(tmp_path), ablation="cf")
+    cfg.schedule = ScheduleSettings(warmup_epochs=0, pretrain_epochs=1, finetune_epochs=4)
+    cfg.eval.select_on = "authors"
+    result = run_reference(cfg.validate())
+    sums = [h["recall@20"] + h["recall@40"] + h["ndcg@100"] for h in result["history"]]
+    assert result["best"]["epoch"] == result["history"][sums.index(max(sums))]["epoch"]
+    assert result["valid"]["recall@20"] == result["history"][sums.index(max(sums))]["recall@20"]

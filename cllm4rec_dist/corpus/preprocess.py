@@ -109,6 +109,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                      "tokenizer_sha256": tokenizer_identity(tokenizer),
                      "model_type": getattr(backbone_config, "model_type", None)},
         "protocol": asdict(cfg.protocol),
+        "cold_items": split.stats["cold_items"],
         "templates": asdict(cfg.templates),
         "max_text_tokens": cfg.max_text_tokens,
     })
@@ -151,6 +152,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave-one-out: never-interacted items sampled next to each valid/test positive")
     g.add_argument("--candidate-seed", type=int, default=ProtocolConfig.candidate_seed,
                    help="leave-one-out: seed of the candidate sampling")
+    g.add_argument("--max-train-per-user", type=int, default=ProtocolConfig.max_train_per_user,
+                   help="sparse regime: keep at most K train interactions per user (a random subset seeded by "
+                        "--seed and the user; validation and test untouched; 0 = all)")
+    g.add_argument("--cold-item-fraction", type=float, default=ProtocolConfig.cold_item_fraction,
+                   help="hold this share of items out of training entirely (seeded); they are scored from their "
+                        "content alone and reported as their own slice (`cold` metrics)")
     g = p.add_argument_group("documents and shards")
     g.add_argument("--max-text-tokens", type=int, default=256, help="cut longer review/bio/item texts")
     g.add_argument("--min-shards", type=int, default=ShardPlan.min_shards, help="at least this many shards per corpus")
@@ -173,7 +180,9 @@ def config_from_args(args) -> PreprocessConfig:
     )
     protocol = ProtocolConfig(binarize=not args.no_binarize, min_rating=args.min_rating, kcore=args.kcore,
                               valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,
-                              split=args.split, num_negatives=args.num_negatives, candidate_seed=args.candidate_seed)
+                              split=args.split, num_negatives=args.num_negatives, candidate_seed=args.candidate_seed,
+                              max_train_per_user=args.max_train_per_user,
+                              cold_item_fraction=args.cold_item_fraction)
     return PreprocessConfig(
         format=args.format, options=options, out=args.out or os.path.join("shards", name), backbone=args.backbone,
         protocol=protocol, max_text_tokens=args.max_text_tokens, strict=args.strict,

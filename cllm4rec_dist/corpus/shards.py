@@ -28,6 +28,7 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.writer import TarWriter
 
+from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.split import EvalSplit
 
 MANIFEST = "manifest.json"
@@ -35,7 +36,13 @@ FORMAT = "cllm4rec-shards"
 VERSION = 1
 
 
-class ShardError(RuntimeError):
+# Document fields holding item indices (``item`` may be -1: no item; ``user`` too) and token ids, checked on
+# every read.
+ITEM_FIELDS = ("item", "items", "train", "valid", "test", "history", "valid_candidates", "test_candidates")
+TOKEN_FIELDS = ("prompt", "main", "prompt_prefix", "prompt_suffix")
+
+
+class ShardError(UserError, RuntimeError):
     """A dataset folder that is missing, incomplete or corrupt; the message says what to re-run."""
 
 
@@ -151,9 +158,47 @@ class ShardedDataset:
         if not self.fs.exists(path):
             raise ShardError(f"{url}: no {MANIFEST}. This folder is not a finished preprocessed dataset; "
                              "run `cllm4rec preprocess ... --out` to (re)create it.")
-        self.manifest = json.loads(self.fs.cat_file(path))
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        if self.fs.isdir(path):
+            raise ShardError(f"{path}: a folder, not a manifest file; re-run `cllm4rec preprocess ... --out`.")
+        try:
+            self.manifest = json.loads(self.fs.cat_file(path))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ShardError(f"{path}: not valid JSON ({err}); the manifest is half-written or was edited. Re-run "
+                             "`cllm4rec preprocess`.") from None
+        if (not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT
+                or self.manifest.get("version") != VERSION):
             raise ShardError(f"{path}: not a {FORMAT} v{VERSION} manifest; re-run `cllm4rec preprocess`.")
+        self._check_manifest(path)
+
+    def _check_manifest(self, path: str) -> None:
+        """The manifest's own consistency, and its sizes against id_maps.json (cheap: no shard is read)."""
+        def bad(what: str) -> ShardError:
+            return ShardError(f"{path}: {what}; the manifest was edited or is damaged. Re-run `cllm4rec preprocess`.")
+
+        m = self.manifest
+        for key in ("num_users", "num_items", "vocab_size"):
+            if not isinstance(m.get(key), int) or isinstance(m.get(key), bool) or m[key] < 1:
+                raise bad(f"{key}={m.get(key)!r} is not a positive whole number")
+        if not isinstance(m.get("corpora"), dict) or not isinstance(m.get("files"), dict):
+            raise bad("no 'corpora' / 'files' sections")
+        for name, entry in m["corpora"].items():
+            shards = entry.get("shards") if isinstance(entry, dict) else None
+            if not isinstance(shards, list):
+                raise bad(f"corpus {name!r} has no shard list")
+            for shard in shards:
+                ok = (isinstance(shard, dict) and isinstance(shard.get("path"), str)
+                      and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("num_docs", "bytes"))
+                      and isinstance(shard.get("sha256"), str))
+                if not ok:
+                    raise bad(f"corpus {name!r}: shard entry {shard!r} lacks path / num_docs / bytes / sha256")
+            if entry.get("num_docs") != sum(s["num_docs"] for s in shards):
+                raise bad(f"corpus {name!r}: num_docs={entry.get('num_docs')!r} but its shards' num_docs add up to "
+                          f"{sum(s['num_docs'] for s in shards)}")
+        if "id_maps.json" in m["files"]:
+            id_maps = self.read_json("id_maps.json")
+            for key, size in (("users", "num_users"), ("items", "num_items")):
+                if len(id_maps.get(key, [])) != m[size]:
+                    raise bad(f"{size}={m[size]} but id_maps.json lists {len(id_maps.get(key, []))} {key}")
 
     @property
     def num_users(self) -> int:
@@ -191,10 +236,51 @@ class ShardedDataset:
         return self.manifest["corpora"][corpus]
 
     def iter_shard(self, entry: dict):
-        """Documents of one shard, in order, after checking its size and checksum."""
+        """Documents of one shard, in order, after checking its size and checksum; then its document count and
+        every document's ids against the manifest (an error names the shard, before any training step)."""
         source = {"stream": io.BytesIO(self._verified(entry)), "url": entry["path"]}
-        for sample in tariterators.group_by_keys(tariterators.tar_file_expander([source])):
-            yield json.loads(sample["json"])
+        docs = [json.loads(sample["json"])
+                for sample in tariterators.group_by_keys(tariterators.tar_file_expander([source]))]
+        where = posixpath.join(self.root, entry["path"])
+        if len(docs) != entry["num_docs"]:
+            raise ShardError(f"{where}: holds {len(docs)} documents but the manifest records num_docs="
+                             f"{entry['num_docs']}; the manifest was edited. Re-run `cllm4rec preprocess`.")
+        for k, doc in enumerate(docs):
+            problem = self._id_problem(doc)
+            if problem:
+                raise ShardError(f"{where}: document {k}: {problem} (the manifest has num_users={self.num_users}, "
+                                 f"num_items={self.num_items}, vocab_size={self.vocab_size}); the manifest or shard "
+                                 "belongs to another dataset. Re-run `cllm4rec preprocess`.")
+        yield from docs
+
+    def _id_problem(self, doc) -> str | None:
+        """What in a document lies outside the manifest's id ranges, or None."""
+        if not isinstance(doc, dict):
+            return "not a JSON object"
+        users, items = self.num_users, self.num_items
+        tokens = self.vocab_size + users + items
+
+        def outside(value, low: int, high: int) -> bool:
+            values = value if isinstance(value, list) else [value]
+            return any(v is not None and (not isinstance(v, int) or not low <= v < high) for v in values)
+
+        if "user" in doc and outside(doc["user"], -1, users):  # -1: an item text (no user)
+            return f"user {doc['user']!r} is not in [0, {users})"
+        for key in ITEM_FIELDS:
+            if key in doc and outside(doc[key], -1 if key == "item" else 0, items):
+                return f"{key} holds an item index outside [0, {items})"
+        for key in TOKEN_FIELDS:
+            if key in doc and outside(doc[key], 0, tokens):
+                return f"{key} holds a token id outside [0, {tokens})"
+        return None
+
+    def verify(self) -> "ShardedDataset":
+        """Read every shard once (checksums, document counts, id ranges): for a driver before workers start."""
+        for name in self.manifest["corpora"]:
+            for shard in self.corpus_entry(name)["shards"]:
+                for _ in self.iter_shard(shard):
+                    pass
+        return self
 
     def read_corpus(self, corpus: str) -> list[dict]:
         """All documents of a corpus in manifest order (document index = position)."""

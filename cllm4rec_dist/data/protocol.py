@@ -45,6 +45,12 @@ class ProtocolConfig:
     """leave-one-out: items the user never interacted with, sampled once per valid/test user next to the positive."""
     candidate_seed: int = 0
     """leave-one-out: seed of the candidate sampling (separate from ``seed``)."""
+    max_train_per_user: int = 0
+    """Sparse regime: keep at most this many TRAIN interactions per user (0 = all), a uniformly random subset
+    seeded by (seed, user); validation and test are untouched, reviews of dropped pairs are dropped too."""
+    cold_item_fraction: float = 0.0
+    """Cold items: this share of the items (uniformly at random, seeded) is held out of training entirely:
+    their interactions stay in validation/test only, their content (item texts) stays in the corpus."""
 
     def validate(self) -> None:
         if self.split not in SPLITS:
@@ -57,6 +63,10 @@ class ProtocolConfig:
             raise ValueError("protocol.valid_fraction + protocol.test_fraction must be < 1")
         if self.kcore < 0:
             raise ValueError("protocol.kcore must be >= 0")
+        if self.max_train_per_user < 0:
+            raise ValueError("protocol.max_train_per_user must be >= 0 (0 keeps every train interaction)")
+        if not 0 <= self.cold_item_fraction < 1:
+            raise ValueError("protocol.cold_item_fraction must be in [0, 1)")
 
 
 @dataclass
@@ -199,7 +209,12 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
         train.append(items[is_train])
         valid.append(items[is_valid])
         test.append(items[is_test])
-        train_pairs.update((int(u), int(i)) for i in items[is_train])
+
+    cold_items = choose_cold_items(len(item_ids), cfg)
+    train, restricted = restrict_train(train, cold_items, len(item_ids), cfg)
+    stats.update(restricted)
+    for u, items in enumerate(train):
+        train_pairs.update((u, int(i)) for i in items)
 
     reviews = []
     heldout_reviews = 0
@@ -232,6 +247,7 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
         user_texts=len(user_texts),
         item_texts=len(item_texts),
         item_titles=len(item_titles),
+        cold_items=[int(i) for i in cold_items],
         protocol=asdict(cfg),
     )
     split = Split(user_ids, item_ids, train, valid, test, reviews, user_texts, item_texts, stats, item_titles)
@@ -250,3 +266,30 @@ def _items_per_user(users: np.ndarray, items: np.ndarray, num_users: int) -> lis
     users, items = users[order], items[order]
     bounds = np.searchsorted(users, np.arange(num_users + 1))
     return [np.unique(items[bounds[u]:bounds[u + 1]]) for u in range(num_users)]
+
+
+def choose_cold_items(num_items: int, cfg: ProtocolConfig) -> np.ndarray:
+    """Sorted item indices held out of training (``cold_item_fraction`` of the catalogue, seeded)."""
+    count = int(np.floor(num_items * cfg.cold_item_fraction + 0.5))
+    rng = np.random.default_rng([cfg.seed, 0xC01D])
+    return np.sort(rng.permutation(num_items)[:count]).astype(np.int64)
+
+
+def restrict_train(train: list[np.ndarray], cold_items: np.ndarray, num_items: int,
+                   cfg: ProtocolConfig) -> tuple[list[np.ndarray], dict]:
+    """The regimes where text can matter, applied to the TRAIN lists only (valid/test untouched):
+    drop every cold item, then keep at most ``max_train_per_user`` items per user (a random subset seeded by
+    (seed, user), kept in their chronological order). Returns (train, statistics)."""
+    cold = np.zeros(num_items, bool)
+    cold[cold_items] = True
+    out, cold_dropped, cap_dropped = [], 0, 0
+    for u, items in enumerate(train):
+        warm = items[~cold[items]] if len(items) else items
+        cold_dropped += len(items) - len(warm)
+        if cfg.max_train_per_user and len(warm) > cfg.max_train_per_user:
+            keep = np.random.default_rng([cfg.seed, u, 0x5BA7]).permutation(len(warm))[:cfg.max_train_per_user]
+            cap_dropped += len(warm) - len(keep)
+            warm = warm[np.sort(keep)]
+        out.append(warm)
+    return out, {"cold_train_dropped": cold_dropped, "max_train_per_user_dropped": cap_dropped,
+                 "users_without_train": sum(len(t) == 0 for t in out)}

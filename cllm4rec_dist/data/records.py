@@ -19,10 +19,11 @@ The bad-input rule (one rule for every reader, documented in docs/DATA.md):
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import lzma
 import math
 import re
+import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ from dataclasses import dataclass, field
 import fsspec
 import pandas as pd
 
+from cllm4rec_dist.errors import UserError
+
 INTERACTION_COLUMNS = ("user", "item", "rating", "timestamp", "review")
 MAX_EXAMPLES = 10
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input. The message names the file (and line or field) and says how to fix it."""
 
 
@@ -139,35 +142,56 @@ class RawDataset:
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
+# What a damaged compressed file raises while it is read (gzip, bz2, xz, zstd through fsspec's codecs).
+_DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError)
+
+
 @contextmanager
 def open_binary(path: str):
     """Open a local path or fsspec URL for reading bytes, decompressing when needed.
 
     gzip is recognised by its magic bytes as well as by the ``.gz`` suffix (Amazon
-    dumps are sometimes renamed); other codecs by suffix (fsspec's ``infer``).
+    dumps are sometimes renamed); other codecs by suffix (fsspec's ``infer``). A file
+    that ends early or is damaged while being read is an ``InputError`` naming it.
     """
     codec = fsspec.utils.infer_compression(path)
     with fsspec.open(path, "rb", compression=None if codec == "gzip" else codec) as raw:
         head = raw.read(2)
         raw.seek(0)
-        if head == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=raw) as unzipped:
-                yield unzipped
-        else:
-            yield raw
+        try:
+            if head == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=raw) as unzipped:
+                    yield unzipped
+            else:
+                yield raw
+        except _DAMAGED as err:
+            if isinstance(err, OSError) and type(err) not in (OSError, gzip.BadGzipFile):
+                raise  # FileNotFoundError & co. name their own file
+            raise InputError(f"{path}: damaged or truncated ({type(err).__name__}: {err}); download or copy it "
+                             "again.") from None
 
 
-def text_lines(binary, encoding: str = "utf-8"):
-    """Decoded lines of a binary file; undecodable bytes become U+FFFD, not a crash.
+def decoded_lines(binary, encoding: str = "utf-8"):
+    """(line number, text or None, problem) for each line of a binary file; None when it is not ``encoding``."""
+    for lineno, raw_line in enumerate(binary, 1):
+        try:
+            yield lineno, raw_line.decode(encoding), ""
+        except UnicodeDecodeError as err:
+            yield lineno, None, f"not {encoding} at byte {err.start}"
 
-    The decoder is detached at the end so that the caller's ``with`` closes the file.
+
+def text_lines(binary, path: str, report: "InputReport", encoding: str = "utf-8"):
+    """(line number, decoded line) for each line of a binary file.
+
+    A line that is not valid ``encoding`` is a bad line (``invalid_encoding``): skipped and counted, or an
+    error with --strict. Decoding with replacement characters would silently merge distinct ids.
     """
-    wrapper = io.TextIOWrapper(binary, encoding=encoding, errors="replace", newline="")
-    try:
-        yield from wrapper
-    finally:
-        if not binary.closed:  # an abandoned generator may be finalised after the file was closed
-            wrapper.detach()
+    for lineno, text, problem in decoded_lines(binary, encoding):
+        if text is None:
+            report.line(path)
+            report.bad(path, lineno, "invalid_encoding", problem)
+        else:
+            yield lineno, text
 
 
 def json_records(path: str, report: InputReport, parse=json.loads, parse_errors=(ValueError,)):
@@ -177,7 +201,7 @@ def json_records(path: str, report: InputReport, parse=json.loads, parse_errors=
     ``bad_json`` bad line; the file's bad-line share is checked at the end.
     """
     with open_binary(path) as raw:
-        for lineno, line in enumerate(text_lines(raw), 1):
+        for lineno, line in text_lines(raw, path, report):
             if not line.strip():
                 continue
             report.line(path)

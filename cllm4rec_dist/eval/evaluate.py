@@ -20,17 +20,18 @@ TOP_K = 100  # enough for Recall@20/40 and NDCG@100
 
 @torch.no_grad()
 def user_representations(model, docs: list[dict], space: TokenSpace, style: str = "rec", batch_size: int = 64,
-                         max_length: int = 1024, seed: int = 0) -> torch.Tensor:
-    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector."""
+                         max_length: int = 1024, seed: int = 0, pack: bool = True, reorder: bool = True) -> torch.Tensor:
+    """Hidden state of the last prompt token for each user doc (U, d), fp32: the user's query vector
+    (prompt items shuffled with ``reorder``, else in stored order: ``prediction_prompts``).
+    Prompts are packed several to a row unless ``pack`` is off (the same vectors either way)."""
     was_training = model.training
     model.eval()
     device = model.item_head_weight().device
     out = []
     for start in range(0, len(docs), batch_size):
-        ids, mask, lengths = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed)
-        ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
-        hidden = model.hidden_states(ids, mask, side="collab")
-        out.append(hidden[torch.arange(len(lengths), device=device), lengths - 1].float())
+        layout = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, pack,
+                                    reorder).to(device)
+        out.append(model.last_token_hidden(layout, side="collab"))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.hidden_size)
 
@@ -38,19 +39,24 @@ def user_representations(model, docs: list[dict], space: TokenSpace, style: str 
 @torch.no_grad()
 def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: str = "rec", batch_size: int = 64,
                   exclude_valid_on_test: bool = True, max_length: int = 1024, seed: int = 0,
-                  distributed: bool = False) -> dict:
+                  reorder: bool = True, distributed: bool = False, cold_items=()) -> dict:
     """Recall@20/40, NDCG@100 on ``part`` ('valid' or 'test') for these users' eval docs.
 
     Train items are always excluded from the ranking; at test time the valid items too
     when ``exclude_valid_on_test``. With ``distributed`` the sums are all-reduced.
+    ``cold_items`` (items never trained on): the same ranking scored against each user's held-out COLD
+    items only, reported as ``cold/recall@20`` ... over the users that have one (``num_cold_users``).
     """
+    cold = np.zeros(model.num_items, bool)
+    cold[np.asarray(list(cold_items), dtype=np.int64)] = True
+    cold_sums = []
     if part not in ("valid", "test"):
         raise ValueError("part must be 'valid' or 'test'")
     weight = model.item_head_weight().detach()
     sums = []
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
-        users = user_representations(model, chunk, space, style, batch_size, max_length, seed)
+        users = user_representations(model, chunk, space, style, batch_size, max_length, seed, reorder=reorder)
         exclude = [torch.as_tensor(d["train"] + (d["valid"] if part == "test" and exclude_valid_on_test else []),
                                    dtype=torch.long) for d in chunk]
         _, topk = chunked_topk(users, weight, TOP_K, exclude=exclude,
@@ -60,8 +66,17 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
             topk = np.pad(topk, ((0, 0), (0, TOP_K - topk.shape[1])), constant_values=PAD)
         heldout = [np.asarray(d[part], dtype=np.int64) for d in chunk]
         sums.append(metric_sums(topk, heldout))
+        if cold.any():
+            cold_sums.append(metric_sums(topk, [h[cold[h]] for h in heldout]))
     total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
                                              "num_users": 0.0, "num_skipped": 0.0}
     if distributed:
         total = all_reduce_sums(total)
-    return finalize(total)
+    result = finalize(total)
+    if cold.any():
+        cold_total = merge_sums(*cold_sums) if cold_sums else {k: 0.0 for k in total}
+        if distributed:
+            cold_total = all_reduce_sums(cold_total)
+        for key, value in finalize(cold_total).items():
+            result[f"num_cold_{key[4:]}" if key.startswith("num_") else f"cold/{key}"] = value
+    return result

@@ -392,3 +392,19 @@ def evaluate_split(
             batch_users=batch_users,
         )
     )
+
+
+# ---- model selection --------------------------------------------------------------------------------
+
+SELECTION_METRICS: dict[str, tuple[str, ...]] = {
+    "recall@20": ("recall@20",),
+    "authors": ("recall@20", "recall@40", "ndcg@100"),  # the authors' code selects on their sum
+}
+
+
+def selection_score(metrics: Mapping[str, Any], select_on: str) -> float:
+    """The validation score a run keeps its best model by: the sum of ``SELECTION_METRICS[select_on]``
+    (a metric that could not be computed, None, counts 0)."""
+    if select_on not in SELECTION_METRICS:
+        raise ValueError(f"select_on={select_on!r}; choose one of {', '.join(SELECTION_METRICS)}")
+    return float(sum(metrics.get(name) or 0.0 for name in SELECTION_METRICS[select_on]))

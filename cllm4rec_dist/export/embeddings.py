@@ -55,7 +55,16 @@ import torch
 
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError, atomic_write
 from cllm4rec_dist.data.records import InputError
-from cllm4rec_dist.train.checkpoint import TRAINER_FILE
+from cllm4rec_dist.train.checkpoint import (
+    BEST,
+    SNAPSHOT,
+    SNAPSHOT_KEYS,
+    TRAINABLE,
+    TRAINER_FILE,
+    load_state,
+    require_keys,
+    resolve_checkpoint,
+)
 from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 
 FORMAT = "cllm4rec-export"
@@ -79,7 +88,7 @@ class ExportError(InputError):
     """A source that is not a usable checkpoint, or export settings that cannot work; says what to pass instead."""
 
 
-# --------------------------------------------------------------------------- finding the checkpoint
+# --------------------------------------------------------------------------- reading the checkpoint
 
 
 def _fs(url: str):
@@ -87,91 +96,11 @@ def _fs(url: str):
     return fs, root.rstrip("/") or "/"
 
 
-def _mtime(fs, path: str) -> float:
-    info = fs.info(path)
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if hasattr(value, "timestamp"):
-            return float(value.timestamp())
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            continue
-    return 0.0
-
-
-def _newest(fs, paths: list[str]) -> str | None:
-    """The newest of ``paths`` by modification time (ties and unknown times: the last by name)."""
-    if not paths:
-        return None
-    return max(sorted(paths), key=lambda p: _mtime(fs, p))
-
-
-def resolve_checkpoint(source: str) -> tuple[object, str]:
-    """(filesystem, checkpoint folder) for a checkpoint folder, its trainer.pt, or a run folder.
-
-    A run folder's checkpoint is, in this order: ``RUN/checkpoints/latest`` (single-process and
-    DeepSpeed runs), the newest ``checkpoint_*`` of a Ray run (under ``RUN/ray/<name>/`` or the
-    run's ``dist.storage_path``), the newest ``RUN/checkpoints/step-*``.
-    """
-    fs, root = _fs(source)
-    if not fs.exists(root):
-        raise ExportError(f"{source}: no such file or folder. Pass a run folder (the --out of `cllm4rec train` or a "
-                          "launcher) or a checkpoint folder holding trainer.pt.")
-    if fs.isfile(root):
-        if posixpath.basename(root) == TRAINER_FILE:
-            return fs, posixpath.dirname(root)
-        raise ExportError(f"{source}: a file, not a run or checkpoint folder (expected a folder, or its {TRAINER_FILE}).")
-    if fs.exists(posixpath.join(root, TRAINER_FILE)):
-        return fs, root
-
-    pointer = posixpath.join(root, "checkpoints", "latest")
-    if fs.exists(pointer):
-        name = fs.cat_file(pointer).decode("utf-8").strip()
-        folder = posixpath.join(root, "checkpoints", name)
-        if not fs.exists(posixpath.join(folder, TRAINER_FILE)):
-            raise ExportError(f"{pointer} names {name!r} but {folder}/{TRAINER_FILE} is missing: the checkpoint was "
-                              "removed or is incomplete. Pass an existing checkpoint folder instead.")
-        return fs, folder
-
-    ray_roots = [posixpath.join(root, "ray")]
-    config_path = posixpath.join(root, "config.yaml")
-    if fs.exists(config_path):
-        import yaml
-
-        storage = ((yaml.safe_load(fs.cat_file(config_path)) or {}).get("dist") or {}).get("storage_path")
-        if storage:
-            ray_roots.append(posixpath.join(storage.rstrip("/"), posixpath.basename(root)))
-    for ray_root in ray_roots:
-        rfs, rroot = _fs(ray_root)
-        pattern = (posixpath.join(rroot, "checkpoint_*", TRAINER_FILE) if ray_root != ray_roots[0]
-                   else posixpath.join(rroot, "*", "checkpoint_*", TRAINER_FILE))
-        newest = _newest(rfs, rfs.glob(pattern))
-        if newest is not None:
-            return rfs, posixpath.dirname(newest)
-
-    steps = [p for p in fs.glob(posixpath.join(root, "checkpoints", "step-*", TRAINER_FILE)) if ".tmp" not in p]
-    newest = _newest(fs, steps)
-    if newest is not None:
-        return fs, posixpath.dirname(newest)
-    raise ExportError(f"{source}: no checkpoint found. Looked for {root}/{TRAINER_FILE} (a checkpoint folder), "
-                      f"{root}/checkpoints/latest (single-process / DeepSpeed run) and "
-                      f"{root}/ray/*/checkpoint_*/{TRAINER_FILE} (Ray run). Has the run saved a checkpoint yet?")
-
-
 def load_trainer_blob(fs, folder: str) -> dict:
+    """trainer.pt of a complete checkpoint folder: tensors and plain data only (train/checkpoint.py)."""
     path = posixpath.join(folder, TRAINER_FILE)
-    with fs.open(path, "rb") as f:
-        try:
-            blob = torch.load(io.BytesIO(f.read()), weights_only=False, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-            raise ExportError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
-                              "it is partial or not a CLLM4Rec trainer.pt.") from None
-    missing = [k for k in ("snapshot", "trainable") if k not in (blob if isinstance(blob, dict) else {})]
-    if missing:
-        raise ExportError(f"{path}: not a CLLM4Rec trainer checkpoint (no {', '.join(missing)}).")
+    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
+    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
     return blob
 
 
@@ -223,21 +152,17 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
     from cllm4rec_dist.train.trainer import load_trainable
 
     model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    unknown = sorted(set(state) - {name for name, _ in model.named_parameters()})
-    if unknown:
-        raise ExportError(f"the checkpoint holds parameters this model does not have ({', '.join(unknown[:5])}); "
-                          "was it trained with another backbone or model.separate_item_head? Set them in its config "
-                          "or pass user_vectors=False (--no-user-vectors).")
-    load_trainable(model, state)
+    load_trainable(model, state, "the checkpoint's weights (for the user vectors; --no-user-vectors skips them)")
     docs = sorted(data.read_corpus("eval"), key=lambda d: int(d["user"]))
     if [int(d["user"]) for d in docs] != list(range(data.num_users)):
         raise ShardError(f"{data.url}: the eval corpus does not hold exactly one document per user; "
                          "re-run `cllm4rec preprocess`.")
     style = cfg.prediction_style
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-    # The trainer's prompts exactly (order seeded by batch.seed), so these vectors scored metrics.json.
+    # The trainer's prompts exactly (order seeded by batch.seed, stored order for LLM-FixOrd), so these
+    # vectors scored metrics.json.
     vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length,
-                                   cfg.batch.seed)
+                                   cfg.batch.seed, reorder=cfg.reorder)
     return vectors.cpu(), style
 
 
@@ -328,11 +253,11 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     fs, folder = resolve_checkpoint(source)
     ckpt_path = posixpath.join(folder, TRAINER_FILE)
     blob = load_trainer_blob(fs, folder)
-    cfg = config_from_dict(blob["snapshot"]["config"], f"{ckpt_path} (snapshot config)")
-    state_record = blob["snapshot"].get("state", {})
-    best = blob.get("best")
+    cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
+    state_record = blob[SNAPSHOT]["state"]
+    best = blob[BEST]
     weights = "best" if use_best and best else "last"
-    state = best if weights == "best" else blob["trainable"]
+    state = best if weights == "best" else blob[TRAINABLE]
 
     data_url = data_dir or cfg.data
     try:

@@ -19,6 +19,8 @@ from . import backbone as bb
 from .item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
 
 SIDES = ("collab", "content")
+MR_REDUCTIONS = ("paper", "authors", "token_mean")
+"""How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
 
 
 @dataclass
@@ -34,7 +36,12 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file inside ``backbone`` to load instead of a safetensors checkpoint (e.g. SmolLM2)."""
     lambda_c: float = 1.0
-    """Mutual-regularisation weight: the loss adds lambda_c/2 * mean ||z_trained - z_fixed||^2 per id token."""
+    """Mutual-regularisation weight: the prior precision of z_content ~ N(z_collab, I / lambda_c); how it
+    weighs against the likelihood depends on ``mr_reduction``."""
+    mr_reduction: str = "paper"
+    """"paper" (per-document sums of likelihood and prior terms, averaged over documents), "authors"
+    (lambda_c x sum over batch x length x d against a mean CE) or "token_mean" (lambda_c/2 x mean over id
+    tokens against a mean CE); formulas in model/losses.py."""
     init_std: float | None = None
     """Std of the normal init of the tables and item head; None -> the backbone's initializer_range."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
@@ -58,6 +65,8 @@ class CLLM4Rec(nn.Module):
     def __init__(self, config: ModelConfig, backbone: PreTrainedModel | None = None):
         """Build the model; ``backbone`` may be passed already loaded (it must match ``config.precision``)."""
         super().__init__()
+        if config.mr_reduction not in MR_REDUCTIONS:
+            raise ValueError(f"mr_reduction={config.mr_reduction!r}; choose one of {', '.join(MR_REDUCTIONS)}")
         self.config = config
         if backbone is None:
             backbone = bb.load_backbone(config.backbone, config.precision, gguf_file=config.gguf_file,
@@ -157,6 +166,26 @@ class CLLM4Rec(nn.Module):
         groups = {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
         return {name: params for name, params in groups.items() if params}
 
+    @torch.no_grad()
+    def set_unseen_items_from_content(self, items) -> None:
+        """Cold items (never in a collaborative document): their collaborative rows take the MODE of the
+        mutual-regularisation prior z_collab ~ N(z_content, I / lambda_c), i.e. their content rows, which the
+        C-steps trained on their texts (no likelihood term pulls the collaborative row anywhere else).
+        A separate item head (untied backbones) has no prior of its own: its cold rows come from a ridge
+        regression, fitted on the warm items, from content rows to head rows."""
+        cold = torch.as_tensor(list(items), dtype=torch.long, device=self.collab_item_table.weight.device)
+        if cold.numel() == 0:
+            return
+        content = self.content_item_table.weight
+        self.collab_item_table.weight[cold] = content[cold]
+        if self.item_head is not None:
+            warm = torch.ones(self.num_items, dtype=torch.bool, device=cold.device)
+            warm[cold] = False
+            x, y = content[warm].double(), self.item_head.weight[warm].double()
+            ridge = torch.eye(x.shape[1], dtype=torch.float64, device=x.device) * 1e-3 * x.pow(2).sum() / x.shape[0]
+            mapping = torch.linalg.solve(x.T @ x + ridge, x.T @ y)
+            self.item_head.weight[cold] = (content[cold].double() @ mapping).float()
+
     # ---- forward -----------------------------------------------------------------------------
 
     def id_embeddings(self, token_ids: torch.Tensor, side: str) -> torch.Tensor:
@@ -177,15 +206,29 @@ class CLLM4Rec(nn.Module):
         embeds[is_id_token] = self.id_embeddings(input_ids[is_id_token], side).to(embeds.dtype)
         return embeds
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       side: str = "collab") -> torch.Tensor:
-        """Last-layer hidden states (B, T, d) of the decoder stack (no LM head)."""
-        embeds = self.embed(input_ids, side)
-        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        """Last-layer hidden states (R, T, d) of the decoder stack (no LM head), in the compute dtype.
 
-    def last_token_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
-                          side: str = "collab") -> torch.Tensor:
-        """(B, d) hidden state of each row's last real token (index lengths-1): the query that scores the
-        items in the rec-step and at prediction time (``item_softmax.chunked_topk`` with ``item_head_weight()``)."""
-        hidden = self.hidden_states(input_ids, attention_mask, side)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        ``position_ids`` restart at 0 for every document (see model/batch.py); no 2D attention mask
+        is passed, so transformers derives a causal mask that is block-diagonal over the documents
+        of a packed row (and plain causal when nothing is packed: right padding is never attended).
+        use_cache=False: the config's default (True) would build a KV cache nobody reads, and with a
+        cache present transformers skips the packed-sequence detection (documents would see each other).
+        """
+        embeds = self.embed(input_ids, side)
+        return self.backbone.base_model(inputs_embeds=embeds, position_ids=position_ids,
+                                        use_cache=False).last_hidden_state
+
+    def document_hidden(self, batch, positions: torch.Tensor, docs: torch.Tensor, side: str = "collab") -> torch.Tensor:
+        """(N, d) fp32 hidden states at ``positions`` (within their document) of documents ``docs`` of a
+        batch laid out as in model/batch.py, cast to the fp32 of the tables and heads."""
+        hidden = self.hidden_states(batch.input_ids, batch.position_ids, side)
+        return hidden[batch.doc_rows[docs], batch.doc_starts[docs] + positions].float()
+
+    def last_token_hidden(self, batch, side: str = "collab") -> torch.Tensor:
+        """(B, d) fp32 hidden state of each document's last token (index lengths-1): the query that scores
+        the items in the rec-step and at prediction time (``item_softmax.chunked_topk`` with
+        ``item_head_weight()``)."""
+        docs = torch.arange(batch.lengths.shape[0], device=batch.lengths.device)
+        return self.document_hidden(batch, batch.lengths - 1, docs, side)

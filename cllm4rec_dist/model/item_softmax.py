@@ -1,10 +1,13 @@
 """Memory-bounded softmax over a large class set (the item catalogue, or a 32k-50k vocabulary).
 
 A dense ``hidden @ weight.T`` over a million items and a few thousand positions does not fit in
-memory, and autograd would keep it alive for the backward pass. Here the row-wise logsumexp is
-computed in chunks of classes (and of rows, if the rows alone exceed the budget), never holding
-more than ``max_logit_elements`` logits at once; the backward pass recomputes each chunk's
-softmax instead of storing it. Everything is computed in float32, whatever the input dtype.
+memory, and autograd would keep it alive for the backward pass. Here the logits are never handed
+to autograd: the NLL computes its gradients in the forward pass (the loss is a scalar, so they are
+known up to the incoming scalar) and the backward only scales them. When all logits fit
+``max_logit_elements`` they are computed once into one buffer (the dense path: one matmul for the
+logits, one per gradient); beyond it the row-wise logsumexp is computed in chunks of classes (and of
+rows, if the rows alone exceed the budget) in one reused buffer, and each chunk is recomputed once
+for the gradients. Everything is computed in float32, whatever the input dtype.
 
 * ``chunked_logsumexp(hidden, weight)``      -> (N,) logsumexp_c (hidden @ weight.T)
 * ``sparse_softmax_nll(hidden, weight, rows, cols, coeffs)``
@@ -34,41 +37,73 @@ def chunk_sizes(num_rows: int, num_classes: int, max_logit_elements: int = DEFAU
     return row_chunk, max(1, min(chunk, max(num_classes, 1)))
 
 
+def _softmax_rows_(logits: torch.Tensor) -> torch.Tensor:
+    """Turn (R, C) float32 logits into their row softmax IN PLACE; returns the (R,) logsumexp."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    logits.sub_(row_max).exp_()
+    row_sum = logits.sum(dim=1, keepdim=True)
+    logits.div_(row_sum)
+    return (row_sum.log_() + row_max).squeeze(1)
+
+
+def _logit_buffer(rows: int, classes: int, device) -> torch.Tensor:
+    """One float32 buffer for a chunk of logits, reused for every chunk (no allocation per chunk)."""
+    return torch.empty(rows * classes, dtype=torch.float32, device=device)
+
+
+def _chunk(buffer: torch.Tensor, rows: int, classes: int) -> torch.Tensor:
+    return buffer[: rows * classes].view(rows, classes)
+
+
 def _chunked_lse(hidden, weight, row_chunk: int, class_chunk: int) -> torch.Tensor:
     """(N,) float32 logsumexp of hidden @ weight.T, holding at most row_chunk x class_chunk logits."""
     num_rows, num_classes = hidden.shape[0], weight.shape[0]
-    lse = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    lse = torch.empty((num_rows,), dtype=torch.float32, device=hidden.device)
+    buffer = _logit_buffer(min(row_chunk, num_rows), min(class_chunk, num_classes), hidden.device)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for r0 in range(0, num_rows, row_chunk):
             h = hidden[r0:r0 + row_chunk].float()
-            running = lse[r0:r0 + row_chunk]
+            running = None
             for c0 in range(0, num_classes, class_chunk):
-                logits = h @ weight[c0:c0 + class_chunk].float().T
-                running = torch.logaddexp(running, torch.logsumexp(logits, dim=1))
+                w = weight[c0:c0 + class_chunk].float()
+                logits = torch.mm(h, w.T, out=_chunk(buffer, h.shape[0], w.shape[0]))
+                row_max = logits.amax(dim=1)
+                chunk_lse = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
+                running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
             lse[r0:r0 + row_chunk] = running
     return lse
 
 
-def _chunked_softmax_backward(hidden, weight, lse, row_scale, row_chunk: int, class_chunk: int,
-                              need_hidden: bool, need_weight: bool):
-    """Gradients of sum_r row_scale_r * lse_r, float32: (softmax * scale) @ W and its transpose @ H.
+def _softmax_gradients(hidden, weight, lse, row_scale, row_chunk: int, class_chunk: int,
+                       need_hidden: bool, need_weight: bool):
+    """Gradients of sum_r row_scale_r * lse_r in float32: diag(s) P @ W and P.T @ diag(s) H, P = softmax.
 
-    The softmax is RECOMPUTED chunk by chunk from the saved lse rather than stored.
+    P is RECOMPUTED chunk by chunk from ``lse`` (exp(h.w - lse) in one addmm + exp), never stored;
+    the row scale goes onto H (N x d), not onto P (N x C).
     """
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    num_rows, num_classes = hidden.shape[0], weight.shape[0]
+    buffer = _logit_buffer(min(row_chunk, num_rows), min(class_chunk, num_classes), hidden.device)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        for r0 in range(0, hidden.shape[0], row_chunk):
+        for r0 in range(0, num_rows, row_chunk):
             rows = slice(r0, r0 + row_chunk)
             h = hidden[rows].float()
-            for c0 in range(0, weight.shape[0], class_chunk):
+            scale = row_scale[rows, None]
+            scaled_h = h * scale
+            for c0 in range(0, num_classes, class_chunk):
                 classes = slice(c0, c0 + class_chunk)
                 w = weight[classes].float()
-                probs = torch.exp(h @ w.T - lse[rows, None]) * row_scale[rows, None]
+                probs = torch.addmm(-lse[rows, None], h, w.T, out=_chunk(buffer, h.shape[0], w.shape[0])).exp_()
                 if need_hidden:
-                    grad_hidden[rows] += probs @ w
+                    grad_hidden[rows].addmm_(probs, w)
                 if need_weight:
-                    grad_weight[classes] += probs.T @ h
+                    if r0 == 0:
+                        torch.mm(probs.T, scaled_h, out=grad_weight[classes])
+                    else:
+                        grad_weight[classes].addmm_(probs.T, scaled_h)
+            if need_hidden:
+                grad_hidden[rows] *= scale
     return grad_hidden, grad_weight
 
 
@@ -83,48 +118,78 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         hidden, weight, lse = ctx.saved_tensors
-        grad_hidden, grad_weight = _chunked_softmax_backward(hidden, weight, lse, grad_lse.float(), *ctx.chunks,
-                                                             *ctx.needs_input_grad[:2])
+        grad_hidden, grad_weight = _softmax_gradients(hidden, weight, lse, grad_lse.float(), *ctx.chunks,
+                                                      *ctx.needs_input_grad[:2])
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None)
+
+
+def _dense_softmax_gradients(hidden, weight, row_scale, need_hidden: bool, need_weight: bool):
+    """All logits fit the budget: ONE (N, C) buffer, one pass. Returns (lse, grad_hidden, grad_weight)
+    as ``_chunked_lse`` + ``_softmax_gradients`` would, without recomputing the logits."""
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.float(), weight.float()
+        probs = h @ w.T
+        lse = _softmax_rows_(probs)
+        grad_hidden = (probs @ w).mul_(row_scale[:, None]) if need_hidden else None
+        grad_weight = probs.T @ (h * row_scale[:, None]) if need_weight else None
+    return lse, grad_hidden, grad_weight
 
 
 class _SparseSoftmaxNLL(torch.autograd.Function):
     """sum_k coeffs_k * (lse(hidden[rows_k]) - hidden[rows_k] . weight[cols_k]) with ONE dense weight gradient.
 
+    The loss is a scalar, so its gradients are known up to the incoming scalar at forward time: the
+    forward computes them in the same pass over the logits (fused linear + cross-entropy), and the
+    backward only scales them, in place. When all logits fit ``row_chunk x class_chunk`` that is one
+    matmul for the logits and one per gradient, the floor of a dense softmax; beyond it, the logsumexp
+    is computed first, chunk by chunk, and the chunks are recomputed once for the gradients.
     Fusing the target logits in (instead of autograd through weight[cols]) matters for large
     catalogues: every autograd path into the (J,d) weight would allocate its own (J,d) gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, rows, cols, coeffs, row_chunk: int, class_chunk: int):
-        distinct_rows, row_of_term = torch.unique(rows, return_inverse=True)
-        lse = _chunked_lse(hidden[distinct_rows], weight, row_chunk, class_chunk)
-        with torch.autocast(hidden.device.type, enabled=False):
-            target_logits = (hidden[rows].float() * weight[cols].float()).sum(dim=-1)
-        ctx.save_for_backward(hidden, weight, rows, cols, coeffs, distinct_rows, row_of_term, lse)
-        ctx.chunks = (row_chunk, class_chunk)
-        return (coeffs * (lse[row_of_term] - target_logits)).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, rows, cols, coeffs, distinct_rows, row_of_term, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        term_scale = grad_loss.float() * coeffs
+        distinct_rows, row_of_term = torch.unique(rows, return_inverse=True)
+        h = hidden[distinct_rows]
         # each distinct row's lse appears once per term on that row
-        row_scale = torch.zeros_like(lse).index_add_(0, row_of_term, term_scale)
-        grad_distinct, grad_weight = _chunked_softmax_backward(hidden[distinct_rows], weight, lse, row_scale,
-                                                               *ctx.chunks, need_hidden, need_weight)
+        row_scale = torch.zeros(len(distinct_rows), dtype=torch.float32, device=hidden.device)
+        row_scale.index_add_(0, row_of_term, coeffs)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            target_h, target_w = hidden[rows].float(), weight[cols].float()
+            target_logits = (target_h * target_w).sum(dim=-1)
+        if len(distinct_rows) <= row_chunk and weight.shape[0] <= class_chunk:
+            lse, grad_distinct, grad_weight = _dense_softmax_gradients(h, weight, row_scale,
+                                                                       need_hidden, need_weight)
+        else:
+            lse = _chunked_lse(h, weight, row_chunk, class_chunk)
+            grad_distinct, grad_weight = _softmax_gradients(h, weight, lse, row_scale, row_chunk, class_chunk,
+                                                            need_hidden, need_weight)
         grad_hidden = None
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             if need_hidden:  # d/dh of -h.w_col is -w_col
                 grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
                 grad_hidden.index_add_(0, distinct_rows, grad_distinct)
-                grad_hidden.index_add_(0, rows, -term_scale[:, None] * weight[cols].float())
-                grad_hidden = grad_hidden.to(hidden.dtype)
+                grad_hidden.index_add_(0, rows, target_w.mul_(-coeffs[:, None]))
             if need_weight:
-                grad_weight.index_add_(0, cols, -term_scale[:, None] * hidden[rows].float())
-                grad_weight = grad_weight.to(weight.dtype)
+                grad_weight.index_add_(0, cols, target_h.mul_(-coeffs[:, None]))
+        ctx.gradients = (grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return (coeffs * (lse[row_of_term] - target_logits)).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.gradients is None:
+            raise RuntimeError("sparse_softmax_nll: backward through the same graph twice is not supported "
+                               "(its gradients are computed in the forward and scaled in place)")
+        (grad_hidden, grad_weight), ctx.gradients = ctx.gradients, None
+        grad_loss = grad_loss.float()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -157,6 +222,8 @@ def sparse_softmax_nll(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.T
         return (hidden.float().sum() + weight.float().sum()) * 0.0
     if coeffs is None:
         coeffs = torch.ones(rows.shape, dtype=torch.float32, device=hidden.device)
+    if not torch.is_grad_enabled():  # the forward computes gradients for inputs that require them
+        hidden, weight = hidden.detach(), weight.detach()
     num_distinct_rows = min(rows.numel(), hidden.shape[0])
     row_chunk, class_chunk = chunk_sizes(num_distinct_rows, weight.shape[0], max_logit_elements, chunk)
     return _SparseSoftmaxNLL.apply(hidden, weight, rows, cols, coeffs.float(), row_chunk, class_chunk)

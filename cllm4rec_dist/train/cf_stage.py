@@ -113,8 +113,11 @@ class CFStageSettings:
 
 
 def evaluate_candidates(model: SequentialCF, data: SequentialData, part: str, settings: CFStageSettings) -> dict:
-    """Candidate metrics of ``model`` on ``part`` (valid: history -> valid item; test: + valid item -> test item)."""
-    max_len = settings.model_settings().max_len
+    """Candidate metrics of ``model`` on ``part`` (valid: history -> valid item; test: + valid item -> test item).
+
+    The model reads its own ``max_len``; ``settings`` gives the metric settings and the scoring batch size.
+    """
+    max_len = model.settings.max_len
 
     def score(users, prefixes, candidates):
         rows = []

@@ -15,10 +15,24 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.eval.metrics import SELECTION_METRICS
+from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS
+from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
 
 ABLATIONS = ("none", "cf", "fixord", "prerec", "ftall", "scratch")
 RECOMMENDERS = ("cllm4rec", "allmrec")
+PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+
+
+class ConfigError(UserError, ValueError):
+    """A setting with a wrong type, range or value; the message names the setting, its source and the fix."""
+
+
+def _require(ok: bool, setting: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{setting}={value!r}: must be {rule}.")
 
 
 @dataclass
@@ -26,7 +40,16 @@ class ModelSettings:
     precision: str = "fp32"
     """Backbone precision: fp32, bf16, int8 or nf4 (int8/nf4: bitsandbytes; the tables stay fp32)."""
     lambda_c: float = 1.0
-    """Mutual-regularisation weight (the paper's lambda_c; ~1 recommended)."""
+    """Mutual-regularisation weight (the paper's prior precision lambda_c). Its strength depends on
+    mr_reduction: with 'paper' ~1 is the paper's recommended start; with 'authors' it is their lambda (their runs
+    use 1); with 'token_mean' it weighs a per-id-token mean against the per-token CE mean."""
+    mr_reduction: str = "paper"
+    """How losses reduce the likelihood and the MR prior over a batch (formulas: model/losses.py).
+    'paper': per-document sums of CE and of lambda_c/2 ||z - z_other||^2 over the document's user/item tokens
+    (Eqs. 7, 8, 10; rec-step: the user and every interacted item, prompt and held-out), averaged over documents:
+    the paper's method. 'authors': lambda_c x sum over batch x length x d of the squared difference against a mean
+    CE: to reproduce the authors' code at their lambda. 'token_mean': lambda_c/2 x mean over id tokens against a
+    mean CE: this project's earlier default, MR strength independent of batch size and document length."""
     init_std: float | None = None
     """Std of the table/head init; None = the backbone's initializer_range."""
     max_logit_elements: int = 2**24
@@ -39,6 +62,9 @@ class ModelSettings:
 class ScheduleSettings:
     warmup_epochs: int = 10
     """Content-LLM-only epochs before mutually-regularised pretraining (paper: 10)."""
+    warmup_mr: bool = False
+    """Add the mutual regularisation to the warm-up C-steps too (false = the paper's and the authors' warm-up:
+    the content LLM alone, logged mr = 0; true = earlier versions of this project)."""
     pretrain_epochs: int = 100
     """Mutually-regularised pretraining epochs alternating L and C (paper: 100)."""
     alternate: str = "epoch"
@@ -69,6 +95,9 @@ class EvalSettings:
     """Users scored per forward pass."""
     exclude_valid_on_test: bool = True
     """At test time also mask the user's validation items (they are known interactions by then)."""
+    select_on: str = "recall@20"
+    """Validation score that picks the best finetuning epoch: 'recall@20', or 'authors' (Recall@20 + Recall@40
+    + NDCG@100, as the authors' code selects)."""
 
 
 @dataclass
@@ -185,42 +214,71 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many steps in total (0 = run the whole schedule); for smoke runs and tests."""
     init_from: str | None = None
-    """A checkpoint folder (with trainer.pt) whose tables and heads initialise this run, e.g. the last
-    pretraining checkpoint for `launchers/finetune.py`; its optimizer state and position are not taken."""
+    """A checkpoint folder (with trainer.pt), or a run folder (its newest complete checkpoint), whose tables and
+    heads initialise this run, e.g. pretraining for `launchers/finetune.py`; its optimizer state and position
+    are not taken. Its tensors must match the model's exactly."""
     resume: bool = True
     """Continue from the run folder's latest checkpoint when there is one."""
+    allow_config_change: bool = False
+    """Resume even when settings that change the training trajectory (seed, learning rates, batch, schedule,
+    ablation, model, world size) differ from the checkpoint's; without it such a resume is refused."""
     simulate_ranks: int = 1
     """Single-process trainer only: accumulate this many micro-batches per step, standing in for that
     many ranks, to reproduce a multi-worker run exactly."""
 
     def validate(self) -> "TrainConfig":
-        if self.recommender not in RECOMMENDERS:
-            raise ValueError(f"recommender={self.recommender!r}; choose one of {', '.join(RECOMMENDERS)}")
+        """Check every setting's range and choices (types were checked when it was set); nothing reaches a
+        worker unchecked. Packaged relative paths (the DeepSpeed config) are resolved against the project."""
+        _require(self.ablation in ABLATIONS, "ablation", self.ablation, f"one of {', '.join(ABLATIONS)}")
+        _require(self.schedule.alternate in ("epoch", "steps"), "schedule.alternate", self.schedule.alternate,
+                 "'epoch' or 'steps'")
+        _require(self.model.precision in PRECISIONS, "model.precision", self.model.precision, ", ".join(PRECISIONS))
+        _require(self.model.mr_reduction in MR_REDUCTIONS, "model.mr_reduction", self.model.mr_reduction,
+                 ", ".join(MR_REDUCTIONS))
+        _require(self.eval.select_on in SELECTION_METRICS, "eval.select_on", self.eval.select_on,
+                 ", ".join(SELECTION_METRICS))
+        _require(self.recommender in RECOMMENDERS, "recommender", self.recommender, ", ".join(RECOMMENDERS))
         a = self.allmrec
-        if min(a.text_dim, a.stage1_batch_size, a.stage2_batch_size, a.eval_batch_size, a.prompt_history,
-               a.cf_dim, a.cf_max_len, a.cf_batch_size, a.max_new_tokens) < 1:
-            raise ValueError("allmrec: dims, lengths and batch sizes must be >= 1")
-        if a.eval_max_users < 0:
-            raise ValueError("allmrec.eval_max_users must be >= 0 (0 = every evaluated user)")
-        if a.num_candidates < 2:
-            raise ValueError("allmrec.num_candidates must be >= 2 (the next item and at least one other)")
-        if a.cold_item_max_count >= a.warm_item_min_count:
-            raise ValueError("allmrec.cold_item_max_count must be below allmrec.warm_item_min_count")
-        if a.alpha < 0 or a.beta < 0:
-            raise ValueError("allmrec.alpha and allmrec.beta are loss weights: >= 0")
-        if self.ablation not in ABLATIONS:
-            raise ValueError(f"ablation={self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        if self.schedule.alternate not in ("epoch", "steps"):
-            raise ValueError("schedule.alternate must be 'epoch' or 'steps'")
-        if self.model.precision not in ("fp32", "bf16", "int8", "nf4"):
-            raise ValueError("model.precision must be fp32, bf16, int8 or nf4")
+        for name in ("text_dim", "stage1_batch_size", "stage2_batch_size", "eval_batch_size", "prompt_history",
+                     "cf_dim", "cf_max_len", "cf_batch_size", "max_new_tokens"):
+            _require(getattr(a, name) >= 1, f"allmrec.{name}", getattr(a, name), ">= 1")
+        _require(a.eval_max_users >= 0, "allmrec.eval_max_users", a.eval_max_users, ">= 0 (0 = every evaluated user)")
+        _require(a.num_candidates >= 2, "allmrec.num_candidates", a.num_candidates,
+                 ">= 2 (the next item and at least one other)")
+        _require(a.cold_item_max_count < a.warm_item_min_count, "allmrec.cold_item_max_count", a.cold_item_max_count,
+                 f"below allmrec.warm_item_min_count ({a.warm_item_min_count})")
+        _require(a.alpha >= 0, "allmrec.alpha", a.alpha, ">= 0 (a loss weight)")
+        _require(a.beta >= 0, "allmrec.beta", a.beta, ">= 0 (a loss weight)")
         if self.ablation in ("ftall", "scratch") and self.model.precision in ("int8", "nf4"):
-            raise ValueError(f"ablation={self.ablation} trains the backbone; a quantised ({self.model.precision}) "
-                             "backbone cannot be trained: use model.precision=fp32 or bf16")
-        if not 0 <= self.schedule.finetune_content_fraction <= 1:
-            raise ValueError("schedule.finetune_content_fraction must be in [0, 1]")
-        if self.batch.batch_size < 1 or self.eval.batch_size < 1:
-            raise ValueError("batch sizes must be >= 1")
+            raise ConfigError(f"ablation={self.ablation} trains the backbone; a quantised ({self.model.precision}) "
+                              "backbone cannot be trained: use model.precision=fp32 or bf16")
+        for name in ("warmup_epochs", "pretrain_epochs", "finetune_epochs"):
+            _require(getattr(self.schedule, name) >= 0, f"schedule.{name}", getattr(self.schedule, name), ">= 0")
+        _require(self.schedule.alternate_every >= 1, "schedule.alternate_every", self.schedule.alternate_every, ">= 1")
+        _require(0 <= self.schedule.finetune_content_fraction <= 1, "schedule.finetune_content_fraction",
+                 self.schedule.finetune_content_fraction, "in [0, 1]")
+        for name in ("batch_size", "max_length"):
+            _require(getattr(self.batch, name) >= 1, f"batch.{name}", getattr(self.batch, name), ">= 1")
+        _require(0 < self.batch.mask_ratio < 1, "batch.mask_ratio", self.batch.mask_ratio,
+                 "in (0, 1): the share of a user's items held out as rec-step targets")
+        _require(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
+        for name in ("pretrain_lr", "finetune_lr"):
+            _require(getattr(self.optim, name) > 0, f"optim.{name}", getattr(self.optim, name), "> 0")
+        for name in ("weight_decay", "grad_clip"):
+            _require(getattr(self.optim, name) >= 0, f"optim.{name}", getattr(self.optim, name), ">= 0")
+        _require(self.model.lambda_c >= 0, "model.lambda_c", self.model.lambda_c, ">= 0")
+        _require(self.model.init_std is None or self.model.init_std > 0, "model.init_std", self.model.init_std,
+                 "> 0 (or none for the backbone's initializer_range)")
+        _require(self.model.max_logit_elements >= 1, "model.max_logit_elements", self.model.max_logit_elements, ">= 1")
+        for name in ("num_workers", "cpus_per_worker"):
+            _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")
+        _require(self.dist.max_failures >= -1, "dist.max_failures", self.dist.max_failures, ">= -1 (-1: no limit)")
+        for name in ("checkpoint_every", "max_steps"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("keep_checkpoints", "log_every", "simulate_ranks"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _require(bool(self.data), "data", self.data, "a preprocessed dataset folder or URL")
+        self.dist.ds_config = resolve_path(self.dist.ds_config)
         return self
 
     # Effective settings after the ablation switch (the stored config keeps what the user wrote).
@@ -313,32 +371,58 @@ def _set(cfg, dotted: str, value, source: str):
     hints = typing.get_type_hints(type(obj))
     if leaf not in hints:
         known = ", ".join(n for n, _, _ in _walk(type(cfg)))
-        raise ValueError(f"{source}: unknown setting {dotted!r}; known: {known}")
+        raise ConfigError(f"{source}: unknown setting {dotted!r}; known: {known}")
     tp, optional = _field_type(hints[leaf])
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{source}: {dotted} must be a mapping")
+            raise ConfigError(f"{source}: {dotted} must be a mapping of settings, got {type(value).__name__}")
         for k, v in value.items():
             _set(cfg, f"{dotted}.{k}", v, source)
         return
     if isinstance(value, str) and tp is not str:
         try:
             value = _convert(value, tp, optional)
-        except ValueError as e:
-            raise ValueError(f"{source}: {dotted}: {e}") from None
-    elif value is not None and tp is float and isinstance(value, int):
+        except ValueError:
+            raise ConfigError(f"{source}: {dotted}={value!r}: expected {_kind(tp, optional)}.") from None
+    elif value is None:
+        if not optional:
+            raise ConfigError(f"{source}: {dotted} is empty; expected {_kind(tp, optional)}.")
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
+    elif not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
+        raise ConfigError(f"{source}: {dotted}={value!r}: expected {_kind(tp, optional)}, got {type(value).__name__}.")
     setattr(obj, leaf, value)
+
+
+def _kind(tp, optional: bool) -> str:
+    kind = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(tp, tp.__name__)
+    return f"{kind} (or none)" if optional else kind
+
+
+def read_yaml_settings(path: str) -> dict:
+    """The mapping of settings in a YAML file; a syntax error or a non-mapping names the file (and line)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"{where}: not valid YAML ({' '.join(str(problem).split())}); fix the file.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: holds a YAML {type(loaded).__name__}, but a config is a mapping of settings "
+                          "(e.g. 'batch:' then '  batch_size: 16').")
+    return loaded
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     """Defaults <- YAML (--config) <- command-line flags, then validated."""
     cfg = cls()
     if getattr(args, "config", None):
-        with open(args.config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        for key, value in loaded.items():
-            _set(cfg, key, value, args.config)
+        for key, value in read_yaml_settings(args.config).items():
+            _set(cfg, str(key), value, args.config)
     for name, _, _ in _walk(cls):
         if name in vars(args):
             _set(cfg, name, vars(args)[name], "command line")
@@ -354,8 +438,7 @@ def config_from_dict(values: dict, source: str = "config", cls=TrainConfig):
 
 
 def load_config(path: str, cls=TrainConfig):
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(yaml.safe_load(f) or {}, path, cls)
+    return config_from_dict(read_yaml_settings(path), path, cls)
 
 
 def to_yaml(cfg) -> str:

@@ -1,5 +1,9 @@
 """Progress lines, `train_log.jsonl` and TensorBoard scalars, written by rank 0 from reduced values.
 
+The console gets ONE line per block (phase and epoch: loss, tokens/s, validation, ETA) and, after the
+first logged steps, the ETA of the whole schedule; the detailed line every `log_every` steps goes to
+`<run>/progress.log`, every step's values to `train_log.jsonl` and TensorBoard.
+
 TensorBoard tags: `<kind>/loss`, `<kind>/lm`, `<kind>/mr`, `<kind>/grad_norm`, `<kind>/lr`,
 `<kind>/tokens_per_s` for kind in C, L, rec; `valid/recall@20` ...; `test/...`;
 `memory/rss_mb` (and `memory/cuda_max_mb` on GPUs). Open with
@@ -15,6 +19,8 @@ import time
 
 import torch
 
+CONSOLE_FILE = "console.log"  # the lines meant for the user's console, relayed by the Ray driver
+
 
 class Monitor:
     def __init__(self, run_dir: str, is_main: bool, log_every: int = 10, world_size: int = 1,
@@ -25,8 +31,15 @@ class Monitor:
         self.writer = None
         self.log_path = os.path.join(run_dir, "train_log.jsonl")
         self.started = time.time()
+        self.progress_path = os.path.join(run_dir, "progress.log")
+        self.console_path = os.path.join(run_dir, CONSOLE_FILE)
         self.tokens_since = 0.0
         self.seconds_since = 0.0
+        self.kind_seconds: dict[str, tuple[float, int]] = {}  # step kind -> (seconds, steps) so far
+        self.block_totals = [0.0, 0.0, 0.0, 0]  # loss sum, tokens, seconds, steps of the current block
+        self.remaining: list[str] = []
+        self.eta_shown = False
+        self.last_valid: dict | None = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -42,14 +55,52 @@ class Monitor:
         with open(self.log_path, "w", encoding="utf-8") as f:
             f.writelines(lines)
 
-    def step(self, state, block, kind: str, values: list[float], seconds: float, total_steps: int, lr: float) -> None:
+    def schedule(self, blocks: list) -> None:
+        """The blocks this run will walk (their step kinds give the ETA); prints the plan (rank 0)."""
+        self.remaining = [k for b in blocks for k in b.kinds]
+        if not self.is_main:
+            return
+        phases = {}
+        for b in blocks:
+            phases.setdefault(b.phase, set()).add(b.epoch)
+        counts = {k: self.remaining.count(k) for k in dict.fromkeys(self.remaining)}
+        self.console("[train] schedule: " + ", ".join(f"{len(e)} {p} epochs" for p, e in phases.items())
+                     + f" = {len(blocks)} blocks, {len(self.remaining)} steps ("
+                     + ", ".join(f"{n} {k}" for k, n in counts.items()) + f"), "
+                     f"{sum(b.evaluate for b in blocks)} validations")
+
+    def console(self, line: str) -> None:
+        """A line for the user: printed, appended to <run>/console.log (which the Ray driver relays to its
+        console) and kept in <run>/progress.log with the detailed ones."""
+        print(line, flush=True)
+        with open(self.console_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        self.progress(line)
+
+    def progress(self, line: str) -> None:
+        with open(self.progress_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def eta_seconds(self, done_steps: int) -> float:
+        """Seconds the steps after ``done_steps`` will take at each kind's mean step time so far."""
+        known = {k: s / n for k, (s, n) in self.kind_seconds.items() if n}
+        if not known:
+            return float("nan")
+        fallback = sum(s for s, _ in self.kind_seconds.values()) / sum(n for _, n in self.kind_seconds.values())
+        return sum(known.get(k, fallback) for k in self.remaining[done_steps:])
+
+    def step(self, global_step: int, block, kind: str, seconds: float, total_steps: int, lr: float,
+             values: list[float]) -> None:
         if not self.is_main:
             return
         loss, lm, mr, tokens, grad_norm = values
         tokens *= self.world_size  # tokens were averaged over ranks; report the global count
         self.tokens_since += tokens
         self.seconds_since += seconds
-        gs = state.global_step
+        spent, count = self.kind_seconds.get(kind, (0.0, 0))
+        self.kind_seconds[kind] = (spent + seconds, count + 1)
+        self.block_totals = [a + b for a, b in zip(self.block_totals, (loss, tokens, seconds, 1))]
+        gs = global_step
         record = {"global_step": gs, "phase": block.phase, "epoch": block.epoch, "kind": kind, "loss": loss,
                   "lm": lm, "mr": mr, "tokens": tokens, "grad_norm": grad_norm, "lr": lr, "seconds": seconds}
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -64,12 +115,37 @@ class Monitor:
             if torch.cuda.is_available():
                 w.add_scalar("memory/cuda_max_mb", torch.cuda.max_memory_allocated() / 2**20, gs)
             rate = self.tokens_since / max(self.seconds_since, 1e-9)
-            print(f"[train] {block.phase} ep {block.epoch} step {gs}/{total_steps} {kind:>3s} "
-                  f"loss {loss:.4f} (lm {lm:.4f} mr {mr:.4f}) {rate:,.0f} tok/s "
-                  f"elapsed {time.time() - self.started:.0f}s", flush=True)
+            self.progress(f"[train] {block.phase} ep {block.epoch} step {gs}/{total_steps} {kind:>3s} "
+                          f"loss {loss:.4f} (lm {lm:.4f} mr {mr:.4f}) {rate:,.0f} tok/s "
+                          f"elapsed {time.time() - self.started:.0f}s")
             self.tokens_since = self.seconds_since = 0.0
+            self.show_schedule_eta(gs)
+
+    def show_schedule_eta(self, global_step: int) -> None:
+        """Once, after the first logged steps: how long all the schedule's steps will take."""
+        if not self.eta_shown:
+            self.eta_shown = True
+            self.console(f"[train] ETA for the whole schedule: {_duration(self.eta_seconds(global_step))} of steps "
+                         f"(from the first {global_step}; validations not included)")
+
+    def block_done(self, block, global_step: int, total_steps: int) -> None:
+        """The console line of a finished block: its phase and epoch, mean loss, tokens/s, validation, ETA."""
+        if not self.is_main:
+            return
+        self.show_schedule_eta(global_step)
+        loss, tokens, seconds, steps = self.block_totals
+        self.block_totals = [0.0, 0.0, 0.0, 0]
+        kinds = "+".join(dict.fromkeys(block.kinds))
+        line = (f"[train] {block.phase} epoch {block.epoch} ({kinds}): step {global_step}/{total_steps} "
+                f"loss {loss / max(steps, 1):.4f} {tokens / max(seconds, 1e-9):,.0f} tok/s")
+        if self.last_valid is not None:
+            line += f" | valid recall@20 {self.last_valid.get('recall@20') or 0.0:.4f}"
+            self.last_valid = None
+        elapsed = time.time() - self.started
+        self.console(f"{line} | {_duration(elapsed)} elapsed, ETA {_duration(self.eta_seconds(global_step))}")
 
     def evaluation(self, part: str, metrics: dict, global_step: int) -> None:
+        """Validation goes onto its block's console line (the full line into progress.log), test onto its own."""
         if not self.is_main:
             return
         for key, value in metrics.items():
@@ -77,8 +153,27 @@ class Monitor:
                 self.writer.add_scalar(f"{part}/{key}", value, global_step)
         self.writer.flush()
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None and not k.startswith("num_"))
-        print(f"[eval] {part} @ step {global_step}: {shown} ({metrics.get('num_users')} users)", flush=True)
+        line = f"[eval] {part} @ step {global_step}: {shown} ({metrics.get('num_users')} users)"
+        if part == "valid":
+            self.last_valid = metrics
+            self.progress(line)
+        else:
+            self.console(line)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 42 -> '42s'."""
+    if seconds != seconds:  # nan: nothing timed yet
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

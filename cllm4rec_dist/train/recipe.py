@@ -17,11 +17,13 @@ from cllm4rec_dist.corpus.preprocess import tokenizer_identity
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
-from cllm4rec_dist.train.checkpoint import TRAINER_FILE
+from cllm4rec_dist.train.checkpoint import read_trainable, write_text_atomic
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
+from cllm4rec_dist.train.run_folder import check_resume_config
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
+from cllm4rec_dist.train.timing import PhaseTimer, write_timing
 from cllm4rec_dist.train.trainer import Rank, Trainer, load_trainable, write_json_atomic
 
 
@@ -47,26 +49,28 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec
     return CLLM4Rec(ModelConfig(
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
-        init_std=cfg.model.init_std, max_logit_elements=cfg.model.max_logit_elements,
+        mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
+        max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, device=device))
 
 
 class CLLM4RecRecipe:
-    def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink):
+    def __init__(self, cfg: TrainConfig, rank: Rank, engine_factory, sink, timer: PhaseTimer | None = None):
         self.cfg, self.rank, self.engine_factory, self.sink = cfg, rank, engine_factory, sink
+        self.timer = timer or PhaseTimer()  # rank 0 writes it to <run>/timing.json
         if not cfg.out:
             cfg.out = default_run_dir()
 
     def setup(self) -> "CLLM4RecRecipe":
         cfg, rank = self.cfg, self.rank
         os.makedirs(cfg.out, exist_ok=True)
-        if rank.is_main:
-            with open(os.path.join(cfg.out, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(cfg))
-        data = ShardedDataset(cfg.data)
+        timer = self.timer
+        with timer.phase("data"):
+            data = ShardedDataset(cfg.data)
         torch.manual_seed(cfg.seed)  # identical table init on every rank
-        model = build_model(cfg, data, "cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu")
+        with timer.phase("backbone_load"):
+            model = build_model(cfg, data, "cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu")
         if model.vocab_size != data.vocab_size:
             raise ValueError(f"{cfg.data} was tokenised for a vocabulary of {data.vocab_size} but the backbone has "
                              f"{model.vocab_size}; re-run `cllm4rec preprocess` with this backbone.")
@@ -82,42 +86,60 @@ class CLLM4RecRecipe:
         # This process's data streams: its own rank's partition, or W of them when standing in for W ranks.
         world = rank.world_size * rank.accumulate
         streams = range(rank.rank * rank.accumulate, (rank.rank + 1) * rank.accumulate)
-        batches = {k: [CorpusBatches.for_rank(data, CORPUS_OF[k], space, settings, s, world) for s in streams]
-                   for k in kinds}
+        with timer.phase("data"):
+            batches = {k: [CorpusBatches.for_rank(data, CORPUS_OF[k], space, settings, s, world) for s in streams]
+                       for k in kinds}
         blocks = build_schedule(cfg, {k: b[0].steps_per_epoch for k, b in batches.items()})
 
         resuming = cfg.resume and self.sink.has_checkpoint()
         if cfg.init_from and not resuming:
             # Before the engines exist: ZeRO keeps its own fp32 master copy of what it is given.
-            blob = torch.load(os.path.join(cfg.init_from, TRAINER_FILE), weights_only=False, map_location="cpu")
-            load_trainable(model, blob["trainable"])
+            load_trainable(model, read_trainable(cfg.init_from, model), f"{cfg.init_from} (init_from)")
         groups = model.parameter_groups()
         if not cfg.uses_content:
             groups.pop("content", None)
-        engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr) for name, params in groups.items()}
-        eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
-        self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None)
-        resumed = resuming and self.sink.load_latest(self.trainer)
+        with timer.phase("engines"):
+            engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr)
+                       for name, params in groups.items()}
+        with timer.phase("data"):
+            eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
+        self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None,
+                               cold_items=data.manifest.get("cold_items", []), timer=timer)
+        with timer.phase("resume"):
+            resumed = resuming and self.sink.load_latest(self.trainer)
+        if resumed:  # before anything is written: a refused resume leaves the run folder as it was
+            changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")
+            if changes and rank.is_main:
+                print(f"[train] warning: resuming with changed settings (--allow_config_change): "
+                      f"{'; '.join(changes)}", flush=True)
+        if rank.is_main:
+            write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)
         if resumed and rank.is_main:
-            print(f"[train] resumed at step {state.global_step} (block {state.block}, step {state.step})", flush=True)
+            self.trainer.log.console(f"[train] resumed at step {state.global_step} (block {state.block}, "
+                                     f"step {state.step})")
         if rank.is_main:
             trainable = sum(p.numel() for ps in groups.values() for p in ps)
-            print(f"[train] {data.num_users} users, {data.num_items} items, backbone {model.config.backbone} "
-                  f"({cfg.model.precision}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
-                  f"{total_steps(blocks)} steps, world {rank.world_size}", flush=True)
+            self.trainer.log.console(
+                f"[train] {data.num_users} users, {data.num_items} items, backbone {model.config.backbone} "
+                f"({cfg.model.precision}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
+                f"{total_steps(blocks)} steps, world {rank.world_size}")
         return self
 
     def train(self) -> dict:
         start = time.time()
+        self.timer.mark("train_started")
         result = self.trainer.train()
         result["seconds"] = round(time.time() - start, 2)
         if self.rank.is_main and "test" in result:
             write_json_atomic(os.path.join(self.cfg.out, "metrics.json"), result)
         self.trainer.log.close()
+        self.timer.mark("train_finished")
+        if self.rank.is_main:
+            write_timing(self.cfg.out, "rank0", self.timer)
         return result
 
     def save_checkpoint(self) -> None:

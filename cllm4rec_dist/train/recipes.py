@@ -2,7 +2,7 @@
 
 `cllm4rec train` (train/reference.py), each Ray Train worker and each torchrun/deepspeed process
 (train/distributed.py) look the recipe up here; a recipe has ``__init__(cfg, rank, engine_factory,
-sink)``, ``setup()``, ``train() -> dict`` and ``save_checkpoint()``. A new model is a new recipe
+sink, timer=None)``, ``setup()``, ``train() -> dict`` and ``save_checkpoint()``. A new model is a new recipe
 module and one line below (plus its value in config.RECOMMENDERS).
 """
 

@@ -14,6 +14,7 @@ from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
+from cllm4rec_dist.train.run_folder import RunLock
 from cllm4rec_dist.train.trainer import Rank
 
 
@@ -22,9 +23,10 @@ def run_reference(cfg: TrainConfig) -> dict:
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
     cfg.out = cfg.out or default_run_dir()
-    recipe = recipe_class(cfg.recommender)(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
-                            LocalSink(cfg.out, cfg.keep_checkpoints))
-    return recipe.setup().train()
+    with RunLock(cfg.out):
+        recipe = recipe_class(cfg.recommender)(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
+                                               LocalSink(cfg.out, cfg.keep_checkpoints))
+        return recipe.setup().train()
 
 
 def add_arguments(p) -> None:

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
+from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_tensors, restore_rng, trainable_shapes
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.schedule import Block
+from cllm4rec_dist.train.timing import PhaseTimer
 
 LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
 ENGINE_OF = {"L": "collab", "C": "content", "rec": "collab"}
 SCALARS = ("loss", "lm", "mr", "tokens")
+LOGGED = (*SCALARS, "grad_norm")  # per-step values, all-reduced every log_every steps
 
 
 @dataclass
@@ -59,46 +60,54 @@ class Rank:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: list[float]) -> list[float]:
-        """Average scalars across ranks (what rank 0 logs)."""
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a tensor of scalars across ranks (what rank 0 logs): ONE all-reduce, whatever its shape."""
         if not self.distributed:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / self.world_size
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, list[CorpusBatches]],
-                 blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger):
+                 blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger,
+                 cold_items: list[int] = (), timer: PhaseTimer | None = None):
         self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
         self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
+        self.cold_items = list(cold_items)  # items held out of training (protocol.cold_item_fraction)
         self.sink = sink        # checkpoint writer/reader (train/checkpoint.py)
         self.log = logger       # progress lines + TensorBoard (train/monitor.py)
         self.state = TrainerState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.restored_config: dict | None = None
         self.device = model.item_head_weight().device
+        self.unlogged: list[tuple[tuple, torch.Tensor]] = []  # (step facts, LOGGED values on the device)
+        self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def train_step(self, kind: str) -> dict:
-        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update."""
+    def train_step(self, kind: str, regularize: bool = True) -> dict[str, torch.Tensor]:
+        """One optimizer step of kind 'L', 'C' or 'rec': batch -> loss -> backward -> update
+        (``regularize=False``: without the mutual regularisation, as in the warm-up).
+
+        Returns the LOGGED scalars as device tensors: nothing here waits for the device."""
         streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
         epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
         engine = self.engines[ENGINE_OF[kind]]
         backbone = self.engines.get("backbone")  # LLM-FtAll / LLM-Scratch only
-        totals = defaultdict(float)
+        totals = dict.fromkeys(SCALARS, 0.0)
         for stream in streams:
             batch = stream.batch(epoch, step).to(self.device)
-            out = LOSSES[kind](self.model, batch)
+            out = LOSSES[kind](self.model, batch, regularize=regularize)
             engine.backward(out["loss"] / len(streams))
             for key in SCALARS:
-                totals[key] += float(torch.as_tensor(out[key]).detach()) / len(streams)
+                totals[key] = totals[key] + torch.as_tensor(out[key]).detach() / len(streams)
         totals["grad_norm"] = engine.step()
         if backbone is not None:
             backbone.step()
         self.state.counters[kind] += 1
-        return dict(totals)
+        return totals
 
     # ---- the schedule ------------------------------------------------------------------------
 
@@ -115,6 +124,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         total = sum(b.steps for b in self.blocks)
+        self.log.schedule(self.blocks)
         while self.state.block < len(self.blocks):
             block = self.blocks[self.state.block]
             if self.state.step == 0:
@@ -124,35 +134,58 @@ class Trainer:
                     return self.stop("max_steps reached")
                 kind = block.kinds[self.state.step]
                 start = time.perf_counter()
-                out = self.train_step(kind)
+                # The paper's warm-up trains the content LLM alone: no prior toward the random collab tables.
+                out = self.train_step(kind, regularize=block.phase != "warmup" or cfg.schedule.warmup_mr)
                 self.state.step += 1
                 self.state.global_step += 1
-                self.log.step(self.state, block, kind, self.r.mean([out[k] for k in (*SCALARS, "grad_norm")]),
-                              time.perf_counter() - start, total, self.engines[ENGINE_OF[kind]].lr)
+                values = torch.stack([torch.as_tensor(out[k], dtype=torch.float64).to(self.device) for k in LOGGED])
+                seconds = time.perf_counter() - start
+                self.timer.add("train_steps", seconds)
+                self.unlogged.append(((self.state.global_step, block, kind, seconds, total,
+                                       self.engines[ENGINE_OF[kind]].lr), values))
+                if self.state.global_step % cfg.log_every == 0:
+                    self.flush_log()
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+            self.flush_log()
             if block.evaluate:
                 self.validate(block)
+            self.log.block_done(block, self.state.global_step, total)
             self.state.block += 1
             self.state.step = 0
             if not cfg.checkpoint_every:
                 self.save_checkpoint()
         return self.finish()
 
+    def flush_log(self) -> None:
+        """Hand the steps not yet logged to the monitor, averaged over ranks in ONE all-reduce.
+
+        Every rank calls this at the same steps (every log_every steps, block ends, checkpoints)."""
+        if not self.unlogged:
+            return
+        values = self.r.mean(torch.stack([v for _, v in self.unlogged])).tolist()
+        for (facts, _), row in zip(self.unlogged, values):
+            self.log.step(*facts, row)
+        self.unlogged = []
+
     # ---- evaluation and model selection --------------------------------------------------------
 
     def evaluate(self, part: str) -> dict:
+        if self.cold_items:  # their collaborative rows come from their content rows (the MR prior's mode)
+            self.model.set_unseen_items_from_content(self.cold_items)
         return evaluate_docs(self.model, self.eval_docs, self.space, part, self.cfg.prediction_style, self.cfg.eval.batch_size,
                              self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
-                             distributed=self.r.distributed)
+                             reorder=self.cfg.reorder, distributed=self.r.distributed, cold_items=self.cold_items)
 
     def validate(self, block: Block) -> None:
-        metrics = self.evaluate("valid")
+        with self.timer.phase("validation"):
+            metrics = self.evaluate("valid")
+        select_on = self.cfg.eval.select_on
         record = {"block": self.state.block, "phase": block.phase, "epoch": block.epoch,
                   "global_step": self.state.global_step, **metrics}
         self.state.evals.append(record)
         self.log.evaluation("valid", metrics, self.state.global_step)
-        if not self.state.best or (metrics["recall@20"] or 0.0) > (self.state.best["recall@20"] or 0.0):
+        if not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best, select_on):
             self.state.best = record
             self.best_weights = self.trainable_state()
 
@@ -167,7 +200,8 @@ class Trainer:
         if self.best_weights is not None:
             self.load_trainable_state(self.best_weights)
         valid = self.state.best if self.state.best else self.evaluate("valid")
-        test = self.evaluate("test")
+        with self.timer.phase("test"):
+            test = self.evaluate("test")
         self.log.evaluation("test", test, self.state.global_step)
         self.state.finished = True
         result = {"valid": {k: v for k, v in valid.items() if k not in ("block", "phase", "epoch", "global_step")},
@@ -185,30 +219,31 @@ class Trainer:
 
     def snapshot(self) -> dict:
         """The coordinator's part of a checkpoint (the engines save their own optimizer state)."""
-        return {"state": asdict(self.state), "config": asdict(self.cfg),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        return {"state": asdict(self.state), "config": asdict(self.cfg), "rng": capture_rng()}
 
     def save_checkpoint(self) -> None:
-        self.sink.save(self)
+        self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
+        with self.timer.phase("checkpoints"):
+            self.sink.save(self)
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
-        self.state = TrainerState(**snapshot["state"])
+        self.restored_config = snapshot["config"]  # what the checkpoint was trained with (compared on resume)
+        try:
+            self.state = TrainerState(**snapshot["state"])
+        except TypeError as err:
+            raise CheckpointError(f"the checkpoint's coordinator state does not fit this trainer ({err}); it was "
+                                  "written by another model or version.") from None
         self.load_trainable_state(trainable)
         self.best_weights = best
-        torch.set_rng_state(snapshot["rng"]["torch"])
-        np.random.set_state(snapshot["rng"]["numpy"])
-        random.setstate(snapshot["rng"]["python"])
+        restore_rng(snapshot["rng"])
 
 
-def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved tables/heads into the model; a name or shape mismatch is an error, not a silent skip."""
+def load_trainable(model, state: dict[str, torch.Tensor], source: str = "saved weights") -> None:
+    """Copy saved tables/heads into the model; a missing, extra or misshapen tensor is an error naming ``source``."""
+    check_tensors(source, state, trainable_shapes(model))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            if name not in params or params[name].shape != value.shape:
-                have = tuple(params[name].shape) if name in params else "missing"
-                raise ValueError(f"checkpoint tensor {name} {tuple(value.shape)} does not fit this model ({have}): "
-                                 "was it trained on another dataset or backbone?")
             params[name].copy_(value)
 
 

@@ -22,10 +22,13 @@ MovieLens latest / 20M / 25M / 32M (``ratings.csv`` present):
 * ``ratings.csv``: ``userId,movieId,rating,timestamp``.
 * ``movies.csv``: ``movieId,title,genres`` (``|``-separated) -> item text
   "Title (year). Genres: A, B" ("(no genres listed)" -> just the title); item title = ``title``.
-* ``tags.csv``: ``userId,movieId,tag,timestamp`` -> user text "Tags written:
-  t1, t2, ..." with the user's distinct tags (case-insensitive, first spelling
-  kept) in file order, at most ``MAX_TAGS``: tags are the only free text a
-  MovieLens user writes, so they serve as the user's self-description.
+* ``tags.csv``: ``userId,movieId,tag,timestamp`` -> a user-item document, the
+  review text "Tags: t1, t2, ..." of that (user, movie) rating: the pair's
+  distinct tags (case-insensitive, first spelling kept) in file order, at most
+  ``MAX_TAGS``. Tags are the only free text a MovieLens user writes. Like any
+  review, the protocol keeps it only for TRAIN pairs, so a held-out movie's tags
+  never reach training (a per-user summary of all tags would leak them); tags of
+  a movie the user did not rate have no interaction to attach to and are dropped.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def _lines(source: MovieLensSource, name: str, report: InputReport):
     label, sep = source.label(name), "\t" if name == "u.data" else "|"
 
     def lines(raw):
-        for lineno, line in enumerate(text_lines(raw, "latin-1"), 1):
+        for lineno, line in text_lines(raw, label, report, "latin-1"):
             if line.strip():
                 report.line(label)
                 yield lineno, line.rstrip("\r\n").split(sep)
@@ -226,7 +229,7 @@ def _genres(source: MovieLensSource) -> list[str]:
         return STANDARD_GENRES
     pairs = []
     with source.opener("u.genre")() as raw:
-        for line in text_lines(raw, "latin-1"):
+        for _, line in text_lines(raw, source.label("u.genre"), InputReport(), "latin-1"):
             name, _, index = line.strip().rpartition("|")
             if name and index.isdigit():
                 pairs.append((int(index), name))
@@ -278,11 +281,13 @@ def _read_latest(source: MovieLensSource, report: InputReport):
                 item_texts[row[movie].strip()] = report.text(_titled(row[title], names))
                 item_titles[row[movie].strip()] = clean_text(row[title])
     if source.has("tags.csv"):
-        tags: dict[str, dict[str, str]] = {}  # user -> {lowercased tag: first spelling}, insertion-ordered
-        with _csv(source, "tags.csv", ("userId", "tag"), report) as (_, (user, tag), lines):
+        tags: dict[tuple[str, str], dict[str, str]] = {}  # (user, movie) -> {lowercased tag: first spelling}
+        with _csv(source, "tags.csv", ("userId", "movieId", "tag"), report) as (_, (user, movie, tag), lines):
             for _, row in lines:
-                text, seen = clean_text(row[tag]), tags.setdefault(row[user].strip(), {})
+                text = clean_text(row[tag])
+                seen = tags.setdefault((row[user].strip(), row[movie].strip()), {})
                 if text and len(seen) < MAX_TAGS:
                     seen.setdefault(text.lower(), text)
-        user_texts = {u: report.text("Tags written: " + ", ".join(t.values()) if t else "") for u, t in tags.items()}
+        rows = [(u, i, r, t, report.text("Tags: " + ", ".join(tags[u, i].values())) if tags.get((u, i)) else review)
+                for u, i, r, t, review in rows]
     return rows, user_texts, item_texts, item_titles

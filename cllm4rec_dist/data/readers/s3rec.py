@@ -19,7 +19,7 @@ def read(options, report: InputReport) -> RawDataset:
     rows: list[tuple] = []
     for path in options.inputs:
         with open_binary(path) as raw:
-            for lineno, line in enumerate(text_lines(raw), 1):
+            for lineno, line in text_lines(raw, path, report):
                 fields = line.split()
                 if not fields:
                     continue

@@ -31,13 +31,14 @@ Parquet they are 1-based row numbers.
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime as dt
-import itertools
 import math
 from contextlib import contextmanager
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cllm4rec_dist.data.records import (
@@ -47,15 +48,18 @@ from cllm4rec_dist.data.records import (
     base_name,
     clean_text,
     dates_to_seconds,
+    decoded_lines,
     exists,
     is_dir,
     join_path,
     open_binary,
-    text_lines,
     to_number,
 )
 
-csv.field_size_limit(2**31 - 1)  # long review texts exceed the csv module's 128 KiB default
+MAX_FIELD_CHARS = 1 << 20
+"""Longest CSV field accepted (1 Mi characters; the csv module's default of 128 Ki is too small for some reviews).
+The bound is what turns an unterminated quote into a bad line instead of a field swallowing the rest of the file."""
+csv.field_size_limit(MAX_FIELD_CHARS)
 
 FOLDER_INTERACTIONS = ("interactions.csv", "interactions.parquet", "interactions.tsv")
 FLAGS = {
@@ -250,45 +254,118 @@ def open_table(path: str, report: InputReport, encoding: str = "utf-8", delimite
 
 
 def _parquet(raw, path: str, report: InputReport):
-    table = pq.read_table(raw)
+    try:
+        table = pq.read_table(raw)
+    except (pa.ArrowException, OSError, EOFError) as err:
+        if type(err) in (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        raise InputError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err}); it is truncated or "
+                         "damaged. Write or copy it again.") from None
     columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
 
     def lines():
         for lineno, row in enumerate(zip(*columns), 1):
             report.line(path)
+            if any(isinstance(v, bytes) for v in row):  # binary columns: text only if it is valid UTF-8
+                try:
+                    row = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in row)
+                except UnicodeDecodeError as err:
+                    report.bad(path, lineno, "invalid_encoding", f"not utf-8 at byte {err.start}")
+                    continue
             yield lineno, row
 
     return list(table.column_names), lines()
 
 
 def _csv(raw, path: str, report: InputReport, encoding: str, delimiter: str | None):
-    text = text_lines(raw, encoding)
-    first = next(text, "")
-    if not first.strip():
+    """Header and (line, row) pairs of a CSV/TSV file, parsed strictly, one record at a time.
+
+    A record normally is one line; a quoted field may hold line breaks. A record that fails to parse
+    (an unterminated quote runs into a stray quote, the field-size bound or the end of the file), or that
+    spans several lines and has the wrong number of fields, is a ``bad_csv`` line at the line where it
+    starts, and parsing resumes at the NEXT line: the rows an unterminated quote ran over are all read.
+    """
+    lines = decoded_lines(raw, encoding)
+    first = next(lines, None)
+    while first is not None and first[1] is None:
+        report.line(path)
+        report.bad(path, first[0], "invalid_encoding", first[2])
+        first = next(lines, None)
+    if first is None or not first[1].strip():
         raise InputError(f"{path}: the first line is empty; a CSV/TSV table needs a header line with the column names.")
-    reader = csv.reader(itertools.chain([first], text), delimiter=delimiter or _delimiter(path, first))
+    sep = delimiter or _delimiter(path, first[1])
+    pending = collections.deque([first])  # lines to (re-)read before the rest of the file
+    used: list[tuple] = []                 # the lines of the record being parsed
+    undecodable: list[tuple] = []          # lines met while parsing it that are not valid `encoding`
+
+    def feed():
+        while True:
+            item = pending.popleft() if pending else next(lines, None)
+            if item is None:
+                return
+            if item[1] is None:  # reported once the record it fell into is settled (so line order holds)
+                undecodable.append(item)
+                continue
+            used.append(item)
+            yield item[1]
+
+    def report_undecodable():
+        while undecodable:
+            lineno, _, problem = undecodable.pop(0)
+            report.line(path)
+            report.bad(path, lineno, "invalid_encoding", problem)
+
+    def new_reader():
+        return csv.reader(feed(), delimiter=sep, strict=True)
+
+    reader = new_reader()
     header = [name.strip() for name in next(reader)]
     header[0] = header[0].lstrip("\ufeff")
 
-    def lines():
+    def rows():
+        nonlocal reader
         while True:
+            used.clear()
             try:
                 row = next(reader)
             except StopIteration:
+                report_undecodable()
                 return
             except csv.Error as err:
+                start = used[0][0] if used else 0
                 report.line(path)
-                report.bad(path, reader.line_num, "bad_csv", str(err))
+                report.bad(path, start, "bad_csv", f"{err}; an unterminated quote?")
+                pending.extendleft(reversed(used[1:]))  # re-read what this record ran over
+                reader = new_reader()
+                report_undecodable()
                 continue
+            start = used[0][0]
             if not row or (len(row) == 1 and not row[0].strip()):
+                report_undecodable()
                 continue
+            if len(row) != len(header) and len(used) > 1:
+                # A quote spanning lines glued rows together: re-read them one by one.
+                report.line(path)
+                report.bad(path, start, "bad_csv", f"a quoted field runs over {len(used)} lines into "
+                           f"{len(row)} fields; an unterminated quote?")
+                pending.extendleft(reversed(used[1:]))
+                reader = new_reader()
+                report_undecodable()
+                continue
+            if undecodable and len(used) > 1:  # an undecodable line inside this record's quoted field
+                report.line(path)
+                report.bad(path, start, "invalid_encoding", f"line {undecodable[0][0]} of this record: "
+                           f"{undecodable[0][2]}")
+                undecodable.clear()
+                continue
+            report_undecodable()
             report.line(path)
             if len(row) != len(header):
-                report.bad(path, reader.line_num, "wrong_field_count", f"{len(row)} fields, the header has {len(header)}")
+                report.bad(path, start, "wrong_field_count", f"{len(row)} fields, the header has {len(header)}")
                 continue
-            yield reader.line_num, row
+            yield start, row
 
-    return header, lines()
+    return header, rows()
 
 
 def _delimiter(path: str, header_line: str) -> str:

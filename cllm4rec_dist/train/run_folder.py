@@ -1,0 +1,162 @@
+"""A run folder belongs to one run at a time, and a resume continues the trajectory its checkpoint started.
+
+* ``RunLock``: ``<run>/.lock`` holds the holder's host, pid and process start time, created atomically
+  (written under a temporary name, then hard-linked into place: it exists whole or not at all). A second
+  run on the folder is refused naming the holder. A lock whose process is gone (same host, no such pid or
+  a pid reused by a newer process) is stale: it is taken over with a warning. A lock from another host
+  cannot be checked from here: the message says to delete it if that run is over.
+* ``check_resume_config``: the config a checkpoint was written with against the new one. A difference in a
+  setting that changes the training trajectory (seed, learning rates, batch, schedule, ablation, model,
+  world size...) is refused, naming the settings, unless ``allow_config_change`` is set. Settings that
+  only say where things are or how often to log/save (``NEUTRAL``) may change freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+
+from cllm4rec_dist.errors import UserError
+
+LOCK_FILE = ".lock"
+# Settings a resume may change: locations, logging and checkpoint cadence, how long to run, evaluation batching.
+NEUTRAL = frozenset({
+    "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "init_from",
+    "allow_config_change", "eval.batch_size", "dist.use_gpu", "dist.cpus_per_worker", "dist.ds_config",
+    "dist.storage_path", "dist.max_failures", "dist.ray_address",
+})
+
+
+class RunFolderError(UserError):
+    """The run folder is held by another run, or a resume would change the run's trajectory."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = holder.get("start")
+    return started is None or _start_time(pid) in (None, started)
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds the run folder for this process (see the module doc)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.held = False
+
+    def _describe(self, holder: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        return f"pid {holder.get('pid')} on {holder.get('host')} (since {since}, {holder.get('command', '?')})"
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(self.run_dir, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+              "since": time.time(), "command": " ".join(sys.argv)[:200]}
+        tmp = f"{self.path}.{me['host']}.{me['pid']}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    pass
+                holder = self._read_holder()
+                if holder is None:  # removed meanwhile: retry
+                    continue
+                if holder.get("host") == me["host"] and not _alive(holder):
+                    print(f"[run] warning: {self.path} was left by {self._describe(holder)}, which is no longer "
+                          "running; taking the run folder over", flush=True)
+                    self._remove_if(holder)
+                    continue
+                where = "" if holder.get("host") == me["host"] else (
+                    f" It is on another host, so it cannot be checked from here: if that run is over, delete "
+                    f"{self.path}.")
+                raise RunFolderError(f"{self.run_dir}: in use by another run, {self._describe(holder)}. Wait for it "
+                                     f"to finish, or use another --out.{where}")
+            raise RunFolderError(f"{self.path}: could not take the run folder lock (it keeps changing); another run "
+                                 "is starting on the same --out.")
+        finally:
+            os.unlink(tmp)
+
+    def _read_holder(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                holder = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return {"host": "?", "pid": -1}  # not written by RunLock (links are whole): treated as foreign
+        return holder if isinstance(holder, dict) else {"host": "?", "pid": -1}
+
+    def _remove_if(self, holder: dict) -> None:
+        if self._read_holder() == holder:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._read_holder()
+            if holder and holder.get("pid") == os.getpid():
+                os.unlink(self.path)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, new) -> list[str]:
+    """'name: saved -> new' for every trajectory setting that differs (settings only one side knows are skipped)."""
+    before = _flatten(saved)
+    after = _flatten(dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new)
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before.keys() & after.keys())
+            if k not in NEUTRAL and before[k] != after[k]]
+
+
+def check_resume_config(saved: dict, new, source: str) -> list[str]:
+    """Refuse (``RunFolderError``) a resume whose config changes the trajectory, unless new.allow_config_change."""
+    changes = config_changes(saved, new)
+    if changes and not getattr(new, "allow_config_change", False):
+        raise RunFolderError(f"{source} was written with other settings: {'; '.join(changes)}. Resuming would "
+                             "follow a schedule neither config describes. Use another --out to start a new run, "
+                             "restore those settings, or pass --allow_config_change true to resume anyway.")
+    return changes

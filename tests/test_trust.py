@@ -1,0 +1,310 @@
+"""Trust (issue 13), through the real commands: no code runs from a checkpoint, no valid row is lost, runs never
+mix, a broken `latest` or newest checkpoint falls back to the newest complete one, the launcher works from any
+folder, and every ordinary mistake is one line naming the file or field with exit status 2."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import runpy
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cllm4rec_dist.cli import main as cli
+from cllm4rec_dist.data.readers import ReaderOptions, read_dataset
+from cllm4rec_dist.data.records import InputReport
+from cllm4rec_dist.errors import run_command
+from cllm4rec_dist.train.checkpoint import LATEST, TRAINER_FILE, LocalSink, checkpoint_step, sha256_file
+from cllm4rec_dist.train.run_folder import LOCK_FILE, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
+        "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64", "--log_every", "1000"]
+
+
+def one_line_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of model loading
+    assert err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_data, tmp_path_factory) -> Path:
+    """A finished tiny run (LLM-CF: 8 L + 8 rec steps) with checkpoints at steps 8, 12 and 16."""
+    out = tmp_path_factory.mktemp("trust") / "run"
+    assert cli(["train", "--data", demo_data, "--out", str(out), *TINY, "--checkpoint_every", "4",
+                "--keep_checkpoints", "3"]) == 0
+    return out
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("tensorboard"))
+    return to
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(checkpoint: Path, name: str, payload) -> None:
+    """Replace one file of a checkpoint and fix its record, as an attacker who controls the folder would."""
+    torch.save(payload, checkpoint / name)
+    record_path = checkpoint / "files-rank0.json"
+    record = json.loads(record_path.read_text())
+    record["files"][name] = {"bytes": (checkpoint / name).stat().st_size,
+                             "sha256": sha256_file(__import__("fsspec").filesystem("file"), str(checkpoint / name))}
+    record_path.write_text(json.dumps(record))
+
+
+def newest(run: Path) -> Path:
+    return Path(LocalSink(str(run)).steps()[0])
+
+
+def test_a_crafted_checkpoint_runs_nothing_on_any_load_path(run_dir, demo_data, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    evil = {"snapshot": RunsCode(marker), "trainable": {}, "best": None}
+    # sanity: plain pickle WOULD run it
+    pickle.loads(pickle.dumps(RunsCode(marker)))
+    assert marker.exists()
+    marker.unlink()
+
+    crafted = copy_run(run_dir, tmp_path / "crafted")
+    plant(newest(crafted), TRAINER_FILE, evil)
+    # resume
+    assert cli(["train", "--data", demo_data, "--out", str(crafted), *TINY, "--checkpoint_every", "4",
+                "--keep_checkpoints", "3"]) == 2
+    one_line_error(capsys, str(newest(crafted) / TRAINER_FILE), "refused", "system")
+    # init_from
+    assert cli(["train", "--data", demo_data, "--out", str(tmp_path / "ft"), *TINY,
+                "--init_from", str(newest(crafted))]) == 2
+    one_line_error(capsys, TRAINER_FILE, "refused")
+    # export
+    assert cli(["export", "--checkpoint", str(newest(crafted)), "--out", str(tmp_path / "exp"),
+                "--no-user-vectors"]) == 2
+    one_line_error(capsys, TRAINER_FILE, "refused")
+    # an engine's optimizer state
+    engine = copy_run(run_dir, tmp_path / "engine")
+    plant(newest(engine), "optim-collab.pt", {"state": RunsCode(marker), "param_groups": []})
+    assert cli(["train", "--data", demo_data, "--out", str(engine), *TINY, "--checkpoint_every", "4",
+                "--keep_checkpoints", "3"]) == 2
+    one_line_error(capsys, "optim-collab.pt", "refused")
+    assert not marker.exists()
+
+
+def test_init_from_a_checkpoint_without_the_models_tensors_is_refused(run_dir, demo_data, tmp_path, capsys):
+    partial = copy_run(run_dir, tmp_path / "partial")
+    ckpt = newest(partial)
+    blob = torch.load(ckpt / TRAINER_FILE, weights_only=True)
+    blob["trainable"].pop("collab_item_table.weight")
+    blob["trainable"]["stray.weight"] = torch.zeros(2)
+    plant(ckpt, TRAINER_FILE, blob)
+    assert cli(["train", "--data", demo_data, "--out", str(tmp_path / "ft"), *TINY, "--init_from", str(ckpt)]) == 2
+    one_line_error(capsys, str(ckpt / TRAINER_FILE), "missing collab_item_table.weight", "extra stray.weight")
+    assert not (tmp_path / "ft" / "metrics.json").exists()
+
+
+def test_dangling_latest_and_a_truncated_newest_checkpoint_resume_from_the_newest_complete(run_dir, demo_data,
+                                                                                           tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    steps = LocalSink(str(run)).steps()
+    assert len(steps) == 3
+    (Path(steps[0]) / TRAINER_FILE).write_bytes((Path(steps[0]) / TRAINER_FILE).read_bytes()[:1000])
+    (run / "checkpoints" / LATEST).write_text("step-99999999")
+    (run / "metrics.json").unlink()
+    assert cli(["train", "--data", demo_data, "--out", str(run), *TINY, "--checkpoint_every", "4",
+                "--keep_checkpoints", "3"]) == 0
+    out = capsys.readouterr().out
+    expected = checkpoint_step(steps[1])
+    assert "step-99999999" in out and f"skipped {steps[0]}" in out
+    assert f"resumed at step {expected}" in out
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == checkpoint_step(steps[0]) == \
+        json.loads((run_dir / "metrics.json").read_text())["global_step"]
+    # the fallback checkpoint survived until newer complete ones existed; the pointer names a real one now
+    assert (run / "checkpoints" / (run / "checkpoints" / LATEST).read_text()).is_dir()
+    assert not (run / LOCK_FILE).exists()  # released when the run ended
+
+
+def test_resume_with_a_changed_trajectory_setting_is_refused(run_dir, demo_data, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    before = (run / "config.yaml").read_text()
+    assert cli(["train", "--data", demo_data, "--out", str(run), *TINY, "--checkpoint_every", "4",
+                "--keep_checkpoints", "3", "--seed", "7", "--optim.pretrain_lr", "0.01"]) == 2
+    one_line_error(capsys, "seed: 0 -> 7", "optim.pretrain_lr: 0.001 -> 0.01", "--allow_config_change")
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_a_held_run_folder_is_refused_and_a_stale_lock_is_taken_over(demo_data, tmp_path, capsys):
+    out = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from cllm4rec_dist.train.run_folder import RunLock
+        RunLock({str(out)!r}).acquire()
+        print("held", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli(["train", "--data", demo_data, "--out", str(out), *TINY]) == 2
+        one_line_error(capsys, str(out), f"pid {holder.pid}", "another --out")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).exists()  # the killed holder left its lock behind
+    with RunLock(str(out)):
+        assert "no longer running; taking the run folder over" in capsys.readouterr().out
+    assert not (out / LOCK_FILE).exists()
+
+
+def broken_rows(tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """A CSV with an unterminated quote on line 6 and an invalid UTF-8 user id on line 12."""
+    lines = [b"user,item,rating,review"]
+    valid = []
+    for k in range(30):
+        user, item = f"u{k % 10}", f"i{k}"
+        if k == 4:
+            lines.append(f'{user},{item},5,"loved it, but the quote never closes'.encode())
+        elif k == 10:
+            lines.append(b"u\xff3," + item.encode() + b",5,fine")
+        else:
+            lines.append(f"{user},{item},5,review {k}".encode())
+            valid.append((user, item))
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, valid
+
+
+def test_a_broken_quote_and_invalid_utf8_keep_every_valid_row(tmp_path, capsys):
+    path, valid = broken_rows(tmp_path)
+    report = InputReport()
+    ds = read_dataset("table", ReaderOptions(inputs=[str(path)]), report)
+    assert list(zip(ds.interactions["user"], ds.interactions["item"])) == valid
+    assert report.skipped == {"bad_csv": 1, "invalid_encoding": 1}
+    assert {e.split(": ")[0] + ": " + e.split(": ")[1].split(" ")[0] for e in report.examples} == {
+        f"{path}:6: bad_csv", f"{path}:12: invalid_encoding"}
+    # the same through the command: counted in stats.json; --strict names the first bad line
+    out = tmp_path / "ds"
+    assert cli(["preprocess", "--format", "table", "--input", str(path), "--out", str(out), "--kcore", "0",
+                "--min-shards", "1"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input"]["skipped"] == {"bad_csv": 1, "invalid_encoding": 1}
+    capsys.readouterr()
+    assert cli(["preprocess", "--format", "table", "--input", str(path), "--out", str(tmp_path / "s"),
+                "--strict"]) == 2
+    one_line_error(capsys, f"{path}:6: bad_csv")
+
+
+def test_the_launcher_runs_from_another_folder(demo_data, tmp_path, monkeypatch, capsys):
+    """Its packaged defaults (configs/demo.yaml, ds_configs/zero2.json) are found from any working directory:
+    the run gets past them to the dataset check (a missing dataset here, so that no Ray cluster starts)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
+    missing = str(tmp_path / "no-dataset")
+    assert run_command(launcher["main"], ["--data", missing, "--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, f"{missing}: no manifest.json")
+    assert run_command(launcher["main"], ["--data", missing, "--dist.ds_config", "ds_configs/zero1.json"]) == 2
+    one_line_error(capsys, "no manifest.json")
+    from cllm4rec_dist.launch import parse
+
+    cfg, _ = parse("x", ["--out", "r"])
+    assert cfg.dist.ds_config == str(ROOT / "ds_configs" / "zero2.json") and cfg.batch.batch_size == 16
+
+
+def test_ordinary_mistakes_exit_2_with_one_line_naming_the_file_or_field(demo_data, demo_raw, tmp_path, capsys):
+    def train(*args) -> int:
+        return cli(["train", "--data", demo_data, "--out", str(tmp_path / "r"), *args])
+
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- batch_size: 16\n")
+    assert train("--config", str(listing)) == 2
+    one_line_error(capsys, str(listing), "mapping")
+    fractional = tmp_path / "frac.yaml"
+    fractional.write_text("batch:\n  batch_size: 1.5\n")
+    assert train("--config", str(fractional)) == 2
+    one_line_error(capsys, str(fractional), "batch.batch_size=1.5")
+    for flag, value in (("--schedule.pretrain_epochs", "-1"), ("--batch.max_length", "0"),
+                        ("--batch.mask_ratio", "1.5"), ("--batch.batch_size", "1.5")):
+        assert train(flag, value) == 2
+        one_line_error(capsys, flag[2:])
+    # DeepSpeed configs: a syntax error and a bf16 section name the file (and the key)
+    from cllm4rec_dist.train.engines import load_ds_config
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2},}\n')
+    launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
+    assert run_command(launcher["main"], ["--data", demo_data, "--dist.ds_config", str(broken)]) == 2
+    one_line_error(capsys, f"{broken}:1:", "not valid JSON")
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text('{"bf16": {"enabled": true}}')
+    with pytest.raises(ValueError, match="Remove the 'bf16' section"):
+        load_ds_config(str(bf16), 8, 2, 0.0)
+    # inputs: missing path, a folder given as a file, truncated gzip and Parquet
+    missing = tmp_path / "missing.json"
+    assert cli(["preprocess", "--format", "amazon", "--input", str(missing), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, str(missing))
+    assert cli(["preprocess", "--format", "amazon", "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, str(tmp_path), "folder")
+    reviews = tmp_path / "reviews.json.gz"
+    reviews.write_bytes(gzip.compress(b"".join(
+        json.dumps({"reviewerID": f"u{k}", "asin": f"i{k}", "overall": 5}).encode() + b"\n" for k in range(2000)))[:300])
+    assert cli(["preprocess", "--format", "amazon", "--input", str(reviews), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, str(reviews), "truncated")
+    import pandas as pd
+
+    table = tmp_path / "t.parquet"
+    pd.DataFrame({"user": ["a"] * 50, "item": ["b"] * 50}).to_parquet(table)
+    table.write_bytes(table.read_bytes()[:-40])
+    assert cli(["preprocess", "--format", "table", "--input", str(table), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, str(table), "Parquet")
+    # a bug is not a user error: it keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        run_command(lambda: 1 / 0)
+
+
+def test_manifest_counts_and_sizes_are_checked_against_the_shards(demo_data, tmp_path, capsys):
+    from cllm4rec_dist.corpus.shards import MANIFEST, ShardedDataset, ShardError
+
+    def edited(name: str, change) -> str:
+        folder = tmp_path / name
+        shutil.copytree(demo_data, folder)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        change(manifest)
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        return str(folder)
+
+    def shift_docs(m):  # one document moved between shards' counts: the corpus total still adds up
+        shards = m["corpora"]["collab"]["shards"]
+        shards[0]["num_docs"] += 1
+        shards[1]["num_docs"] -= 1
+
+    ds = ShardedDataset(edited("docs", shift_docs))
+    with pytest.raises(ShardError, match=r"collab-000000\.tar: holds \d+ documents but the manifest records"):
+        ds.verify()
+    with pytest.raises(ShardError, match="num_items=.* but id_maps.json lists"):
+        ShardedDataset(edited("items", lambda m: m.update(num_items=m["num_items"] - 5)))
+    half = tmp_path / "half"
+    shutil.copytree(demo_data, half)
+    (half / MANIFEST).write_text((half / MANIFEST).read_text()[:200])
+    assert cli(["train", "--data", str(half), "--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, str(half / MANIFEST), "not valid JSON")
+    # through the trainer: the shard with the wrong count is named before any step runs
+    assert cli(["train", "--data", edited("docs2", shift_docs), "--out", str(tmp_path / "r2"), *TINY]) == 2
+    one_line_error(capsys, "collab-000000.tar", "num_docs")
+    assert not (tmp_path / "r2" / "train_log.jsonl").exists()
