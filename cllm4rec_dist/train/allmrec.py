@@ -37,7 +37,9 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import TrainConfig, to_yaml
-from cllm4rec_dist.train.engines import ReplicatedEngine
+from cllm4rec_dist.train.checkpoint import capture_rng, restore_rng, write_text_atomic
+from cllm4rec_dist.train.run_folder import check_resume_config
+from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.trainer import Rank, load_trainable, write_json_atomic
 
@@ -260,11 +262,13 @@ class ALLMRecTrainer:
 
     def _log(self, stage: str, out: dict, seconds: float, total: int) -> None:
         keys = [k for k in out if k not in ("loss", "tokens", "grad_norm")]
-        values = self.r.mean([out["loss"], out.get("tokens", 0.0), out["grad_norm"], *[out[k] for k in keys]])
+        scalars = [out["loss"], out.get("tokens", 0.0), out["grad_norm"], *[out[k] for k in keys]]
+        values = self.r.mean(torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+                                          for v in scalars])).tolist()
         loss, tokens, grad_norm, extra = values[0], values[1], values[2], values[3:]
         # The Monitor's step record: (loss, lm, mr, tokens, grad_norm); A-LLMRec has no MR term.
-        self.log.step(self.state, _Phase(stage, self.state.epoch), stage, [loss, loss, 0.0, tokens, grad_norm],
-                      seconds, total, self.engines[stage].lr)
+        self.log.step(self.state.global_step, _Phase(stage, self.state.epoch), stage, seconds, total,
+                      self.engines[stage].lr, [loss, loss, 0.0, tokens, grad_norm])
         if self.log.writer is not None:
             for key, value in zip(keys, extra):
                 self.log.writer.add_scalar(f"{stage}/{key}", value, self.state.global_step)
@@ -372,8 +376,7 @@ class ALLMRecTrainer:
         return {"stopped": why, "global_step": self.state.global_step, "stage": self.state.stage}
 
     def snapshot(self) -> dict:
-        return {"state": asdict(self.state), "config": asdict(self.cfg),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        return {"state": asdict(self.state), "config": asdict(self.cfg), "rng": capture_rng()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.model.saved_state()
@@ -385,9 +388,8 @@ class ALLMRecTrainer:
         self.state = ALLMRecState(**snapshot["state"])
         load_trainable(self.model, trainable)
         self.model.text.invalidate()
-        torch.set_rng_state(snapshot["rng"]["torch"])
-        np.random.set_state(snapshot["rng"]["numpy"])
-        random.setstate(snapshot["rng"]["python"])
+        self.restored_config = snapshot["config"]  # compared with the new config by the recipe
+        restore_rng(snapshot["rng"])
 
 
 def normalised(title: str) -> str:
@@ -474,19 +476,24 @@ class ALLMRecRecipe:
     def setup(self) -> "ALLMRecRecipe":
         cfg, rank = self.cfg, self.rank
         os.makedirs(cfg.out, exist_ok=True)
-        if rank.is_main:
-            with open(os.path.join(cfg.out, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(cfg))
         shards = ShardedDataset(cfg.data)
         data = SequentialData.open(shards)
         device = "cuda" if torch.cuda.is_available() and cfg.dist.use_gpu else "cpu"
         model, prompts = build_model(cfg, data, shards.manifest, device)
         self.model = model
-        engines = {"align": ReplicatedEngine("align", model.stage_parameters("align"), cfg.allmrec.stage1_lr,
+        engines = {"align": TorchEngine("align", model.stage_parameters("align"), cfg.allmrec.stage1_lr,
                                              cfg.optim.weight_decay, cfg.optim.grad_clip),
                    "llm": self.engine_factory("llm", model.stage_parameters("llm"), cfg.allmrec.stage2_lr)}
         self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage)
+        self.trainer.restored_config = None
         resumed = cfg.resume and self.sink.has_checkpoint() and self.sink.load_latest(self.trainer)
+        if resumed:  # before anything is written: a refused resume leaves the run folder as it was
+            changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")
+            if changes and rank.is_main:
+                print(f"[train] warning: resuming with changed settings (--allow_config_change): "
+                      f"{'; '.join(changes)}", flush=True)
+        if rank.is_main:
+            write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
         state = self.trainer.state
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)

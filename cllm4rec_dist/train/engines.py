@@ -33,7 +33,9 @@ def make_adam(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) 
 
 
 class TorchEngine:
-    """Plain torch Adam over one parameter group."""
+    """Plain torch Adam over one parameter group. In a multi-rank run it serves parameters that every rank
+    trains identically (same data, same seed, no communication, e.g. A-LLMRec's stage 1): rank 0 alone
+    writes the optimizer state and every rank reads that one file back."""
 
     def __init__(self, name: str, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
                  grad_clip: float = 0.0):
@@ -79,17 +81,6 @@ class TorchEngine:
         state = load_state(path)
         check_optimizer_state(path, state, [g["params"] for g in self.optimizer.param_groups])
         self.optimizer.load_state_dict(state)
-
-
-class ReplicatedEngine(TorchEngine):
-    """Torch Adam over parameters that every rank trains identically (same data, same seed, no communication),
-    e.g. A-LLMRec's stage 1: rank 0 alone writes the optimizer state, every rank reads it back."""
-
-    def save(self, directory: str, rank: int = 0) -> None:
-        if rank == 0:
-            path = os.path.join(directory, f"optim-{self.name}.pt")
-            torch.save(self.optimizer.state_dict(), f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
 
 
 class _ParamGroup(nn.Module):

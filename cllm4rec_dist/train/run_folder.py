@@ -28,6 +28,8 @@ NEUTRAL = frozenset({
     "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "init_from",
     "allow_config_change", "eval.batch_size", "dist.use_gpu", "dist.cpus_per_worker", "dist.ds_config",
     "dist.storage_path", "dist.max_failures", "dist.ray_address",
+    # A-LLMRec evaluation-only settings: what is measured after training, not how it trains
+    "allmrec.eval_batch_size", "allmrec.generate", "allmrec.titles_only_baseline", "allmrec.max_new_tokens",
 })
 
 
