@@ -142,6 +142,9 @@ class TrainConfig:
     """Newest checkpoints kept (older ones are deleted)."""
     log_every: int = 10
     """Steps between progress lines / TensorBoard points."""
+    projector_sample: int = 1000
+    """Items and users (each) written to TensorBoard's embedding projector at every validation and at the end:
+    the same seeded sample (by `seed`) each time, the whole table when smaller; 0 = no projector."""
     max_steps: int = 0
     """Stop after this many steps in total (0 = run the whole schedule); for smoke runs and tests."""
     init_from: str | None = None
