@@ -114,7 +114,8 @@ class DistSettings:
     max_failures: int = 2
     """Worker failures Ray recovers from (restarting from the last checkpoint)."""
     ray_address: str | None = None
-    """None = join a running cluster if there is one (`ray job submit`), else start a local one in-process."""
+    """Ray cluster to join: None = RAY_ADDRESS if set (`ray job submit` sets it), else start a local Ray
+    in-process; "auto" = the cluster `ray start` runs on this machine; or "HOST:PORT" of its head."""
 
 
 @dataclass
