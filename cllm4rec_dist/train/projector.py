@@ -10,6 +10,7 @@ original id, title when the dataset has titles; users: index, original id).
 
 Size is bounded for large catalogues: ``projector_sample`` rows of each entity (the same seeded
 sample at every step, so points can be followed across steps; the whole table when smaller).
+After a resume the config lists what the resumed run wrote (earlier step folders stay on disk).
 """
 
 from __future__ import annotations
