@@ -109,7 +109,8 @@ def ray_job(demo_data, tmp_path_factory):
         job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", output)
         assert job_id, output[-6000:]
         status = job_status(env, job_id.group(1))
-        uploaded = sorted(Path(ray_tmp).glob("ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+        uploaded = sorted(p for p in Path(ray_tmp).glob("ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+                          if p.is_dir())  # the job's unpacked working dir
         uploaded_files = {str(p.relative_to(uploaded[0])) for p in uploaded[0].rglob("*") if p.is_file()} if uploaded else set()
         yield {"run": root / "run", "submit": submit, "output": output, "status": status,
                "uploaded": uploaded_files}
