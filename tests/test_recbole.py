@@ -34,8 +34,8 @@ def demo_as_recbole(table_dir: Path, out: Path) -> None:
                   for r in rows("interactions.csv")])
     write_atomic(out / "demo.user", ["user_id:token", "user_text:token_seq"],
                  [[r["user"], clean_text(r["user_text"])] for r in rows("users.csv")])
-    write_atomic(out / "demo.item", ["item_id:token", "item_text:token_seq"],
-                 [[r["item"], clean_text(r["item_text"])] for r in rows("items.csv")])
+    write_atomic(out / "demo.item", ["item_id:token", "item_title:token_seq", "item_text:token_seq"],
+                 [[r["item"], clean_text(r["item_title"]), clean_text(r["item_text"])] for r in rows("items.csv")])
 
 
 def shard_digests(ds: Path) -> dict[str, list[str]]:
@@ -56,7 +56,8 @@ def test_recbole_copy_of_the_demo_preprocesses_to_the_same_statistics_and_shards
     assert stats["recbole"] == stats["table"]
     assert stats["table"]["user_texts"] > 0 and stats["table"]["item_texts"] > 0 and stats["table"]["train_reviews"] > 0
     assert shard_digests(outs["recbole"]) == shard_digests(outs["table"])
-    assert (outs["recbole"] / "id_maps.json").read_text() == (outs["table"] / "id_maps.json").read_text()
+    for name in ("id_maps.json", "items.json"):  # original ids; titles, descriptions, counts
+        assert (outs["recbole"] / name).read_text() == (outs["table"] / name).read_text()
 
 
 ML100K_ITEM = ["item_id:token", "movie_title:token_seq", "release_year:token", "class:token_seq"]
