@@ -154,6 +154,17 @@ class CLLM4Rec(nn.Module):
             return self.content_user_table, self.content_item_table
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
+    def embedding_tables(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """The learned tables by name -> ("item" | "user", (rows, d) weight), for inspection (the
+        TensorBoard projector). A tied backbone has no separate item head: its head is ``collab_item``."""
+        tables = {"collab_item": ("item", self.collab_item_table.weight),
+                  "content_item": ("item", self.content_item_table.weight)}
+        if self.item_head is not None:
+            tables["item_head"] = ("item", self.item_head.weight)
+        tables |= {"collab_user": ("user", self.collab_user_table.weight),
+                   "content_user": ("user", self.content_user_table.weight)}
+        return tables
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by step kind: "collab" (L- and rec-steps), "content" (C-steps), "backbone"."""
         groups = {

@@ -115,7 +115,8 @@ class DistSettings:
     max_failures: int = 2
     """Worker failures Ray recovers from (restarting from the last checkpoint)."""
     ray_address: str | None = None
-    """None = join a running cluster if there is one (`ray job submit`), else start a local one in-process."""
+    """Ray cluster to join: None = RAY_ADDRESS if set (`ray job submit` sets it), else start a local Ray
+    in-process; "auto" = the cluster `ray start` runs on this machine; or "HOST:PORT" of its head."""
 
 
 @dataclass
@@ -211,6 +212,9 @@ class TrainConfig:
     """Newest checkpoints kept (older ones are deleted)."""
     log_every: int = 10
     """Steps between progress lines / TensorBoard points."""
+    projector_sample: int = 1000
+    """Items and users (each) written to TensorBoard's embedding projector at every validation and at the end:
+    the same seeded sample (by `seed`) each time, the whole table when smaller; 0 = no projector."""
     max_steps: int = 0
     """Stop after this many steps in total (0 = run the whole schedule); for smoke runs and tests."""
     init_from: str | None = None

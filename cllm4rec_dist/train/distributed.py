@@ -148,6 +148,10 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
             quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
             address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
             if address:
+                # `ray job submit` sets RAY_ADDRESS; the job's runtime env (working dir first on PYTHONPATH)
+                # reaches the workers.
+                print(f"[launch] joining the Ray cluster at {address} (cllm4rec_dist from "
+                      f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
                 ray.init(address=address, **quiet)
             else:
                 needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker

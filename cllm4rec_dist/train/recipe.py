@@ -14,6 +14,7 @@ import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.preprocess import tokenizer_identity
+from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
@@ -22,6 +23,7 @@ from cllm4rec_dist.train.config import TrainConfig, to_yaml
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.run_folder import check_resume_config
+from cllm4rec_dist.train.projector import EmbeddingProjector
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
 from cllm4rec_dist.train.trainer import Rank, Trainer, load_trainable, write_json_atomic
@@ -118,6 +120,11 @@ class CLLM4RecRecipe:
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)
+        if rank.is_main and cfg.projector_sample > 0:
+            ids = data.read_json("id_maps.json")
+            titles = data.read_json(ITEMS_FILE)["titles"] if ITEMS_FILE in data.manifest["files"] else None
+            self.trainer.projector = EmbeddingProjector(self.trainer.log.writer, ids["items"], ids["users"], titles,
+                                                        cfg.projector_sample, cfg.seed)
         if resumed and rank.is_main:
             self.trainer.log.console(f"[train] resumed at step {state.global_step} (block {state.block}, "
                                      f"step {state.step})")

@@ -78,6 +78,7 @@ class Trainer:
         self.cold_items = list(cold_items)  # items held out of training (protocol.cold_item_fraction)
         self.sink = sink        # checkpoint writer/reader (train/checkpoint.py)
         self.log = logger       # progress lines + TensorBoard (train/monitor.py)
+        self.projector = None   # rank 0: TensorBoard embedding projector (train/projector.py)
         self.state = TrainerState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.restored_config: dict | None = None
@@ -185,6 +186,8 @@ class Trainer:
                   "global_step": self.state.global_step, **metrics}
         self.state.evals.append(record)
         self.log.evaluation("valid", metrics, self.state.global_step)
+        if self.projector is not None:
+            self.projector.write(self.model, self.state.global_step)
         if not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best, select_on):
             self.state.best = record
             self.best_weights = self.trainable_state()
@@ -203,6 +206,8 @@ class Trainer:
         with self.timer.phase("test"):
             test = self.evaluate("test")
         self.log.evaluation("test", test, self.state.global_step)
+        if self.projector is not None:
+            self.projector.write(self.model, self.state.global_step, prefix="best/")
         self.state.finished = True
         result = {"valid": {k: v for k, v in valid.items() if k not in ("block", "phase", "epoch", "global_step")},
                   "test": test,
