@@ -36,9 +36,9 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
-from cllm4rec_dist.train.config import TrainConfig, to_yaml
-from cllm4rec_dist.train.checkpoint import capture_rng, restore_rng, write_text_atomic
-from cllm4rec_dist.train.run_folder import check_resume_config
+from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.checkpoint import capture_rng, restore_rng
+from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.trainer import Rank, load_trainable, write_json_atomic
@@ -487,13 +487,7 @@ class ALLMRecRecipe:
         self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage)
         self.trainer.restored_config = None
         resumed = cfg.resume and self.sink.has_checkpoint() and self.sink.load_latest(self.trainer)
-        if resumed:  # before anything is written: a refused resume leaves the run folder as it was
-            changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")
-            if changes and rank.is_main:
-                print(f"[train] warning: resuming with changed settings (--allow_config_change): "
-                      f"{'; '.join(changes)}", flush=True)
-        if rank.is_main:
-            write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
+        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main)
         state = self.trainer.state
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)

@@ -18,11 +18,11 @@ from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
-from cllm4rec_dist.train.checkpoint import read_trainable, write_text_atomic
-from cllm4rec_dist.train.config import TrainConfig, to_yaml
+from cllm4rec_dist.train.checkpoint import read_trainable
+from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
-from cllm4rec_dist.train.run_folder import check_resume_config
+from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.projector import EmbeddingProjector
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
@@ -109,13 +109,7 @@ class CLLM4RecRecipe:
                                cold_items=data.manifest.get("cold_items", []), timer=timer)
         with timer.phase("resume"):
             resumed = resuming and self.sink.load_latest(self.trainer)
-        if resumed:  # before anything is written: a refused resume leaves the run folder as it was
-            changes = check_resume_config(self.trainer.restored_config, cfg, f"the checkpoint in {cfg.out}")
-            if changes and rank.is_main:
-                print(f"[train] warning: resuming with changed settings (--allow_config_change): "
-                      f"{'; '.join(changes)}", flush=True)
-        if rank.is_main:
-            write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
+        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main)
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,

@@ -162,3 +162,19 @@ def check_resume_config(saved: dict, new, source: str) -> list[str]:
                              "follow a schedule neither config describes. Use another --out to start a new run, "
                              "restore those settings, or pass --allow_config_change true to resume anyway.")
     return changes
+
+
+def settle_run_config(restored_config: dict | None, cfg, is_main: bool) -> None:
+    """After a recipe's resume attempt and before anything is written: refuse a trajectory-changing config
+    (``check_resume_config``; a refused resume leaves the run folder as it was), warn about an allowed one,
+    then record the config the run continues with as ``<out>/config.yaml`` (rank 0)."""
+    from cllm4rec_dist.train.checkpoint import write_text_atomic
+    from cllm4rec_dist.train.config import to_yaml
+
+    if restored_config is not None:
+        changes = check_resume_config(restored_config, cfg, f"the checkpoint in {cfg.out}")
+        if changes and is_main:
+            print(f"[train] warning: resuming with changed settings (--allow_config_change): "
+                  f"{'; '.join(changes)}", flush=True)
+    if is_main:
+        write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
