@@ -163,7 +163,7 @@ class DeepSpeedEngine(TorchEngine):
     def lr(self) -> float:
         return self._inner.param_groups[0]["lr"]
 
-    # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with weights_only=False,
+    # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with the unsafe (code-running) torch.load,
     # so a crafted file would run code on resume. Each rank instead saves the torch Adam state of its ZeRO
     # partition (tensors and plain data) through train/checkpoint.py; the fp32 master partition is rebuilt
     # from the restored weights (fp32 tables: exact).
