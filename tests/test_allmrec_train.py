@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cllm4rec_dist.train.monitor import read_train_log
+
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.corpus.sequences import SequentialData
 
@@ -40,10 +42,6 @@ allmrec:
 simulate_ranks: 2
 log_every: 1000
 """
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
 def train(config: Path, out: Path, *flags: str) -> dict:
@@ -86,7 +84,7 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
     assert cf["test"]["users"] == len(data.evaluated_users("test"))
     assert llm["sasrec"]["test"]["users"] == min(40, cf["test"]["users"])
 
-    log = read_log(run)
+    log = read_train_log(run)
     for stage in ("align", "llm"):
         losses = [r["loss"] for r in log if r["kind"] == stage]
         assert losses and np.mean(losses[-3:]) < np.mean(losses[:3]), stage  # losses fall
@@ -101,14 +99,14 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
 
 
 def test_resumed_losses_and_metrics_equal_the_uninterrupted_run(run, config, tmp_path):
-    reference = read_log(run)
+    reference = read_train_log(run)
     stage1 = sum(r["kind"] == "align" for r in reference)
     out = tmp_path / "resumed"
     assert train(config, out, "--max_steps", "2") == {}                # stopped inside stage 1
     assert train(config, out, "--max_steps", str(stage1 + 3)) == {}   # resumed, stopped inside stage 2
     metrics = train(config, out, "--allmrec.generate", "false",       # resumed to the end (scored metrics only)
                     "--allmrec.titles_only_baseline", "false")
-    resumed = read_log(out)
+    resumed = read_train_log(out)
     assert [r["global_step"] for r in resumed] == [r["global_step"] for r in reference]
     for mine, ref in zip(resumed, reference):
         assert mine["kind"] == ref["kind"] and mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (mine, ref)
@@ -138,7 +136,7 @@ def test_ray_launcher_runs_stage2_data_parallel_and_matches_the_single_process_r
     proc = subprocess.run([sys.executable, "launchers/pretrain_llama.py", "--config", str(config), "--out", str(out),
                            "--dist.num_workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    reference, log = read_log(run), read_log(out)
+    reference, log = read_train_log(run), read_train_log(out)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in reference]
     for mine, ref in zip(log, reference):
         # 2 workers with ZeRO-averaged gradients == one process accumulating 2 micro-batches (gloo sums in

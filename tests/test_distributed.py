@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cllm4rec_dist.train.monitor import read_train_log
+
 from cllm4rec_dist.train.config import load_config
 from cllm4rec_dist.train.distributed import KILL_ENV
 from cllm4rec_dist.train.reference import run_reference
@@ -51,12 +53,8 @@ def launch(args: list[str], out: Path, env_extra: dict | None = None, timeout: i
     return output
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-
-
 def assert_same_losses(run_dir: Path, reference: list[dict]) -> None:
-    log = read_log(run_dir)
+    log = read_train_log(run_dir)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in reference]
     for mine, ref in zip(log, reference):
         assert mine["kind"] == ref["kind"]
@@ -77,7 +75,7 @@ def reference_log(config_file, tmp_path_factory) -> list[dict]:
     cfg.out = str(tmp_path_factory.mktemp("ref"))
     cfg.simulate_ranks = 2
     run_reference(cfg)
-    return read_log(Path(cfg.out))
+    return read_train_log(Path(cfg.out))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +93,7 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     # Losses fell (the 16 rec steps of this short run are too few and too noisy to compare;
     # tests/test_train.py checks all three kinds on a longer schedule).
     by_kind = defaultdict(list)
-    for row in read_log(out):
+    for row in read_train_log(out):
         by_kind[row["kind"]].append(row["lm"])
     for kind in ("L", "C"):
         n = max(2, len(by_kind[kind]) // 4)
@@ -162,7 +160,7 @@ def test_deepspeed_launcher_finetunes_an_int8_backbone_from_a_pretraining_checkp
     assert "(int8)" in output  # the frozen backbone really is bitsandbytes int8 on every rank
     metrics = json.loads((ft / "metrics.json").read_text())
     assert metrics["best"]["phase"] == "finetune"
-    assert {r["phase"] for r in read_log(ft)} == {"finetune"}
+    assert {r["phase"] for r in read_train_log(ft)} == {"finetune"}
     # Starting from the trained tables, the first validation is already far above a random start.
     first = metrics["history"][0]["recall@20"]
     assert first > 0.5 * json.loads((out / "metrics.json").read_text())["valid"]["recall@20"], output[-2000:]

@@ -7,6 +7,8 @@ from collections import defaultdict
 
 import pytest
 
+from cllm4rec_dist.train.monitor import read_train_log
+
 from cllm4rec_dist.baselines import run_baseline
 from cllm4rec_dist.corpus.shards import load_eval_split
 from cllm4rec_dist.train.config import ModelSettings, ScheduleSettings, TrainConfig, add_config_arguments, config_from_args
@@ -26,11 +28,6 @@ def tiny_config(data: str, out: str, **overrides) -> TrainConfig:
     return cfg.validate()
 
 
-def read_log(run_dir) -> list[dict]:
-    with open(f"{run_dir}/train_log.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def reference_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
@@ -41,7 +38,7 @@ def reference_run(demo_data, tmp_path_factory):
 def test_reference_trainer_lowers_all_three_losses(reference_run):
     out, _ = reference_run
     by_kind = defaultdict(list)
-    for row in read_log(out):
+    for row in read_train_log(out):
         by_kind[row["kind"]].append(row["lm"])
     assert set(by_kind) == {"C", "L", "rec"}
     for kind, losses in by_kind.items():
@@ -94,14 +91,14 @@ def schedule_of(cfg: TrainConfig, data: str) -> list[Block]:
 
 def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, demo_data, tmp_path):
     out, result = reference_run
-    uninterrupted = read_log(out)
+    uninterrupted = read_train_log(out)
     blocks = schedule_of(tiny_config(demo_data, str(tmp_path)), demo_data)
     stop_at = blocks[0].steps + blocks[1].steps // 2  # in the middle of the first pretraining block
     assert blocks[1].phase == "pretrain" and "L" in blocks[1].kinds[: blocks[1].steps // 2]
     partial = run_reference(tiny_config(demo_data, str(tmp_path), max_steps=stop_at))
     assert partial["stopped"] and partial["global_step"] == stop_at
     resumed = run_reference(tiny_config(demo_data, str(tmp_path)))
-    log = read_log(tmp_path)
+    log = read_train_log(tmp_path)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in uninterrupted]
     assert [r["loss"] for r in log] == [r["loss"] for r in uninterrupted]  # bit-identical
     assert resumed["test"] == result["test"]
@@ -217,7 +214,7 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
 def test_warmup_c_steps_have_no_mutual_regularisation_by_default(reference_run):
     """The paper's warm-up trains the content LLM alone: mr is exactly 0 there, and on afterwards."""
     out, _ = reference_run
-    log = read_log(out)
+    log = read_train_log(out)
     warmup = [r for r in log if r["phase"] == "warmup"]
     assert warmup and all(r["kind"] == "C" and r["mr"] == 0.0 for r in warmup)
     assert all(r["mr"] > 0 for r in log if r["phase"] == "pretrain")

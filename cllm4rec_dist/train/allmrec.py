@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cllm4rec_dist.corpus.prompts import ALLMRecPrompts
+from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder,
@@ -334,7 +334,7 @@ class ALLMRecTrainer:
         """Index of the candidate whose normalised title the answer is exactly (-1: it names none)."""
         answer = self.prompts.decode_answer(generated)
         for k, item in enumerate(candidates):
-            if normalised(self.prompts.titles[item]) == answer:
+            if normalise_title(self.prompts.titles[item]) == answer:
                 return k
         return -1
 
@@ -390,12 +390,6 @@ class ALLMRecTrainer:
         self.model.text.invalidate()
         self.restored_config = snapshot["config"]  # compared with the new config by the recipe
         restore_rng(snapshot["rng"])
-
-
-def normalised(title: str) -> str:
-    from cllm4rec_dist.corpus.prompts import normalise_title
-
-    return normalise_title(title)
 
 
 def flat_metrics(metrics: dict) -> dict:

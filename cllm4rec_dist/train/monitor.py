@@ -20,6 +20,14 @@ import time
 import torch
 
 CONSOLE_FILE = "console.log"  # the lines meant for the user's console, relayed by the Ray driver
+TRAIN_LOG = "train_log.jsonl"
+"""One JSON record per optimizer step (global_step, phase, epoch, kind, loss, lm, mr, tokens, ...) in the run folder."""
+
+
+def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The step records of a run folder's ``train_log.jsonl``, in order."""
+    with open(os.path.join(run_dir, TRAIN_LOG), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 class Monitor:
@@ -29,7 +37,7 @@ class Monitor:
         self.log_every = max(1, log_every)
         self.world_size = world_size
         self.writer = None
-        self.log_path = os.path.join(run_dir, "train_log.jsonl")
+        self.log_path = os.path.join(run_dir, TRAIN_LOG)
         self.started = time.time()
         self.progress_path = os.path.join(run_dir, "progress.log")
         self.console_path = os.path.join(run_dir, CONSOLE_FILE)
