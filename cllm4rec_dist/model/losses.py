@@ -42,14 +42,19 @@ from .cllm4rec import MR_REDUCTIONS, CLLM4Rec
 from .item_softmax import sparse_softmax_nll
 
 
+def _enumerate_spans(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document, offset) of every element when document k has ``counts[k]`` of them: offsets run 0..counts[k]-1."""
+    docs = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+    offsets = torch.arange(docs.shape[0], device=counts.device) - (torch.cumsum(counts, 0) - counts)[docs]
+    return docs, offsets
+
+
 def id_token_occurrences(batch: LMBatch | RecBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(documents, token ids) of every user/item token of the batch's documents (padding excluded).
 
     Walks the documents through the batch's layout, so a packed row holding several documents
     gives each token the DOCUMENT it belongs to, not the row."""
-    lengths = batch.lengths
-    docs = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
-    offsets = torch.arange(docs.shape[0], device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[docs]
+    docs, offsets = _enumerate_spans(batch.lengths)
     tokens = batch.input_ids[batch.doc_rows[docs], batch.doc_starts[docs] + offsets]
     is_id = tokens >= vocab_size
     return docs[is_id], tokens[is_id]
@@ -81,10 +86,7 @@ def _no_mr(model: CLLM4Rec) -> torch.Tensor:
 def _next_token_targets(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(docs, positions) predicting a MAIN token: position t of a document, t in [prompt_len-1, len-2],
     predicts its token t+1, so the first MAIN token is predicted from the last prompt position."""
-    counts = batch.lengths - batch.prompt_lengths
-    docs = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
-    first_of_doc = torch.cumsum(counts, 0) - counts
-    offsets = torch.arange(docs.shape[0], device=counts.device) - first_of_doc[docs]
+    docs, offsets = _enumerate_spans(batch.lengths - batch.prompt_lengths)
     return docs, batch.prompt_lengths[docs] - 1 + offsets
 
 
