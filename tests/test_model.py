@@ -1,6 +1,7 @@
 """CLLM4Rec module and step losses on tiny LLaMA / GPT-2 backbones saved and loaded like a real checkpoint."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -587,6 +588,30 @@ def relative_error(got, want):
     return float((got.detach().float() - want.detach()).norm() / want.detach().norm().clamp_min(1e-12))
 
 
+def test_gemm_attention_path_matches_sdpa_with_copied_key_value_heads():
+    """The training path of the GQA attention (two GEMMs, grouped heads, block-diagonal causal mask) and
+    its no-gradient path (SDPA) against plain SDPA on key/value heads copied per query head."""
+    from cllm4rec_dist.model.backbone import _gqa_sdpa_attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, length, dim = 2, 6, 2, 10, 8
+    q = torch.randn(rows, heads, length, dim, requires_grad=True)
+    k, v = (torch.randn(rows, kv_heads, length, dim, requires_grad=True) for _ in range(2))
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    mask[6:, :6] = False  # two documents in each row
+    mask = mask.expand(rows, 1, length, length)
+    module = torch.nn.Module()
+    out = _gqa_sdpa_attention(module, q, k, v, mask)[0]
+    copies = [x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(q, *copies, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(_gqa_sdpa_attention(module, q, k, v, mask)[0], want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["L", "C", "rec"])
 def test_gqa_attention_on_packed_batches_matches_the_unpadded_reference(gqa_llama_dir, kind):
     """SDPA's own grouped-query path (no key/value copies) under the block-diagonal mask of packed rows."""
@@ -664,3 +689,17 @@ def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
     for key in ("recall@20", "recall@40", "ndcg@100"):
         assert out[f"cold/{key}"] == pytest.approx(want[key])
     assert out["recall@20"] == pytest.approx(evaluate_docs(model, docs, space, "valid")["recall@20"])
+
+
+# ---- (9) the OpenMP wait policy the package sets before torch loads ------------------------------
+
+def test_package_import_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one():
+    import subprocess
+    import sys
+
+    probe = "import os, cllm4rec_dist; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert run(env) == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

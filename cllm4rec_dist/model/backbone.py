@@ -93,24 +93,61 @@ def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_
                                                 device_map={"": device}, **source)
 
 
+GEMM_ATTENTION_MAX_SCORES = 2**24
+"""Most attention scores (rows x heads x T x T) one layer may hold for the GEMM attention path (32 MiB in
+bf16, kept for the backward); larger batches use SDPA's flash kernel, which holds O(T) per row."""
+
+
+def _masked_gemm_attention(query, key, value, mask, scaling):
+    """softmax(q k^T * scaling, masked) v with grouped heads, as two batched GEMMs.
+
+    Query heads are grouped under the key/value head they share (head h uses kv head h // group), so
+    q of shape (R, kv_heads, group * T, d) meets k and v without copying them. Scores stay in the input
+    dtype: the CPU softmax accumulates in fp32 internally and its bf16 output is what the second GEMM
+    would have been fed anyway, so an fp32 copy of the scores would add traffic and no accuracy.
+    """
+    rows, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scores = query.reshape(rows, kv_heads, group * length, dim) @ key.transpose(-1, -2)
+    scores = scores.view(rows, kv_heads, group, length, key.shape[2]) * scaling
+    mask = mask[:, :, None] if mask.dim() == 4 else mask
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).view(rows, kv_heads, group * length, key.shape[2])
+    return (probs @ value).view(rows, heads, length, dim)
+
+
 def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         is_causal=None, **kwargs):
-    """transformers' "sdpa" attention, except that grouped-query keys/values go to SDPA as they are
-    (``enable_gqa``) even when a mask is given.
+    """transformers' "sdpa" attention for a training step on packed rows, without its two costs there.
 
-    transformers' own "sdpa" copies each key/value head num_heads/num_kv_heads times (``repeat_kv``)
-    whenever there is a mask, which a packed batch always has (block-diagonal causal), and the backward
-    then sums those copies back: on SmolLM2 (9 heads, 3 kv heads) that is 3x the key/value traffic per
-    layer for nothing. The CPU (flash) and CUDA SDPA kernels take grouped heads with a mask directly.
+    1. Grouped-query keys/values are never copied: transformers' own "sdpa" repeats each key/value head
+       num_heads/num_kv_heads times (``repeat_kv``) whenever there is a mask, which a packed batch always
+       has (block-diagonal causal), and its backward sums the copies back (SmolLM2: 9 heads, 3 kv heads).
+    2. With a mask and a gradient to compute, attention runs as two batched GEMMs
+       (``_masked_gemm_attention``) when the scores fit ``GEMM_ATTENTION_MAX_SCORES``: the CPU flash
+       kernel's masked backward ran at a few GFLOP/s on SmolLM2 rows of ~300 tokens, a third of the step
+       (docs/RESULTS.md §5). Otherwise (no mask: plain causal; no gradient: scoring; dropout; large
+       batches) SDPA with ``enable_gqa``.
     """
     if kwargs.get("output_attentions"):
         raise ValueError("the GQA SDPA attention does not return attention weights; load with "
                          "attn_implementation='eager' to get them")
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, is_causal=is_causal,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    scores = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+    if (attention_mask is not None and needs_grad and dropout == 0.0 and scores <= GEMM_ATTENTION_MAX_SCORES
+            and query.shape[1] % key.shape[1] == 0):
+        out = _masked_gemm_attention(query, key, value, attention_mask, scaling)
+    else:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, is_causal=is_causal,
+                                             enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -120,7 +157,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)  # same boolean masks
 
 def use_gqa_sdpa(model: PreTrainedModel) -> bool:
     """Switch a backbone that runs transformers' "sdpa" attention with grouped key/value heads to
-    ``_gqa_sdpa_attention`` (same result, no key/value copies). Returns whether it switched."""
+    ``_gqa_sdpa_attention`` (same result, no key/value copies, GEMM attention for masked training
+    steps). Returns whether it switched."""
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
