@@ -56,6 +56,9 @@ class ModelSettings:
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None
     """None = tied to the collaborative item table for tied backbones (GPT-2), own head for LLaMA."""
+    gqa_attention: bool = True
+    """Grouped-query backbones (SmolLM2) attend without key/value head copies, masked training steps as two
+    batched GEMMs (faster than the CPU flash kernel on packed rows); false = transformers' own 'sdpa'."""
 
 
 @dataclass

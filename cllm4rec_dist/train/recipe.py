@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
         max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
-        separate_item_head=cfg.model.separate_item_head, device=device))
+        separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention, device=device))
 
 
 class CLLM4RecRecipe:
