@@ -16,27 +16,25 @@ V, I, J, D = 128, 5, 11, 32
 LAMBDA_C = 0.7
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def save_llama(tmp_path_factory, name: str, kv_heads: int) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=V, max_position_embeddings=64,
+                         num_key_value_heads=kv_heads, vocab_size=V, max_position_embeddings=64,
                          tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("llama")
+    path = tmp_path_factory.mktemp(name)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_llama(tmp_path_factory, "llama", kv_heads=4)
 
 
 @pytest.fixture(scope="module")
 def gqa_llama_dir(tmp_path_factory):
     """Grouped-query attention (4 heads sharing 2 key/value heads), as in SmolLM2 and LLaMA-2/3."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("gqa-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+    return save_llama(tmp_path_factory, "gqa-llama", kv_heads=2)
 
 
 @pytest.fixture(scope="module")
