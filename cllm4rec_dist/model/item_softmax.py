@@ -55,7 +55,7 @@ def _chunk(buffer: torch.Tensor, rows: int, classes: int) -> torch.Tensor:
     return buffer[: rows * classes].view(rows, classes)
 
 
-def _chunked_lse(hidden, weight, row_chunk: int, class_chunk: int) -> torch.Tensor:
+def chunked_lse(hidden, weight, row_chunk: int, class_chunk: int) -> torch.Tensor:
     """(N,) float32 logsumexp of hidden @ weight.T, holding at most row_chunk x class_chunk logits."""
     num_rows, num_classes = hidden.shape[0], weight.shape[0]
     lse = torch.empty((num_rows,), dtype=torch.float32, device=hidden.device)
@@ -74,7 +74,7 @@ def _chunked_lse(hidden, weight, row_chunk: int, class_chunk: int) -> torch.Tens
     return lse
 
 
-def _softmax_gradients(hidden, weight, lse, row_scale, row_chunk: int, class_chunk: int,
+def softmax_gradients(hidden, weight, lse, row_scale, row_chunk: int, class_chunk: int,
                        need_hidden: bool, need_weight: bool):
     """Gradients of sum_r row_scale_r * lse_r in float32: diag(s) P @ W and P.T @ diag(s) H, P = softmax.
 
@@ -110,7 +110,7 @@ def _softmax_gradients(hidden, weight, lse, row_scale, row_chunk: int, class_chu
 class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, row_chunk: int, class_chunk: int):
-        lse = _chunked_lse(hidden, weight, row_chunk, class_chunk)
+        lse = chunked_lse(hidden, weight, row_chunk, class_chunk)
         ctx.save_for_backward(hidden, weight, lse)
         ctx.chunks = (row_chunk, class_chunk)
         return lse
@@ -118,7 +118,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         hidden, weight, lse = ctx.saved_tensors
-        grad_hidden, grad_weight = _softmax_gradients(hidden, weight, lse, grad_lse.float(), *ctx.chunks,
+        grad_hidden, grad_weight = softmax_gradients(hidden, weight, lse, grad_lse.float(), *ctx.chunks,
                                                       *ctx.needs_input_grad[:2])
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None)
@@ -126,7 +126,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
 def _dense_softmax_gradients(hidden, weight, row_scale, need_hidden: bool, need_weight: bool):
     """All logits fit the budget: ONE (N, C) buffer, one pass. Returns (lse, grad_hidden, grad_weight)
-    as ``_chunked_lse`` + ``_softmax_gradients`` would, without recomputing the logits."""
+    as ``chunked_lse`` + ``softmax_gradients`` would, without recomputing the logits."""
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         h, w = hidden.float(), weight.float()
         probs = h @ w.T
@@ -163,8 +163,8 @@ class _SparseSoftmaxNLL(torch.autograd.Function):
             lse, grad_distinct, grad_weight = _dense_softmax_gradients(h, weight, row_scale,
                                                                        need_hidden, need_weight)
         else:
-            lse = _chunked_lse(h, weight, row_chunk, class_chunk)
-            grad_distinct, grad_weight = _softmax_gradients(h, weight, lse, row_scale, row_chunk, class_chunk,
+            lse = chunked_lse(h, weight, row_chunk, class_chunk)
+            grad_distinct, grad_weight = softmax_gradients(h, weight, lse, row_scale, row_chunk, class_chunk,
                                                             need_hidden, need_weight)
         grad_hidden = None
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
