@@ -2,7 +2,9 @@
 
 Distributed: each rank scores the users of its own eval shards and returns metric SUMS; the
 ranks all-reduce them and only then divide (eval/metrics.py), so every user
-counts once whatever the number of ranks.
+counts once whatever the number of ranks. With tables or the item head row-sharded across ranks
+(model/sharding.py) the forward passes and the top-K are collective: every rank runs as many rounds as
+the rank with the most users, an idle round taking part with no data.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.metrics import PAD, all_reduce_sums, finalize, merge_sums, metric_sums
-from cllm4rec_dist.model.item_softmax import chunked_topk
+from cllm4rec_dist.model.sharding import all_reduce_max
 from cllm4rec_dist.train.loader import prediction_prompts
 
 TOP_K = 100  # enough for Recall@20/40 and NDCG@100
@@ -52,15 +54,20 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
     cold_sums = []
     if part not in ("valid", "test"):
         raise ValueError("part must be 'valid' or 'test'")
-    weight = model.item_head_weight().detach()
     sums = []
-    for start in range(0, len(docs), batch_size):
+    rounds = -(-len(docs) // batch_size)
+    if model.shards_across_ranks:
+        rounds = all_reduce_max(rounds, model.item_head_weight().device)
+    for start in range(0, rounds * batch_size, batch_size):
         chunk = docs[start:start + batch_size]
+        if not chunk:  # only with sharded tables: this rank has no users left, the others still score theirs
+            model.idle_forward()
+            model.item_topk(torch.empty(0, model.hidden_size, device=model.item_head_weight().device), TOP_K)
+            continue
         users = user_representations(model, chunk, space, style, batch_size, max_length, seed, reorder=reorder)
         exclude = [torch.as_tensor(d["train"] + (d["valid"] if part == "test" and exclude_valid_on_test else []),
                                    dtype=torch.long) for d in chunk]
-        _, topk = chunked_topk(users, weight, TOP_K, exclude=exclude,
-                               max_logit_elements=model.config.max_logit_elements)
+        _, topk = model.item_topk(users, TOP_K, exclude=exclude)
         topk = topk.cpu().numpy()
         if topk.shape[1] < TOP_K:  # catalogues smaller than K: the missing ranks are misses
             topk = np.pad(topk, ((0, 0), (0, TOP_K - topk.shape[1])), constant_values=PAD)

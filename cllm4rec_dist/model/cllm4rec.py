@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 
 from . import backbone as bb
 from .item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
+from .sharding import (TABLE_SHARDINGS, RowLayout, RowShardedTable, all_reduce_sum_, current_layout, init_rows_,
+                       row_sharded_topk, vocab_parallel_nll)
 
 SIDES = ("collab", "content")
 MR_REDUCTIONS = ("paper", "authors", "token_mean")
@@ -59,6 +61,13 @@ class ModelConfig:
     """Grouped-query backbones (SmolLM2, LLaMA-2/3 style) attend with SDPA's own GQA support instead of
     transformers' key/value head copies, which it makes whenever a mask is given (every packed batch):
     same result, less memory traffic (backbone.use_gqa_sdpa). False keeps transformers' "sdpa" as is."""
+    table_sharding: str = "replicated"
+    """The four user/item token tables: "replicated" (every rank holds them whole) or "row" (each rank of the
+    initialised process group holds 1/W of their rows; model/sharding.py)."""
+    item_head_sharding: str = "replicated"
+    """The separate item head (untied backbones): "replicated" or "row" (1/W of the classes per rank, scored
+    with a vocabulary-parallel cross-entropy). A tied backbone's head is the collaborative item table: it follows
+    ``table_sharding``."""
 
     @property
     def backbone_trainable(self) -> bool:
@@ -71,6 +80,9 @@ class CLLM4Rec(nn.Module):
         super().__init__()
         if config.mr_reduction not in MR_REDUCTIONS:
             raise ValueError(f"mr_reduction={config.mr_reduction!r}; choose one of {', '.join(MR_REDUCTIONS)}")
+        for name in ("table_sharding", "item_head_sharding"):
+            if getattr(config, name) not in TABLE_SHARDINGS:
+                raise ValueError(f"{name}={getattr(config, name)!r}; choose one of {', '.join(TABLE_SHARDINGS)}")
         self.config = config
         if backbone is None:
             backbone = bb.load_backbone(config.backbone, config.precision, gguf_file=config.gguf_file,
@@ -95,24 +107,40 @@ class CLLM4Rec(nn.Module):
         self.init_std = config.init_std if config.init_std is not None else bb.initializer_range(backbone)
         device = backbone.get_input_embeddings().weight.device
 
-        def table(rows: int) -> nn.Embedding:
+        separate = config.separate_item_head
+        if separate is None:
+            separate = not bb.is_tied(backbone)
+        if not separate and config.item_head_sharding != config.table_sharding:
+            raise ValueError(f"item_head_sharding={config.item_head_sharding!r} but this backbone scores items with the "
+                             f"collaborative item table (tied head), which follows table_sharding="
+                             f"{config.table_sharding!r}: set both the same")
+        # Row-sharded tables draw their values block by block from one seed taken from the global RNG, so that
+        # they are the same on any number of ranks; replicated ones keep the global-RNG init of earlier versions.
+        row_seed = (int(torch.randint(2**31 - 1, ())) if "row" in (config.table_sharding, config.item_head_sharding)
+                    else 0)
+
+        def table(rows: int, sharding: str, index: int) -> nn.Module:
             # fp32 master copy whatever the backbone's precision
+            if sharding == "row":
+                sharded = RowShardedTable(rows, d, current_layout(rows), device=device)
+                init_rows_(sharded.weight, sharded.layout.start, self.init_std, row_seed * 8 + index)
+                return sharded
             emb = nn.Embedding(rows, d, device=device, dtype=torch.float32)
             nn.init.normal_(emb.weight, mean=0.0, std=self.init_std)
             return emb
 
-        self.collab_user_table = table(self.num_users)
-        self.collab_item_table = table(self.num_items)
-        self.content_user_table = table(self.num_users)
-        self.content_item_table = table(self.num_items)
+        self.collab_user_table = table(self.num_users, config.table_sharding, 0)
+        self.collab_item_table = table(self.num_items, config.table_sharding, 1)
+        self.content_user_table = table(self.num_users, config.table_sharding, 2)
+        self.content_item_table = table(self.num_items, config.table_sharding, 3)
 
-        separate = config.separate_item_head
-        if separate is None:
-            separate = not bb.is_tied(backbone)
         self.item_head = None
         if separate:
-            self.item_head = nn.Linear(d, self.num_items, bias=False, device=device, dtype=torch.float32)
-            nn.init.normal_(self.item_head.weight, mean=0.0, std=self.init_std)
+            if config.item_head_sharding == "row":
+                self.item_head = table(self.num_items, "row", 4)
+            else:
+                self.item_head = nn.Linear(d, self.num_items, bias=False, device=device, dtype=torch.float32)
+                nn.init.normal_(self.item_head.weight, mean=0.0, std=self.init_std)
 
     # ---- facts -------------------------------------------------------------------------------
 
@@ -144,6 +172,23 @@ class CLLM4Rec(nn.Module):
         """(J, d) weight scoring the items, in the L-step and the rec-step alike."""
         return self.collab_item_table.weight if self.item_head is None else self.item_head.weight
 
+    def item_head_layout(self) -> RowLayout:
+        """The rows (items) of the item head this rank holds: all of them unless the head is row-sharded."""
+        head = self.collab_item_table if self.item_head is None else self.item_head
+        return head.layout if isinstance(head, RowShardedTable) else RowLayout(self.num_items)
+
+    def row_shards(self) -> dict[str, RowLayout]:
+        """{parameter name: its layout} of every row-sharded parameter (what a sharded checkpoint holds), also on
+        one process (a world of 1), so that a run can move between numbers of ranks."""
+        return {f"{name}.weight": module.layout for name, module in self.named_modules()
+                if isinstance(module, RowShardedTable)}
+
+    @property
+    def shards_across_ranks(self) -> bool:
+        """True when some table or head is split over several ranks: forward passes, losses and top-K are
+        then collective (every rank must run the same calls)."""
+        return any(layout.distributed for layout in self.row_shards().values())
+
     def vocab_head_weight(self) -> torch.Tensor:
         """(V, d) weight of the backbone's own LM head (frozen unless ft_all), for the C-step."""
         output = self.backbone.get_output_embeddings()
@@ -162,7 +207,8 @@ class CLLM4Rec(nn.Module):
 
     def embedding_tables(self) -> dict[str, tuple[str, torch.Tensor]]:
         """The learned tables by name -> ("item" | "user", (rows, d) weight), for inspection (the
-        TensorBoard projector). A tied backbone has no separate item head: its head is ``collab_item``."""
+        TensorBoard projector). A tied backbone has no separate item head: its head is ``collab_item``.
+        Row-sharded tables give this rank's rows only (``row_shards`` says which)."""
         tables = {"collab_item": ("item", self.collab_item_table.weight),
                   "content_item": ("item", self.content_item_table.weight)}
         if self.item_head is not None:
@@ -189,19 +235,35 @@ class CLLM4Rec(nn.Module):
         mutual-regularisation prior z_collab ~ N(z_content, I / lambda_c), i.e. their content rows, which the
         C-steps trained on their texts (no likelihood term pulls the collaborative row anywhere else).
         A separate item head (untied backbones) has no prior of its own: its cold rows come from a ridge
-        regression, fitted on the warm items, from content rows to head rows."""
-        cold = torch.as_tensor(list(items), dtype=torch.long, device=self.collab_item_table.weight.device)
+        regression, fitted on the warm items, from content rows to head rows. With row-sharded tables or head
+        each rank sets its own rows (the regression's sums are all-reduced); every rank must call this."""
+        device = self.collab_item_table.weight.device
+        cold = torch.as_tensor(list(items), dtype=torch.long, device=device)
         if cold.numel() == 0:
             return
-        content = self.content_item_table.weight
-        self.collab_item_table.weight[cold] = content[cold]
-        if self.item_head is not None:
-            warm = torch.ones(self.num_items, dtype=torch.bool, device=cold.device)
-            warm[cold] = False
-            x, y = content[warm].double(), self.item_head.weight[warm].double()
-            ridge = torch.eye(x.shape[1], dtype=torch.float64, device=x.device) * 1e-3 * x.pow(2).sum() / x.shape[0]
-            mapping = torch.linalg.solve(x.T @ x + ridge, x.T @ y)
-            self.item_head.weight[cold] = (content[cold].double() @ mapping).float()
+        tables = (self.collab_item_table.layout if isinstance(self.collab_item_table, RowShardedTable)
+                  else RowLayout(self.num_items))
+        local = cold[(cold >= tables.start) & (cold < tables.stop)] - tables.start  # same rows in both tables
+        self.collab_item_table.weight[local] = self.content_item_table.weight[local]
+        if self.item_head is None:
+            return
+        head = self.item_head_layout()
+        warm = torch.ones(self.num_items, dtype=torch.bool, device=device)
+        warm[cold] = False
+        own = torch.arange(head.start, head.stop, device=device)
+        own_warm, own_cold = own[warm[own]], own[~warm[own]]
+        x = self.content_item_table(own_warm).double()  # a lookup: collective when the tables are sharded
+        y = self.item_head.weight[own_warm - head.start].double()
+        sums = torch.cat([(x.T @ x).reshape(-1), (x.T @ y).reshape(-1),
+                          torch.stack([x.pow(2).sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64,
+                                                                    device=device)])])
+        if head.distributed:
+            all_reduce_sum_(sums)
+        d = self.hidden_size
+        xtx, xty = sums[: d * d].view(d, d), sums[d * d: 2 * d * d].view(d, d)
+        ridge = torch.eye(d, dtype=torch.float64, device=device) * 1e-3 * sums[-2] / sums[-1]
+        mapping = torch.linalg.solve(xtx + ridge, xty)
+        self.item_head.weight[own_cold - head.start] = (self.content_item_table(own_cold).double() @ mapping).float()
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -242,6 +304,23 @@ class CLLM4Rec(nn.Module):
         batch laid out as in model/batch.py, cast to the fp32 of the tables and heads."""
         hidden = self.hidden_states(batch.input_ids, batch.position_ids, side)
         return hidden[batch.doc_rows[docs], batch.doc_starts[docs] + positions].float()
+
+    def item_nll(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """sum_k -log softmax(hidden[rows_k] @ item_head.T)[cols_k] over the whole catalogue (cols: item ids 0..J-1),
+        vocabulary-parallel when the head is row-sharded (it is never gathered)."""
+        return vocab_parallel_nll(hidden, self.item_head_weight(), self.item_head_layout(), rows, cols,
+                                  max_logit_elements=self.config.max_logit_elements)
+
+    def item_topk(self, hidden: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None):
+        """(scores, item ids) of the k best items per row over the whole catalogue, ``exclude[u]`` never returned;
+        per rank over its classes and merged when the head is row-sharded."""
+        return row_sharded_topk(hidden, self.item_head_weight().detach(), self.item_head_layout(), k, exclude,
+                                self.config.max_logit_elements)
+
+    def idle_forward(self) -> None:
+        """Take part in the collectives of one forward pass without any data (a rank with no batch left while
+        the others still run one; only needed when tables are sharded across ranks)."""
+        self.embed(torch.zeros(0, 0, dtype=torch.long, device=self.collab_item_table.weight.device))
 
     def last_token_hidden(self, batch, side: str = "collab") -> torch.Tensor:
         """(B, d) fp32 hidden state of each document's last token (index lengths-1): the query that scores

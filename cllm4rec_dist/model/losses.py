@@ -64,7 +64,7 @@ def mutual_regularization(model: CLLM4Rec, id_tokens: torch.Tensor, num_docs: in
     """MR over ``id_tokens`` (one entry per prior term: a token id >= V) of a batch of ``num_docs``
     documents, reduced as ``model.config.mr_reduction`` says (module docstring)."""
     fixed_side = "content" if trained_side == "collab" else "collab"
-    if id_tokens.numel() == 0:
+    if id_tokens.numel() == 0 and not model.shards_across_ranks:  # sharded lookups are collective: never skipped
         return model.tables(trained_side)[0].weight.sum() * 0.0  # keeps the graph connected
     z_trained = model.id_embeddings(id_tokens, trained_side)
     z_fixed = model.id_embeddings(id_tokens, fixed_side).detach()
@@ -90,11 +90,12 @@ def _next_token_targets(batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return docs, batch.prompt_lengths[docs] - 1 + offsets
 
 
-def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor, first_class: int,
+def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, nll, first_class: int,
                   num_classes: int, step: str, regularize: bool) -> dict:
     """Next-token CE over MAIN with classes ``first_class .. first_class+num_classes-1`` of the token
-    space scored by ``head`` (per-document sum averaged over documents for ``paper``, else the mean
-    over target tokens) + MR of ``side`` to the other side over the documents' id tokens."""
+    space, ``nll(hidden, rows, cols)`` the summed softmax NLL over them (per-document sum averaged over
+    documents for ``paper``, else the mean over target tokens) + MR of ``side`` to the other side over the
+    documents' id tokens."""
     docs, positions = _next_token_targets(batch)
     hidden = model.document_hidden(batch, positions, docs, side=side)
     targets = batch.input_ids[batch.doc_rows[docs], batch.doc_starts[docs] + positions + 1] - first_class
@@ -102,8 +103,7 @@ def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor
     torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
                         f"{step} MAIN tokens must all be ids {first_class} .. {first_class + num_classes - 1}")
     num_targets, num_docs = targets.numel(), batch.lengths.shape[0]
-    nll_sum = sparse_softmax_nll(hidden, head, rows=torch.arange(num_targets, device=hidden.device),
-                                 cols=targets, max_logit_elements=model.config.max_logit_elements)
+    nll_sum = nll(hidden, torch.arange(num_targets, device=hidden.device), targets)
     lm = nll_sum / max(num_docs if model.config.mr_reduction == "paper" else num_targets, 1)
     if regularize:
         mr = mutual_regularization(model, id_token_occurrences(batch, model.vocab_size)[1], num_docs,
@@ -116,15 +116,19 @@ def _main_lm_loss(model: CLLM4Rec, batch: LMBatch, side: str, head: torch.Tensor
 def l_step_loss(model: CLLM4Rec, batch: LMBatch, regularize: bool = True) -> dict:
     """Collaborative LLM: CE of the next MAIN item over the J items only (item tokens V+I .. V+I+J-1,
     scored by the item head) + MR to the fixed content side."""
-    return _main_lm_loss(model, batch, "collab", model.item_head_weight(), model.item_offset, model.num_items,
+    return _main_lm_loss(model, batch, "collab", model.item_nll, model.item_offset, model.num_items,
                          "L-step (item tokens)", regularize)
 
 
 def c_step_loss(model: CLLM4Rec, batch: LMBatch, regularize: bool = True) -> dict:
     """Content LLM: CE of the next MAIN text token over the V vocab tokens with the backbone's own
     (frozen) LM head + MR to the fixed collaborative side (``regularize=False`` in the warm-up)."""
-    return _main_lm_loss(model, batch, "content", model.vocab_head_weight(), 0, model.vocab_size,
-                         "C-step (vocab tokens)", regularize)
+    def vocab_nll(hidden, rows, cols):
+        return sparse_softmax_nll(hidden, model.vocab_head_weight(), rows, cols,
+                                  max_logit_elements=model.config.max_logit_elements)
+
+    return _main_lm_loss(model, batch, "content", vocab_nll, 0, model.vocab_size, "C-step (vocab tokens)",
+                         regularize)
 
 
 def rec_prior_tokens(model: CLLM4Rec, batch: RecBatch) -> torch.Tensor:
@@ -149,9 +153,7 @@ def rec_step_loss(model: CLLM4Rec, batch: RecBatch, regularize: bool = True) -> 
     (h_last = hidden state of the last real prompt token) + MR to content (``rec_prior_tokens``)."""
     last_hidden = model.last_token_hidden(batch, side="collab")
     num_users = last_hidden.shape[0]
-    lm = sparse_softmax_nll(last_hidden, model.item_head_weight(), rows=batch.target_rows,
-                            cols=batch.target_items,
-                            max_logit_elements=model.config.max_logit_elements) / max(num_users, 1)
+    lm = model.item_nll(last_hidden, batch.target_rows, batch.target_items) / max(num_users, 1)
     if regularize:
         mr = mutual_regularization(model, rec_prior_tokens(model, batch), num_users, trained_side="collab")
     else:

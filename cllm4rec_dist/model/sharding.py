@@ -328,6 +328,15 @@ def row_sharded_topk(hidden: torch.Tensor, weight: torch.Tensor, layout: RowLayo
     return merged[:, :k], best.masked_fill(torch.isneginf(merged[:, :k]), -1)
 
 
+def all_reduce_max(value: int, device="cpu") -> int:
+    """The largest of every rank's ``value`` over the sharding group (``value`` on one process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    flag = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharding_group())
+    return int(flag.item())
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the sharding group in place (no-op on one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

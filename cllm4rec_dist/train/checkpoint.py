@@ -6,6 +6,13 @@ A checkpoint folder holds
   the snapshot is the coordinator state, the config and the RNG states (as tensors and lists);
 * each engine's optimizer state: ``optim-<group>.pt`` (torch engine) or ``optim-<group>-rank<r>.pt`` (a DeepSpeed
   engine: every rank writes its own ZeRO partition);
+* ``sharded/`` (models with row-sharded tables or heads, model/sharding.py): the row-sharded tensors -- tables,
+  their best-validation copies, the Adam state of their rows -- written by ``torch.distributed.checkpoint`` (DCP)
+  through its safetensors storage (``HuggingFaceStorageWriter``): every rank writes one safetensors file of ITS
+  rows, and each file's JSON header records the rows' offsets. Reading builds DCP's metadata from those headers
+  (never a pickle) and reads any row range from any file, so a checkpoint written by N ranks loads on M ranks
+  (``read_sharded``), and the export reads one saved part at a time (``sharded_parts``). Such a checkpoint is
+  ``reshardable`` unless an engine wrote per-rank state of its own (DeepSpeed's ZeRO partitions);
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
   file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
 
@@ -55,6 +62,7 @@ SNAPSHOT = "snapshot"
 TRAINABLE = "trainable"
 BEST = "best"
 SNAPSHOT_KEYS = ("state", "config", "rng")
+SHARDED_DIR = "sharded"
 _RECORD = "files-rank{rank}.json"
 _RECORD_RE = re.compile(r"files-rank(\d+)\.json$")
 
@@ -102,20 +110,115 @@ class CheckpointWriter:
     def __init__(self, directory: str, rank: int, world_size: int):
         self.directory, self.rank, self.world_size = directory, rank, world_size
         self.files: dict[str, dict] = {}
+        self.sharded: dict[str, tuple[torch.Tensor, object]] = {}
+        self.per_rank_state = False
         os.makedirs(directory, exist_ok=True)
 
-    def save(self, name: str, state: dict) -> None:
-        """``state``: tensors and plain data only (dicts, lists, tuples, numbers, strings, None)."""
+    def save(self, name: str, state: dict, per_rank: bool = False) -> None:
+        """``state``: tensors and plain data only (dicts, lists, tuples, numbers, strings, None). ``per_rank``: the
+        state is this rank's own partition of something (a ZeRO partition): the checkpoint then only loads on the
+        same number of ranks."""
         path = os.path.join(self.directory, name)
         tmp = f"{path}.tmp-{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
+        self._record(name)
+        self.per_rank_state |= per_rank
+
+    def _record(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
         self.files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(_local_fs(), path)}
 
+    def add_sharded(self, key: str, local: torch.Tensor, layout) -> None:
+        """A tensor of the sharded part: this rank's rows ``local`` of a row-sharded tensor (``layout``: a
+        model.sharding.RowLayout), or, with ``layout=None``, a small tensor every rank holds the same."""
+        self.sharded[key] = (local.detach(), layout)
+
     def finish(self, step: int) -> None:
-        record = {"step": step, "rank": self.rank, "world_size": self.world_size, "files": self.files}
+        """Write the sharded part (a collective: every rank calls it), then this rank's record."""
+        if self.sharded:
+            for name in write_sharded(os.path.join(self.directory, SHARDED_DIR), self.sharded, self.rank):
+                self._record(posixpath.join(SHARDED_DIR, name))
+        record = {"step": step, "rank": self.rank, "world_size": self.world_size, "files": self.files,
+                  "reshardable": bool(self.sharded) and not self.per_rank_state}
         path = os.path.join(self.directory, _RECORD.format(rank=self.rank))
         write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- row-sharded tensors (DCP)
+
+_MESHES: dict[int, object] = {}
+
+
+def _as_dtensor(local: torch.Tensor, layout):
+    """This rank's rows as a DTensor sharded on rows (what DCP records with offsets); plain on one process."""
+    if layout is None or not layout.distributed:
+        return local
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    if layout.world_size not in _MESHES:
+        _MESHES[layout.world_size] = init_device_mesh(local.device.type, (layout.world_size,))
+    shape = torch.Size([layout.num_rows, *local.shape[1:]])
+    return DTensor.from_local(local, _MESHES[layout.world_size], [Shard(0)], run_check=False, shape=shape,
+                              stride=tuple(torch.empty(shape, device="meta").stride()))
+
+
+def write_sharded(directory: str, tensors: dict[str, tuple[torch.Tensor, object]], rank: int) -> list[str]:
+    """Save ``{key: (local rows, layout)}`` with DCP's safetensors writer (each rank one file of its rows; a
+    collective). Returns the names of the files this rank wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    state = {key: _as_dtensor(local, layout) for key, (local, layout) in tensors.items()}
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(directory, save_distributed=True))
+    mine = f"shard-{rank + 1:05d}-"
+    return sorted(name for name in os.listdir(directory) if name.startswith(mine) and name.endswith(".safetensors"))
+
+
+def _sharded_metadata(directory: str):
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: missing; this checkpoint has no sharded part but the model has row-sharded "
+                              "tables (model.table_sharding / model.item_head_sharding). Resume with the sharding it "
+                              "was written with.")
+    return HuggingFaceStorageReader(directory).read_metadata()
+
+
+def read_sharded(directory: str, targets: dict[str, tuple[torch.Tensor, object]], required=()) -> dict:
+    """Read the sharded part into ``{key: (local buffer, layout)}`` (rows of ANY layout: DCP reads the saved
+    pieces overlapping each rank's rows); keys the checkpoint lacks are skipped unless ``required``.
+    Returns ``{key: local buffer}`` of what was read. A collective when the layouts are distributed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    saved = _sharded_metadata(directory).state_dict_metadata
+    require_keys(directory, saved, required)
+    wrong = [f"{key} {tuple(saved[key].size)} (model: {(layout.num_rows, *local.shape[1:]) if layout else tuple(local.shape)})"
+             for key, (local, layout) in targets.items() if key in saved and tuple(saved[key].size) !=
+             ((layout.num_rows, *local.shape[1:]) if layout else tuple(local.shape))]
+    if wrong:
+        raise CheckpointError(f"{directory}: does not fit this model: wrong shape {'; '.join(wrong)}. Was it trained "
+                              "with another dataset, backbone or model settings?")
+    present = {key: value for key, value in targets.items() if key in saved}
+    state = {key: _as_dtensor(local, layout) for key, (local, layout) in present.items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(directory))
+    return {key: local for key, (local, _) in present.items()}
+
+
+def sharded_parts(directory: str, key: str):
+    """Yield (first row, rows) of a sharded tensor one SAVED part at a time (one rank's rows as written), reading
+    only that part: a process never holds the whole table."""
+    from safetensors import safe_open
+
+    meta = _sharded_metadata(directory)
+    require_keys(directory, meta.state_dict_metadata, (key,))
+    parts = sorted(((index.offset[0], info.relative_path) for index, info in meta.storage_data.items()
+                    if index.fqn == key))
+    for first_row, path in parts:
+        with safe_open(os.path.join(directory, os.path.basename(path)), framework="pt") as f:
+            yield first_row, f.get_tensor(key)
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -244,9 +347,13 @@ def incomplete_reason(directory: str, ranks=None, fs=None, world_size: int | Non
     if head is None:
         return f"no readable {_RECORD.format(rank=0)} (interrupted while saving, or not a checkpoint folder)"
     saved_world = int(head.get("world_size", 1))
-    if world_size is not None and saved_world != world_size:
+    if world_size is not None and saved_world != world_size and head.get("reshardable"):
+        ranks = None  # every saved rank's rows are read
+    elif world_size is not None and saved_world != world_size:
         raise CheckpointError(f"{directory}: written by {saved_world} ranks, this run has {world_size}; resume with "
-                              f"the same number of workers (dist.num_workers / simulate_ranks).")
+                              f"the same number of workers (dist.num_workers / simulate_ranks); only checkpoints whose "
+                              "trainable state is all row-sharded (model.table_sharding and model.item_head_sharding "
+                              "row, or a tied head) move between numbers of ranks.")
     for rank in sorted({0, *(range(saved_world) if ranks is None else ranks)}):
         record = head if rank == 0 else _read_record(fs, directory, rank)
         if record is None:
@@ -270,12 +377,20 @@ def trainable_shapes(model) -> dict[str, tuple]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _row_shards(model) -> dict:
+    """{parameter name: RowLayout} of a model's row-sharded parameters (none for models without them)."""
+    return model.row_shards() if hasattr(model, "row_shards") else {}
+
+
 def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
     """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
     checkpoint), checked against ``model`` (e.g. for init_from)."""
     fs, folder = resolve_checkpoint(source)
     path = posixpath.join(folder, TRAINER_FILE)
     blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
+    if _row_shards(model) or fs.exists(posixpath.join(folder, SHARDED_DIR)):
+        raise CheckpointError(f"{folder}: initialising from a checkpoint is for replicated tables; with row-sharded "
+                              "tables resume the run itself (--resume, any number of ranks) instead.")
     check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], trainable_shapes(model))
     return blob[TRAINABLE]
 
@@ -285,9 +400,17 @@ def write_checkpoint(trainer, directory: str) -> None:
     writer = CheckpointWriter(directory, trainer.r.rank, trainer.r.world_size)
     for engine in trainer.engines.values():
         engine.save(writer)
+    shards = _row_shards(trainer.model)
+    params = dict(trainer.model.named_parameters())
+    best = trainer.best_weights
+    for name, layout in shards.items():  # each rank its own rows
+        writer.add_sharded(f"{TRAINABLE}.{name}", params[name], layout)
+        if best is not None:
+            writer.add_sharded(f"{BEST}.{name}", best[name], layout)
     if trainer.r.is_main:
-        writer.save(TRAINER_FILE, {SNAPSHOT: trainer.snapshot(), TRAINABLE: trainer.trainable_state(),
-                                   BEST: trainer.best_weights})
+        replicated = {n: t for n, t in trainer.trainable_state().items() if n not in shards}
+        writer.save(TRAINER_FILE, {SNAPSHOT: trainer.snapshot(), TRAINABLE: replicated,
+                                   BEST: None if best is None else {n: t for n, t in best.items() if n not in shards}})
     writer.finish(trainer.state.global_step)
 
 
@@ -296,11 +419,28 @@ def read_checkpoint(trainer, directory: str) -> None:
     path = os.path.join(directory, TRAINER_FILE)
     blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST))
     require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
-    expected = trainable_shapes(trainer.model)
+    shards = _row_shards(trainer.model)
+    expected = {n: shape for n, shape in trainable_shapes(trainer.model).items() if n not in shards}
     check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
     if blob[BEST] is not None:
         check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
-    trainer.restore(blob[SNAPSHOT], blob[TRAINABLE], blob[BEST])
+    trainable, best = dict(blob[TRAINABLE]), None if blob[BEST] is None else dict(blob[BEST])
+    if shards:  # this rank's rows, from whatever rows each saved rank held
+        params = dict(trainer.model.named_parameters())
+        targets = {f"{TRAINABLE}.{n}": (torch.empty_like(params[n].detach()), layout) for n, layout in shards.items()}
+        if best is not None:
+            targets |= {f"{BEST}.{n}": (torch.empty_like(params[n].detach()), layout) for n, layout in shards.items()}
+        engine_targets = {}
+        for engine in trainer.engines.values():
+            engine_targets |= getattr(engine, "sharded_targets", dict)()
+        loaded = read_sharded(os.path.join(directory, SHARDED_DIR), targets | engine_targets, required=list(targets))
+        trainable |= {n: loaded[f"{TRAINABLE}.{n}"] for n in shards}
+        if best is not None:
+            best |= {n: loaded[f"{BEST}.{n}"] for n in shards}
+        for engine in trainer.engines.values():
+            if hasattr(engine, "restore_sharded"):
+                engine.restore_sharded(loaded)
+    trainer.restore(blob[SNAPSHOT], trainable, best)
     for engine in trainer.engines.values():  # after the weights: a ZeRO engine refreshes its fp32 master from them
         engine.load(directory, trainer.r.rank)
 

@@ -18,6 +18,7 @@ import yaml
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.metrics import SELECTION_METRICS
 from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS
+from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
 
@@ -59,6 +60,15 @@ class ModelSettings:
     gqa_attention: bool = True
     """Grouped-query backbones (SmolLM2) attend without key/value head copies, masked training steps as two
     batched GEMMs (faster than the CPU flash kernel on packed rows); false = transformers' own 'sdpa'."""
+    table_sharding: str = "replicated"
+    """The collaborative and content user/item tables: 'replicated' (every rank holds them whole; DeepSpeed ZeRO
+    partitions their gradients and Adam state) or 'row' (each rank holds 1/W of their rows and the Adam state of
+    those rows only; lookups are collective). 'row' is for tables that do not fit a rank (docs/ARCHITECTURE.md,
+    memory model); checkpoints then move between numbers of ranks."""
+    item_head_sharding: str = "replicated"
+    """The separate item head (untied backbones such as LLaMA): 'replicated' or 'row' (1/W of the items per rank, a
+    vocabulary-parallel item softmax that never gathers the head, top-K per rank then merged). A tied backbone
+    scores items with the collaborative item table: set it like table_sharding."""
 
 
 @dataclass
@@ -242,6 +252,15 @@ class TrainConfig:
         _require(self.model.precision in PRECISIONS, "model.precision", self.model.precision, ", ".join(PRECISIONS))
         _require(self.model.mr_reduction in MR_REDUCTIONS, "model.mr_reduction", self.model.mr_reduction,
                  ", ".join(MR_REDUCTIONS))
+        for name in ("table_sharding", "item_head_sharding"):
+            _require(getattr(self.model, name) in TABLE_SHARDINGS, f"model.{name}", getattr(self.model, name),
+                     ", ".join(TABLE_SHARDINGS))
+        if "row" in (self.model.table_sharding, self.model.item_head_sharding):
+            _require(self.recommender == "cllm4rec", "recommender", self.recommender,
+                     "cllm4rec with model.table_sharding/item_head_sharding 'row' (A-LLMRec has no sharded tables)")
+            _require(self.init_from is None, "init_from", self.init_from,
+                     "unset with row-sharded tables (resume the run instead: its checkpoints load on any number of "
+                     "ranks)")
         _require(self.eval.select_on in SELECTION_METRICS, "eval.select_on", self.eval.select_on,
                  ", ".join(SELECTION_METRICS))
         _require(self.recommender in RECOMMENDERS, "recommender", self.recommender, ", ".join(RECOMMENDERS))

@@ -172,7 +172,7 @@ class DeepSpeedEngine(TorchEngine):
         return f"optim-{self.name}-rank{rank}.pt"
 
     def save(self, writer: CheckpointWriter) -> None:
-        writer.save(self.state_file(writer.rank), self._inner.state_dict())
+        writer.save(self.state_file(writer.rank), self._inner.state_dict(), per_rank=True)
 
     def load(self, directory: str, rank: int = 0) -> None:
         path = os.path.join(directory, self.state_file(rank))
@@ -185,3 +185,113 @@ class DeepSpeedEngine(TorchEngine):
         relink = getattr(self.optimizer, "_link_all_hp_params", None)
         if relink is not None:  # what DeepSpeed's own loader does after replacing the optimizer state
             relink()
+
+
+class ShardedEngine:
+    """Adam over ROW SHARDS (model/sharding.py): each rank steps its own rows and holds the Adam state of those
+    rows only; the group's replicated parameters, if any, stay with ``inner`` (a DeepSpeed or torch engine).
+
+    A shard's gradient is the SUM over every rank's loss (the owner receives every rank's use of its rows), so
+    it is divided by the world size before the step: the same update as data parallel's averaged gradient.
+    Gradient clipping uses the global norm of the shards (one all-reduce); ``inner`` clips its own parameters.
+    The optimizer state goes into the checkpoint's sharded part (train/checkpoint.py), which any number of ranks
+    can read back."""
+
+    def __init__(self, name: str, shards: dict[str, tuple[nn.Parameter, object]], lr: float,
+                 weight_decay: float = 0.0, grad_clip: float = 0.0, inner: TorchEngine | None = None):
+        self.name, self.shards, self.grad_clip, self.inner = name, shards, grad_clip, inner
+        self.shard_params = [param for param, _ in shards.values()]
+        self.params = self.shard_params + (inner.params if inner is not None else [])
+        self.optimizer = make_adam(self.shard_params, lr, weight_decay)
+        self.world_size = max((layout.world_size for _, layout in shards.values()), default=1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.backward(loss)  # DeepSpeed's backward reduces the replicated gradients; autograd fills ours
+        else:
+            loss.backward()
+
+    def step(self) -> torch.Tensor:
+        grads = [p.grad for p in self.shard_params if p.grad is not None]
+        if self.world_size > 1:
+            torch._foreach_div_(grads, float(self.world_size))
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            from cllm4rec_dist.model.sharding import sharding_group
+            dist.all_reduce(squares, group=sharding_group())
+        norm = squares.sqrt()
+        if self.grad_clip > 0:
+            torch._foreach_mul_(grads, float(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.inner is not None:
+            norm = (norm.pow(2) + self.inner.step().float().pow(2)).sqrt()
+        return norm.detach()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.inner is not None:
+            self.inner.zero_grad()
+
+    def reset_optimizer(self, lr: float) -> None:
+        self.optimizer.state = defaultdict(dict)
+        self.set_lr(lr)
+        if self.inner is not None:
+            self.inner.reset_optimizer(lr)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.inner is not None:
+            self.inner.set_lr(lr)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def resident_bytes(self) -> int:
+        """Bytes of the shards and of their Adam state held by this rank."""
+        tensors = list(self.shard_params) + [v for state in self.optimizer.state.values() for v in state.values()
+                                             if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ---- checkpoints: the Adam state of the shards as row-sharded tensors (key -> (local tensor, layout))
+
+    _ROW_STATE = ("exp_avg", "exp_avg_sq")
+
+    def _key(self, param_name: str, field: str) -> str:
+        return f"optim.{self.name}.{param_name}.{field}"
+
+    def save(self, writer: CheckpointWriter) -> None:
+        for param_name, (param, layout) in self.shards.items():
+            state = self.optimizer.state.get(param)
+            if not state:
+                continue  # no step yet (or just reset): nothing to save
+            writer.add_sharded(self._key(param_name, "step"), state["step"].reshape(1), None)
+            for field in self._ROW_STATE:
+                writer.add_sharded(self._key(param_name, field), state[field], layout)
+        if self.inner is not None:
+            self.inner.save(writer)
+
+    def sharded_targets(self) -> dict[str, tuple[torch.Tensor, object]]:
+        """Buffers a sharded checkpoint's Adam state is read into (``restore_sharded`` then installs them)."""
+        targets = {}
+        for param_name, (param, layout) in self.shards.items():
+            targets[self._key(param_name, "step")] = (torch.zeros(1, dtype=torch.float32), None)
+            for field in self._ROW_STATE:
+                targets[self._key(param_name, field)] = (torch.zeros_like(param), layout)
+        return targets
+
+    def restore_sharded(self, loaded: dict[str, torch.Tensor]) -> None:
+        """Install the Adam state read from a sharded checkpoint (parameters without any keep a fresh state)."""
+        self.optimizer.state = defaultdict(dict)
+        for param_name, (param, _) in self.shards.items():
+            if self._key(param_name, "step") in loaded:
+                self.optimizer.state[param] = {"step": loaded[self._key(param_name, "step")].reshape(()),
+                                               **{f: loaded[self._key(param_name, f)] for f in self._ROW_STATE}}
+
+    def load(self, directory: str, rank: int = 0) -> None:
+        if self.inner is not None:
+            self.inner.load(directory, rank)

@@ -20,6 +20,7 @@ from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.model.presets import load_tokenizer
 from cllm4rec_dist.train.checkpoint import read_trainable
 from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.engines import ShardedEngine
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.run_folder import settle_run_config
@@ -54,7 +55,27 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
         max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
-        separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention, device=device))
+        separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
+        table_sharding=cfg.model.table_sharding,
+        item_head_sharding=cfg.model.item_head_sharding, device=device))
+
+
+def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg: TrainConfig) -> dict:
+    """One engine per parameter group: ``engine_factory``'s (torch Adam or DeepSpeed ZeRO) for replicated
+    parameters; a ShardedEngine for a group holding row shards, with the factory's engine inside for the group's
+    replicated rest (e.g. a replicated item head beside row-sharded tables)."""
+    shards = model.row_shards()
+    names = {id(p): n for n, p in model.named_parameters()}
+    engines = {}
+    for name, params in groups.items():
+        own = {names[id(p)]: (p, shards[names[id(p)]]) for p in params if names[id(p)] in shards}
+        rest = [p for p in params if names[id(p)] not in shards]
+        if not own:
+            engines[name] = engine_factory(name, params, lr)
+            continue
+        inner = engine_factory(name, rest, lr) if rest else None
+        engines[name] = ShardedEngine(name, own, lr, cfg.optim.weight_decay, cfg.optim.grad_clip, inner)
+    return engines
 
 
 class CLLM4RecRecipe:
@@ -101,8 +122,7 @@ class CLLM4RecRecipe:
         if not cfg.uses_content:
             groups.pop("content", None)
         with timer.phase("engines"):
-            engines = {name: self.engine_factory(name, params, cfg.optim.pretrain_lr)
-                       for name, params in groups.items()}
+            engines = build_engines(model, groups, self.engine_factory, cfg.optim.pretrain_lr, cfg)
         with timer.phase("data"):
             eval_docs = read_partition(data, "eval", rank.rank, rank.world_size)[0]  # the users this rank scores
         self.trainer = Trainer(cfg, model, engines, batches, blocks, eval_docs, space, rank, self.sink, logger=None,
@@ -114,7 +134,10 @@ class CLLM4RecRecipe:
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)
-        if rank.is_main and cfg.projector_sample > 0:
+        if rank.is_main and cfg.projector_sample > 0 and model.shards_across_ranks:
+            self.trainer.log.console("[train] projector_sample ignored: the tables are row-sharded across ranks "
+                                     "and the projector reads whole tables on rank 0")
+        elif rank.is_main and cfg.projector_sample > 0:
             ids = data.read_json("id_maps.json")
             titles = data.read_json(ITEMS_FILE)["titles"] if ITEMS_FILE in data.manifest["files"] else None
             self.trainer.projector = EmbeddingProjector(self.trainer.log.writer, ids["items"], ids["users"], titles,

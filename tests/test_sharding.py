@@ -1,0 +1,216 @@
+"""Row-sharded tables and item head (model/sharding.py) on 2 real gloo ranks against the replicated reference.
+
+The 2-rank runs are the recipe every worker runs (CLLM4RecRecipe.setup -> Trainer.train_step, checkpoints through
+LocalSink); the reference is the single-process trainer standing in for 2 ranks (simulate_ranks=2) with
+REPLICATED tables, started from the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ranks import run_ranks  # noqa: E402
+
+from cllm4rec_dist.model import sharding  # noqa: E402
+from cllm4rec_dist.model.item_softmax import chunked_topk, sparse_softmax_nll  # noqa: E402
+from cllm4rec_dist.train.checkpoint import LocalSink, SHARDED_DIR  # noqa: E402
+from cllm4rec_dist.train.config import ScheduleSettings, TrainConfig, config_from_dict  # noqa: E402
+from cllm4rec_dist.train.engines import TorchEngine  # noqa: E402
+from cllm4rec_dist.train.recipe import CLLM4RecRecipe  # noqa: E402
+from cllm4rec_dist.train.trainer import LOSSES, Rank, load_trainable  # noqa: E402
+
+KINDS = ("L", "C", "rec")
+STEPS = ("L", "C", "rec", "L", "rec", "C")       # before the checkpoint
+AFTER = ("L", "rec", "C", "L")                    # after it: what every resume must reproduce
+RTOL = 1e-4
+
+
+# ---- the collective ops alone ---------------------------------------------------------------------------
+
+
+def _op_data():
+    g = torch.Generator().manual_seed(0)
+    head, table = torch.randn(11, 6, generator=g), torch.randn(7, 6, generator=g)
+    hidden = [torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)]
+    rows = [torch.tensor([0, 0, 1, 3, 4]), torch.tensor([2, 2])]
+    cols = [torch.tensor([1, 10, 5, 5, 0]), torch.tensor([3, 7])]
+    ids = [torch.tensor([0, 6, 6, 3]), torch.tensor([], dtype=torch.long)]  # rank 1 looks nothing up
+    exclude = [[torch.tensor([0, 9]), torch.tensor([]), torch.tensor([5]), torch.tensor([2, 3]), torch.tensor([])],
+               [torch.tensor([10]), torch.tensor([]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8])]]
+    return head, table, hidden, rows, cols, ids, exclude
+
+
+def _ops_on_rank(rank, world, max_logit_elements):
+    head, table, hidden, rows, cols, ids, exclude = _op_data()
+    head_layout, table_layout = sharding.RowLayout(11, rank, world), sharding.RowLayout(7, rank, world)
+    w = head[head_layout.start:head_layout.stop].clone().requires_grad_()
+    t = sharding.RowShardedTable(7, 6, table_layout)
+    t.weight.data.copy_(table[table_layout.start:table_layout.stop])
+    h = hidden[rank].clone().requires_grad_()
+    loss = sharding.vocab_parallel_nll(h, w, head_layout, rows[rank], cols[rank], max_logit_elements=max_logit_elements)
+    looked_up = t(ids[rank])
+    (loss + 0.75 * looked_up.sum()).backward()
+    scores, items = sharding.row_sharded_topk(hidden[rank], w.detach(), head_layout, 4, exclude[rank],
+                                              max_logit_elements=max_logit_elements)
+    return {"loss": loss.item(), "grad_hidden": h.grad, "grad_head": w.grad, "grad_table": t.weight.grad,
+            "rows": looked_up.detach(), "scores": scores, "items": items, "local_rows": w.shape[0]}
+
+
+@pytest.mark.parametrize("max_logit_elements", [2**24, 7])  # dense, and chunked over classes and rows
+def test_sharded_lookup_softmax_and_topk_equal_the_unsharded_ops(max_logit_elements):
+    out = run_ranks(_ops_on_rank, 2, max_logit_elements)
+    head, table, hidden, rows, cols, ids, exclude = _op_data()
+    assert [o["local_rows"] for o in out] == [6, 5]  # each rank holds its half of the head, never the whole
+    head, table = head.clone().requires_grad_(), table.clone().requires_grad_()
+    for rank in range(2):
+        h = hidden[rank].clone().requires_grad_()
+        loss = sparse_softmax_nll(h, head, rows[rank], cols[rank])
+        looked_up = table[ids[rank]]
+        (loss + 0.75 * looked_up.sum()).backward()
+        assert out[rank]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        torch.testing.assert_close(out[rank]["grad_hidden"], h.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[rank]["rows"], looked_up.detach())
+        scores, items = chunked_topk(hidden[rank], head.detach(), 4, exclude=exclude[rank])
+        assert torch.equal(out[rank]["items"], items)
+        torch.testing.assert_close(out[rank]["scores"], scores)
+    # an owner's gradient is every rank's use of its rows
+    torch.testing.assert_close(torch.cat([o["grad_head"] for o in out]), head.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([o["grad_table"] for o in out]), table.grad)
+    assert (out[1]["items"][2] == torch.tensor([9, 10, -1, -1])).all()  # only 2 items left: padded like unsharded
+
+
+# ---- the training step through the recipe -------------------------------------------------------------
+
+
+def _config(data: str, out: str, sharding_mode: str) -> TrainConfig:
+    cfg = TrainConfig(data=data, out=out, log_every=10_000, projector_sample=0, simulate_ranks=2)
+    cfg.schedule = ScheduleSettings(warmup_epochs=1, pretrain_epochs=1, alternate="steps", finetune_epochs=1)
+    cfg.batch.batch_size = 8
+    cfg.batch.max_length = 128
+    cfg.model.table_sharding = cfg.model.item_head_sharding = sharding_mode
+    return cfg.validate()
+
+
+def _recipe(cfg: TrainConfig, rank: Rank) -> CLLM4RecRecipe:
+    def engine_factory(name, params, lr):
+        return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
+
+    return CLLM4RecRecipe(cfg, rank, engine_factory, LocalSink(cfg.out)).setup()
+
+
+def _gradients(recipe, world: int) -> dict:
+    """{kind: {parameter: gradient}} of each kind's loss on the first batch of every stream (data parallel's
+    average over ranks: a shard holds the sum over ranks, divided here as the engine divides it)."""
+    trainer, model = recipe.trainer, recipe.model
+    grads = {}
+    for kind in KINDS:
+        for stream in trainer.batches[kind]:
+            out = LOSSES[kind](model, stream.batch(0, 0))
+            (out["loss"] / len(trainer.batches[kind])).backward()
+        grads[kind] = {n: p.grad.clone() / world for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _steps(trainer, kinds) -> list[float]:
+    return [trainer.train_step(kind)["loss"].item() for kind in kinds]
+
+
+def _train_on_rank(rank, world, cfg_dict):
+    cfg = config_from_dict(cfg_dict)
+    recipe = _recipe(cfg, Rank(rank, world))
+    trainer, model = recipe.trainer, recipe.model
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    valid = trainer.evaluate("valid")  # sharded scoring and top-K through the evaluator
+    grads = _gradients(recipe, world)
+    before = _steps(trainer, STEPS)
+    trainer.save_checkpoint()
+    after = _steps(trainer, AFTER)
+    engines = {name: e for name, e in trainer.engines.items()}
+    optimizer_shapes = {n: [tuple(t.shape) for t in e.optimizer.state[p].values() if t.dim() > 0]
+                        for e in engines.values() for n, (p, _) in e.shards.items()}
+    return {"initial": initial, "grads": grads, "before": before, "after": after, "valid": valid,
+            "shapes": {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer_shapes": optimizer_shapes,
+            "resident": sum(e.resident_bytes() for e in engines.values()),
+            "engines": {name: type(e).__name__ for name, e in engines.items()}}
+
+
+def _resume_on_rank(rank, world, cfg_dict):
+    recipe = _recipe(config_from_dict(cfg_dict), Rank(rank, world))
+    return {"step": recipe.trainer.state.global_step, "after": _steps(recipe.trainer, AFTER)}
+
+
+@pytest.fixture(scope="module")
+def row_run(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("row") / "run"
+    cfg = _config(demo_data, str(out), "row")
+    return cfg, run_ranks(_train_on_rank, 2, dataclasses.asdict(cfg))
+
+
+@pytest.fixture(scope="module")
+def replicated_reference(demo_data, row_run, tmp_path_factory):
+    """The single-process replicated trainer for 2 ranks, from the row run's initial weights."""
+    cfg = _config(demo_data, str(tmp_path_factory.mktemp("replicated") / "run"), "replicated")
+    recipe = _recipe(cfg, Rank(0, 1, accumulate=2))
+    _, out = row_run
+    load_trainable(recipe.model, {n: torch.cat([o["initial"][n] for o in out]) for n in out[0]["initial"]})
+    trainer = recipe.trainer
+    return {"valid": trainer.evaluate("valid"), "grads": _gradients(recipe, 1), "before": _steps(trainer, STEPS),
+            "after": _steps(trainer, AFTER),
+            "resident": sum(p.numel() * 4 * 3 for e in trainer.engines.values() for p in e.params)}
+
+
+def _rank_mean(out, key):
+    return [sum(values) / len(values) for values in zip(*(o[key] for o in out))]
+
+
+def test_row_and_replicated_give_the_same_losses_gradients_and_metrics(row_run, replicated_reference):
+    _, out = row_run
+    ref = replicated_reference
+    assert out[0]["engines"] == {"collab": "ShardedEngine", "content": "ShardedEngine"}
+    assert _rank_mean(out, "before") + _rank_mean(out, "after") == pytest.approx(ref["before"] + ref["after"], rel=RTOL)
+    for kind in KINDS:
+        assert set(out[0]["grads"][kind]) == set(ref["grads"][kind]), kind  # the same parameters get gradients
+        for name, grad in ref["grads"][kind].items():
+            sharded = torch.cat([o["grads"][kind][name] for o in out])
+            torch.testing.assert_close(sharded, grad, rtol=1e-4, atol=1e-7, msg=f"{kind} {name}")
+    for rank in range(2):
+        assert out[rank]["valid"] == pytest.approx(ref["valid"], rel=1e-6)
+
+
+def test_each_rank_holds_half_of_every_table_head_and_adam_state(row_run, replicated_reference):
+    _, out = row_run
+    full = {n: torch.Size([sum(o["shapes"][n][0] for o in out), out[0]["shapes"][n][1]]) for n in out[0]["shapes"]}
+    assert {"collab_user_table.weight", "content_item_table.weight", "item_head.weight"} <= set(full)
+    for rank in range(2):
+        for name, shape in out[rank]["shapes"].items():
+            rows = full[name][0]
+            assert shape[0] == (rows + 1) // 2 if rank == 0 else rows - (rows + 1) // 2, name
+            assert out[rank]["optimizer_shapes"][name] == [shape, shape], name  # exp_avg, exp_avg_sq: own rows only
+    total = replicated_reference["resident"]  # weights + Adam's two moments of the whole tables
+    for rank in range(2):
+        assert abs(out[rank]["resident"] - total / 2) <= 0.01 * total
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_and_on_one_with_the_same_losses(row_run):
+    cfg, out = row_run
+    sink = LocalSink(cfg.out)
+    latest = sink.latest()
+    assert latest and sorted(os.listdir(os.path.join(latest, SHARDED_DIR))) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    expected = _rank_mean(out, "after")
+    two = run_ranks(_resume_on_rank, 2, dataclasses.asdict(cfg))
+    assert two[0]["step"] == len(STEPS)
+    assert _rank_mean(two, "after") == pytest.approx(expected, rel=RTOL)
+    one = _recipe(cfg, Rank(0, 1, accumulate=2))  # the same tables whole on one process, from the 2 parts
+    assert one.trainer.state.global_step == len(STEPS)
+    assert one.model.item_head.weight.shape[0] == one.model.num_items
+    assert _steps(one.trainer, AFTER) == pytest.approx(expected, rel=RTOL)
