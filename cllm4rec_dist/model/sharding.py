@@ -105,13 +105,13 @@ def _all_gather_padded(local: torch.Tensor, group, fill=0) -> tuple[torch.Tensor
     world = dist.get_world_size(group)
     count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
     counts = torch.empty(world, dtype=torch.long, device=local.device)
-    dist.all_gather_into_tensor(counts, count, group=group)
+    dist.all_gather_single(counts, count, group=group)
     counts = counts.tolist()
     max_n = max(max(counts), 1)
     padded = torch.full((max_n, *local.shape[1:]), fill, dtype=local.dtype, device=local.device)
     padded[: local.shape[0]] = local
     gathered = torch.empty((world * max_n, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    dist.all_gather_single(gathered, padded.contiguous(), group=group)
     return gathered, counts, max_n
 
 
@@ -119,7 +119,7 @@ def _all_gather_same(local: torch.Tensor, group) -> torch.Tensor:
     """All-gather equally shaped tensors: (W * n, ...)."""
     out = torch.empty((dist.get_world_size(group) * local.shape[0], *local.shape[1:]), dtype=local.dtype,
                       device=local.device)
-    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    dist.all_gather_single(out, local.contiguous(), group=group)
     return out
 
 
@@ -135,7 +135,7 @@ class _RowShardedLookup(torch.autograd.Function):
         rows = torch.zeros(all_ids.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
         rows[owned] = weight[local[owned]]
         out = torch.empty(max_n, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        dist.reduce_scatter_tensor(out, rows, group=group)  # rows of other owners are zeros: the sum is the lookup
+        dist.reduce_scatter_single(out, rows, group=group)  # rows of other owners are zeros: the sum is the lookup
         ctx.save_for_backward(owned, local[owned])
         ctx.layout, ctx.group, ctx.max_n, ctx.shape = layout, group, max_n, ids.shape
         return out[: ids.numel()].reshape(*ids.shape, weight.shape[1])
@@ -257,7 +257,7 @@ class _VocabParallelNLL(torch.autograd.Function):
         grad_w.index_add_(0, target_cols, all_h[target_rows] * scale)
         grad_h.index_add_(0, target_rows, weight[target_cols].float() * scale)
         mine = torch.empty(max_rows, all_h.shape[1], dtype=torch.float32, device=all_h.device)
-        dist.reduce_scatter_tensor(mine, grad_h, group=group)
+        dist.reduce_scatter_single(mine, grad_h, group=group)
         grad_hidden = torch.zeros(hidden_shape, dtype=torch.float32, device=all_h.device)
         grad_hidden.index_add_(0, distinct, mine[: distinct.shape[0]])
         ctx.weight = None
