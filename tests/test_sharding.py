@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ranks import run_ranks  # noqa: E402
 
+from cllm4rec_dist.corpus.shards import ShardedDataset  # noqa: E402
+from cllm4rec_dist.export.embeddings import PARAMS, export_checkpoint, read_export  # noqa: E402
 from cllm4rec_dist.model import sharding  # noqa: E402
 from cllm4rec_dist.model.item_softmax import chunked_topk, sparse_softmax_nll  # noqa: E402
 from cllm4rec_dist.train.checkpoint import LocalSink, SHARDED_DIR  # noqa: E402
@@ -209,7 +212,8 @@ def test_each_rank_holds_half_of_every_table_head_and_adam_state(row_run, replic
         assert abs(out[rank]["resident"] - total / 2) <= 0.01 * total
 
 
-def test_a_checkpoint_of_two_ranks_resumes_on_two_and_on_one_with_the_same_losses(row_run):
+def test_a_checkpoint_of_two_ranks_resumes_on_two_and_on_one_with_the_same_losses_and_exports_by_part(row_run,
+                                                                                                   tmp_path):
     cfg, out = row_run
     sink = LocalSink(cfg.out)
     latest = sink.latest()
@@ -222,4 +226,17 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_and_on_one_with_the_same_losse
     one = _recipe(cfg, Rank(0, 1, accumulate=2))  # the same tables whole on one process, from the 2 parts
     assert sum(one.trainer.state.counters.values()) == len(STEPS)
     assert one.model.item_head.weight.shape[0] == one.model.num_items
+    saved = {n: p.detach().clone() for n, p in one.model.named_parameters() if p.requires_grad}
     assert _steps(one.trainer, AFTER) == pytest.approx(expected, rel=RTOL)
+
+    # The export writes one Parquet part per saved row range, with the original ids.
+    export = tmp_path / "export"
+    manifest = export_checkpoint(cfg.out, str(export))
+    assert [p["file"] for p in manifest["layout"]["parts"]["items"]] == ["items-part-00000.parquet",
+                                                                          "items-part-00001.parquet"]
+    assert not list(export.glob("*.npy"))
+    _, ids, tables = read_export(str(export))
+    id_maps = ShardedDataset(cfg.data).read_json("id_maps.json")
+    assert ids == {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
+    for (entity, table), param in PARAMS.items():
+        np.testing.assert_array_equal(tables[entity][table], saved[param].numpy())

@@ -40,6 +40,12 @@ tables (e.g. ``rec`` x ``head`` scores); use an unprojected export for scoring.
 
 Every file is written under a temporary name and renamed into place; export.json goes
 last (and an older one is removed first), so a folder with export.json is a whole export.
+
+Row-sharded checkpoints (model.table_sharding / item_head_sharding ``row``) are exported PART BY PART: one
+``users-part-NNNNN.parquet`` / ``items-part-NNNNN.parquet`` per row range a rank saved (same columns as
+``users.parquet``, original ids included), each read from the checkpoint's sharded part alone, so no process
+ever holds a whole table. No NumPy arrays, no PCA (``dim``) and no ``rec`` user vectors there: each needs whole
+tables; ``export.json`` lists the parts (``read_export`` concatenates them for consumers that want arrays).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError, atomic_write
 from cllm4rec_dist.data.records import InputError
 from cllm4rec_dist.train.checkpoint import (
     BEST,
+    SHARDED_DIR,
     SNAPSHOT,
     SNAPSHOT_KEYS,
     TRAINABLE,
@@ -64,6 +71,8 @@ from cllm4rec_dist.train.checkpoint import (
     load_state,
     require_keys,
     resolve_checkpoint,
+    sharded_keys,
+    sharded_parts,
 )
 from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 
@@ -175,12 +184,12 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray]) -> bytes:
+def _parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray], first_index: int = 0) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = {ID_COLUMN[entity]: pa.array(ids, type=pa.string()),
-               INDEX_COLUMN[entity]: pa.array(np.arange(len(ids), dtype=np.int64))}
+               INDEX_COLUMN[entity]: pa.array(np.arange(first_index, first_index + len(ids), dtype=np.int64))}
     for name, matrix in tables.items():
         n, d = matrix.shape
         offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if n else np.zeros(1, dtype=np.int32))
@@ -256,8 +265,13 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
     state_record = blob[SNAPSHOT]["state"]
     best = blob[BEST]
-    weights = "best" if use_best and best else "last"
+    weights = "best" if use_best and best is not None else "last"
     state = best if weights == "best" else blob[TRAINABLE]
+    if fs.exists(posixpath.join(folder, SHARDED_DIR)):
+        if dim is not None:
+            raise ExportError(f"{folder}: a row-sharded checkpoint is exported part by part, and a PCA (--dim) needs "
+                              "whole tables; export without --dim.")
+        return _export_sharded(source, folder, out_dir, cfg, state_record, state, weights, data_dir)
 
     data_url = data_dir or cfg.data
     try:
@@ -342,6 +356,80 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     return manifest
 
 
+def _export_sharded(source: str, folder: str, out_dir: str, cfg: TrainConfig, state_record: dict,
+                    replicated: dict, weights: str, data_dir: str | None) -> dict:
+    """The per-part export of a row-sharded checkpoint (module docstring): one Parquet file per saved row range."""
+    if "://" in folder and not folder.startswith("file://"):
+        raise ExportError(f"{folder}: sharded checkpoints are exported from a local folder; copy it here first.")
+    data = ShardedDataset(data_dir or cfg.data)
+    id_maps = data.read_json("id_maps.json")
+    ids = {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
+    sharded = posixpath.join(folder, SHARDED_DIR)
+    prefix = BEST if weights == "best" else TRAINABLE
+    saved = sharded_keys(sharded)
+    writer = _Writer(out_dir)
+    parts: dict[str, list[dict]] = {"users": [], "items": []}
+    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
+    hidden = None
+    for entity in ("users", "items"):
+        params, readers = {}, {}
+        for (e, table), param in PARAMS.items():
+            if e != entity:
+                continue
+            if param in replicated:  # a replicated table beside sharded ones: sliced per part
+                readers[table] = None
+            elif f"{prefix}.{param}" in saved:
+                readers[table] = sharded_parts(sharded, f"{prefix}.{param}")
+            elif table == "head":  # a tied backbone has no separate head
+                continue
+            else:
+                raise ExportError(f"{folder}: the {weights} weights have no {param!r}. Not a CLLM4Rec checkpoint?")
+            params[table] = origin[entity][table] = param
+        lead = next(t for t, r in readers.items() if r is not None)
+        for number, (first, rows) in enumerate(readers[lead]):
+            columns = {lead: rows.float().numpy()}
+            for table, reader in readers.items():
+                if table == lead:
+                    continue
+                if reader is None:
+                    columns[table] = replicated[params[table]][first:first + rows.shape[0]].float().numpy()
+                    continue
+                other_first, other = next(reader)
+                if other_first != first or other.shape[0] != rows.shape[0]:
+                    raise ExportError(f"{folder}: {params[table]} was saved in other row ranges than {params[lead]}; "
+                                      "export it from a checkpoint written with one sharding.")
+                columns[table] = other.float().numpy()
+            hidden = rows.shape[1]
+            name = f"{entity}-part-{number:05d}.parquet"
+            part_ids = ids[entity][first:first + rows.shape[0]]
+            if len(part_ids) != rows.shape[0]:
+                raise ExportError(f"{folder}: {entity} rows {first}..{first + rows.shape[0] - 1} but "
+                                  f"{data.url}/id_maps.json lists {len(ids[entity])} {entity}: another dataset? "
+                                  "Pass the right one with --data.")
+            writer.write(name, _parquet_bytes(entity, part_ids, columns, first))
+            parts[entity].append({"file": name, "first_index": first, "rows": int(rows.shape[0])})
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "source": {"input": source, "checkpoint": posixpath.join(folder, TRAINER_FILE),
+                   "global_step": state_record.get("global_step"), "recommender": cfg.recommender,
+                   "ablation": cfg.ablation, "data": data.url},
+        "weights": weights, "best": state_record.get("best") or None,
+        "num_users": len(ids["users"]), "num_items": len(ids["items"]), "hidden_size": hidden, "dim": hidden,
+        "tables": {entity: {name: {"dim": hidden, "from": param} for name, param in by.items()}
+                   for entity, by in origin.items()},
+        "item_scoring": "head" if "head" in origin["items"] else "collab",
+        "rec_style": None, "projection": None,
+        "user_vectors": "not exported: the checkpoint's tables are row-sharded (each needs a whole forward pass)",
+        "layout": {"sharded": True, "parts": parts,
+                   "parquet": "<entity>-part-NNNNN.parquet: the rows first_index.. of every table of the entity, "
+                              "with the original ids"},
+        "files": writer.files,
+    }
+    atomic_write(writer.fs, posixpath.join(writer.root, EXPORT_FILE),
+                 json.dumps(manifest, indent=1, sort_keys=False, default=str).encode("utf-8"))
+    return manifest
+
+
 def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, dict[str, np.ndarray]]]:
     """(export.json, {"users": ids, "items": ids}, {"users": {table: (N, D)}, "items": {...}}) of an export folder."""
     fs, root = _fs(export_dir)
@@ -355,6 +443,17 @@ def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, 
 
     def load(name: str) -> np.ndarray:
         return np.load(io.BytesIO(fs.cat_file(posixpath.join(root, name))), allow_pickle=False)
+
+    if manifest.get("layout", {}).get("sharded"):  # parts in row order, concatenated
+        import pyarrow.parquet as pq
+
+        ids, tables = {}, {}
+        for entity, parts in manifest["layout"]["parts"].items():
+            frames = [pq.read_table(io.BytesIO(fs.cat_file(posixpath.join(root, p["file"])))) for p in parts]
+            ids[entity] = [str(x) for f in frames for x in f.column(ID_COLUMN[entity]).to_pylist()]
+            tables[entity] = {name: np.concatenate([np.asarray(f.column(name).to_pylist(), dtype=np.float32)
+                                                    for f in frames]) for name in manifest["tables"][entity]}
+        return manifest, ids, tables
 
     ids = {"users": [str(x) for x in load("user_ids.npy")], "items": [str(x) for x in load("item_ids.npy")]}
     tables = {entity: {name: load(f"{entity}_{name}.npy") for name in manifest["tables"][entity]}

@@ -207,6 +207,11 @@ def read_sharded(directory: str, targets: dict[str, tuple[torch.Tensor, object]]
     return {key: local for key, (local, _) in present.items()}
 
 
+def sharded_keys(directory: str) -> set[str]:
+    """The keys of a checkpoint's sharded part (from the safetensors headers)."""
+    return set(_sharded_metadata(directory).state_dict_metadata)
+
+
 def sharded_parts(directory: str, key: str):
     """Yield (first row, rows) of a sharded tensor one SAVED part at a time (one rank's rows as written), reading
     only that part: a process never holds the whole table."""
