@@ -163,7 +163,9 @@ def build_model(args, device):
             LlamaForCausalLM(config).save_pretrained(tmp)
             backbone_dir = tmp
         return CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
-                                    num_users=args.users, num_items=args.items, device=str(device)))
+                                    num_users=args.users, num_items=args.items, device=str(device),
+                                    table_sharding=getattr(args, "table_sharding", "replicated"),
+                                    item_head_sharding=getattr(args, "item_head_sharding", "replicated")))
 
 
 def bench_throughput(args, device):
