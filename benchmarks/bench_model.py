@@ -145,22 +145,27 @@ def median_step_seconds(steps: dict, rounds: int, device) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def build_model(args, device):
-    """CLLM4Rec over ``--backbone`` or a random LLaMA of ``--hidden/--layers/--vocab`` (also bench_scaling.py's)."""
+def save_random_backbone(args, directory: str) -> None:
+    """A random LLaMA of ``--hidden/--layers/--vocab`` saved to ``directory`` (seeded: the same every time)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    heads = max(1, args.hidden // 32)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 128),
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def build_model(args, device):
+    """CLLM4Rec over ``--backbone`` or a random LLaMA of ``--hidden/--layers/--vocab`` (also bench_scaling.py's)."""
     from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = args.backbone
         if backbone_dir is None:
-            torch.manual_seed(0)
-            heads = max(1, args.hidden // 32)
-            config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                 num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                 vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 128),
-                                 tie_word_embeddings=False)
-            LlamaForCausalLM(config).save_pretrained(tmp)
+            save_random_backbone(args, tmp)
             backbone_dir = tmp
         return CLLM4Rec(ModelConfig(backbone=backbone_dir, gguf_file=args.gguf_file, precision=args.precision,
                                     num_users=args.users, num_items=args.items, device=str(device),

@@ -133,17 +133,9 @@ def run(sharding: str, world: int, args) -> dict:
 def main(argv=None) -> None:
     import tempfile
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as backbone:  # one random backbone for every rank and case
-        torch.manual_seed(0)
-        heads = max(1, args.hidden // 32)
-        LlamaForCausalLM(LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                     num_hidden_layers=args.layers, num_attention_heads=heads,
-                                     num_key_value_heads=heads, vocab_size=args.vocab,
-                                     max_position_embeddings=max(args.seq_len, 128),
-                                     tie_word_embeddings=False)).save_pretrained(backbone)
+        bench_model.save_random_backbone(args.model, backbone)
         args.model.backbone = backbone
         for case in args.cases.split(","):
             sharding, world = case.split(":")
