@@ -240,3 +240,33 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_and_on_one_with_the_same_losse
     assert ids == {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
     for (entity, table), param in PARAMS.items():
         np.testing.assert_array_equal(tables[entity][table], saved[param].numpy())
+
+
+# ---- single-process facts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,world", [(11, 2), (7, 3), (2, 4), (8192 * 2 + 5, 3)])
+def test_row_layout_is_the_dtensor_split_and_the_init_does_not_depend_on_it(rows, world):
+    expected = [len(c) for c in torch.arange(rows).chunk(world)]  # DTensor Shard(0) splits as torch.chunk
+    layouts = [sharding.RowLayout(rows, r, world) for r in range(world)]
+    assert [lay.local_rows for lay in layouts][: len(expected)] == expected
+    assert sum(lay.local_rows for lay in layouts) == rows and layouts[0].start == 0
+    whole = torch.empty(rows, 3)
+    sharding.init_rows_(whole, 0, 0.02, seed=5)
+    for lay in layouts:
+        part = torch.empty(lay.local_rows, 3)
+        sharding.init_rows_(part, lay.start, 0.02, seed=5)
+        assert torch.equal(part, whole[lay.start:lay.stop])
+
+
+def test_bad_sharding_settings_are_refused_before_any_worker_starts(demo_data):
+    from cllm4rec_dist.train.config import ConfigError
+
+    cfg = TrainConfig(data=demo_data)
+    cfg.model.table_sharding = "rows"
+    with pytest.raises(ConfigError, match=r"model.table_sharding='rows': must be replicated, row"):
+        cfg.validate()
+    cfg = TrainConfig(data=demo_data, init_from="runs/pretrain")
+    cfg.model.item_head_sharding = "row"
+    with pytest.raises(ConfigError, match="init_from.*resume the run instead"):
+        cfg.validate()
