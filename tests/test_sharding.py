@@ -32,6 +32,7 @@ from cllm4rec_dist.train.trainer import LOSSES, Rank, load_trainable  # noqa: E4
 KINDS = ("L", "C", "rec")
 STEPS = ("L", "C", "rec", "L", "rec", "C")       # before the checkpoint
 AFTER = ("L", "rec", "C", "L")                    # after it: what every resume must reproduce
+COLD = [1, 5, 40, 77]                             # items whose rows set_unseen_items_from_content fills
 RTOL = 1e-4
 
 
@@ -145,13 +146,15 @@ def _train_on_rank(rank, world, cfg_dict):
     before = _steps(trainer, STEPS)
     trainer.save_checkpoint()
     after = _steps(trainer, AFTER)
+    model.set_unseen_items_from_content(COLD)  # each rank its own rows; the head's ridge fit all-reduced
+    cold_rows = {n: model.get_parameter(n).detach().clone() for n in ("collab_item_table.weight", "item_head.weight")}
     engines = {name: e for name, e in trainer.engines.items()}
     optimizer_shapes = {n: [tuple(t.shape) for t in e.optimizer.state[p].values() if t.dim() > 0]
-                        for e in engines.values() for n, (p, _) in e.shards.items()}
-    return {"initial": initial, "grads": grads, "before": before, "after": after, "valid": valid,
+                        for e in engines.values() for n, (p, _) in getattr(e, "shards", {}).items()}
+    return {"initial": initial, "grads": grads, "before": before, "after": after, "valid": valid, "cold": cold_rows,
             "shapes": {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad},
             "optimizer_shapes": optimizer_shapes,
-            "resident": sum(e.resident_bytes() for e in engines.values()),
+            "resident": sum(e.resident_bytes() for e in engines.values() if hasattr(e, "resident_bytes")),
             "engines": {name: type(e).__name__ for name, e in engines.items()}}
 
 
@@ -175,9 +178,13 @@ def replicated_reference(demo_data, row_run, tmp_path_factory):
     _, out = row_run
     load_trainable(recipe.model, {n: torch.cat([o["initial"][n] for o in out]) for n in out[0]["initial"]})
     trainer = recipe.trainer
-    return {"valid": trainer.evaluate("valid"), "grads": _gradients(recipe, 1), "before": _steps(trainer, STEPS),
-            "after": _steps(trainer, AFTER),
-            "resident": sum(p.numel() * 4 * 3 for e in trainer.engines.values() for p in e.params)}
+    result = {"valid": trainer.evaluate("valid"), "grads": _gradients(recipe, 1), "before": _steps(trainer, STEPS),
+              "after": _steps(trainer, AFTER),
+              "resident": sum(p.numel() * 4 * 3 for e in trainer.engines.values() for p in e.params)}
+    recipe.model.set_unseen_items_from_content(COLD)
+    result["cold"] = {n: recipe.model.get_parameter(n).detach().clone()
+                      for n in ("collab_item_table.weight", "item_head.weight")}
+    return result
 
 
 def _rank_mean(out, key):
@@ -196,6 +203,8 @@ def test_row_and_replicated_give_the_same_losses_gradients_and_metrics(row_run, 
             torch.testing.assert_close(sharded, grad, rtol=1e-4, atol=1e-7, msg=f"{kind} {name}")
     for rank in range(2):
         assert out[rank]["valid"] == pytest.approx(ref["valid"], rel=1e-6)
+    for name, rows in ref["cold"].items():  # cold items' rows: content rows, and the head's ridge regression
+        torch.testing.assert_close(torch.cat([o["cold"][name] for o in out]), rows, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_each_rank_holds_half_of_every_table_head_and_adam_state(row_run, replicated_reference):

@@ -198,7 +198,7 @@ class _VocabParallelNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, rows, cols, coeffs, layout: RowLayout, group, max_logit_elements: int):
-        rank, world = layout.rank, layout.world_size
+        rank = layout.rank
         distinct, row_of_term = torch.unique(rows, return_inverse=True)
         h = hidden.detach()[distinct].float()
         row_scale = torch.zeros(distinct.shape[0], dtype=torch.float32, device=hidden.device)
@@ -243,7 +243,6 @@ class _VocabParallelNLL(torch.autograd.Function):
         all_h, all_scale, all_term_rows, all_coeffs, lse, local_cols, owned, distinct = ctx.saved_tensors
         layout, group, max_rows, max_terms, row_chunk, class_chunk, hidden_shape, hidden_dtype = ctx.facts
         weight = ctx.weight.detach()
-        world = layout.world_size
         grads = _all_gather_same(grad_loss.float().reshape(1), group)  # every rank's incoming scalar
         row_scale = all_scale * grads.repeat_interleave(max_rows)
         term_coeffs = all_coeffs * grads.repeat_interleave(max_terms)
@@ -261,7 +260,6 @@ class _VocabParallelNLL(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden_shape, dtype=torch.float32, device=all_h.device)
         grad_hidden.index_add_(0, distinct, mine[: distinct.shape[0]])
         ctx.weight = None
-        del world
         return grad_hidden.to(hidden_dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
