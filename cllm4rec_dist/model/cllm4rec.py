@@ -180,7 +180,7 @@ class CLLM4Rec(nn.Module):
     def row_shards(self) -> dict[str, RowLayout]:
         """{parameter name: its layout} of every row-sharded parameter (what a sharded checkpoint holds), also on
         one process (a world of 1), so that a run can move between numbers of ranks."""
-        return {f"{name}.weight": module.layout for name, module in self.named_modules()
+        return {f"{name}.weight": module.layout for name, module in self.named_children()
                 if isinstance(module, RowShardedTable)}
 
     @property
