@@ -6,6 +6,9 @@ A checkpoint folder holds
   the snapshot is the coordinator state, the config and the RNG states (as tensors and lists);
 * each engine's optimizer state: ``optim-<group>.pt`` (torch engine) or ``optim-<group>-rank<r>.pt`` (a DeepSpeed
   engine: every rank writes its own ZeRO partition);
+* ``reader-rank<r>.pt`` (every rank, CLLM4Rec's trainer): ``{READER: {kind: [stream state]}}``, where each of the
+  rank's data streams was (epoch, emission index, buffer digest, shards read) and what fixes its order; a resume
+  seeks the streams there and checks that the state is reproduced (``train/loader.py`` ``restore_reader``);
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
   file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
 
@@ -55,6 +58,10 @@ SNAPSHOT = "snapshot"
 TRAINABLE = "trainable"
 BEST = "best"
 SNAPSHOT_KEYS = ("state", "config", "rng")
+# Each rank's data streams (plain data): {READER: {kind: [state per stream]}}; absent for a trainer without
+# streams (A-LLMRec's data is indexed by (seed, epoch, step) directly).
+READER_FILE = "reader-rank{rank}.pt"
+READER = "reader"
 _RECORD = "files-rank{rank}.json"
 _RECORD_RE = re.compile(r"files-rank(\d+)\.json$")
 
@@ -285,6 +292,9 @@ def write_checkpoint(trainer, directory: str) -> None:
     writer = CheckpointWriter(directory, trainer.r.rank, trainer.r.world_size)
     for engine in trainer.engines.values():
         engine.save(writer)
+    readers = trainer.reader_state() if hasattr(trainer, "reader_state") else None
+    if readers is not None:
+        writer.save(READER_FILE.format(rank=trainer.r.rank), {READER: readers})
     if trainer.r.is_main:
         writer.save(TRAINER_FILE, {SNAPSHOT: trainer.snapshot(), TRAINABLE: trainer.trainable_state(),
                                    BEST: trainer.best_weights})
@@ -303,6 +313,10 @@ def read_checkpoint(trainer, directory: str) -> None:
     trainer.restore(blob[SNAPSHOT], blob[TRAINABLE], blob[BEST])
     for engine in trainer.engines.values():  # after the weights: a ZeRO engine refreshes its fp32 master from them
         engine.load(directory, trainer.r.rank)
+    if hasattr(trainer, "restore_readers"):
+        path = os.path.join(directory, READER_FILE.format(rank=trainer.r.rank))
+        saved = load_state(path, (READER,))[READER] if os.path.exists(path) else {}
+        trainer.restore_readers(saved, path)
 
 
 def _load_first_complete(trainer, candidates, describe) -> bool:
