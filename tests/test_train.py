@@ -103,7 +103,7 @@ def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, demo_
     # the checkpoint holds the streams' state mid-epoch (the buffer partly replaced), which the resume seeks to
     checkpoint = max((tmp_path / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
     streams = torch.load(checkpoint / READER_FILE.format(rank=0), weights_only=True)[READER]
-    assert {"L", "C", "rec"} == set(streams) and 0 < streams["L"][0]["index"] and streams["L"][0]["admitted"] > 48
+    assert {"L", "C", "rec"} == set(streams) and 0 < streams["C"][0]["index"] and streams["C"][0]["admitted"] > 48
     resumed = run_reference(tiny_config(demo_data, str(tmp_path)))
     log = read_train_log(tmp_path)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in uninterrupted]
