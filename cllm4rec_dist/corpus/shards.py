@@ -275,6 +275,8 @@ class ShardedDataset:
 
         def outside(value, low: int, high: int) -> bool:
             values = value if isinstance(value, list) else [value]
+            if values and set(map(type, values)) == {int}:  # the common case, in C (a streaming rank re-reads)
+                return min(values) < low or max(values) >= high
             return any(v is not None and (not isinstance(v, int) or not low <= v < high) for v in values)
 
         if "user" in doc and outside(doc["user"], -1, users):  # -1: an item text (no user)
