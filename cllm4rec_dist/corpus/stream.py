@@ -35,7 +35,10 @@ import numpy as np
 
 from cllm4rec_dist.corpus.shards import ShardError, ShardPart, partition_parts
 
-_SHARD_ORDER = 4  # generator stream for the per-epoch shard order; 3 ("perm") is the document order
+# Generator streams (the last seed word; train/loader.py uses 1 and 2 per document): the document order is 3, as
+# before streaming, so a buffer covering the partition reproduces that order; the per-epoch shard order is 4.
+_DOC_ORDER = 3
+_SHARD_ORDER = 4
 
 
 class EpochOrder:
@@ -53,7 +56,7 @@ class EpochOrder:
         else:
             shard_rng = np.random.default_rng([*key, _SHARD_ORDER])
             self.read_order = [parts[k] for k in shard_rng.permutation(len(parts))]
-        self.rng = np.random.default_rng([*key, 3])
+        self.rng = np.random.default_rng([*key, _DOC_ORDER])
         self.admitted = 0
         self.emitted = 0
         self._buffer: list[int] = []
@@ -154,6 +157,14 @@ class PartitionReader:
         """Every (position, document) of the partition in partition (manifest) order, streamed."""
         for part in self.parts:
             yield from self._read(part)
+
+    def global_indices(self, positions: np.ndarray) -> np.ndarray:
+        """Global document indices (positions in the corpus) of partition positions."""
+        firsts = np.array([p.first for p in self.parts], dtype=np.int64)
+        k = np.searchsorted(firsts, positions, side="right") - 1
+        start = np.array([p.first_global + p.start for p in self.parts], dtype=np.int64)[k]
+        step = np.array([p.step for p in self.parts], dtype=np.int64)[k]
+        return (start + (positions - firsts[k]) * step).astype(np.int64)
 
     # ---- the stream ----------------------------------------------------------------------------------
 

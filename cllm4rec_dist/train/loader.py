@@ -34,7 +34,7 @@ from cllm4rec_dist.corpus.shards import partition_parts
 from cllm4rec_dist.corpus.stream import PartitionReader
 from cllm4rec_dist.model.batch import LMBatch, RecBatch, RowLayout, pack_rows
 
-_STREAM = {"order": 1, "mask": 2, "perm": 3}
+_STREAM = {"order": 1, "mask": 2}  # 3 and 4: the epoch order (corpus/stream.py)
 
 
 def doc_rng(seed: int, epoch: int, doc: int, stream: str) -> np.random.Generator:
@@ -71,16 +71,7 @@ def partition_sizes(entry: dict, world: int) -> list[int]:
 def read_partition(data, corpus: str, rank: int, world: int) -> tuple[list[dict], np.ndarray]:
     """(documents, their global indices) of ``rank``'s part of ``corpus`` in a ShardedDataset, in manifest order."""
     reader = PartitionReader(data, corpus, rank, world, buffer_docs=0, key=[0, 0, rank])
-    return [doc for _, doc in reader.documents()], global_indices(reader, np.arange(reader.size))
-
-
-def global_indices(reader: PartitionReader, positions: np.ndarray) -> np.ndarray:
-    """Global document indices (position in the corpus) of partition positions."""
-    firsts = np.array([p.first for p in reader.parts])
-    k = np.searchsorted(firsts, positions, side="right") - 1
-    start = np.array([p.first_global + p.start for p in reader.parts])[k]
-    step = np.array([p.step for p in reader.parts])[k]
-    return (start + (positions - firsts[k]) * step).astype(np.int64)
+    return [doc for _, doc in reader.documents()], reader.global_indices(np.arange(reader.size))
 
 
 class CorpusBatches:
@@ -122,7 +113,7 @@ class CorpusBatches:
     def batch(self, epoch: int, step: int) -> LMBatch | RecBatch:
         pairs = self._docs(epoch, step)
         docs = [doc for _, doc in pairs]
-        ids = global_indices(self.reader, np.array([p for p, _ in pairs], dtype=np.int64)).tolist()
+        ids = self.reader.global_indices(np.array([p for p, _ in pairs], dtype=np.int64)).tolist()
         if self.name == "rec":
             return self._rec_batch(docs, ids, epoch)
         return self._lm_batch(docs, ids, epoch)
