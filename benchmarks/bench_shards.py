@@ -19,6 +19,14 @@ Measured, per reader process (this process, one route at a time):
 
     python benchmarks/bench_shards.py --data shards/ml100k-tiny
     python benchmarks/bench_shards.py --data shards/ml100k-tiny --run runs/report-ml100k-tiny/runs/cllm4rec
+
+Memory (``--memory``): writes a synthetic corpus (``--memory-docs`` documents of ``--memory-tokens`` tokens in
+webdataset shards of 5,000) to a temporary folder, then, in a fresh Python process per reader (so each peak
+is its own), reads one epoch of rank 0's partition in batches through ``PartitionReader``: the in-memory case
+(``batch.shuffle_buffer 0``) and the streaming one (``--memory-buffer`` documents). One JSON object per reader:
+peak RSS (``ru_maxrss``) and the RSS before reading, the most documents resident, seconds, documents/s.
+
+    python benchmarks/bench_shards.py --memory --memory-docs 100000 --memory-buffer 10000
 """
 
 from __future__ import annotations
@@ -40,7 +48,12 @@ from cllm4rec_dist.corpus.shards import ShardedDataset, register_fsspec  # noqa:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="preprocessed dataset folder or fsspec URL")
+    p.add_argument("--data", default=None, help="preprocessed dataset folder or fsspec URL (required unless --memory)")
+    p.add_argument("--memory", action="store_true", help="peak RSS of the in-memory vs the streaming reader instead")
+    p.add_argument("--memory-docs", type=int, default=100_000, help="documents of the synthetic corpus")
+    p.add_argument("--memory-tokens", type=int, default=128, help="tokens per synthetic document")
+    p.add_argument("--memory-buffer", type=int, default=10_000, help="shuffle buffer of the streaming reader")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one reader, in its own process
     p.add_argument("--corpora", default="collab,content,rec,eval")
     p.add_argument("--world-readers", type=int, default=2, help="W of the read_partition route (rank 0 of W)")
     p.add_argument("--repeats", type=int, default=3, help="reads per measurement; the median is reported")
@@ -163,8 +176,76 @@ def consumption_from_c_steps(data: ShardedDataset, steps: int, batch_size: int, 
                                "input_tokens_per_s_per_rank": round(tokens / sum(times), 1)}}}
 
 
+def write_synthetic_corpus(url: str, docs: int, tokens: int) -> None:
+    """A content corpus of ``docs`` documents (prompt of 2 ids, ``tokens`` text tokens) in shards of 5,000."""
+    from cllm4rec_dist.corpus.shards import DatasetWriter, ShardPlan
+
+    vocab, users, items = 50_000, 10_000, 5_000
+    rng = __import__("numpy").random.default_rng(0)
+
+    def documents():
+        for k in range(docs):
+            user = k % users
+            yield {"kind": "content", "user": user, "item": -1, "prompt": [vocab + user, 17],
+                   "main": rng.integers(0, vocab, size=tokens).tolist()}
+
+    writer = DatasetWriter(url, ShardPlan(min_shards=1, max_docs_per_shard=5000))
+    writer.write_corpus("content", documents(), docs, lambda d: len(d["prompt"]) + len(d["main"]))
+    writer.finalize({"num_users": users, "num_items": items, "vocab_size": vocab})
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_one_epoch(url: str, buffer: int, batch_size: int = 64) -> dict:
+    """One reader in this process: setup (verified read) + one epoch in batches; the peak RSS it reached."""
+    import resource
+
+    from cllm4rec_dist.corpus.stream import PartitionReader
+
+    data = ShardedDataset(url)
+    before = rss_bytes()
+    start = time.perf_counter()
+    reader = PartitionReader(data, "content", 0, 1, buffer, key=[0, 0, 0]).verify()
+    tokens = 0
+    for index in range(0, reader.size, batch_size):
+        tokens += sum(len(doc["main"]) for _, doc in reader.take(0, index, min(batch_size, reader.size - index)))
+    seconds = time.perf_counter() - start
+    return {"reader": "in_memory" if buffer == 0 else "streaming", "shuffle_buffer": buffer, "docs": reader.size,
+            "shards": len(reader.parts), "main_tokens": tokens, "rss_before_bytes": before,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "high_water_docs": reader.high_water, "shard_reads": reader.shard_reads, "seconds": round(seconds, 2),
+            "docs_per_s": round(reader.size / seconds, 1)}
+
+
+def memory_comparison(args) -> None:
+    """Each reader in a fresh process (its own peak RSS); one JSON line each."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = os.path.join(tmp, "synthetic")
+        write_synthetic_corpus(url, args.memory_docs, args.memory_tokens)
+        for buffer in (0, args.memory_buffer):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--data", url, "--memory-child",
+                                  str(buffer)], check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["corpus_bytes"] = sum(s["bytes"] for s in ShardedDataset(url).corpus_entry("content")["shards"])
+            print(json.dumps(row), flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(read_one_epoch(args.data, int(args.memory_child))))
+        return
+    if args.memory:
+        memory_comparison(args)
+        return
+    if not args.data:
+        raise SystemExit("bench_shards.py: --data is required (or --memory)")
     import torch
 
     data = ShardedDataset(args.data)

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # relative, per-step loss: gloo's all-reduce sums in another order than one process does
 
+# shuffle_buffer 24: every rank streams its partitions (collab/rec 60 documents, content ~640 per rank), so the
+# 2-worker runs, their killed-worker resume and the 1-process reference all go through the streamed reader.
 CONFIG = """
 schedule:
   warmup_epochs: 1
@@ -38,6 +40,7 @@ optim:
 batch:
   batch_size: 8
   max_length: 128
+  shuffle_buffer: 24
 dist:
   num_workers: 2
 log_every: 1000

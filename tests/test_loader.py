@@ -9,7 +9,8 @@ import pytest
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.batch import PAD_ID
-from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, mask_items, partition_sizes, prediction_prompts
+from cllm4rec_dist.train.loader import (BatchSettings, CorpusBatches, mask_items, partition_sizes, prediction_prompts,
+                                        read_partition)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,11 @@ def test_each_rank_reads_its_own_part_and_all_run_the_same_steps(corpora, world)
     parts = [batches(ds, space, "content", r, world, batch_size=7) for r in range(world)]
     assert len({p.steps_per_epoch for p in parts}) == 1
     assert parts[0].steps_per_epoch == max(-(-n // 7) for n in partition_sizes(entry, world))
-    ids = [set(p.doc_ids.tolist()) for p in parts]
+    read = [read_partition(ds, "content", r, world) for r in range(world)]
+    ids = [set(global_ids.tolist()) for _, global_ids in read]
     assert set().union(*ids) == set(range(len(docs["content"]))) and sum(map(len, ids)) == len(docs["content"])
-    for p in parts:  # the documents really are the ones at those global indices
-        assert all(d == docs["content"][i] for d, i in zip(p.docs, p.doc_ids))
+    for part, global_ids in read:  # the documents really are the ones at those global indices
+        assert all(d == docs["content"][i] for d, i in zip(part, global_ids))
     if len(entry["shards"]) >= world:  # shard-level partition: rank r holds shards r, r+W, ...
         first_of_shard = np.cumsum([0] + [s["num_docs"] for s in entry["shards"]])[:-1]
         for r, p in enumerate(parts):
@@ -42,7 +44,7 @@ def test_each_rank_reads_its_own_part_and_all_run_the_same_steps(corpora, world)
         seen = set()
         for step in range(p.steps_per_epoch):
             seen.update(p.doc_positions(0, step).tolist())
-        assert seen == set(range(len(p.docs)))
+        assert seen == set(range(p.reader.size))
     with pytest.raises(IndexError):
         parts[0].batch(0, parts[0].steps_per_epoch)
 
@@ -156,9 +158,9 @@ def test_prediction_prompts_without_reordering_keep_the_training_order(corpora):
     # the same (user's) collab document, as an L-step batch without reordering, has the same items in order
     user = int(ev[0]["user"])
     position = next(k for k, d in enumerate(docs["collab"]) if int(d["user"]) == user)
-    fixed = CorpusBatches("collab", [docs["collab"][position]], np.array([position]), space,
-                          BatchSettings(batch_size=1, reorder=False), steps_per_epoch=1).batch(3, 0)
-    assert items_of(fixed.document(0)) == items_of(fixed_prompts.document(0))
+    collab = batches(ds, space, "collab", batch_size=len(docs["collab"]), reorder=False)
+    row = collab.doc_positions(3, 0).tolist().index(position)  # one rank: partition position = global index
+    assert items_of(collab.batch(3, 0).document(row)) == items_of(fixed_prompts.document(0))
     budget = len(ev[0]["prompt_prefix"]) + 3  # too long: the latest 3 items, as the training batches keep
     cut = prediction_prompts(ev[:1], space, style="collab", max_length=budget, reorder=False)
     assert items_of(cut.document(0)) == ev[0]["train"][-3:]

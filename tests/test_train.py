@@ -6,11 +6,13 @@ import json
 from collections import defaultdict
 
 import pytest
+import torch
 
 from cllm4rec_dist.train.monitor import read_train_log
 
 from cllm4rec_dist.baselines import run_baseline
 from cllm4rec_dist.corpus.shards import load_eval_split
+from cllm4rec_dist.train.checkpoint import READER, READER_FILE
 from cllm4rec_dist.train.config import ModelSettings, ScheduleSettings, TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.reference import run_reference
 from cllm4rec_dist.train.schedule import Block, build_schedule, interleave
@@ -23,6 +25,7 @@ def tiny_config(data: str, out: str, **overrides) -> TrainConfig:
     cfg.optim.finetune_lr = 1e-3
     cfg.batch.batch_size = 16
     cfg.batch.max_length = 128
+    cfg.batch.shuffle_buffer = 48  # streamed: smaller than every partition (collab/rec 120 docs, content 1287)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg.validate()
@@ -97,6 +100,10 @@ def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, demo_
     assert blocks[1].phase == "pretrain" and "L" in blocks[1].kinds[: blocks[1].steps // 2]
     partial = run_reference(tiny_config(demo_data, str(tmp_path), max_steps=stop_at))
     assert partial["stopped"] and partial["global_step"] == stop_at
+    # the checkpoint holds the streams' state mid-epoch (the buffer partly replaced), which the resume seeks to
+    checkpoint = max((tmp_path / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+    streams = torch.load(checkpoint / READER_FILE.format(rank=0), weights_only=True)[READER]
+    assert {"L", "C", "rec"} == set(streams) and 0 < streams["C"][0]["index"] and streams["C"][0]["admitted"] > 48
     resumed = run_reference(tiny_config(demo_data, str(tmp_path)))
     log = read_train_log(tmp_path)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in uninterrupted]

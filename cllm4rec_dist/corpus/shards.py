@@ -236,22 +236,35 @@ class ShardedDataset:
         return self.manifest["corpora"][corpus]
 
     def iter_shard(self, entry: dict):
-        """Documents of one shard, in order, after checking its size and checksum; then its document count and
-        every document's ids against the manifest (an error names the shard, before any training step)."""
+        """Documents of one shard, in order, after checking its size and checksum (the whole shard's bytes are
+        held while they are read: a partial shard is never parsed); then every document's ids against the
+        manifest as it is parsed, and the document count at the end (an error names the shard). A driver runs
+        ``verify()`` and a training rank reads its partition once at setup, so these errors come before any step.
+        """
         source = {"stream": io.BytesIO(self._verified(entry)), "url": entry["path"]}
-        docs = [json.loads(sample["json"])
-                for sample in tariterators.group_by_keys(tariterators.tar_file_expander([source]))]
         where = posixpath.join(self.root, entry["path"])
-        if len(docs) != entry["num_docs"]:
-            raise ShardError(f"{where}: holds {len(docs)} documents but the manifest records num_docs="
-                             f"{entry['num_docs']}; the manifest was edited. Re-run `cllm4rec preprocess`.")
-        for k, doc in enumerate(docs):
+        count = 0
+        for sample in tariterators.group_by_keys(tariterators.tar_file_expander([source])):
+            doc = json.loads(sample["json"])
             problem = self._id_problem(doc)
             if problem:
-                raise ShardError(f"{where}: document {k}: {problem} (the manifest has num_users={self.num_users}, "
+                raise ShardError(f"{where}: document {count}: {problem} (the manifest has num_users={self.num_users}, "
                                  f"num_items={self.num_items}, vocab_size={self.vocab_size}); the manifest or shard "
                                  "belongs to another dataset. Re-run `cllm4rec preprocess`.")
-        yield from docs
+            count += 1
+            yield doc
+        if count != entry["num_docs"]:
+            raise ShardError(f"{where}: holds {count} documents but the manifest records num_docs="
+                             f"{entry['num_docs']}; the manifest was edited. Re-run `cllm4rec preprocess`.")
+
+    def iter_part(self, corpus: str, part: "ShardPart", skip: int = 0):
+        """(partition position, document) of the documents a rank takes from one shard (``part``), from the
+        ``skip``-th on. The whole shard is always read to its end, so its count check runs."""
+        entry = self.corpus_entry(corpus)["shards"][part.shard]
+        for offset, doc in enumerate(self.iter_shard(entry)):
+            taken, rest = divmod(offset - part.start, part.step)
+            if offset >= part.start and rest == 0 and skip <= taken < part.count:
+                yield part.first + taken, doc
 
     def _id_problem(self, doc) -> str | None:
         """What in a document lies outside the manifest's id ranges, or None."""
@@ -262,6 +275,8 @@ class ShardedDataset:
 
         def outside(value, low: int, high: int) -> bool:
             values = value if isinstance(value, list) else [value]
+            if values and set(map(type, values)) == {int}:  # the common case, in C (a streaming rank re-reads)
+                return min(values) < low or max(values) >= high
             return any(v is not None and (not isinstance(v, int) or not low <= v < high) for v in values)
 
         if "user" in doc and outside(doc["user"], -1, users):  # -1: an item text (no user)
@@ -301,18 +316,50 @@ class ShardedDataset:
         return EvalSplit(self.num_users, self.num_items, as_array("train"), as_array("valid"), as_array("test"))
 
 
-def partition_doc_ids(entry: dict, rank: int, world: int) -> np.ndarray:
-    """Global indices of the documents rank ``rank`` of ``world`` reads from a corpus's manifest entry.
+@dataclass(frozen=True)
+class ShardPart:
+    """The documents one rank takes from one shard of a corpus: offsets ``start, start + step, ...`` of the
+    shard (``count`` of them), which are partition positions ``first, first + 1, ...`` of that rank."""
 
-    Rank r takes shards r, r+W, r+2W, ...; with fewer shards than ranks, every W-th document.
-    One rule for every corpus, so all ranks agree on every partition from the manifest alone.
+    shard: int
+    """Index of the shard in the corpus's manifest shard list."""
+    first: int
+    """Partition position of the first document taken."""
+    start: int
+    """Offset in the shard of the first document taken."""
+    step: int
+    """Every step-th document from ``start`` (1: the whole shard)."""
+    count: int
+    """Documents taken."""
+    first_global: int
+    """Global index (position in the corpus) of the shard's first document."""
+
+
+def partition_parts(entry: dict, rank: int, world: int) -> list[ShardPart]:
+    """What rank ``rank`` of ``world`` reads of a corpus (its manifest entry), in partition order.
+
+    Rank r takes shards r, r+W, r+2W, ...; with fewer shards than ranks, every W-th document (global index
+    ≡ r mod W) of every shard. One rule for every corpus, so all ranks agree on every partition from the
+    manifest alone.
     """
     shards = entry["shards"]
-    if len(shards) < world:
-        return np.arange(rank, entry["num_docs"], world, dtype=np.int64)
-    offsets = np.cumsum([0] + [s["num_docs"] for s in shards])
-    parts = [np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in range(rank, len(shards), world)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum([0] + [s["num_docs"] for s in shards]).tolist()
+    few = len(shards) < world
+    parts, first = [], 0
+    for k in (range(len(shards)) if few else range(rank, len(shards), world)):
+        start, step = ((rank - offsets[k]) % world, world) if few else (0, 1)
+        count = len(range(start, shards[k]["num_docs"], step))
+        if count:
+            parts.append(ShardPart(k, first, start, step, count, offsets[k]))
+            first += count
+    return parts
+
+
+def partition_doc_ids(entry: dict, rank: int, world: int) -> np.ndarray:
+    """Global indices of the documents rank ``rank`` of ``world`` reads, in partition order (``partition_parts``)."""
+    ids = [np.arange(p.first_global + p.start, p.first_global + p.start + p.count * p.step, p.step, dtype=np.int64)
+           for p in partition_parts(entry, rank, world)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
 def load_eval_split(data_dir: str) -> EvalSplit:

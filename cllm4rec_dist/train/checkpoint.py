@@ -13,6 +13,9 @@ A checkpoint folder holds
   (never a pickle) and reads any row range from any file, so a checkpoint written by N ranks loads on M ranks
   (``read_sharded``), and the export reads one saved part at a time (``sharded_parts``). Such a checkpoint is
   ``reshardable`` unless an engine wrote per-rank state of its own (DeepSpeed's ZeRO partitions);
+* ``reader-rank<r>.pt`` (every rank, CLLM4Rec's trainer): ``{READER: {kind: [stream state]}}``, where each of the
+  rank's data streams was (epoch, emission index, buffer digest, shards read) and what fixes its order; a resume
+  seeks the streams there and checks that the state is reproduced (``train/loader.py`` ``restore_reader``);
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
   file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
 
@@ -63,6 +66,10 @@ TRAINABLE = "trainable"
 BEST = "best"
 SNAPSHOT_KEYS = ("state", "config", "rng")
 SHARDED_DIR = "sharded"
+# Each rank's data streams (plain data): {READER: {kind: [state per stream]}}; absent for a trainer without
+# streams (A-LLMRec's data is indexed by (seed, epoch, step) directly).
+READER_FILE = "reader-rank{rank}.pt"
+READER = "reader"
 _RECORD = "files-rank{rank}.json"
 _RECORD_RE = re.compile(r"files-rank(\d+)\.json$")
 
@@ -412,6 +419,9 @@ def write_checkpoint(trainer, directory: str) -> None:
         writer.add_sharded(f"{TRAINABLE}.{name}", params[name], layout)
         if best is not None:
             writer.add_sharded(f"{BEST}.{name}", best[name], layout)
+    readers = trainer.reader_state() if hasattr(trainer, "reader_state") else None
+    if readers is not None:
+        writer.save(READER_FILE.format(rank=trainer.r.rank), {READER: readers})
     if trainer.r.is_main:
         replicated = {n: t for n, t in trainer.trainable_state().items() if n not in shards}
         writer.save(TRAINER_FILE, {SNAPSHOT: trainer.snapshot(), TRAINABLE: replicated,
@@ -448,6 +458,10 @@ def read_checkpoint(trainer, directory: str) -> None:
     trainer.restore(blob[SNAPSHOT], trainable, best)
     for engine in trainer.engines.values():  # after the weights: a ZeRO engine refreshes its fp32 master from them
         engine.load(directory, trainer.r.rank)
+    if hasattr(trainer, "restore_readers"):
+        path = os.path.join(directory, READER_FILE.format(rank=trainer.r.rank))
+        saved = load_state(path, (READER,))[READER] if os.path.exists(path) else {}
+        trainer.restore_readers(saved, path)
 
 
 def _load_first_complete(trainer, candidates, describe) -> bool:

@@ -285,6 +285,8 @@ class TrainConfig:
                  self.schedule.finetune_content_fraction, "in [0, 1]")
         for name in ("batch_size", "max_length"):
             _require(getattr(self.batch, name) >= 1, f"batch.{name}", getattr(self.batch, name), ">= 1")
+        _require(self.batch.shuffle_buffer >= 0, "batch.shuffle_buffer", self.batch.shuffle_buffer,
+                 ">= 0 (documents per stream; 0 = the whole partition)")
         _require(0 < self.batch.mask_ratio < 1, "batch.mask_ratio", self.batch.mask_ratio,
                  "in (0, 1): the share of a user's items held out as rec-step targets")
         _require(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")

@@ -4,15 +4,21 @@ Each rank reads only its own shards: rank r of W takes shards r, r+W, r+2W, ...
 (with fewer shards than ranks, every rank reads all and keeps every W-th document).
 The manifest's per-shard counts tell every rank every partition's size, so all
 ranks agree, without communicating, on ``steps_per_epoch = max_r ceil(n_r / B)``;
-a rank with fewer documents wraps around its own permutation, so no rank runs
+a rank with fewer documents wraps around its own epoch order, so no rank runs
 short and no all-reduce hangs.
+
+The documents come from ``corpus/stream.py``'s ``PartitionReader``: the shards are
+streamed through a seeded shuffle buffer of ``batch.shuffle_buffer`` documents
+(0: the whole partition, read once at setup and kept: the in-memory case). The
+order is a pure function of (seed, corpus, epoch, stream), so (epoch, step) is the
+whole data position; a checkpoint records each stream's state (``reader_state``)
+and a resume seeks to it.
 
 A single process standing in for W ranks (``simulate_ranks``) builds the same W
 partitions as streams and accumulates one micro-batch from each: it sees exactly
-what W workers see. Resuming needs no iterator state: (epoch, step) is the data
-position. Online randomness (the per-epoch order, stochastic item reordering,
-masked prompting) is seeded by (seed, epoch, global document index), so it does
-not depend on which rank holds a document.
+what W workers see. Online randomness (stochastic item reordering, masked
+prompting) is seeded by (seed, epoch, global document index), so it does not
+depend on which rank holds a document.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import numpy as np
 import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
-from cllm4rec_dist.corpus.shards import partition_doc_ids
+from cllm4rec_dist.corpus.shards import partition_parts
+from cllm4rec_dist.corpus.stream import PartitionReader
 from cllm4rec_dist.model.batch import LMBatch, RecBatch, RowLayout, pack_rows
 
-_STREAM = {"order": 1, "mask": 2, "perm": 3}
+_STREAM = {"order": 1, "mask": 2}  # 3 and 4: the epoch order (corpus/stream.py)
 
 
 def doc_rng(seed: int, epoch: int, doc: int, stream: str) -> np.random.Generator:
@@ -49,64 +56,88 @@ class BatchSettings:
     pack: bool = True
     """Pack several documents into one row (block-diagonal causal attention, positions restarting per
     document) instead of one right-padded row each: same losses, far fewer padding tokens computed."""
+    shuffle_buffer: int = 0
+    """Documents a rank holds per corpus stream (its memory bound). 0: the whole partition, read once and
+    shuffled in full each epoch. N > 0: the rank's shards are streamed in a per-epoch seeded shard order through
+    a seeded N-document shuffle buffer: memory ~ N documents + one shard, but documents mix only within about N
+    of their neighbours (pick N of several shards' worth; docs/DATA.md). N >= the partition = the full shuffle."""
 
 
 def partition_sizes(entry: dict, world: int) -> list[int]:
     """Documents per rank for a corpus's manifest entry (no shard is read)."""
-    return [len(partition_doc_ids(entry, r, world)) for r in range(world)]
+    return [sum(p.count for p in partition_parts(entry, r, world)) for r in range(world)]
 
 
 def read_partition(data, corpus: str, rank: int, world: int) -> tuple[list[dict], np.ndarray]:
-    """(documents, their global indices) of ``rank``'s part of ``corpus`` in a ShardedDataset."""
-    entry = data.corpus_entry(corpus)
-    shards = entry["shards"]
-    ids = partition_doc_ids(entry, rank, world)
-    if len(shards) < world:  # too few shards to split: read all, keep every world-th document
-        docs = data.read_corpus(corpus)
-        return [docs[i] for i in ids], ids
-    docs = []
-    for k in range(rank, len(shards), world):
-        docs.extend(data.iter_shard(shards[k]))
-    return docs, ids
+    """(documents, their global indices) of ``rank``'s part of ``corpus`` in a ShardedDataset, in manifest order."""
+    reader = PartitionReader(data, corpus, rank, world, buffer_docs=0, key=[0, 0, rank])
+    return [doc for _, doc in reader.documents()], reader.global_indices(np.arange(reader.size))
 
 
 class CorpusBatches:
     """Deterministic batches of one rank's partition of a corpus ('collab', 'content' or 'rec')."""
 
-    def __init__(self, name: str, docs: list[dict], doc_ids: np.ndarray, space: TokenSpace, settings: BatchSettings,
-                 steps_per_epoch: int, stream: int = 0):
-        if not docs:
+    def __init__(self, name: str, reader: PartitionReader, space: TokenSpace, settings: BatchSettings,
+                 steps_per_epoch: int):
+        if not reader.size:
             raise ValueError(f"corpus {name}: this rank's partition is empty")
-        self.name, self.docs, self.doc_ids, self.space, self.s = name, docs, doc_ids, space, settings
+        self.name, self.reader, self.space, self.s = name, reader, space, settings
         self.steps_per_epoch = steps_per_epoch
-        self.stream = stream
-        self._corpus_seed = sum(ord(c) for c in name)
+
+    @staticmethod
+    def corpus_seed(name: str) -> int:
+        return sum(ord(c) for c in name)
 
     @classmethod
     def for_rank(cls, data, name: str, space: TokenSpace, settings: BatchSettings, rank: int = 0,
                  world: int = 1) -> "CorpusBatches":
+        """Rank ``rank``'s batches; its shards are read (and verified) once here, kept only in the in-memory case."""
         entry = data.corpus_entry(name)
         sizes = partition_sizes(entry, world)
         if min(sizes) == 0:
             raise ValueError(f"corpus {name} has {entry['num_docs']} documents, too few for {world} ranks")
         steps = max(math.ceil(n / settings.batch_size) for n in sizes)
-        docs, ids = read_partition(data, name, rank, world)
-        return cls(name, docs, ids, space, settings, steps, stream=rank)
+        reader = PartitionReader(data, name, rank, world, settings.shuffle_buffer,
+                                 key=[settings.seed, cls.corpus_seed(name), rank])
+        return cls(name, reader.verify(), space, settings, steps)
+
+    def _docs(self, epoch: int, step: int) -> list[tuple[int, dict]]:
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"{self.name}: step {step} outside 0..{self.steps_per_epoch - 1}")
+        return self.reader.take(epoch, step * self.s.batch_size, self.s.batch_size)
 
     def doc_positions(self, epoch: int, step: int) -> np.ndarray:
         """Positions (in this partition) of the documents of batch (epoch, step)."""
-        order = np.random.default_rng([self.s.seed, self._corpus_seed, epoch, self.stream, _STREAM["perm"]])
-        perm = order.permutation(len(self.docs))
-        start = step * self.s.batch_size
-        return perm[np.arange(start, start + self.s.batch_size) % len(self.docs)]
+        return np.array([position for position, _ in self._docs(epoch, step)], dtype=np.int64)
 
     def batch(self, epoch: int, step: int) -> LMBatch | RecBatch:
-        if not 0 <= step < self.steps_per_epoch:
-            raise IndexError(f"{self.name}: step {step} outside 0..{self.steps_per_epoch - 1}")
-        positions = self.doc_positions(epoch, step)
+        pairs = self._docs(epoch, step)
+        docs = [doc for _, doc in pairs]
+        ids = self.reader.global_indices(np.array([p for p, _ in pairs], dtype=np.int64)).tolist()
         if self.name == "rec":
-            return self._rec_batch(positions, epoch)
-        return self._lm_batch(positions, epoch)
+            return self._rec_batch(docs, ids, epoch)
+        return self._lm_batch(docs, ids, epoch)
+
+    def reader_state(self, epoch: int, step: int) -> dict:
+        """The stream's state before batch (epoch, step), for a checkpoint."""
+        return self.reader.state(epoch, step * self.s.batch_size)
+
+    def restore_reader(self, saved: dict, epoch: int, step: int) -> str | None:
+        """Seek the stream to batch (epoch, step) and check it against ``saved`` (``reader_state`` of the run
+        that wrote the checkpoint). Returns why the saved state does not apply (another buffer, seed, world or
+        data: the position is then re-derived from (epoch, step) alone), or None; a state that applies but is
+        not reproduced is an error (the order would differ from the uninterrupted run's)."""
+        mine = self.reader.identity()
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        self.reader.seek(epoch, step * self.s.batch_size)
+        if changed:
+            return f"{self.name} stream {self.reader.rank}: {', '.join(changed)}"
+        now = self.reader_state(epoch, step)
+        if now != saved:
+            diff = [f"{k} {saved.get(k)!r} (saved) vs {v!r}" for k, v in now.items() if saved.get(k) != v]
+            raise ValueError(f"{self.name} stream {self.reader.rank}: the data position of the checkpoint is not "
+                             f"reproduced ({'; '.join(diff)}); the shards or the reader changed.")
+        return None
 
     def _items(self, items: list[int], epoch: int, doc: int, budget: int) -> list[int]:
         """Reorder (or keep) a user's items and fit them into ``budget`` tokens."""
@@ -116,24 +147,22 @@ class CorpusBatches:
             return items[: max(budget, 0)]
         return items[-budget:] if budget > 0 else []
 
-    def _lm_batch(self, positions: np.ndarray, epoch: int) -> LMBatch:
+    def _lm_batch(self, docs: list[dict], ids: list[int], epoch: int) -> LMBatch:
         rows, prompt_lengths = [], []
-        for position in positions:
-            doc = self.docs[position]
+        for doc, doc_id in zip(docs, ids):
             prompt, main = doc["prompt"], doc["main"]
             budget = self.s.max_length - len(prompt)
             if doc["kind"] == "collab":  # MAIN is a set of items: reorder online
-                main = self._items(main, epoch, int(self.doc_ids[position]), budget)
+                main = self._items(main, epoch, doc_id, budget)
             else:
                 main = main[:budget]
             rows.append(prompt + main)
             prompt_lengths.append(len(prompt))
         return LMBatch.from_rows(rows, prompt_lengths, pack=self.s.pack)
 
-    def _rec_batch(self, positions: np.ndarray, epoch: int) -> RecBatch:
+    def _rec_batch(self, docs: list[dict], ids: list[int], epoch: int) -> RecBatch:
         rows, users, target_rows, target_items = [], [], [], []
-        for row, position in enumerate(positions):
-            doc, doc_id = self.docs[position], int(self.doc_ids[position])
+        for row, (doc, doc_id) in enumerate(zip(docs, ids)):
             kept, held_out = mask_items(doc["items"], self.s.mask_ratio, doc_rng(self.s.seed, epoch, doc_id, "mask"))
             budget = self.s.max_length - len(doc["prompt_prefix"]) - len(doc["prompt_suffix"])
             kept = self._items(kept, epoch, doc_id, budget)

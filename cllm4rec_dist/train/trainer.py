@@ -231,6 +231,35 @@ class Trainer:
         with self.timer.phase("checkpoints"):
             self.sink.save(self)
 
+    def reader_state(self) -> dict:
+        """This rank's data streams' positions (every kind, every stream it runs), for its checkpoint file."""
+        state = {}
+        for kind, streams in self.batches.items():
+            epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
+            state[kind] = [stream.reader_state(epoch, step) for stream in streams]
+        return state
+
+    def restore_readers(self, saved: dict, source: str) -> None:
+        """Seek every data stream to the restored counters' position and check it against the saved state."""
+        notes = []
+        for kind, streams in self.batches.items():
+            epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
+            entries = saved.get(kind) or []
+            for k, stream in enumerate(streams):
+                if k >= len(entries):
+                    notes.append(f"{kind} stream {k}: not in the checkpoint")
+                    stream.reader.seek(epoch, step * stream.s.batch_size)
+                    continue
+                try:
+                    note = stream.restore_reader(entries[k], epoch, step)
+                except ValueError as err:
+                    raise CheckpointError(f"{source}: {err} Resume from an earlier checkpoint or start over.") from None
+                if note:
+                    notes.append(note)
+        if notes and self.r.is_main:
+            print(f"[checkpoint] warning: {source}: the saved data streams do not apply ({'; '.join(notes)}); "
+                  "the data position is re-derived from the step counters.", flush=True)
+
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
         self.restored_config = snapshot["config"]  # what the checkpoint was trained with (compared on resume)
         try:
