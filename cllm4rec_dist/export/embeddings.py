@@ -62,6 +62,7 @@ from cllm4rec_dist.train.checkpoint import (
     TRAINABLE,
     TRAINER_FILE,
     load_state,
+    load_trainable,
     require_keys,
     resolve_checkpoint,
 )
@@ -149,7 +150,6 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.eval.evaluate import user_representations
     from cllm4rec_dist.train.recipe import build_model
-    from cllm4rec_dist.train.trainer import load_trainable
 
     model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_trainable(model, state, "the checkpoint's weights (for the user vectors; --no-user-vectors skips them)")

@@ -37,11 +37,11 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import TrainConfig
-from cllm4rec_dist.train.checkpoint import capture_rng, restore_rng
+from cllm4rec_dist.train.checkpoint import capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.monitor import Monitor
-from cllm4rec_dist.train.trainer import Rank, load_trainable, write_json_atomic
+from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 STAGES = ("cf", "align", "llm", "eval", "done")
 _STREAM = {"align": 11, "llm": 12, "negatives": 13}

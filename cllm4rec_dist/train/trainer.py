@@ -20,7 +20,7 @@ from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
 from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_tensors, restore_rng, trainable_shapes
+from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.schedule import Block
@@ -241,15 +241,6 @@ class Trainer:
         self.load_trainable_state(trainable)
         self.best_weights = best
         restore_rng(snapshot["rng"])
-
-
-def load_trainable(model, state: dict[str, torch.Tensor], source: str = "saved weights") -> None:
-    """Copy saved tables/heads into the model; a missing, extra or misshapen tensor is an error naming ``source``."""
-    check_tensors(source, state, trainable_shapes(model))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 def write_json_atomic(path: str, obj) -> None:
