@@ -58,12 +58,10 @@ from cllm4rec_dist.data.records import InputError
 from cllm4rec_dist.train.checkpoint import (
     BEST,
     SNAPSHOT,
-    SNAPSHOT_KEYS,
     TRAINABLE,
     TRAINER_FILE,
-    load_state,
     load_trainable,
-    require_keys,
+    read_trainer_file,
     resolve_checkpoint,
 )
 from cllm4rec_dist.train.config import TrainConfig, config_from_dict
@@ -89,20 +87,12 @@ class ExportError(InputError):
     """A source that is not a usable checkpoint, or export settings that cannot work; says what to pass instead."""
 
 
-# --------------------------------------------------------------------------- reading the checkpoint
+# --------------------------------------------------------------------------- export folders
 
 
 def _fs(url: str):
     fs, root = fsspec.core.url_to_fs(url)
     return fs, root.rstrip("/") or "/"
-
-
-def load_trainer_blob(fs, folder: str) -> dict:
-    """trainer.pt of a complete checkpoint folder: tensors and plain data only (train/checkpoint.py)."""
-    path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
-    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
-    return blob
 
 
 # --------------------------------------------------------------------------- projection
@@ -252,7 +242,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
         raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
     fs, folder = resolve_checkpoint(source)
     ckpt_path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_trainer_blob(fs, folder)
+    blob = read_trainer_file(folder, fs)
     cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
     state_record = blob[SNAPSHOT]["state"]
     best = blob[BEST]

@@ -228,6 +228,7 @@ class ALLMRecTrainer:
         stages = (("align", self.a.stage1_epochs, self.align_steps()), ("llm", self.a.stage2_epochs, self.llm_steps()))
         self.log.schedule([_Phase(name, epoch, (name,) * steps)
                            for name, epochs, steps in stages for epoch in range(epochs)])
+        total = sum(epochs * steps for _, epochs, steps in stages)  # global steps of stages 1 and 2
         for name, epochs, steps in stages:
             if self.state.stage != name:
                 continue
@@ -245,7 +246,7 @@ class ALLMRecTrainer:
                     self.state.step += 1
                     self.state.global_step += 1
                     self.unlogged.add((name, self.state.epoch, self.state.global_step, time.perf_counter() - t0,
-                                       steps * epochs, self.engines[name].lr, tuple(out)), out.values())
+                                       total, self.engines[name].lr, tuple(out)), out.values())
                     if self.state.global_step % cfg.log_every == 0:
                         self.flush_log()
                     if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:

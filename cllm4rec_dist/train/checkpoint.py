@@ -342,14 +342,25 @@ def trainable_shapes(model) -> dict[str, tuple]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def read_trainer_file(folder: str, fs=None, model=None) -> dict:
+    """``folder``'s trainer.pt: ``{SNAPSHOT, TRAINABLE, BEST}``, the snapshot's keys checked and, with ``model``,
+    TRAINABLE and BEST checked against its trainable parameters (resume, init_from and export all read here)."""
+    path = posixpath.join(folder, TRAINER_FILE)
+    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
+    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
+    if model is not None:
+        expected = trainable_shapes(model)
+        check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
+        if blob[BEST] is not None:
+            check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
+    return blob
+
+
 def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
     """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
     checkpoint), checked against ``model`` (e.g. for init_from)."""
     fs, folder = resolve_checkpoint(source)
-    path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
-    check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], trainable_shapes(model))
-    return blob[TRAINABLE]
+    return read_trainer_file(folder, fs, model)[TRAINABLE]
 
 
 def write_checkpoint(trainer, directory: str) -> None:
@@ -365,13 +376,7 @@ def write_checkpoint(trainer, directory: str) -> None:
 
 def read_checkpoint(trainer, directory: str) -> None:
     """Restore a trainer (and its engines) from a verified checkpoint folder."""
-    path = os.path.join(directory, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST))
-    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
-    expected = trainable_shapes(trainer.model)
-    check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
-    if blob[BEST] is not None:
-        check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
+    blob = read_trainer_file(directory, model=trainer.model)
     trainer.restore(blob[SNAPSHOT], blob[TRAINABLE], blob[BEST])
     for engine in trainer.engines.values():  # after the weights: a ZeRO engine refreshes its fp32 master from them
         engine.load(directory, trainer.r.rank)
