@@ -130,7 +130,9 @@ def step_functions(model, data, space, settings, eval_batch_size: int):
     from cllm4rec_dist.eval.evaluate import TOP_K
     from cllm4rec_dist.model.item_softmax import chunked_topk
     from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-    from cllm4rec_dist.train.loader import CorpusBatches, prediction_prompts
+    from cllm4rec_dist.corpus.prompts import prediction_prompts
+    from cllm4rec_dist.model.batch import pack_rows
+    from cllm4rec_dist.train.loader import CorpusBatches
 
     groups = model.parameter_groups()
     optimizers = {name: torch.optim.Adam(params, lr=1e-4) for name, params in groups.items()}
@@ -143,8 +145,8 @@ def step_functions(model, data, space, settings, eval_batch_size: int):
         return run
 
     eval_docs = data.read_corpus("eval")
-    score_batches = [prediction_prompts(eval_docs[s:s + eval_batch_size], space, "rec", settings.max_length,
-                                        settings.seed, settings.pack)
+    score_batches = [pack_rows(prediction_prompts(eval_docs[s:s + eval_batch_size], space, "rec",
+                                                  settings.max_length, settings.seed), settings.pack)
                      for s in range(0, len(eval_docs), eval_batch_size)]
 
     @torch.no_grad()

@@ -6,6 +6,9 @@
 
 Warm-up and pretraining are skipped (their epochs are set to 0); validation runs after
 every finetuning epoch and the best model is tested once.
+
+With ``recommender: allmrec`` the same launchers run A-LLMRec's stages (the CLLM4Rec schedule does not
+apply): stages 0 and 1 replicated on every rank, stage 2 data-parallel with DeepSpeed ZeRO over F_U/F_I.
 """
 
 import os
@@ -31,8 +34,8 @@ def main(argv=None) -> int:
         from cllm4rec_dist.train.distributed import run_torch_distributed
 
         result = run_torch_distributed(cfg)
-        if "test" not in result or os.environ.get("RANK", "0") != "0":
-            return 0  # only rank 0 exports and prints
+        if "stopped" in result or os.environ.get("RANK", "0") != "0":
+            return 0  # only rank 0 of a finished run exports and prints
     return finish(cfg, args, result)
 
 

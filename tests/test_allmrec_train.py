@@ -85,6 +85,11 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
     assert llm["sasrec"]["test"]["users"] == min(40, cf["test"]["users"])
 
     log = read_train_log(run)
+    # Logged scalars wait on the device and are all-reduced once per log_every (1000) steps or stage epoch,
+    # as CLLM4Rec's: here once at the end of each of the two training epochs, not once per step.
+    rank0 = json.loads((run / "timing.json").read_text())["rank0"]
+    assert rank0["counts"]["log_reduce"] == 2 < len(log)
+    assert rank0["counts"]["checkpoints"] == 4  # after stage 0, each training epoch, and the evaluation
     for stage in ("align", "llm"):
         losses = [r["loss"] for r in log if r["kind"] == stage]
         assert losses and np.mean(losses[-3:]) < np.mean(losses[:3]), stage  # losses fall
@@ -146,3 +151,26 @@ def test_ray_launcher_runs_stage2_data_parallel_and_matches_the_single_process_r
     assert metrics["stages"]["llm"]["allmrec"]["test"]["users"] == \
         json.loads((run / "metrics.json").read_text())["stages"]["llm"]["allmrec"]["test"]["users"]
     assert (out / "export" / "export.json").exists()
+
+
+def test_deepspeed_launcher_runs_allmrec_like_the_single_process_run(run, config, tmp_path):
+    """`deepspeed launchers/finetune.py` with an allmrec config: two torch.distributed processes (CPU accelerator,
+    gloo), DeepSpeed ZeRO over F_U/F_I; the same per-step losses as one process standing in for two ranks, the
+    logged scalars all-reduced once per epoch (log_every 1000), and the launcher's export at the end."""
+    out = tmp_path / "deepspeed"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launchers/finetune.py",
+                           "--config", str(config), "--out", str(out), "--allmrec.generate", "false",
+                           "--allmrec.titles_only_baseline", "false", "--allmrec.eval_max_users", "10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    reference, log = read_train_log(run), read_train_log(out)
+    assert [r["global_step"] for r in log] == [r["global_step"] for r in reference]
+    for mine, ref in zip(log, reference):
+        assert mine["kind"] == ref["kind"] and mine["loss"] == pytest.approx(ref["loss"], rel=1e-4), (mine, ref)
+    assert "world 2" in proc.stdout + proc.stderr
+    assert json.loads((out / "timing.json").read_text())["rank0"]["counts"]["log_reduce"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stages"]["llm"]["allmrec"]["test"]["users"] == 10
+    manifest = json.loads((out / "export" / "export.json").read_text())
+    assert manifest["source"]["recommender"] == "allmrec"

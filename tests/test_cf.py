@@ -74,6 +74,40 @@ def test_loss_falls_and_beats_most_popular(sequences, name, tmp_path):
     assert (tmp_path / "cf_model.safetensors").read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
 
 
+def test_cf_checkpoint_is_read_only_when_complete_and_fitting(tmp_path):
+    """Stage 0's model goes through train/checkpoint.py: files record last; truncated, unrecorded or
+    misshapen folders are refused with the file named."""
+    from cllm4rec_dist.train.cf_stage import save_cf_model
+    from cllm4rec_dist.train.checkpoint import CheckpointError
+
+    model = SASRec(NUM_ITEMS, SASRecSettings(dim=8, max_len=6, num_blocks=1))
+    save_cf_model(model, str(tmp_path / "ok"), {"best_epoch": 3})
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["cf_model.json", "cf_model.safetensors",
+                                                                  "files-rank0.json"]
+    loaded, info = load_cf_model(str(tmp_path / "ok"))
+    assert info["best_epoch"] == 3 and all(torch.equal(loaded.state_dict()[k], v)
+                                           for k, v in model.state_dict().items())
+    truncated = tmp_path / "truncated"
+    save_cf_model(model, str(truncated))
+    weights = truncated / "cf_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    with pytest.raises(CheckpointError, match="cf_model.safetensors has .* bytes"):
+        load_cf_model(str(truncated))
+    (truncated / "files-rank0.json").unlink()  # interrupted before the record: not a complete checkpoint
+    with pytest.raises(CheckpointError, match="no readable files-rank0.json"):
+        load_cf_model(str(truncated))
+    with pytest.raises(CheckpointError, match="--model-out"):
+        load_cf_model(str(tmp_path / "nothing"))
+    other = tmp_path / "other"  # a config that does not fit the saved tensors
+    save_cf_model(model, str(other))
+    from cllm4rec_dist.train.checkpoint import write_model
+
+    config = dict(model.config(), num_items=NUM_ITEMS + 1)
+    write_model(str(other), "cf_model", model.state_dict(), {"config": config})
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_cf_model(str(other))
+
+
 def test_early_stopping_keeps_the_best_validation_epoch(sequences):
     settings = CFStageSettings(max_epochs=40, patience=2, lr=0.05, batch_size=16)
     settings.sasrec = SASRecSettings(dim=16, max_len=16)

@@ -9,8 +9,9 @@ import pytest
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.batch import PAD_ID
-from cllm4rec_dist.train.loader import (BatchSettings, CorpusBatches, mask_items, partition_sizes, prediction_prompts,
-                                        read_partition)
+from cllm4rec_dist.corpus.prompts import prediction_prompts
+from cllm4rec_dist.model.batch import pack_rows
+from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, mask_items, partition_sizes, read_partition
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +135,14 @@ def test_mask_items_edge_cases():
 def test_prediction_prompts_use_all_train_items(corpora):
     _, space, docs = corpora
     ev = docs["eval"][:5]
-    prompts = prediction_prompts(ev, space, style="rec")
+    prompts = pack_rows(prediction_prompts(ev, space, style="rec"))
     for k, doc in enumerate(ev):
         tokens = prompts.document(k).tolist()
         assert {space.item_of(t) for t in tokens if space.is_item(t)} == set(doc["train"])
         assert tokens[-len(doc["prompt_suffix"]):] == doc["prompt_suffix"]
-    padded = prediction_prompts(ev, space, style="rec", pack=False)
+    padded = pack_rows(prediction_prompts(ev, space, style="rec"), pack=False)
     assert all(padded.document(k).equal(prompts.document(k)) for k in range(len(ev)))
-    collab = prediction_prompts(ev, space, style="collab")
+    collab = pack_rows(prediction_prompts(ev, space, style="collab"))
     assert (collab.lengths == prompts.lengths - len(ev[0]["prompt_suffix"])).all()
 
 
@@ -149,8 +150,8 @@ def test_prediction_prompts_without_reordering_keep_the_training_order(corpora):
     """LLM-FixOrd is scored as it trained: the stored order, cut to the latest items like its batches."""
     ds, space, docs = corpora
     ev = docs["eval"][:5]
-    fixed_prompts = prediction_prompts(ev, space, style="collab", reorder=False)
-    shuffled = prediction_prompts(ev, space, style="collab", reorder=True)
+    fixed_prompts = pack_rows(prediction_prompts(ev, space, style="collab", reorder=False))
+    shuffled = pack_rows(prediction_prompts(ev, space, style="collab", reorder=True))
     items_of = lambda tokens: [space.item_of(t) for t in tokens.tolist() if space.is_item(t)]  # noqa: E731
     for k, doc in enumerate(ev):
         assert items_of(fixed_prompts.document(k)) == list(doc["train"])
@@ -162,5 +163,5 @@ def test_prediction_prompts_without_reordering_keep_the_training_order(corpora):
     row = collab.doc_positions(3, 0).tolist().index(position)  # one rank: partition position = global index
     assert items_of(collab.batch(3, 0).document(row)) == items_of(fixed_prompts.document(0))
     budget = len(ev[0]["prompt_prefix"]) + 3  # too long: the latest 3 items, as the training batches keep
-    cut = prediction_prompts(ev[:1], space, style="collab", max_length=budget, reorder=False)
+    cut = pack_rows(prediction_prompts(ev[:1], space, style="collab", max_length=budget, reorder=False))
     assert items_of(cut.document(0)) == ev[0]["train"][-3:]

@@ -76,6 +76,9 @@ def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(ref
     assert rank0["counts"]["validation"] == sum(b.evaluate for b in blocks) and rank0["counts"]["test"] == 1
     assert rank0["counts"]["train_steps"] == sum(b.steps for b in blocks)
     assert rank0["counts"]["checkpoints"] == len(blocks)  # checkpoint_every 0: one per block
+    # logged scalars are all-reduced once per log_every steps and at block ends, not once per step
+    steps, log_every = sum(b.steps for b in blocks), tiny_config(demo_data, str(out)).log_every
+    assert len(blocks) <= rank0["counts"]["log_reduce"] <= len(blocks) + steps // log_every < steps
     assert {"data", "backbone_load", "engines"} <= set(rank0["seconds"])
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.prompts import prediction_prompts
 from cllm4rec_dist.eval.metrics import PAD, all_reduce_sums, finalize, merge_sums, metric_sums
+from cllm4rec_dist.model.batch import pack_rows
 from cllm4rec_dist.model.sharding import all_reduce_max
-from cllm4rec_dist.train.loader import prediction_prompts
 
 TOP_K = 100  # enough for Recall@20/40 and NDCG@100
 
@@ -31,8 +32,8 @@ def user_representations(model, docs: list[dict], space: TokenSpace, style: str 
     device = model.item_head_weight().device
     out = []
     for start in range(0, len(docs), batch_size):
-        layout = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, pack,
-                                    reorder).to(device)
+        rows = prediction_prompts(docs[start:start + batch_size], space, style, max_length, seed, reorder)
+        layout = pack_rows(rows, pack).to(device)
         out.append(model.last_token_hidden(layout, side="collab"))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.hidden_size)

@@ -65,11 +65,10 @@ from cllm4rec_dist.train.checkpoint import (
     BEST,
     SHARDED_DIR,
     SNAPSHOT,
-    SNAPSHOT_KEYS,
     TRAINABLE,
     TRAINER_FILE,
-    load_state,
-    require_keys,
+    load_trainable,
+    read_trainer_file,
     resolve_checkpoint,
     sharded_keys,
     sharded_parts,
@@ -97,20 +96,12 @@ class ExportError(InputError):
     """A source that is not a usable checkpoint, or export settings that cannot work; says what to pass instead."""
 
 
-# --------------------------------------------------------------------------- reading the checkpoint
+# --------------------------------------------------------------------------- export folders
 
 
 def _fs(url: str):
     fs, root = fsspec.core.url_to_fs(url)
     return fs, root.rstrip("/") or "/"
-
-
-def load_trainer_blob(fs, folder: str) -> dict:
-    """trainer.pt of a complete checkpoint folder: tensors and plain data only (train/checkpoint.py)."""
-    path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
-    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
-    return blob
 
 
 # --------------------------------------------------------------------------- projection
@@ -158,7 +149,6 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.eval.evaluate import user_representations
     from cllm4rec_dist.train.recipe import build_model
-    from cllm4rec_dist.train.trainer import load_trainable
 
     model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_trainable(model, state, "the checkpoint's weights (for the user vectors; --no-user-vectors skips them)")
@@ -261,7 +251,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
         raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
     fs, folder = resolve_checkpoint(source)
     ckpt_path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_trainer_blob(fs, folder)
+    blob = read_trainer_file(folder, fs)
     cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
     state_record = blob[SNAPSHOT]["state"]
     best = blob[BEST]

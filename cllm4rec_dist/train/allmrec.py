@@ -37,11 +37,12 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import TrainConfig
-from cllm4rec_dist.train.checkpoint import capture_rng, restore_rng
+from cllm4rec_dist.train.checkpoint import capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
-from cllm4rec_dist.train.monitor import Monitor
-from cllm4rec_dist.train.trainer import Rank, load_trainable, write_json_atomic
+from cllm4rec_dist.train.timing import PhaseTimer, write_timing
+from cllm4rec_dist.train.monitor import Monitor, PendingSteps
+from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 STAGES = ("cf", "align", "llm", "eval", "done")
 _STREAM = {"align": 11, "llm": 12, "negatives": 13}
@@ -67,10 +68,13 @@ class ALLMRecState:
 
 @dataclass
 class _Phase:
-    """What the Monitor needs to know about the running stage (it logs `<kind>/loss` per step)."""
+    """What the Monitor needs to know about a stage epoch (it logs `<kind>/loss` per step; ``kinds``, one per
+    step, give the schedule's ETA)."""
 
     phase: str
     epoch: int
+    kinds: tuple = ()
+    evaluate: bool = False
 
 
 def rng(seed: int, *keys: int) -> np.random.Generator:
@@ -105,14 +109,16 @@ class ALLMRecTrainer:
     ``restore()``."""
 
     def __init__(self, cfg: TrainConfig, data: SequentialData, model: ALLMRec, prompts: ALLMRecPrompts,
-                 engines: dict, rank: Rank, sink, train_cf):
+                 engines: dict, rank: Rank, sink, train_cf, timer: PhaseTimer | None = None):
         self.cfg, self.a, self.data, self.model, self.prompts = cfg, cfg.allmrec, data, model, prompts
         self.engines, self.r, self.sink = engines, rank, sink
         self.train_cf = train_cf  # stage 0: (cfg, data, cf_model, log) -> metrics
         self.state = ALLMRecState()
         self.best_weights = None  # A-LLMRec keeps the last weights of each stage (the paper's schedule)
         self.log: Monitor | None = None
+        self.timer = timer or PhaseTimer()  # rank 0 writes it to <run>/timing.json
         self.device = model.llm.device
+        self.unlogged = PendingSteps(self.device)  # step scalars until the next flush (every log_every steps)
         self.train_users = [u for u, h in enumerate(data.histories) if len(h) >= 2]
         if not self.train_users:
             raise ValueError(f"{cfg.data}: no user has 2 or more training items; A-LLMRec trains on "
@@ -175,13 +181,13 @@ class ALLMRecTrainer:
         engine.backward(out["loss"])
         out["grad_norm"] = engine.step()
         self.model.text.invalidate()
-        return {k: float(torch.as_tensor(v).detach()) for k, v in out.items()}
+        return {k: torch.as_tensor(v).detach() for k, v in out.items()}  # logged later: no wait for the device
 
     def llm_step(self, epoch: int, step: int) -> dict:
         """Stage 2: one data-parallel step of the answer-title loss; only F_U, F_I get gradients."""
         engine = self.engines["llm"]
         streams = self.llm_streams()
-        totals = {"loss": 0.0, "tokens": 0.0}
+        totals = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("loss", "tokens")}
         for stream in streams:
             users = self.llm_examples(epoch, step, stream)
             pairs = [self.training_prompt(u, epoch) for u in users]
@@ -189,8 +195,8 @@ class ALLMRecTrainer:
             vectors = self.user_vectors([self.data.histories[u][:-1] for u in users])
             out = self.model.llm.answer_loss(batch, vectors, self.joint)
             engine.backward(out["loss"] / len(streams))
-            totals["loss"] += float(out["loss"].detach()) / len(streams)
-            totals["tokens"] += float(out["tokens"]) / len(streams)
+            totals["loss"] = totals["loss"] + out["loss"].detach().to(totals["loss"]) / len(streams)
+            totals["tokens"] = totals["tokens"] + torch.as_tensor(out["tokens"]).to(totals["loss"]) / len(streams)
         totals["grad_norm"] = engine.step()
         return totals
 
@@ -220,6 +226,9 @@ class ALLMRecTrainer:
         self.model.cf.eval()
 
         stages = (("align", self.a.stage1_epochs, self.align_steps()), ("llm", self.a.stage2_epochs, self.llm_steps()))
+        self.log.schedule([_Phase(name, epoch, (name,) * steps)
+                           for name, epochs, steps in stages for epoch in range(epochs)])
+        total = sum(epochs * steps for _, epochs, steps in stages)  # global steps of stages 1 and 2
         for name, epochs, steps in stages:
             if self.state.stage != name:
                 continue
@@ -236,9 +245,13 @@ class ALLMRecTrainer:
                     out = self.train_step(name)
                     self.state.step += 1
                     self.state.global_step += 1
-                    self._log(name, out, time.perf_counter() - t0, steps * epochs)
+                    self.unlogged.add((name, self.state.epoch, self.state.global_step, time.perf_counter() - t0,
+                                       total, self.engines[name].lr, tuple(out)), out.values())
+                    if self.state.global_step % cfg.log_every == 0:
+                        self.flush_log()
                     if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
+                self.flush_log()
                 self.state.epoch += 1
                 self.state.step = 0
                 self._timed(name, time.time() - start)
@@ -260,18 +273,21 @@ class ALLMRecTrainer:
         if self.log is not None and self.log.writer is not None:
             self.log.writer.add_scalar(tag, value, step)  # tags come as cf/...
 
-    def _log(self, stage: str, out: dict, seconds: float, total: int) -> None:
-        keys = [k for k in out if k not in ("loss", "tokens", "grad_norm")]
-        scalars = [out["loss"], out.get("tokens", 0.0), out["grad_norm"], *[out[k] for k in keys]]
-        values = self.r.mean(torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-                                          for v in scalars])).tolist()
-        loss, tokens, grad_norm, extra = values[0], values[1], values[2], values[3:]
-        # The Monitor's step record: (loss, lm, mr, tokens, grad_norm); A-LLMRec has no MR term.
-        self.log.step(self.state.global_step, _Phase(stage, self.state.epoch), stage, seconds, total,
-                      self.engines[stage].lr, [loss, loss, 0.0, tokens, grad_norm])
-        if self.log.writer is not None:
-            for key, value in zip(keys, extra):
-                self.log.writer.add_scalar(f"{stage}/{key}", value, self.state.global_step)
+    def flush_log(self) -> None:
+        """The pending steps to the monitor, averaged over ranks in ONE all-reduce (train/monitor.py
+        ``PendingSteps``, as CLLM4Rec's Trainer does); every rank calls this at the same steps."""
+        if not self.unlogged:
+            return
+        with self.timer.phase("log_reduce"):
+            for (stage, epoch, global_step, seconds, total, lr, keys), values in self.unlogged.reduce(self.r.mean):
+                out = dict(zip(keys, values))
+                # The Monitor's step record: (loss, lm, mr, tokens, grad_norm); A-LLMRec has no MR term.
+                self.log.step(global_step, _Phase(stage, epoch), stage, seconds, total, lr,
+                              [out["loss"], out["loss"], 0.0, out.get("tokens", 0.0), out["grad_norm"]])
+                if self.log.writer is not None:
+                    for key in keys:
+                        if key not in ("loss", "tokens", "grad_norm"):
+                            self.log.writer.add_scalar(f"{stage}/{key}", out[key], global_step)
 
     def joint_embeddings(self) -> torch.Tensor:
         """e_i for every item (frozen after stage 1): item path for trained items, text path for cold ones."""
@@ -382,7 +398,9 @@ class ALLMRecTrainer:
         return self.model.saved_state()
 
     def save_checkpoint(self) -> None:
-        self.sink.save(self)
+        self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
+        with self.timer.phase("checkpoints"):
+            self.sink.save(self)
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
         self.state = ALLMRecState(**snapshot["state"])
@@ -458,7 +476,7 @@ class ALLMRecRecipe:
         from cllm4rec_dist.train.recipe import default_run_dir
 
         self.cfg, self.rank, self.engine_factory, self.sink = cfg, rank, engine_factory, sink
-        self.timer = timer  # the wall-time split (train/timing.py); the stages report their own seconds
+        self.timer = timer or PhaseTimer()  # rank 0 writes it to <run>/timing.json; the stages report their own seconds
         if not cfg.out:
             cfg.out = default_run_dir()
 
@@ -478,7 +496,7 @@ class ALLMRecRecipe:
         engines = {"align": TorchEngine("align", model.stage_parameters("align"), cfg.allmrec.stage1_lr,
                                              cfg.optim.weight_decay, cfg.optim.grad_clip),
                    "llm": self.engine_factory("llm", model.stage_parameters("llm"), cfg.allmrec.stage2_lr)}
-        self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage)
+        self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage, self.timer)
         self.trainer.restored_config = None
         resumed = cfg.resume and self.sink.has_checkpoint() and self.sink.load_latest(self.trainer)
         settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main)
@@ -497,9 +515,13 @@ class ALLMRecRecipe:
         return self
 
     def train(self) -> dict:
+        self.timer.mark("train_started")
         result = self.trainer.train()
-        if self.rank.is_main and self.trainer.state.finished:
-            write_json_atomic(os.path.join(self.cfg.out, "metrics.json"), result)
+        self.timer.mark("train_finished")
+        if self.rank.is_main:
+            write_timing(self.cfg.out, "rank0", self.timer)
+            if self.trainer.state.finished:
+                write_json_atomic(os.path.join(self.cfg.out, "metrics.json"), result)
         self.trainer.log.close()
         return result
 

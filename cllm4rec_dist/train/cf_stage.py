@@ -6,11 +6,13 @@ stored validation candidates every ``eval_every`` epochs, keeping the best model
 ``select_metric`` and stopping after ``patience`` evaluations without improvement; the best model
 is then scored once on the test candidates and ``save_checkpoint(out)`` writes it.
 
-Checkpoint layout (``save_cf_model`` / ``load_cf_model``; both files written atomically):
+Checkpoint (``save_cf_model`` / ``load_cf_model``): a standalone-model folder of train/checkpoint.py
+(``write_model`` / ``read_model``: each file atomic, the files record last, read only when complete):
 
     OUT/cf_model.safetensors   the model's tensors (loading runs no code)
     OUT/cf_model.json          {"config": {"model", "num_items", "settings"}, "stage": CFStageSettings,
                                 "best_epoch", "valid", "test", "history", "dataset": {...}}
+    OUT/files-rank0.json       sizes and sha256 of both
 
 Training is a single process: the CF models are small (ML-100K: ~60k parameters at dim 50) and an
 epoch over 1k users takes about a second on one core.
@@ -19,28 +21,22 @@ epoch over 1k users takes about a second on one core.
 from __future__ import annotations
 
 import copy
-import json
-import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import fsspec
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from cllm4rec_dist.corpus.sequences import SequentialData
-from cllm4rec_dist.corpus.shards import atomic_write, canonical_json
 from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part, metric_names
 from cllm4rec_dist.model.cf import CF_MODELS, SequentialCF, build_cf_model, pad_histories
 from cllm4rec_dist.model.cf.gru4rec import GRU4RecSettings
 from cllm4rec_dist.model.cf.loss import draw_training_negatives, next_item_bce
 from cllm4rec_dist.model.cf.sasrec import SASRecSettings
+from cllm4rec_dist.train.checkpoint import MODEL_CONFIG, CheckpointError, check_tensors, read_model, write_model
 
-WEIGHTS_FILE = "cf_model.safetensors"
-INFO_FILE = "cf_model.json"
+CF_CHECKPOINT = "cf_model"  # the file stem of the stage-0 model in its folder
 PARTS = ("valid", "test")
 
 
@@ -230,30 +226,24 @@ class CFStage:
         save_cf_model(self.model, out, info)
 
 
-def _folder(url: str):
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
-
-
 def save_cf_model(model: SequentialCF, out: str, info: dict | None = None) -> None:
-    """``OUT/cf_model.safetensors`` + ``OUT/cf_model.json`` (the model's config and ``info``), each atomically."""
-    fs, root = _folder(out)
-    fs.makedirs(root, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    atomic_write(fs, posixpath.join(root, WEIGHTS_FILE), save_safetensors(tensors))
-    atomic_write(fs, posixpath.join(root, INFO_FILE), canonical_json({"config": model.config(), **(info or {})}))
+    """The model's tensors and ``{MODEL_CONFIG: model.config(), **info}`` into ``out`` (see the module docstring)."""
+    write_model(out, CF_CHECKPOINT, model.state_dict(), {MODEL_CONFIG: model.config(), **(info or {})})
 
 
 def load_cf_model(path: str) -> tuple[SequentialCF, dict]:
-    """(model in eval mode, the JSON info) from a folder written by ``save_cf_model``; no code is executed."""
-    fs, root = _folder(path)
-    info_path, weights_path = posixpath.join(root, INFO_FILE), posixpath.join(root, WEIGHTS_FILE)
-    if not fs.exists(info_path) or not fs.exists(weights_path):
-        raise FileNotFoundError(f"{path}: no {INFO_FILE} + {WEIGHTS_FILE}; train stage 0 first "
-                                "(e.g. `cllm4rec baselines --model sasrec --data DATA --model-out DIR`).")
-    info = json.loads(fs.cat_file(info_path))
-    model = build_cf_model(info["config"])
-    model.load_state_dict(load_safetensors(fs.cat_file(weights_path)), strict=True)
+    """(model in eval mode, the JSON info) from a complete folder written by ``save_cf_model``; no code runs."""
+    try:
+        tensors, info = read_model(path, CF_CHECKPOINT)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (A stage-0 model is saved by `cllm4rec baselines --model sasrec --data DATA "
+                              "--model-out DIR`.)") from None
+    try:
+        model = build_cf_model(info[MODEL_CONFIG])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its {MODEL_CONFIG!r} does not describe a CF model ({err!r}).") from None
+    check_tensors(f"{path} [{CF_CHECKPOINT}]", tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model.load_state_dict(tensors, strict=True)
     return model.eval(), info
 
 

@@ -19,6 +19,11 @@ A checkpoint folder holds
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
   file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
 
+A STANDALONE MODEL (``write_model`` / ``read_model``: e.g. A-LLMRec's stage-0 CF model, saved by
+``cllm4rec baselines --model sasrec --model-out DIR``) is a folder of the same kind: ``<name>.safetensors``
+(its tensors), ``<name>.json`` (what it is: ``{MODEL_CONFIG: the builder's config, ...}``) and the files
+record, written last; it is read only when complete.
+
 No backbone weights: the frozen backbone is recorded by path and tokenizer hash in the config/manifest and
 reloaded from its own checkpoint.
 
@@ -53,8 +58,11 @@ import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from cllm4rec_dist.corpus.shards import atomic_write
+from cllm4rec_dist.corpus.shards import atomic_write, canonical_json
 from cllm4rec_dist.errors import UserError
 
 TRAINER_FILE = "trainer.pt"
@@ -70,6 +78,10 @@ SHARDED_DIR = "sharded"
 # streams (A-LLMRec's data is indexed by (seed, epoch, step) directly).
 READER_FILE = "reader-rank{rank}.pt"
 READER = "reader"
+# A standalone model folder: <name> + these suffixes; the key of its JSON that rebuilds the model
+WEIGHTS_SUFFIX = ".safetensors"
+INFO_SUFFIX = ".json"
+MODEL_CONFIG = "config"
 _RECORD = "files-rank{rank}.json"
 _RECORD_RE = re.compile(r"files-rank(\d+)\.json$")
 
@@ -112,29 +124,38 @@ def sha256_file(fs, path: str) -> str:
 
 
 class CheckpointWriter:
-    """One rank's writes into a checkpoint folder: each file atomically, the rank's record last."""
+    """One rank's writes into a checkpoint folder (local, or any fsspec filesystem ``fs``): each file
+    atomically, the rank's record last."""
 
-    def __init__(self, directory: str, rank: int, world_size: int):
+    def __init__(self, directory: str, rank: int, world_size: int, fs=None):
         self.directory, self.rank, self.world_size = directory, rank, world_size
+        self.fs = fs or _local_fs()
         self.files: dict[str, dict] = {}
         self.sharded: dict[str, tuple[torch.Tensor, object]] = {}
         self.per_rank_state = False
-        os.makedirs(directory, exist_ok=True)
+        self.fs.makedirs(directory, exist_ok=True)
 
     def save(self, name: str, state: dict, per_rank: bool = False) -> None:
-        """``state``: tensors and plain data only (dicts, lists, tuples, numbers, strings, None). ``per_rank``: the
-        state is this rank's own partition of something (a ZeRO partition): the checkpoint then only loads on the
-        same number of ranks."""
-        path = os.path.join(self.directory, name)
+        """``state``: tensors and plain data only (dicts, lists, tuples, numbers, strings, None); streamed to a
+        temporary name, then renamed (optimizer states can be large: no in-memory copy). ``per_rank``: the state
+        is this rank's own partition of something (a ZeRO partition): the checkpoint then only loads on the same
+        number of ranks."""
+        path = posixpath.join(self.directory, name)
         tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with self.fs.open(tmp, "wb") as f:
+            torch.save(state, f)
+        self.fs.mv(tmp, path)
         self._record(name)
         self.per_rank_state |= per_rank
 
+    def save_bytes(self, name: str, data: bytes) -> None:
+        """An already serialised file (safetensors, JSON), written atomically and recorded."""
+        atomic_write(self.fs, posixpath.join(self.directory, name), data)
+        self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     def _record(self, name: str) -> None:
-        path = os.path.join(self.directory, name)
-        self.files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(_local_fs(), path)}
+        path = posixpath.join(self.directory, name)
+        self.files[name] = {"bytes": self.fs.size(path), "sha256": sha256_file(self.fs, path)}
 
     def add_sharded(self, key: str, local: torch.Tensor, layout) -> None:
         """A tensor of the sharded part: this rank's rows ``local`` of a row-sharded tensor (``layout``: a
@@ -142,14 +163,15 @@ class CheckpointWriter:
         self.sharded[key] = (local.detach(), layout)
 
     def finish(self, step: int) -> None:
-        """Write the sharded part (a collective: every rank calls it), then this rank's record."""
+        """Write the sharded part (a collective: every rank calls it; DCP writes to a local folder), then this
+        rank's record."""
         if self.sharded:
             for name in write_sharded(os.path.join(self.directory, SHARDED_DIR), self.sharded, self.rank):
                 self._record(posixpath.join(SHARDED_DIR, name))
         record = {"step": step, "rank": self.rank, "world_size": self.world_size, "files": self.files,
                   "reshardable": bool(self.sharded) and not self.per_rank_state}
-        path = os.path.join(self.directory, _RECORD.format(rank=self.rank))
-        write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+        path = posixpath.join(self.directory, _RECORD.format(rank=self.rank))
+        atomic_write(self.fs, path, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- row-sharded tensors (DCP)
@@ -309,6 +331,57 @@ def check_optimizer_state(source: str, state: dict, param_groups: list[list[torc
                                       f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}.")
 
 
+def load_trainable(model, state: dict[str, torch.Tensor], source: str = "saved weights") -> None:
+    """Copy saved trainable tensors into ``model`` (its parameters with requires_grad); a missing, extra or
+    misshapen tensor is an error naming ``source``."""
+    check_tensors(source, state, trainable_shapes(model))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+# --------------------------------------------------------------------------- a standalone model
+
+
+def write_model(out: str, name: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """``out/<name>.safetensors`` + ``out/<name>.json`` (``info``, which must hold ``MODEL_CONFIG``), each
+    atomically, then the files record: a checkpoint folder ``read_model`` accepts only when complete."""
+    require_keys(f"{name}{INFO_SUFFIX}", info, (MODEL_CONFIG,))
+    fs, root = _fs(out)
+    writer = CheckpointWriter(root, 0, 1, fs)
+    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    writer.save_bytes(name + WEIGHTS_SUFFIX, save_safetensors(tensors))
+    writer.save_bytes(name + INFO_SUFFIX, canonical_json(info))
+    writer.finish(step=0)
+
+
+def read_model(source: str, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, info) of a complete folder written by ``write_model``; safetensors and JSON only, so reading
+    runs no code. The caller builds the model from ``info[MODEL_CONFIG]`` and checks the tensors against it
+    (``check_tensors``)."""
+    fs, root = _fs(source)
+    weights, info_path = posixpath.join(root, name + WEIGHTS_SUFFIX), posixpath.join(root, name + INFO_SUFFIX)
+    if not fs.exists(weights) and not fs.exists(info_path):
+        raise CheckpointError(f"{source}: no {name}{WEIGHTS_SUFFIX} + {name}{INFO_SUFFIX}; pass the folder the "
+                              "model was saved to.")
+    reason = incomplete_reason(root, fs=fs)
+    if reason is not None:
+        raise CheckpointError(f"{source}: not a complete {name} checkpoint ({reason}); save the model again.")
+    try:
+        info = json.loads(fs.cat_file(info_path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{info_path}: not JSON ({err}); save the model again.") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{info_path}: holds a {type(info).__name__}, not a JSON object; save the model again.")
+    require_keys(info_path, info, (MODEL_CONFIG,))
+    try:
+        tensors = load_safetensors(fs.cat_file(weights))
+    except (SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{weights}: cannot be read as safetensors ({err}); save the model again.") from None
+    return tensors, info
+
+
 # --------------------------------------------------------------------------- RNG states as plain data
 
 
@@ -394,17 +467,30 @@ def _row_shards(model) -> dict:
     return model.row_shards() if hasattr(model, "row_shards") else {}
 
 
+def read_trainer_file(folder: str, fs=None, model=None) -> dict:
+    """``folder``'s trainer.pt: ``{SNAPSHOT, TRAINABLE, BEST}``, the snapshot's keys checked and, with ``model``,
+    TRAINABLE and BEST checked against its trainable parameters that are not row-sharded (those live in
+    ``sharded/``). Resume, init_from and export all read here."""
+    path = posixpath.join(folder, TRAINER_FILE)
+    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
+    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
+    if model is not None:
+        shards = _row_shards(model)
+        expected = {n: shape for n, shape in trainable_shapes(model).items() if n not in shards}
+        check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
+        if blob[BEST] is not None:
+            check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
+    return blob
+
+
 def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
     """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
     checkpoint), checked against ``model`` (e.g. for init_from)."""
     fs, folder = resolve_checkpoint(source)
-    path = posixpath.join(folder, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
     if _row_shards(model) or fs.exists(posixpath.join(folder, SHARDED_DIR)):
         raise CheckpointError(f"{folder}: initialising from a checkpoint is for replicated tables; with row-sharded "
                               "tables resume the run itself (--resume, any number of ranks) instead.")
-    check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], trainable_shapes(model))
-    return blob[TRAINABLE]
+    return read_trainer_file(folder, fs, model)[TRAINABLE]
 
 
 def write_checkpoint(trainer, directory: str) -> None:
@@ -431,14 +517,8 @@ def write_checkpoint(trainer, directory: str) -> None:
 
 def read_checkpoint(trainer, directory: str) -> None:
     """Restore a trainer (and its engines) from a verified checkpoint folder."""
-    path = os.path.join(directory, TRAINER_FILE)
-    blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST))
-    require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
+    blob = read_trainer_file(directory, model=trainer.model)
     shards = _row_shards(trainer.model)
-    expected = {n: shape for n, shape in trainable_shapes(trainer.model).items() if n not in shards}
-    check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
-    if blob[BEST] is not None:
-        check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
     trainable, best = dict(blob[TRAINABLE]), None if blob[BEST] is None else dict(blob[BEST])
     if shards:  # this rank's rows, from whatever rows each saved rank held
         params = dict(trainer.model.named_parameters())

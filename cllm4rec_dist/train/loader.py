@@ -27,18 +27,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.prompts import arrange_items, doc_rng, rec_prompt
 from cllm4rec_dist.corpus.shards import partition_parts
 from cllm4rec_dist.corpus.stream import PartitionReader
-from cllm4rec_dist.model.batch import LMBatch, RecBatch, RowLayout, pack_rows
-
-_STREAM = {"order": 1, "mask": 2}  # 3 and 4: the epoch order (corpus/stream.py)
-
-
-def doc_rng(seed: int, epoch: int, doc: int, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, doc, _STREAM[stream]])
+from cllm4rec_dist.model.batch import LMBatch, RecBatch
 
 
 @dataclass
@@ -140,12 +134,9 @@ class CorpusBatches:
         return None
 
     def _items(self, items: list[int], epoch: int, doc: int, budget: int) -> list[int]:
-        """Reorder (or keep) a user's items and fit them into ``budget`` tokens."""
-        items = list(items)
-        if self.s.reorder:
-            items = [items[k] for k in doc_rng(self.s.seed, epoch, doc, "order").permutation(len(items))]
-            return items[: max(budget, 0)]
-        return items[-budget:] if budget > 0 else []
+        """Reorder (or keep) a user's items and fit them into ``budget`` tokens (corpus/prompts.py)."""
+        order = doc_rng(self.s.seed, epoch, doc, "order") if self.s.reorder else None
+        return arrange_items(items, budget, order)
 
     def _lm_batch(self, docs: list[dict], ids: list[int], epoch: int) -> LMBatch:
         rows, prompt_lengths = [], []
@@ -166,7 +157,7 @@ class CorpusBatches:
             kept, held_out = mask_items(doc["items"], self.s.mask_ratio, doc_rng(self.s.seed, epoch, doc_id, "mask"))
             budget = self.s.max_length - len(doc["prompt_prefix"]) - len(doc["prompt_suffix"])
             kept = self._items(kept, epoch, doc_id, budget)
-            rows.append(doc["prompt_prefix"] + [self.space.item_token(i) for i in kept] + doc["prompt_suffix"])
+            rows.append(rec_prompt(doc, kept, self.space))
             users.append(doc["user"])
             target_rows.extend([row] * len(held_out))
             target_items.extend(held_out)
@@ -186,27 +177,3 @@ def mask_items(items: list[int], ratio: float, rng: np.random.Generator) -> tupl
         held[rng.integers(n)] = False
     return [i for i, h in zip(items, held) if not h], [i for i, h in zip(items, held) if h]
 
-
-def prediction_prompts(docs: list[dict], space: TokenSpace, style: str = "rec", max_length: int = 1024,
-                       seed: int = 0, pack: bool = True, reorder: bool = True) -> RowLayout:
-    """Prompts for scoring: ALL train items of each user (no masking).
-
-    style 'rec' = prefix + items + suffix (the finetuned RecLLM); 'collab' = prefix +
-    items, predicting the next item as the L-step does (the paper's LLM-PreRec).
-    Items in the order the model trained on: with ``reorder`` (stochastic reordering in training) a
-    fixed shuffle (seeded), so it matches neither file order nor ids; without it (LLM-FixOrd) the
-    stored order, cut to the latest items as the training batches are.
-    Document k of the returned layout is the prompt of ``docs[k]`` (packed unless ``pack`` is off).
-    """
-    rows = []
-    for doc in docs:
-        suffix = doc["prompt_suffix"] if style == "rec" else []
-        items = list(doc["train"])
-        budget = max_length - len(doc["prompt_prefix"]) - len(suffix)
-        if reorder:
-            order = doc_rng(seed, 0, int(doc["user"]), "order").permutation(len(items))
-            items = [items[k] for k in order][:budget]
-        else:
-            items = items[-budget:] if budget > 0 else []
-        rows.append(doc["prompt_prefix"] + [space.item_token(i) for i in items] + suffix)
-    return pack_rows(rows, pack)

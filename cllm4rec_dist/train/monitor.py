@@ -30,6 +30,39 @@ def read_train_log(run_dir: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class PendingSteps:
+    """Per-step scalars kept as device tensors until the next flush, then averaged over ranks in ONE all-reduce
+    (so a step never waits for the device or the network to log). Every rank must flush at the same steps (every
+    ``log_every`` steps, at block/stage ends and before checkpoints); steps may carry different numbers of values.
+    Shared by every recipe's coordinator."""
+
+    def __init__(self, device="cpu"):
+        self.device = device  # where the values wait and are reduced: the model's device (NCCL reduces on the GPU)
+        self.steps: list[tuple[tuple, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, facts: tuple, values) -> None:
+        """``facts``: what the monitor needs about the step (plain data); ``values``: its scalars (tensors or floats)."""
+        self.steps.append((facts, torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(self.device)
+                                               for v in values])))
+
+    def reduce(self, mean) -> list[tuple[tuple, list[float]]]:
+        """(facts, rank-averaged values) of every pending step, oldest first; ``mean``: one all-reduce over a 1-D
+        tensor (``Rank.mean``). Empties the buffer; nothing pending: no all-reduce."""
+        if not self.steps:
+            return []
+        sizes = [v.numel() for _, v in self.steps]
+        flat = mean(torch.cat([v for _, v in self.steps])).tolist()
+        out, start = [], 0
+        for (facts, _), size in zip(self.steps, sizes):
+            out.append((facts, flat[start:start + size]))
+            start += size
+        self.steps = []
+        return out
+
+
 class Monitor:
     def __init__(self, run_dir: str, is_main: bool, log_every: int = 10, world_size: int = 1,
                  resume_step: int = 0):

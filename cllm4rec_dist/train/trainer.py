@@ -20,9 +20,10 @@ from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
 from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, check_tensors, restore_rng, trainable_shapes
+from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
+from cllm4rec_dist.train.monitor import PendingSteps
 from cllm4rec_dist.train.schedule import Block
 from cllm4rec_dist.train.timing import PhaseTimer
 
@@ -83,7 +84,7 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.restored_config: dict | None = None
         self.device = model.item_head_weight().device
-        self.unlogged: list[tuple[tuple, torch.Tensor]] = []  # (step facts, LOGGED values on the device)
+        self.unlogged = PendingSteps(self.device)  # (step facts, LOGGED values on the device) until the next flush
         self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -139,11 +140,10 @@ class Trainer:
                 out = self.train_step(kind, regularize=block.phase != "warmup" or cfg.schedule.warmup_mr)
                 self.state.step += 1
                 self.state.global_step += 1
-                values = torch.stack([torch.as_tensor(out[k], dtype=torch.float64).to(self.device) for k in LOGGED])
                 seconds = time.perf_counter() - start
                 self.timer.add("train_steps", seconds)
-                self.unlogged.append(((self.state.global_step, block, kind, seconds, total,
-                                       self.engines[ENGINE_OF[kind]].lr), values))
+                self.unlogged.add((self.state.global_step, block, kind, seconds, total,
+                                   self.engines[ENGINE_OF[kind]].lr), [out[k] for k in LOGGED])
                 if self.state.global_step % cfg.log_every == 0:
                     self.flush_log()
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
@@ -162,12 +162,10 @@ class Trainer:
         """Hand the steps not yet logged to the monitor, averaged over ranks in ONE all-reduce.
 
         Every rank calls this at the same steps (every log_every steps, block ends, checkpoints)."""
-        if not self.unlogged:
-            return
-        values = self.r.mean(torch.stack([v for _, v in self.unlogged])).tolist()
-        for (facts, _), row in zip(self.unlogged, values):
-            self.log.step(*facts, row)
-        self.unlogged = []
+        if self.unlogged:
+            with self.timer.phase("log_reduce"):
+                for facts, row in self.unlogged.reduce(self.r.mean):
+                    self.log.step(*facts, row)
 
     # ---- evaluation and model selection --------------------------------------------------------
 
@@ -270,15 +268,6 @@ class Trainer:
         self.load_trainable_state(trainable)
         self.best_weights = best
         restore_rng(snapshot["rng"])
-
-
-def load_trainable(model, state: dict[str, torch.Tensor], source: str = "saved weights") -> None:
-    """Copy saved tables/heads into the model; a missing, extra or misshapen tensor is an error naming ``source``."""
-    check_tensors(source, state, trainable_shapes(model))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 def write_json_atomic(path: str, obj) -> None:
