@@ -11,11 +11,15 @@ Their code is NOT part of this project: pass the folder of a checkout you fetche
   fails with a size mismatch);
 * ``model.py`` calls ``F.log_softmax`` without importing ``F`` (NameError in the finetuning head).
 
+and, unless ``--full-schedule``, ``benchmarks/llm4rec_one_epoch.patch``, which is NOT a crash fix: their epoch
+counts (10 / 100 / 150, constants in the scripts) are read from ``$LLM4REC_EPOCHS`` (set to 1 here), so that the
+pretraining phase's first epoch does not wait for 10 warm-up epochs. The loops themselves are untouched.
+
 Their code needs transformers 4.x (their requirements.txt pins 4.24.0; transformers 5 has no slow GPT-2
 tokenizer ``encoder``): give ``--authors-python`` a Python that has it, e.g. a venv with
 ``pip install transformers==4.24.0`` whose other packages (torch, accelerate, scipy, fsspec) are this project's.
 
-What runs, on the same documents (``--data``, default: a small synthetic demo, 200 users x 160 items before its 5-core filter,
+What runs, on the same documents (``--data``, default: a small synthetic demo, 160 users x 120 items before its 5-core filter,
 preprocessed with the tiny-gpt2 preset; converted to their layout by ``benchmarks/llm4rec_format.py``) and the same backbone weights:
 
 | phase | theirs | ours (``cllm4rec train``, one process, torch Adam) |
@@ -35,6 +39,7 @@ theirs tokenises text in the DataLoader's collate, ours reads pre-tokenised docu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +54,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 PATCH = os.path.join(HERE, "llm4rec_authors.patch")
+SCHEDULE_PATCH = os.path.join(HERE, "llm4rec_one_epoch.patch")  # epochs from $LLM4REC_EPOCHS (not a crash fix)
 DATASET = "demo"
 # Their progress lines that close each measured span (in the order they print).
 TRAINING_MARKS = [
@@ -77,11 +83,14 @@ def parse_args(argv=None):
                    help="Python with transformers 4.x for their code (default: this one)")
     p.add_argument("--data", default=None,
                    help="preprocessed dataset with a GPT-2 backbone; default: the demo, preprocessed with tiny-gpt2")
-    p.add_argument("--demo-users", type=int, default=200, help="size of the synthetic demo (without --data)")
-    p.add_argument("--demo-items", type=int, default=160, help="(their validation needs >= 100 items: NDCG@100)")
+    p.add_argument("--demo-users", type=int, default=160, help="size of the synthetic demo (without --data)")
+    p.add_argument("--demo-items", type=int, default=120, help="(their validation needs >= 100 items: NDCG@100)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of both runs")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each of their scripts")
+    p.add_argument("--full-schedule", action="store_true",
+                   help="run their scripts with their own epoch counts (10 warm-up epochs before the pretraining "
+                        "phase's first) instead of applying llm4rec_one_epoch.patch with 1 epoch per phase")
     p.add_argument("--lambda-v", type=float, default=1.0, help="their --lambda_V (ours: model.lambda_c)")
     return p.parse_args(argv)
 
@@ -107,26 +116,29 @@ def check_authors_code(path: str, python: str) -> None:
 
 
 def build_demo_gpt2(out: str, users: int, items: int) -> str:
-    """The synthetic demo (the launcher's generator, ``users`` x ``items``, 5-12 items a user), preprocessed with
+    """The synthetic demo (the launcher's generator, ``users`` x ``items``, 5-8 items a user), preprocessed with
     the tiny-gpt2 preset (their code is GPT-2 only)."""
     from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
     from cllm4rec_dist.data.demo import DemoConfig, write
     from cllm4rec_dist.data.protocol import ProtocolConfig
     from cllm4rec_dist.data.readers import ReaderOptions
 
-    write(f"{out}-raw", DemoConfig(num_users=users, num_items=items, min_items_per_user=5, max_items_per_user=12))
+    write(f"{out}-raw", DemoConfig(num_users=users, num_items=items, min_items_per_user=5, max_items_per_user=8))
     preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[f"{out}-raw"]), out=out,
                                 backbone="tiny-gpt2", protocol=ProtocolConfig(split="random")))
     return out
 
 
-def prepare_authors_code(checkout: str, work: str) -> str:
-    """Copy their src/ into ``work`` and apply the crash-only patch; returns the folder to run in."""
+def prepare_authors_code(checkout: str, work: str, schedule_patch: bool) -> str:
+    """Copy their src/ into ``work`` and apply the crash-only patch (and the schedule one); returns the folder
+    to run in."""
     dest = os.path.join(work, "authors")
     shutil.copytree(os.path.join(checkout, "src"), os.path.join(dest, "src"))
-    done = subprocess.run(["patch", "-p1", "--forward", "-i", PATCH], cwd=dest, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{PATCH} does not apply to {checkout} (another version of their code?):\n{done.stdout}{done.stderr}")
+    for patch in [PATCH, SCHEDULE_PATCH] if schedule_patch else [PATCH]:
+        done = subprocess.run(["patch", "-p1", "--forward", "-i", patch], cwd=dest, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{patch} does not apply to {checkout} (another version of their code?):\n"
+                             f"{done.stdout}{done.stderr}")
     src = os.path.join(dest, "src")
     os.makedirs(os.path.join(src, "tmp", "gpt2"), exist_ok=True)  # their local cache; fsspec does not mkdir
     return src
@@ -142,6 +154,7 @@ def run_marked(cmd: list[str], cwd: str, env: dict, marks: list[tuple[str, str]]
         try:
             for line in proc.stdout:
                 out.write(line)
+                out.flush()
                 if pending and pending[0][1] in line:
                     stamps[pending.pop(0)[0]] = time.perf_counter() - start
                     if not pending:
@@ -151,6 +164,8 @@ def run_marked(cmd: list[str], cwd: str, env: dict, marks: list[tuple[str, str]]
         finally:
             proc.kill()
             proc.wait()
+    with open(f"{log}.stamps.json", "w", encoding="utf-8") as f:  # what was reached, kept even on failure
+        json.dump(stamps, f)
     if pending:
         raise SystemExit(f"{' '.join(cmd)}: stopped before {pending[0][1]!r} (see {log})")
     return stamps
@@ -158,6 +173,8 @@ def run_marked(cmd: list[str], cwd: str, env: dict, marks: list[tuple[str, str]]
 
 def run_authors(src: str, root: str, python: str, env: dict, args, work: str) -> dict:
     env = dict(env, LLM4REC_SERVER_ROOT=root)
+    if not args.full_schedule:
+        env["LLM4REC_EPOCHS"] = "1"
     common = ["--dataset", DATASET, "--lambda_V", str(args.lambda_v)]
     t = run_marked([python, "-u", "training.py", *common], src, env, TRAINING_MARKS, args.timeout,
                    os.path.join(work, "authors-training.log"))
@@ -219,36 +236,44 @@ def corpus_tokens(data: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_authors_code(args.authors_code, args.authors_python)
-    from llm4rec_format import write_authors_layout
-
     work = args.work or tempfile.mkdtemp(prefix="bench-authors-")
     os.makedirs(work, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false")
     try:
-        data = args.data or build_demo_gpt2(os.path.join(work, "data"), args.demo_users, args.demo_items)
-        root = os.path.join(work, "root")
-        sizes = write_authors_layout(data, root, DATASET)
-        src = prepare_authors_code(args.authors_code, work)
-        theirs = run_authors(src, root, args.authors_python, env, args, work)
-        ours = run_ours(data, env, args, work)
-        tokens = corpus_tokens(data)
-        phase_tokens = {"warmup": tokens["content"], "pretrain": tokens["collab"] + tokens["content"],
-                        "finetune": tokens["rec"] + tokens["content"]}
-        result = {"dataset": sizes, "backbone": "tiny-gpt2 preset (GPT-2, n_embd 64, 2 layers, 4 heads, vocab 512)",
-                  "threads": args.threads, "patch": os.path.relpath(PATCH, ROOT), "theirs": theirs, "ours": ours,
-                  "corpus_tokens": tokens}
-        for phase in ("warmup", "pretrain", "finetune"):
-            mine, their = ours[phase]["epoch_s"], theirs[phase]["epoch_s"]
-            result[phase] = {"ours_s": round(mine, 2), "theirs_s": round(their, 2),
-                             "speedup_ours_vs_theirs": round(their / mine, 2),
-                             "ours_tokens_per_s": round(phase_tokens[phase] / mine),
-                             "theirs_tokens_per_s": round(phase_tokens[phase] / their)}
+        with contextlib.redirect_stdout(sys.stderr):  # preprocessing's progress lines: stdout is for the JSON
+            result = compare(args, work, env)
         print(json.dumps(result, indent=1))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def compare(args, work: str, env: dict) -> dict:
+    from llm4rec_format import write_authors_layout
+
+    data = args.data or build_demo_gpt2(os.path.join(work, "data"), args.demo_users, args.demo_items)
+    root = os.path.join(work, "root")
+    sizes = write_authors_layout(data, root, DATASET)
+    src = prepare_authors_code(args.authors_code, work, not args.full_schedule)
+    theirs = run_authors(src, root, args.authors_python, env, args, work)
+    ours = run_ours(data, env, args, work)
+    tokens = corpus_tokens(data)
+    phase_tokens = {"warmup": tokens["content"], "pretrain": tokens["collab"] + tokens["content"],
+                    "finetune": tokens["rec"] + tokens["content"]}
+    result = {"dataset": sizes, "backbone": "tiny-gpt2 preset (GPT-2, n_embd 64, 2 layers, 4 heads, vocab 512)",
+              "threads": args.threads,
+              "patches": [os.path.relpath(p, ROOT) for p in [PATCH] + ([] if args.full_schedule else [SCHEDULE_PATCH])],
+              "theirs": theirs, "ours": ours,
+              "corpus_tokens": tokens}
+    for phase in ("warmup", "pretrain", "finetune"):
+        mine, their = ours[phase]["epoch_s"], theirs[phase]["epoch_s"]
+        result[phase] = {"ours_s": round(mine, 2), "theirs_s": round(their, 2),
+                         "speedup_ours_vs_theirs": round(their / mine, 2),
+                         "ours_tokens_per_s": round(phase_tokens[phase] / mine),
+                         "theirs_tokens_per_s": round(phase_tokens[phase] / their)}
+    return result
 
 
 if __name__ == "__main__":

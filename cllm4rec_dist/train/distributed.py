@@ -155,9 +155,10 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
                 ray.init(address=address, **quiet)
             else:
                 needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-                # Token authentication, which Ray turns on for a new local cluster anyway, chosen explicitly:
-                # Ray then does not print its "Token authentication is enabled ..." notice on the console.
-                os.environ.setdefault("RAY_AUTH_MODE", "token")
+                # Ray turns token authentication on for a new local cluster and says so on the console each time
+                # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token
+                # instead stops Ray from creating the cluster's token: the workers then cannot connect.)
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
                 # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
                 # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
