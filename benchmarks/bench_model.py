@@ -21,6 +21,7 @@
     python benchmarks/bench_model.py                       # tiny random LLaMA, CPU, a couple of minutes
     python benchmarks/bench_model.py --device cuda --hidden 1024 --positions 2048
     python benchmarks/bench_model.py --backbone DIR        # a real checkpoint instead of the random one
+    python benchmarks/bench_model.py --shape smollm2 --part throughput   # SmolLM2-135M's shapes, random weights
 
 (c) per step kind on real batches (benchmarks/step_kinds.py): one JSON line per (precision, layout, step)
     with tokens/s, the real-token fraction and the fraction of the machine's matmul rate:
@@ -52,6 +53,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_kinds  # noqa: E402
 
 
+# Random-backbone shapes: LlamaConfig fields (None = from --hidden/--layers/--vocab).
+SHAPES = {
+    "args": None,
+    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},  # SmolLM2-135M
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -63,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--precision", default="fp32",
                    help="fp32, bf16, int8 or nf4; the steps part takes a comma-separated list")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="args",
+                   help="random backbone: 'args' = the sizes below (heads = hidden/32, MLP 4 x hidden); 'smollm2' = "
+                        "SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, vocab 49,152, "
+                        "tied embeddings) with random weights")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (random backbone, and the memory part)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
@@ -146,15 +159,17 @@ def median_step_seconds(steps: dict, rounds: int, device) -> dict:
 
 
 def save_random_backbone(args, directory: str) -> None:
-    """A random LLaMA of ``--hidden/--layers/--vocab`` saved to ``directory`` (seeded: the same every time)."""
+    """A random LLaMA of ``--shape`` (or ``--hidden/--layers/--vocab``) saved to ``directory`` (seeded: the same
+    every time)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     heads = max(1, args.hidden // 32)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 128),
-                         tie_word_embeddings=False)
+    shape = SHAPES[getattr(args, "shape", "args")] or {
+        "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden, "num_hidden_layers": args.layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": args.vocab,
+        "tie_word_embeddings": False}
+    config = LlamaConfig(max_position_embeddings=max(args.seq_len, 128), **shape)
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
@@ -203,7 +218,10 @@ def bench_throughput(args, device):
         result[name] = {"tokens_per_s": round(num_tokens / seconds[name], 1),
                         "baseline_tokens_per_s": round(num_tokens / baseline, 1),
                         "time_ratio_vs_baseline": round(seconds[name] / baseline, 3)}
-    return {"backbone": args.backbone or f"random LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}",
+    shape = SHAPES[args.shape]
+    random_backbone = (f"random LLaMA of SmolLM2-135M's shape ({shape})" if shape else
+                       f"random LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}")
+    return {"backbone": args.backbone or random_backbone,
             "precision": args.precision, "users": args.users, "items": args.items,
             "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, **result}
 

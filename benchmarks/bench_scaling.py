@@ -64,13 +64,12 @@ def worker(rank: int, world: int, port: int, args, results) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed
         import torch.distributed as dist
 
         from cllm4rec_dist.model import losses
-        from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+        from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed()
         device = torch.device("cpu")
         model = bench_model.build_model(args.model, device)
         torch.manual_seed(rank)  # each worker its own batch of the same shape

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from cllm4rec_dist.errors import run_command
+from cllm4rec_dist.quiet import quiet_libraries
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted in (None, name):
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
+    quiet_libraries()
     return run_command(importlib.import_module(COMMANDS[args.command][0]).run, args)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from cllm4rec_dist.quiet import quiet_libraries
 from cllm4rec_dist.resources import DEMO_DATASETS, demo_data_dir, packaged, resolve_path
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.timing import PhaseTimer, read_timing, write_timing
@@ -24,6 +25,7 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig,
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = p.parse_args(argv)
     args.config = resolve_path(args.config) if args.config else DEFAULT_CONFIG
+    quiet_libraries()
     return config_from_args(args), args
 
 
@@ -59,9 +61,6 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: Phas
         from cllm4rec_dist.export.command import export_checkpoint
 
         result["export"] = os.path.join(cfg.out, "export")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the backbone loads again for the export: no progress bar on the console
         with timer.phase("export"):
             export_checkpoint(cfg.out, result["export"])
     timer.mark("finished")

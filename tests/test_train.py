@@ -75,7 +75,7 @@ def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(ref
     rank0 = json.loads((out / "timing.json").read_text())["rank0"]
     assert rank0["counts"]["validation"] == sum(b.evaluate for b in blocks) and rank0["counts"]["test"] == 1
     assert rank0["counts"]["train_steps"] == sum(b.steps for b in blocks)
-    assert rank0["counts"]["checkpoints"] == len(blocks)  # checkpoint_every 0: one per block
+    assert rank0["counts"]["checkpoints"] == 1  # checkpoint_interval_s 600 on a short run: the end of training only
     # logged scalars are all-reduced once per log_every steps and at block ends, not once per step
     steps, log_every = sum(b.steps for b in blocks), tiny_config(demo_data, str(out)).log_every
     assert len(blocks) <= rank0["counts"]["log_reduce"] <= len(blocks) + steps // log_every < steps
@@ -101,12 +101,14 @@ def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, demo_
     blocks = schedule_of(tiny_config(demo_data, str(tmp_path)), demo_data)
     stop_at = blocks[0].steps + blocks[1].steps // 2  # in the middle of the first pretraining block
     assert blocks[1].phase == "pretrain" and "L" in blocks[1].kinds[: blocks[1].steps // 2]
-    partial = run_reference(tiny_config(demo_data, str(tmp_path), max_steps=stop_at))
+    partial = run_reference(tiny_config(demo_data, str(tmp_path), max_steps=stop_at, checkpoint_interval_s=0))
     assert partial["stopped"] and partial["global_step"] == stop_at
     # the checkpoint holds the streams' state mid-epoch (the buffer partly replaced), which the resume seeks to
     checkpoint = max((tmp_path / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
     streams = torch.load(checkpoint / READER_FILE.format(rank=0), weights_only=True)[READER]
     assert {"L", "C", "rec"} == set(streams) and 0 < streams["C"][0]["index"] and streams["C"][0]["admitted"] > 48
+    # checkpoint_interval_s 0: one at the end of the warm-up block, one at the stop
+    assert json.loads((tmp_path / "timing.json").read_text())["rank0"]["counts"]["checkpoints"] == 2
     resumed = run_reference(tiny_config(demo_data, str(tmp_path)))
     log = read_train_log(tmp_path)
     assert [r["global_step"] for r in log] == [r["global_step"] for r in uninterrupted]
@@ -283,3 +285,15 @@ def test_select_on_authors_keeps_the_epoch_with_the_best_metric_sum(demo_data, t
     sums = [h["recall@20"] + h["recall@40"] + h["ndcg@100"] for h in result["history"]]
     assert result["best"]["epoch"] == result["history"][sums.index(max(sums))]["epoch"]
     assert result["valid"]["recall@20"] == result["history"][sums.index(max(sums))]["recall@20"]
+
+
+def test_checkpoint_clock_is_due_after_its_interval_and_resets_on_save():
+    from cllm4rec_dist.train.checkpoint import CheckpointClock
+
+    assert CheckpointClock(0).due()  # 0: every block end
+    clock = CheckpointClock(3600)
+    assert not clock.due()
+    clock.last -= 3601  # an hour later
+    assert clock.due()
+    clock.saved()
+    assert not clock.due()

@@ -37,7 +37,7 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import TrainConfig
-from cllm4rec_dist.train.checkpoint import capture_rng, load_trainable, restore_rng
+from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
@@ -125,6 +125,7 @@ class ALLMRecTrainer:
                              "(history, next item) pairs")
         self.cold = torch.tensor([c == 0 for c in data.train_counts], dtype=torch.bool)
         self.joint: torch.Tensor | None = None  # [J, d'] e_i, fixed after stage 1
+        self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class ALLMRecTrainer:
                 self.state.epoch += 1
                 self.state.step = 0
                 self._timed(name, time.time() - start)
-                if not cfg.checkpoint_every:
+                if not cfg.checkpoint_every and (self.state.epoch == epochs or self.checkpoint_clock.due()):
                     self.save_checkpoint()
             self.model.eval()
             self._advance("llm" if name == "align" else "eval")
@@ -401,6 +402,7 @@ class ALLMRecTrainer:
         self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
         with self.timer.phase("checkpoints"):
             self.sink.save(self)
+        self.checkpoint_clock.saved()
 
     def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None:
         self.state = ALLMRecState(**snapshot["state"])

@@ -52,6 +52,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 
 import fsspec
@@ -118,6 +119,29 @@ def sha256_file(fs, path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class CheckpointClock:
+    """When a block-end (epoch-end) checkpoint is due under ``checkpoint_interval_s``.
+
+    Every rank asks at the same points and gets rank 0's answer (one tiny all-reduce per block), so that all
+    ranks save together (a checkpoint is collective: each rank writes its optimizer partition)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        due = self.interval_s == 0 or time.monotonic() - self.last >= self.interval_s
+        if not (dist.is_available() and dist.is_initialized()):
+            return due
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(due) if dist.get_rank() == 0 else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 # --------------------------------------------------------------------------- writing

@@ -220,7 +220,12 @@ class TrainConfig:
     dist: DistSettings = field(default_factory=DistSettings)
     allmrec: ALLMRecSettings = field(default_factory=ALLMRecSettings)
     checkpoint_every: int = 0
-    """Save a checkpoint every N optimizer steps (0 = at the end of every schedule block)."""
+    """Save a checkpoint every N optimizer steps (0 = at block ends, as checkpoint_interval_s says)."""
+    checkpoint_interval_s: float = 600.0
+    """With checkpoint_every 0: at the end of a schedule block (an A-LLMRec epoch), save a checkpoint only when
+    this many seconds have passed since the last one (0 = at every block end). The end of training always saves
+    (with the best validation weights), and so does a stop at max_steps. A resume replays the steps since the
+    last checkpoint exactly, so a longer interval risks recomputation, never a different result."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept (older ones are deleted)."""
     log_every: int = 10
@@ -301,7 +306,7 @@ class TrainConfig:
         for name in ("num_workers", "cpus_per_worker"):
             _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")
         _require(self.dist.max_failures >= -1, "dist.max_failures", self.dist.max_failures, ">= -1 (-1: no limit)")
-        for name in ("checkpoint_every", "max_steps"):
+        for name in ("checkpoint_every", "max_steps", "checkpoint_interval_s"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         for name in ("keep_checkpoints", "log_every", "simulate_ranks"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")

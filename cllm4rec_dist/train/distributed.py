@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
-from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
 from cllm4rec_dist.train.monitor import CONSOLE_FILE
 from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
@@ -89,9 +89,9 @@ def ray_worker_loop(config: dict) -> None:
     with timer.phase("worker_imports"):
         import ray.train
 
-        import deepspeed
+        import deepspeed  # noqa: F401
     with timer.phase("init_distributed"):
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
     cfg = config_from_dict(config, "ray train_loop_config")
     recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints), timer).setup()
     _install_kill_hook(recipe)
@@ -155,7 +155,14 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
                 ray.init(address=address, **quiet)
             else:
                 needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+                # Ray turns token authentication on for a new local cluster and says so on the console each time
+                # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token
+                # instead stops Ray from creating the cluster's token: the workers then cannot connect.)
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+                # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
+                # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
+                env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
                 ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}, **quiet)
                 started_here = True
@@ -229,13 +236,11 @@ def copy_ray_logs(destination: str) -> None:
 
 def run_torch_distributed(cfg: TrainConfig) -> dict:
     """One process of `deepspeed launchers/finetune.py` / torchrun (env:// rendezvous)."""
-    import deepspeed
-
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ConfigError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
                                "(or torchrun), or use `cllm4rec train` for one process.")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     cfg.out = cfg.out or default_run_dir()
     lock = RunLock(cfg.out)
     refusal = None

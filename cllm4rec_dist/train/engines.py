@@ -121,6 +121,22 @@ def load_ds_config(path: str, micro_batch: int, world_size: int, grad_clip: floa
     return ds
 
 
+def init_distributed() -> None:
+    """``deepspeed.init_distributed`` (NCCL with GPUs, else gloo) WITHOUT DeepSpeed's shared-memory all-reduce op.
+
+    That op serves DeepSpeed inference only (``inference_all_reduce``; training's all-reduces go through
+    torch.distributed), but DeepSpeed builds it in every process that initialises its communication: it
+    probes every op builder with compiler subprocesses and JIT-compiles the op's C++ (20-95 s per run here:
+    the build cache is rebuilt whenever another venv or flag set used it). ``build_shm_op`` returning None is
+    DeepSpeed's own "op not available" path (its inference all-reduce then falls back to torch.distributed).
+    """
+    import deepspeed
+    import deepspeed.comm.torch as ds_comm_torch
+
+    ds_comm_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
 class DeepSpeedEngine(TorchEngine):
     """A DeepSpeed ZeRO engine over one parameter group (the optimizer state is partitioned across ranks)."""
 

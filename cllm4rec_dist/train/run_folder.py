@@ -25,7 +25,8 @@ from cllm4rec_dist.errors import UserError
 LOCK_FILE = ".lock"
 # Settings a resume may change: locations, logging and checkpoint cadence, how long to run, evaluation batching.
 NEUTRAL = frozenset({
-    "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "init_from",
+    "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "checkpoint_interval_s",
+    "init_from",
     "allow_config_change", "eval.batch_size", "dist.use_gpu", "dist.cpus_per_worker", "dist.ds_config",
     "dist.storage_path", "dist.max_failures", "dist.ray_address",
     # A-LLMRec evaluation-only settings: what is measured after training, not how it trains

@@ -20,7 +20,7 @@ from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
 from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-from cllm4rec_dist.train.checkpoint import CheckpointError, capture_rng, load_trainable, restore_rng
+from cllm4rec_dist.train.checkpoint import CheckpointClock, CheckpointError, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.monitor import PendingSteps
@@ -86,6 +86,7 @@ class Trainer:
         self.device = model.item_head_weight().device
         self.unlogged = PendingSteps(self.device)  # (step facts, LOGGED values on the device) until the next flush
         self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
+        self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -154,7 +155,8 @@ class Trainer:
             self.log.block_done(block, self.state.global_step, total)
             self.state.block += 1
             self.state.step = 0
-            if not cfg.checkpoint_every:
+            last = self.state.block == len(self.blocks)
+            if not cfg.checkpoint_every and (last or self.checkpoint_clock.due()):
                 self.save_checkpoint()
         return self.finish()
 
@@ -228,6 +230,7 @@ class Trainer:
         self.flush_log()  # the log up to the checkpoint is written before it (a resume truncates past it)
         with self.timer.phase("checkpoints"):
             self.sink.save(self)
+        self.checkpoint_clock.saved()
 
     def reader_state(self) -> dict:
         """This rank's data streams' positions (every kind, every stream it runs), for its checkpoint file."""
