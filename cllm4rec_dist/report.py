@@ -24,6 +24,9 @@ Outputs in ``--out REPORT_DIR``:
 * ``report.json`` everything above, machine-readable;
 * ``runs/<model>/seed-<s>/`` each model's own run folder per seed (CLLM4Rec: metrics.json, train_log.jsonl, ...;
   baselines: result.json).
+
+With ``recommender: allmrec`` (a leave-one-out dataset) the same command reports A-LLMRec and the candidate
+baselines instead (``report_candidates.py``), with this module's seed statistics and noise rule.
 """
 
 from __future__ import annotations

@@ -110,6 +110,11 @@ def test_the_run_started_by_hand_is_reused(report):
     assert not report["models"]["llm/allmrec"]["runs"][0]["reused"]
 
 
+def test_train_max_users_subsamples_the_users_of_stages_1_and_2(report):
+    # 48 of the demo's training users: stage 1 ceil(48 / 32) = 2 steps, stage 2 ceil(48 / 4) = 12 steps
+    assert report["by_hand"]["global_step"] == 2 + 12
+
+
 def test_a_run_with_other_settings_is_not_reused(report, config):
     from cllm4rec_dist.report_candidates import finished_allmrec
     from cllm4rec_dist.train.config import load_config

@@ -452,25 +452,26 @@ def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, log) -> dict:
     from cllm4rec_dist.train.cf_stage import CFStage, evaluate_candidates, load_cf_model
 
     if cfg.allmrec.cf_from:
-        saved, info = load_cf_model(cfg.allmrec.cf_from)
+        path = cfg.allmrec.cf_from.replace("{seed}", str(cfg.seed))
+        saved, info = load_cf_model(path)
         if saved.name != cfg.allmrec.cf_model:
-            raise ConfigError(f"allmrec.cf_from {cfg.allmrec.cf_from} holds a {saved.name} model; allmrec.cf_model is "
+            raise ConfigError(f"allmrec.cf_from {path} holds a {saved.name} model; allmrec.cf_model is "
                              f"{cfg.allmrec.cf_model}: set one to match the other")
         trained_on = info.get("dataset", {}).get("content_hash")
         if trained_on != data.manifest.get("content_hash"):
-            raise ConfigError(f"allmrec.cf_from {cfg.allmrec.cf_from} was trained on another dataset (content hash "
+            raise ConfigError(f"allmrec.cf_from {path} was trained on another dataset (content hash "
                              f"{trained_on}, {cfg.data} has {data.manifest.get('content_hash')}): train stage 0 on "
                              "this dataset or leave cf_from unset")
         try:
             cf.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as e:
-            raise ConfigError(f"allmrec.cf_from {cfg.allmrec.cf_from}: its shapes differ from allmrec.cf_dim / "
+            raise ConfigError(f"allmrec.cf_from {path}: its shapes differ from allmrec.cf_dim / "
                              f"cf_max_len ({str(e).splitlines()[0]})") from None
         settings = cf_stage_settings(cfg)
         cf.eval()
         return {"valid": evaluate_candidates(cf, data, "valid", settings),
                 "test": evaluate_candidates(cf, data, "test", settings), "best_epoch": info.get("best_epoch"),
-                "loaded_from": cfg.allmrec.cf_from}
+                "loaded_from": path}
     stage = CFStage(data, cf_stage_settings(cfg), log=log).setup()
     result = stage.train()
     cf.load_state_dict(stage.model.state_dict())

@@ -135,7 +135,8 @@ class ALLMRecSettings:
     """Stage 0 (and the user representation x_u): most recent items of a history the CF model reads."""
     cf_from: str | None = None
     """Stage 0: take the CF model from this folder (`cllm4rec baselines --model sasrec --model-out DIR`, same
-    dataset, same cf_model / cf_dim / cf_max_len) instead of training it; None = train it in the run."""
+    dataset, same cf_model / cf_dim / cf_max_len) instead of training it; `{seed}` in it becomes the run's seed
+    (one stage-0 model per seed); None = train it in the run."""
     cf_epochs: int = 200
     """Stage 0: most training epochs (early stopping on validation hit@1 ends it sooner)."""
     cf_patience: int = 5
