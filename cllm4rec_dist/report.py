@@ -307,24 +307,26 @@ def fmt_stat(mean, std, seeds: int) -> str:
     return fmt(mean) if seeds < 2 or mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def difference_lines(report: dict) -> list[str]:
+def difference_lines(report: dict, columns=DIFFERENCE_COLUMNS, display=DISPLAY.__getitem__) -> list[str]:
+    """The Markdown table of ``report["differences"]``: a row per pair, a (part, metric) column each."""
     if len(report["seeds"]) < 2:
         return []
-    head = [f"{part} {name}" for part, name in DIFFERENCE_COLUMNS]
+    head = [f"{part} {name}" for part, name in columns]
     lines = ["## Differences against the seed noise", "",
              f"Each cell: mean(a) − mean(b) over {len(report['seeds'])} seeds, and the noise threshold "
-             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds); **bold** = larger than the threshold.", "",
+             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds; 0 for deterministic models); **bold** = "
+             "larger than the threshold.", "",
              "| a | b | " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * len(head)]
     by_pair: dict[tuple[str, str], dict] = {}
     for d in report["differences"]:
         by_pair.setdefault((d["a"], d["b"]), {})[(d["part"], d["metric"])] = d
     for (a, b), cells in by_pair.items():
         shown = []
-        for column in DIFFERENCE_COLUMNS:
+        for column in columns:
             d = cells.get(column)
             text = "—" if d is None else f"{d['difference']:+.4f} ({d['threshold']:.4f})"
             shown.append(f"**{text}**" if d is not None and d["exceeds"] else text)
-        lines.append(f"| {DISPLAY[a]} | {DISPLAY[b]} | " + " | ".join(shown) + " |")
+        lines.append(f"| {display(a)} | {display(b)} | " + " | ".join(shown) + " |")
     return lines + [""]
 
 

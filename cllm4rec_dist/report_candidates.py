@@ -31,8 +31,8 @@ import json
 import os
 import time
 
-from cllm4rec_dist.report import (CANDIDATE_MODELS, code_info, exceeds_seed_noise, fmt_stat, fresh_dir,
-                                  machine_info, mean_std, seeded, settings_key)
+from cllm4rec_dist.report import (CANDIDATE_MODELS, code_info, dataset_info, difference_lines, exceeds_seed_noise,
+                                  fmt_stat, fresh_dir, machine_info, mean_std, seeded, settings_key, yaml_text)
 from cllm4rec_dist.train.config import ConfigError, TrainConfig
 
 MODELS = CANDIDATE_MODELS
@@ -233,8 +233,8 @@ def markdown(report: dict) -> str:
                 ("cold_items/hit@1", "cold_items/hit@1_generated", "warm_items/hit@1", "cold_users/hit@1",
                  "cold_users/hit@1_generated")]
             lines.append(f"| {entry['display']} | {part} | " + " | ".join(cells) + f" | {_seconds(entry)} |")
-    lines += ["", *difference_lines(report), "## Command", "", "```bash", report["command"], "```", "",
-              "## Settings", "", "```yaml", _yaml({"allmrec": report["config"]["allmrec"],
+    lines += ["", *difference_lines(report, DIFFERENCE_COLUMNS, display), "## Command", "", "```bash", report["command"], "```", "",
+              "## Settings", "", "```yaml", yaml_text({"allmrec": report["config"]["allmrec"],
                                                  "model": {"precision": report["config"]["model"]["precision"]},
                                                  "backbone": report["config"]["backbone"]}), "```", "",
               "## Data, machine", "",
@@ -247,43 +247,6 @@ def markdown(report: dict) -> str:
               + (" with uncommitted changes" if report["code"]["dirty"] else ""),
               f"* started {report['started']}, finished {report['finished']}", ""]
     return "\n".join(lines)
-
-
-def difference_lines(report: dict) -> list[str]:
-    if len(report["seeds"]) < 2:
-        return []
-    head = [f"{part} {metric}" for part, metric in DIFFERENCE_COLUMNS]
-    lines = ["## Differences against the seed noise", "",
-             f"Each cell: mean(a) − mean(b) over {len(report['seeds'])} seeds, and the noise threshold "
-             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds; 0 for Most-popular); **bold** = larger "
-             "than the threshold. A screen, not a significance test.", "",
-             "| a | b | " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * len(head)]
-    by_pair: dict[tuple[str, str], dict] = {}
-    for d in report["differences"]:
-        by_pair.setdefault((d["a"], d["b"]), {})[(d["part"], d["metric"])] = d
-    for (a, b), cells in by_pair.items():
-        shown = []
-        for column in DIFFERENCE_COLUMNS:
-            d = cells.get(column)
-            text = "—" if d is None else f"{d['difference']:+.4f} ({d['threshold']:.4f})"
-            shown.append(f"**{text}**" if d is not None and d["exceeds"] else text)
-        lines.append(f"| {display(a)} | {display(b)} | " + " | ".join(shown) + " |")
-    return lines + [""]
-
-
-def _yaml(obj) -> str:
-    import yaml
-
-    return yaml.safe_dump(obj, sort_keys=False).rstrip()
-
-
-def dataset_info(data: str) -> dict:
-    from cllm4rec_dist.corpus.shards import ShardedDataset
-
-    m = ShardedDataset(data).manifest
-    return {"path": os.path.abspath(data) if "://" not in data else data, "name": m.get("name"),
-            "num_users": m["num_users"], "num_items": m["num_items"], "content_hash": m.get("content_hash"),
-            "protocol": m.get("protocol")}
 
 
 def build_report(cfg: TrainConfig, models: list[str], report_dir: str, command: str, reuse: bool = False,
