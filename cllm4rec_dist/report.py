@@ -24,6 +24,9 @@ Outputs in ``--out REPORT_DIR``:
 * ``report.json`` everything above, machine-readable;
 * ``runs/<model>/seed-<s>/`` each model's own run folder per seed (CLLM4Rec: metrics.json, train_log.jsonl, ...;
   baselines: result.json).
+
+With ``recommender: allmrec`` (a leave-one-out dataset) the same command reports A-LLMRec and the candidate
+baselines instead (``report_candidates.py``), with this module's seed statistics and noise rule.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
 DISPLAY = {"popular": "Most-popular", "ease": "EASE", "multivae": "Multi-VAE",
            **{k: v[0] for k, v in VARIANTS.items()}}
 DEFAULT_MODELS = ("popular", "ease", "multivae", "cllm4rec", "cf", "prerec", "fixord")
+# recommender: allmrec (a leave-one-out dataset) reports these instead (report_candidates.py)
+CANDIDATE_MODELS = ("popular", "sasrec", "gru4rec", "allmrec")
 METRICS = ("recall@20", "recall@40", "ndcg@100")
 
 
@@ -64,9 +69,10 @@ METRICS = ("recall@20", "recall@40", "ndcg@100")
 
 def parse_models(text: str) -> list[str]:
     models = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in models if m not in DISPLAY]
+    known = list(dict.fromkeys([*DISPLAY, *CANDIDATE_MODELS]))
+    unknown = [m for m in models if m not in known]
     if unknown or not models:
-        raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
+        raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return list(dict.fromkeys(models))
 
 
@@ -301,24 +307,26 @@ def fmt_stat(mean, std, seeds: int) -> str:
     return fmt(mean) if seeds < 2 or mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def difference_lines(report: dict) -> list[str]:
+def difference_lines(report: dict, columns=DIFFERENCE_COLUMNS, display=DISPLAY.__getitem__) -> list[str]:
+    """The Markdown table of ``report["differences"]``: a row per pair, a (part, metric) column each."""
     if len(report["seeds"]) < 2:
         return []
-    head = [f"{part} {name}" for part, name in DIFFERENCE_COLUMNS]
+    head = [f"{part} {name}" for part, name in columns]
     lines = ["## Differences against the seed noise", "",
              f"Each cell: mean(a) − mean(b) over {len(report['seeds'])} seeds, and the noise threshold "
-             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds); **bold** = larger than the threshold.", "",
+             "2·sqrt((s_a² + s_b²)/2) (s = sample std over the seeds; 0 for deterministic models); **bold** = "
+             "larger than the threshold.", "",
              "| a | b | " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * len(head)]
     by_pair: dict[tuple[str, str], dict] = {}
     for d in report["differences"]:
         by_pair.setdefault((d["a"], d["b"]), {})[(d["part"], d["metric"])] = d
     for (a, b), cells in by_pair.items():
         shown = []
-        for column in DIFFERENCE_COLUMNS:
+        for column in columns:
             d = cells.get(column)
             text = "—" if d is None else f"{d['difference']:+.4f} ({d['threshold']:.4f})"
             shown.append(f"**{text}**" if d is not None and d["exceeds"] else text)
-        lines.append(f"| {DISPLAY[a]} | {DISPLAY[b]} | " + " | ".join(shown) + " |")
+        lines.append(f"| {display(a)} | {display(b)} | " + " | ".join(shown) + " |")
     return lines + [""]
 
 
@@ -450,8 +458,11 @@ def add_arguments(p) -> None:
                      "fixord) on one preprocessed dataset with one training config, and write REPORT_DIR/report.md, "
                      "recall20.png and report.json (runs under REPORT_DIR/runs/<model>). --out is the report folder; "
                      "every training setting is a --config key or --section.field flag (--ablation is set per model).")
-    p.add_argument("--models", type=parse_models, default=list(DEFAULT_MODELS),
-                   help=f"comma-separated, from {', '.join(DISPLAY)} (default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--models", type=parse_models, default=None,
+                   help=f"comma-separated, from {', '.join(DISPLAY)} (default: {','.join(DEFAULT_MODELS)}); with "
+                        f"recommender: allmrec (a leave-one-out dataset) from {', '.join(CANDIDATE_MODELS)} "
+                        "(default: popular,allmrec; each A-LLMRec run also reports its stage-0 CF model and the "
+                        "titles-only LLM)")
     p.add_argument("--multivae-epochs", type=int, default=None, help="Multi-VAE training epochs (default: its own)")
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="comma-separated training seeds, e.g. 0,1,2: every model runs once per seed (seed and "
@@ -473,7 +484,8 @@ def command_line(args) -> str:
         parts += ["--config", args.config]
     parts += [item for name, _, _ in _walk(TrainConfig) if name in vars(args)
               for item in (f"--{name}", str(vars(args)[name]))]
-    parts += ["--models", ",".join(args.models)]
+    if args.models:
+        parts += ["--models", ",".join(args.models)]
     if args.multivae_epochs is not None:
         parts += ["--multivae-epochs", str(args.multivae_epochs)]
     if args.seeds:
@@ -484,13 +496,34 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    if "data" not in vars(args) or "out" not in vars(args):
-        print("error: cllm4rec report needs --data DIR and --out REPORT_DIR", file=sys.stderr)
+    from cllm4rec_dist.train.config import read_yaml_settings
+
+    in_file = read_yaml_settings(args.config) if getattr(args, "config", None) else {}
+    if not all(name in vars(args) or name in in_file for name in ("data", "out")):
+        print("error: cllm4rec report needs --data DIR and --out REPORT_DIR (flags or keys of --config)",
+              file=sys.stderr)
         return 2
     cfg = config_from_args(args)
     report_dir = cfg.out
     command = command_line(args)
-    report = build_report(cfg, args.models, report_dir, command, args.multivae_epochs, args.reuse, args.seeds)
+    if cfg.recommender == "allmrec":
+        from cllm4rec_dist import report_candidates
+
+        if args.multivae_epochs is not None:
+            print("error: --multivae-epochs does not apply to recommender: allmrec", file=sys.stderr)
+            return 2
+        report = report_candidates.build_report(cfg, args.models or list(report_candidates.DEFAULT_MODELS),
+                                                report_dir, command, args.reuse, args.seeds)
+        print(report_candidates.markdown(report).split("\n## Command")[0])
+        print(f"wrote {', '.join(report['files'].values())}")
+        return 0
+    models = args.models or list(DEFAULT_MODELS)
+    unknown = [m for m in models if m not in DISPLAY]
+    if unknown:
+        print(f"error: --models {','.join(unknown)} need recommender: allmrec (a leave-one-out dataset); "
+              f"with recommender: cllm4rec choose from {', '.join(DISPLAY)}", file=sys.stderr)
+        return 2
+    report = build_report(cfg, models, report_dir, command, args.multivae_epochs, args.reuse, args.seeds)
     print(markdown(report).split("\n## Command")[0])
     print(f"wrote {', '.join(report['files'].values())}")
     return 0

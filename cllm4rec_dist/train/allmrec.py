@@ -36,7 +36,7 @@ from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignm
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories
 from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
-from cllm4rec_dist.train.config import TrainConfig
+from cllm4rec_dist.train.config import ConfigError, TrainConfig
 from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
@@ -45,7 +45,7 @@ from cllm4rec_dist.train.monitor import Monitor, PendingSteps
 from cllm4rec_dist.train.trainer import Rank, write_json_atomic
 
 STAGES = ("cf", "align", "llm", "eval", "done")
-_STREAM = {"align": 11, "llm": 12, "negatives": 13}
+_STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14}
 
 
 @dataclass
@@ -123,6 +123,11 @@ class ALLMRecTrainer:
         if not self.train_users:
             raise ValueError(f"{cfg.data}: no user has 2 or more training items; A-LLMRec trains on "
                              "(history, next item) pairs")
+        if 0 < cfg.allmrec.train_max_users < len(self.train_users):
+            # The same subsample on every rank and on resume: a function of the seed alone.
+            keep = rng(cfg.seed, _STREAM["subsample"]).choice(len(self.train_users), cfg.allmrec.train_max_users,
+                                                              replace=False)
+            self.train_users = [self.train_users[k] for k in sorted(keep)]
         self.cold = torch.tensor([c == 0 for c in data.train_counts], dtype=torch.bool)
         self.joint: torch.Tensor | None = None  # [J, d'] e_i, fixed after stage 1
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
@@ -431,17 +436,17 @@ def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: 
     return ALLMRec(cf, text, align, llm), prompts
 
 
-def cf_stage_settings(cfg: TrainConfig):
-    """Stage 0's settings (train/cf_stage.py) from the allmrec section."""
-    from cllm4rec_dist.eval.candidates import CandidateEvalSettings
+def cf_stage_settings(cfg: TrainConfig, model: str | None = None):
+    """Stage 0's settings (train/cf_stage.py) from the allmrec section; ``model`` replaces allmrec.cf_model
+    (the report trains each CF model alone with the same settings)."""
     from cllm4rec_dist.train.cf_stage import CFStageSettings
 
     a = cfg.allmrec
-    stage = CFStageSettings(model=a.cf_model, lr=a.cf_lr, batch_size=a.cf_batch_size, max_epochs=a.cf_epochs,
+    stage = CFStageSettings(model=model or a.cf_model, lr=a.cf_lr, batch_size=a.cf_batch_size, max_epochs=a.cf_epochs,
                             patience=a.cf_patience, seed=cfg.seed, num_threads=0,
                             candidates=candidate_settings(cfg))
-    model = stage.model_settings()
-    model.dim, model.max_len = a.cf_dim, a.cf_max_len
+    shape = stage.model_settings()
+    shape.dim, shape.max_len = a.cf_dim, a.cf_max_len
     return stage.validate()
 
 
@@ -462,9 +467,31 @@ def build_cf(cfg: TrainConfig, num_items: int):
 
 def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, log) -> dict:
     """Stage 0 on this rank (train/cf_stage.py: early stopping on validation); the best model's weights are
-    copied into ``cf``; returns its valid/test candidate metrics."""
-    from cllm4rec_dist.train.cf_stage import CFStage
+    copied into ``cf``; returns its valid/test candidate metrics. With ``allmrec.cf_from`` the model saved
+    there is loaded instead (and scored on the candidates again)."""
+    from cllm4rec_dist.train.cf_stage import CFStage, evaluate_candidates, load_cf_model
 
+    if cfg.allmrec.cf_from:
+        path = cfg.allmrec.cf_from.replace("{seed}", str(cfg.seed))
+        saved, info = load_cf_model(path)
+        if saved.name != cfg.allmrec.cf_model:
+            raise ConfigError(f"allmrec.cf_from {path} holds a {saved.name} model; allmrec.cf_model is "
+                             f"{cfg.allmrec.cf_model}: set one to match the other")
+        trained_on = info.get("dataset", {}).get("content_hash")
+        if trained_on != data.manifest.get("content_hash"):
+            raise ConfigError(f"allmrec.cf_from {path} was trained on another dataset (content hash "
+                             f"{trained_on}, {cfg.data} has {data.manifest.get('content_hash')}): train stage 0 on "
+                             "this dataset or leave cf_from unset")
+        try:
+            cf.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"allmrec.cf_from {path}: its shapes differ from allmrec.cf_dim / "
+                             f"cf_max_len ({str(e).splitlines()[0]})") from None
+        settings = cf_stage_settings(cfg)
+        cf.eval()
+        return {"valid": evaluate_candidates(cf, data, "valid", settings),
+                "test": evaluate_candidates(cf, data, "test", settings), "best_epoch": info.get("best_epoch"),
+                "loaded_from": path}
     stage = CFStage(data, cf_stage_settings(cfg), log=log).setup()
     result = stage.train()
     cf.load_state_dict(stage.model.state_dict())

@@ -143,6 +143,10 @@ class ALLMRecSettings:
     """Stage 0: item embedding / hidden size of the CF model (SASRec paper: 50)."""
     cf_max_len: int = 50
     """Stage 0 (and the user representation x_u): most recent items of a history the CF model reads."""
+    cf_from: str | None = None
+    """Stage 0: take the CF model from this folder (`cllm4rec baselines --model sasrec --model-out DIR`, same
+    dataset, same cf_model / cf_dim / cf_max_len) instead of training it; `{seed}` in it becomes the run's seed
+    (one stage-0 model per seed); None = train it in the run."""
     cf_epochs: int = 200
     """Stage 0: most training epochs (early stopping on validation hit@1 ends it sooner)."""
     cf_patience: int = 5
@@ -167,6 +171,9 @@ class ALLMRecSettings:
     """Stage 1: users per step per rank (paper: 32)."""
     stage1_lr: float = 1e-4
     """Stage 1: Adam learning rate (paper: 1e-4)."""
+    train_max_users: int = 0
+    """Stages 1 and 2 train on a seeded random subsample of this many training users (0 = all of them): a
+    shorter schedule for slow backbones on CPU. Stage 0 and the evaluation always use every user."""
     stage2_epochs: int = 5
     """Stage 2: epochs over the training users (paper: 5)."""
     stage2_batch_size: int = 4
@@ -273,6 +280,7 @@ class TrainConfig:
         for name in ("text_dim", "stage1_batch_size", "stage2_batch_size", "eval_batch_size", "prompt_history",
                      "cf_dim", "cf_max_len", "cf_batch_size", "max_new_tokens"):
             _require(getattr(a, name) >= 1, f"allmrec.{name}", getattr(a, name), ">= 1")
+        _require(a.train_max_users >= 0, "allmrec.train_max_users", a.train_max_users, ">= 0 (0 = every training user)")
         _require(a.eval_max_users >= 0, "allmrec.eval_max_users", a.eval_max_users, ">= 0 (0 = every evaluated user)")
         _require(a.num_candidates >= 2, "allmrec.num_candidates", a.num_candidates,
                  ">= 2 (the next item and at least one other)")
