@@ -101,6 +101,16 @@ def test_baseline_is_tuned_with_the_same_trial_count(demo_data, ray_session, tmp
     with open(os.path.join(out, "best.yaml"), encoding="utf-8") as f:
         best = yaml.safe_load(f)
     assert best["baseline"] == "ease" and best["settings"]["lambdas"] == [summary["best"]["params"]["lambdas"]]
+    # The report runs EASE at the tuned λ (and only there), and refuses a config tuned for another model.
+    report = str(tmp_path / "report")
+    assert main(["report", "--data", demo_data, "--out", report, "--models", "ease",
+                 "--model-config", f"ease={out}/best.yaml"]) == 0
+    with open(os.path.join(report, "report.json"), encoding="utf-8") as f:
+        (run,) = json.load(f)["models"]["ease"]["runs"]
+    assert run["selected"]["lambda"] == summary["best"]["params"]["lambdas"]
+    assert run["valid"]["recall@20"] == pytest.approx(summary["best"]["valid_recall@20"])
+    assert main(["report", "--data", demo_data, "--out", report, "--models", "multivae",
+                 "--model-config", f"multivae={out}/best.yaml"]) == 2
 
 
 @pytest.mark.parametrize("space, message", [
