@@ -122,7 +122,8 @@ def _domain(key: str, spec) -> tuple[str, list]:
     if kind != "choice":
         if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
             raise ConfigError(f"space.{key}.{kind}: expected [low, high] numbers, got {args!r}.")
-        if not args[0] < args[1] if kind != "randint" else not args[0] <= args[1]:
+        ordered = args[0] <= args[1] if kind == "randint" else args[0] < args[1]  # randint: both ends included
+        if not ordered:
             raise ConfigError(f"space.{key}.{kind}: low {args[0]} must be below high {args[1]}.")
         if kind == "loguniform" and args[0] <= 0:
             raise ConfigError(f"space.{key}.loguniform: low {args[0]} must be > 0.")
@@ -204,13 +205,12 @@ def ray_space(space: dict) -> dict:
 
 def load_spec(path: str, overrides: dict | None = None) -> TuneSpec:
     """The validated spec in ``path`` (command-line ``overrides`` of budget settings applied); errors name it."""
-    values = read_yaml_settings(path)
+    spec = TuneSpec()
+    for key, value in read_yaml_settings(path).items():
+        _set(spec, str(key), value, path)  # errors name the file
+    for key, value in (overrides or {}).items():
+        _set(spec, key, value, "command line")
     try:
-        spec = TuneSpec()
-        for key, value in values.items():
-            _set(spec, str(key), value, path)
-        for key, value in (overrides or {}).items():
-            _set(spec, key, value, "command line")
         return spec.validate()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
