@@ -453,12 +453,23 @@ def add_arguments(p) -> None:
                      "after each validated epoch; test is never evaluated) and write OUT/best.yaml (a training "
                      "config `cllm4rec train --config` takes), OUT/tune.json and OUT/curves.png. The spec YAML "
                      "declares the model, budget and space; the base training config is --config / flags.")
-    p.add_argument("--spec", required=True, help="tune spec YAML: model, seed, budget (trials, max_epochs, "
-                                                 "grace_epochs, reduction_factor, concurrent), space")
+    from cllm4rec_dist.train.config import field_docs
+
+    keys = list(field_docs(TuneSpec).items())  # model, seed, then the budget fields, then space
+    keys[2:2] = [(f"budget.{name}", doc) for name, doc in field_docs(BudgetSettings).items()]
+    p.add_argument("--spec", required=True, help="tune spec YAML with the keys: " + "; ".join(
+        f"{name}: {doc} (default: {_default(name)})" for name, doc in keys).replace("%", "%%"))
     p.add_argument("--trials", type=int, default=None, help="override budget.trials (same for every model compared)")
     p.add_argument("--max-epochs", type=int, default=None, help="override budget.max_epochs")
     p.add_argument("--concurrent", type=int, default=None, help="override budget.concurrent")
     add_config_arguments(p)
+
+
+def _default(dotted: str):
+    obj = TuneSpec()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def run(args) -> int:
