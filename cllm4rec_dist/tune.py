@@ -286,9 +286,13 @@ def baseline_settings(model: str, params: dict, seed: int, max_epochs: int, excl
 
 
 def start_local_ray(num_cpus: int) -> None:
-    """A local Ray for the trials (joined instead when Ray is already initialised): one thread per trial."""
+    """A local Ray for the trials, one thread per trial; inside `ray job submit` (RAY_ADDRESS set) the job's
+    cluster is joined instead (and an already initialised Ray is used as it is: run_search)."""
     import ray
 
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
+        return
     threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads}})
