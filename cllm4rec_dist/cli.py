@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics; popular / SASRec / GRU4Rec on leave-one-out candidates"),
     "export": ("cllm4rec_dist.export.command", "export user/item embeddings with original ids (Parquet + NumPy)"),
     "two-tower": ("cllm4rec_dist.export.two_tower", "two-tower retrieval without / with the exported embeddings (CLLM4Rec-Emb)"),
+    "tune": ("cllm4rec_dist.tune", "search hyperparameters on validation with Ray Tune (ASHA), equal budget per model; writes best.yaml"),
     "report": ("cllm4rec_dist.report", "baselines + CLLM4Rec and ablations on one split: report.md, recall20.png, report.json"),
 }
 

@@ -86,6 +86,40 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_model_config(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path or name not in DISPLAY:
+        raise ValueError(f"--model-config {text!r}: expected NAME=PATH with NAME one of {', '.join(DISPLAY)}")
+    return name, path
+
+
+def load_model_config(name: str, path: str, cfg: TrainConfig) -> TrainConfig | dict:
+    """Model ``name``'s tuned config (the best.yaml `cllm4rec tune` wrote) for this report: a CLLM4Rec variant's
+    training config (the report's output folder kept) or a baseline's settings; tuned on the report's data."""
+    from cllm4rec_dist.train.config import ConfigError, config_from_dict, read_yaml_settings
+
+    values = read_yaml_settings(path)
+    if name == "popular":
+        raise ConfigError(f"--model-config popular={path}: most-popular has no settings to tune.")
+    if name in BASELINES:
+        if values.get("baseline") != name or not isinstance(values.get("settings"), dict):
+            raise ConfigError(f"{path}: not a tuned {name} (expected 'baseline: {name}' and a 'settings' mapping, "
+                              f"as `cllm4rec tune` with 'model: {name}' writes).")
+        own, data = dict(values["settings"]), values.get("data")
+    else:
+        if "baseline" in values:
+            raise ConfigError(f"{path}: holds {values['baseline']} settings, not a training config for {name}.")
+        own = config_from_dict({k: v for k, v in values.items() if k != "out"}, path)
+        if own.ablation != VARIANTS[name][1]:
+            raise ConfigError(f"{path}: tuned with ablation={own.ablation!r}, but {name} runs with "
+                              f"ablation={VARIANTS[name][1]!r}; pass the best.yaml tuned for {name}.")
+        own.out, data = cfg.out, own.data
+    if os.path.abspath(str(data)) != os.path.abspath(cfg.data):
+        raise ConfigError(f"{path}: tuned on {data}, but this report runs on {cfg.data}; a comparison needs every "
+                          "model tuned on the report's dataset.")
+    return own
+
+
 def seeded(cfg: TrainConfig, seed: int) -> TrainConfig:
     """``cfg`` trained with ``seed``: the table init and the data order/reordering/masking both follow it."""
     out = copy.deepcopy(cfg)
@@ -101,13 +135,16 @@ def fresh_dir(path: str) -> str:
     return path
 
 
-def run_baseline_model(name: str, data: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None) -> dict:
+def run_baseline_model(name: str, data: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None,
+                       tuned: dict | None = None) -> dict:
     from cllm4rec_dist.baselines import run_baseline
     from cllm4rec_dist.corpus.shards import load_eval_split
 
-    settings = {"exclude_valid_on_test": cfg.eval.exclude_valid_on_test}
+    settings = {**(tuned or {}), "exclude_valid_on_test": cfg.eval.exclude_valid_on_test}
     if name == "multivae":
-        settings.update(seed=cfg.seed, epochs=multivae_epochs)
+        settings["seed"] = cfg.seed
+        if multivae_epochs is not None or "epochs" not in settings:
+            settings["epochs"] = multivae_epochs
     result = run_baseline(load_eval_split(data), name, **settings)
     with open(os.path.join(run_dir, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
@@ -136,43 +173,47 @@ def run_variant(name: str, cfg: TrainConfig, run_dir: str) -> dict:
 UNUSED_SETTINGS = {"cf": (("model", "lambda_c"), ("model", "mr_reduction"), ("schedule", "warmup_mr"))}
 
 
-def settings_key(cfg: TrainConfig, name: str | None = None) -> str:
+def settings_key(cfg: TrainConfig, name: str | None = None, tuned: dict | None = None) -> str:
     """What a finished run of model ``name`` must have been run with to be reused: the whole config but the
-    output folder and the settings ``name`` does not read."""
+    output folder and the settings ``name`` does not read (+ a baseline's tuned settings)."""
     values = dataclasses.asdict(cfg)
     values.pop("out")
     for section, key in UNUSED_SETTINGS.get(name, ()):
         values[section].pop(key)
+    if tuned:
+        values["tuned_baseline_settings"] = tuned
     return json.dumps(values, sort_keys=True)
 
 
-def load_finished(name: str, run_dir: str, cfg: TrainConfig) -> dict | None:
+def load_finished(name: str, run_dir: str, cfg: TrainConfig, tuned: dict | None = None) -> dict | None:
     """A previous report's finished run of ``name`` with the same settings (for --reuse), or None."""
     path = os.path.join(run_dir, "entry.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         entry = json.load(f)
-    if entry.get("settings_key") != settings_key(cfg, name):
+    if entry.get("settings_key") != settings_key(cfg, name, tuned):
         print(f"[report] {name}: {run_dir} was run with other settings; running it again", flush=True)
         return None
     return {**entry, "run_dir": run_dir, "reused": True}
 
 
-def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool) -> dict:
-    """One model with one seed's config, in ``run_dir`` (or its finished run there, with ``reuse``)."""
-    if reuse and (entry := load_finished(name, run_dir, cfg)) is not None:
+def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool,
+            tuned: dict | None = None) -> dict:
+    """One model with one seed's config, in ``run_dir`` (or its finished run there, with ``reuse``); ``tuned``:
+    a baseline's settings from `cllm4rec tune` (CLLM4Rec variants get theirs in ``cfg``)."""
+    if reuse and (entry := load_finished(name, run_dir, cfg, tuned)) is not None:
         print(f"[report] {name} seed {cfg.seed}: reusing {run_dir}", flush=True)
         return {k: v for k, v in entry.items() if k != "settings_key"}
     fresh_dir(run_dir)
     print(f"[report] {name} seed {cfg.seed}: running into {run_dir}", flush=True)
     start = time.time()
     if name in BASELINES:
-        entry = run_baseline_model(name, cfg.data, cfg, run_dir, multivae_epochs)
+        entry = run_baseline_model(name, cfg.data, cfg, run_dir, multivae_epochs, tuned)
     else:
         entry = run_variant(name, cfg, run_dir)
     entry.update(model=name, display=DISPLAY[name], seed=cfg.seed, run_dir=run_dir,
-                 seconds=round(time.time() - start, 2), settings_key=settings_key(cfg, name))
+                 seconds=round(time.time() - start, 2), settings_key=settings_key(cfg, name, tuned))
     with open(os.path.join(run_dir, "entry.json"), "w", encoding="utf-8") as f:
         json.dump(entry, f, indent=1)
     print(f"[report] {name} seed {cfg.seed}: valid R@20 {fmt(entry['valid'].get('recall@20'))} "
@@ -209,13 +250,18 @@ def summarize(name: str, runs: list[dict]) -> dict:
 
 
 def run_models(models: list[str], cfg: TrainConfig, report_dir: str, multivae_epochs: int | None,
-               reuse: bool = False, seeds: list[int] | None = None) -> dict[str, dict]:
-    """Every model once per seed; each model's entry holds the per-seed runs and their mean ± std."""
+               reuse: bool = False, seeds: list[int] | None = None,
+               tuned: dict[str, TrainConfig | dict] | None = None) -> dict[str, dict]:
+    """Every model once per seed; each model's entry holds the per-seed runs and their mean ± std. ``tuned``:
+    per model, its config from `cllm4rec tune` (a TrainConfig for a CLLM4Rec variant, settings for a baseline)."""
     seeds = seeds or [cfg.seed]
+    tuned = tuned or {}
     entries: dict[str, dict] = {}
     for name in models:
-        runs = [run_one(name, seeded(cfg, seed), os.path.join(report_dir, "runs", name, f"seed-{seed}"),
-                        multivae_epochs, reuse) for seed in seeds]
+        own = tuned.get(name)
+        model_cfg = own if isinstance(own, TrainConfig) else cfg
+        runs = [run_one(name, seeded(model_cfg, seed), os.path.join(report_dir, "runs", name, f"seed-{seed}"),
+                        multivae_epochs, reuse, own if isinstance(own, dict) else None) for seed in seeds]
         entries[name] = summarize(name, runs)
     return entries
 
@@ -348,7 +394,9 @@ def markdown(report: dict) -> str:
               f"{cfg['eval']['select_on']} (baselines: their own grid / epoch); test is scored once on that model.",
               "", *difference_lines(report),
               "## Command", "", "```bash", report["command"], "```", "",
-              "## Schedule and optimisation (every CLLM4Rec variant; the ablation switch is the only difference)", "",
+              *tuned_lines(report),
+              "## Schedule and optimisation (every CLLM4Rec variant without a tuned config; the ablation switch "
+              "is the only difference)", "",
               "```yaml", yaml_text({k: cfg[k] for k in ("seed", "schedule", "optim", "batch", "model", "eval")}),
               "```", "",
               f"Seeds: {', '.join(map(str, report['seeds']))} (each sets `seed` and `batch.seed`).",
@@ -364,6 +412,25 @@ def markdown(report: dict) -> str:
               f"* started {report['started']}, finished {report['finished']}", "",
               "![validation Recall@20](recall20.png)", ""]
     return "\n".join(lines)
+
+
+def tuned_lines(report: dict) -> list[str]:
+    """The models run with their own (tuned) config: the file and what differs from the shared config."""
+    tuned = report.get("model_configs") or {}
+    if not tuned:
+        return []
+    lines = ["## Tuned configurations (`cllm4rec tune`, selected on validation)", ""]
+    shared = report["config"]
+    for name, item in tuned.items():
+        own = item["config"]
+        if name in BASELINES:
+            shown = {k: v for k, v in own.items() if k in ("lambdas", "lr", "dropout", "beta_max", "batch_size",
+                                                          "hidden_dim", "latent_dim", "epochs", "weight_decay")}
+        else:
+            shown = {f"{section}.{k}": v for section in ("model", "batch", "schedule", "optim")
+                     for k, v in own[section].items() if v != shared[section].get(k)}
+        lines.append(f"* {DISPLAY[name]}: `{item['path']}`: {json.dumps(shown)}")
+    return lines + [""]
 
 
 def mean_curve(entry: dict) -> list[tuple[int, float]]:
@@ -430,17 +497,23 @@ def plot(report: dict, path: str) -> None:
 
 
 def build_report(cfg: TrainConfig, models: list[str], report_dir: str, command: str,
-                 multivae_epochs: int | None = None, reuse: bool = False, seeds: list[int] | None = None) -> dict:
+                 multivae_epochs: int | None = None, reuse: bool = False, seeds: list[int] | None = None,
+                 model_configs: dict[str, str] | None = None) -> dict:
     """Run ``models`` with ``cfg`` once per seed (default: ``cfg.seed`` only) and write report.md, recall20.png
     and report.json into ``report_dir``."""
     seeds = seeds or [cfg.seed]
+    model_configs = model_configs or {}
+    tuned = {name: load_model_config(name, path, cfg) for name, path in model_configs.items()}
     os.makedirs(report_dir, exist_ok=True)
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.time()
     report = {"command": command, "models_requested": models, "config": dataclasses.asdict(cfg),
               "dataset": dataset_info(cfg.data), "backbone": backbone_info(cfg), "machine": machine_info(cfg),
               "code": code_info(),
-              "multivae_epochs": multivae_epochs, "seeds": seeds, "started": started}
-    report["models"] = run_models(models, cfg, report_dir, multivae_epochs, reuse, seeds)
+              "multivae_epochs": multivae_epochs, "seeds": seeds, "started": started,
+              "model_configs": {name: {"path": os.path.abspath(path),
+                                       "config": dataclasses.asdict(tuned[name]) if isinstance(tuned[name], TrainConfig)
+                                       else tuned[name]} for name, path in model_configs.items()}}
+    report["models"] = run_models(models, cfg, report_dir, multivae_epochs, reuse, seeds, tuned)
     report["differences"] = differences(report["models"])
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     report["seconds"] = round(time.time() - t0, 2)
@@ -468,6 +541,10 @@ def add_arguments(p) -> None:
                    help="comma-separated training seeds, e.g. 0,1,2: every model runs once per seed (seed and "
                         "batch.seed), the table shows mean ± std and which differences exceed the seed noise "
                         "(default: --seed alone)")
+    p.add_argument("--model-config", dest="model_configs", type=parse_model_config, action="append", default=[],
+                   metavar="NAME=PATH",
+                   help="a model's own config, the best.yaml `cllm4rec tune` wrote for it (repeatable): CLLM4Rec "
+                        "variants train with it instead of the shared config, baselines take its settings")
     p.add_argument("--reuse", action="store_true",
                    help="keep models already finished in REPORT_DIR/runs (runs/<model>/entry.json) instead of rerunning")
     add_config_arguments(p)
@@ -490,6 +567,8 @@ def command_line(args) -> str:
         parts += ["--multivae-epochs", str(args.multivae_epochs)]
     if args.seeds:
         parts += ["--seeds", ",".join(map(str, args.seeds))]
+    for name, path in args.model_configs:
+        parts += ["--model-config", f"{name}={path}"]
     if args.reuse:
         parts.append("--reuse")
     return shlex.join(parts)
@@ -509,8 +588,8 @@ def run(args) -> int:
     if cfg.recommender == "allmrec":
         from cllm4rec_dist import report_candidates
 
-        if args.multivae_epochs is not None:
-            print("error: --multivae-epochs does not apply to recommender: allmrec", file=sys.stderr)
+        if args.multivae_epochs is not None or args.model_configs:
+            print("error: --multivae-epochs and --model-config do not apply to recommender: allmrec", file=sys.stderr)
             return 2
         report = report_candidates.build_report(cfg, args.models or list(report_candidates.DEFAULT_MODELS),
                                                 report_dir, command, args.reuse, args.seeds)
@@ -523,7 +602,8 @@ def run(args) -> int:
         print(f"error: --models {','.join(unknown)} need recommender: allmrec (a leave-one-out dataset); "
               f"with recommender: cllm4rec choose from {', '.join(DISPLAY)}", file=sys.stderr)
         return 2
-    report = build_report(cfg, models, report_dir, command, args.multivae_epochs, args.reuse, args.seeds)
+    report = build_report(cfg, models, report_dir, command, args.multivae_epochs, args.reuse, args.seeds,
+                          dict(args.model_configs))
     print(markdown(report).split("\n## Command")[0])
     print(f"wrote {', '.join(report['files'].values())}")
     return 0

@@ -47,6 +47,10 @@ class EvalSettings:
     eval_batch_users: int = 1024
     """Users scored at once; bounds the dense score block at eval_batch_users x num_items."""
 
+    score_test: bool = True
+    """Score TEST once with the selected setting; False stops at validation (tuning: `cllm4rec tune` selects on
+    validation and never looks at test) and the result's "test" is None."""
+
 
 def settings_from_kwargs(cls: type[S], model: str, kwargs: dict[str, Any]) -> S:
     """Build ``cls`` from keyword settings, naming any that do not apply to ``model``.

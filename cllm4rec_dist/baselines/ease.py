@@ -102,5 +102,5 @@ def run(split: EvalSplit, settings: EaseSettings) -> dict[str, Any]:
             best = (value, float(lam), b, valid)
         del b
     _, lam, b, valid = best
-    test = evaluate(scorer(b), split, "test", settings)
+    test = evaluate(scorer(b), split, "test", settings) if settings.score_test else None
     return make_result("ease", valid, test, {"lambda": lam}, settings, started, history)

@@ -128,8 +128,10 @@ def _rows(x, users: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(x[users].toarray()).to(device)
 
 
-def run(split: EvalSplit, settings: MultiVAESettings) -> dict[str, Any]:
-    """Train with per-epoch validation, keep the best epoch, evaluate it once on test."""
+def run(split: EvalSplit, settings: MultiVAESettings, on_validation=None) -> dict[str, Any]:
+    """Train with per-epoch validation, keep the best epoch, evaluate it once on test.
+
+    ``on_validation(epoch, metrics)`` is called after each validation (Ray Tune reports from there: tune.py)."""
     started = time.perf_counter()
     if settings.epochs < 1 or settings.eval_every < 1:
         raise ValueError("epochs and eval_every must be >= 1")
@@ -138,12 +140,13 @@ def run(split: EvalSplit, settings: MultiVAESettings) -> dict[str, Any]:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     try:
-        return _train_and_evaluate(split, settings, device, started)
+        return _train_and_evaluate(split, settings, device, started, on_validation)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train_and_evaluate(split: EvalSplit, settings: MultiVAESettings, device: torch.device, started: float) -> dict[str, Any]:
+def _train_and_evaluate(split: EvalSplit, settings: MultiVAESettings, device: torch.device, started: float,
+                        on_validation=None) -> dict[str, Any]:
     x = split.train_matrix().astype(np.float32).tocsr()
     train_users = np.flatnonzero(np.diff(x.indptr) > 0)
     steps_per_epoch = max(1, math.ceil(len(train_users) / settings.batch_size))
@@ -192,10 +195,12 @@ def _train_and_evaluate(split: EvalSplit, settings: MultiVAESettings, device: to
                 history[metric_key].append(valid[settings.select_metric])
                 if best is None or value > best[0]:  # ties keep the earlier epoch
                     best = (value, epoch, copy.deepcopy(model.state_dict()), valid)
+                if on_validation is not None:
+                    on_validation(epoch, valid)
 
         _, best_epoch, state, valid = best
         model.load_state_dict(state)
-        test = evaluate(score, split, "test", settings)
+        test = evaluate(score, split, "test", settings) if settings.score_test else None
 
     selected = {"epoch": best_epoch, metric_key: valid[settings.select_metric]}
     return make_result("multivae", valid, test, selected, settings, started, history)

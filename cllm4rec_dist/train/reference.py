@@ -18,15 +18,18 @@ from cllm4rec_dist.train.run_folder import RunLock
 from cllm4rec_dist.train.trainer import Rank
 
 
-def run_reference(cfg: TrainConfig) -> dict:
+def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True) -> dict:
+    """Train ``cfg`` in this process; ``on_validation(record)`` is called after each validation (Ray Tune's
+    report), ``score_test=False`` ends at validation (tuning) and the result then has no "test"."""
     def engine_factory(name, params, lr):
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
     cfg.out = cfg.out or default_run_dir()
     with RunLock(cfg.out):
         recipe = recipe_class(cfg.recommender)(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
-                                               LocalSink(cfg.out, cfg.keep_checkpoints))
-        return recipe.setup().train()
+                                               LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
+        recipe.trainer.on_validation, recipe.trainer.score_test = on_validation, score_test
+        return recipe.train()
 
 
 def add_arguments(p) -> None:

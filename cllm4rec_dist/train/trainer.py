@@ -87,6 +87,8 @@ class Trainer:
         self.unlogged = PendingSteps(self.device)  # (step facts, LOGGED values on the device) until the next flush
         self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
+        self.on_validation = None  # called with each validation record (Ray Tune reports from here: tune.py)
+        self.score_test = True     # False: finish() stops at validation (tuning never looks at test)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class Trainer:
         if not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best, select_on):
             self.state.best = record
             self.best_weights = self.trainable_state()
+        if self.on_validation is not None:
+            self.on_validation(record)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -203,14 +207,16 @@ class Trainer:
         if self.best_weights is not None:
             self.load_trainable_state(self.best_weights)
         valid = self.state.best if self.state.best else self.evaluate("valid")
-        with self.timer.phase("test"):
-            test = self.evaluate("test")
-        self.log.evaluation("test", test, self.state.global_step)
+        test = None
+        if self.score_test:
+            with self.timer.phase("test"):
+                test = self.evaluate("test")
+            self.log.evaluation("test", test, self.state.global_step)
         if self.projector is not None:
             self.projector.write(self.model, self.state.global_step, prefix="best/")
         self.state.finished = True
         result = {"valid": {k: v for k, v in valid.items() if k not in ("block", "phase", "epoch", "global_step")},
-                  "test": test,
+                  **({"test": test} if test is not None else {}),
                   "best": {k: valid.get(k) for k in ("block", "phase", "epoch", "global_step")},
                   "history": self.state.evals, "global_step": self.state.global_step,
                   "ablation": self.cfg.ablation}

@@ -1,0 +1,507 @@
+"""`cllm4rec tune`: hyperparameter search on validation with Ray Tune, the same budget for every model compared.
+
+What is searched is declared in a spec YAML (``--spec``), validated before Ray starts:
+
+```yaml
+model: cllm4rec            # cllm4rec, cf, fixord, prerec, scratch, ftall (CLLM4Rec variants) or ease, multivae
+seed: 0                    # seeds the sampling of the trials
+budget: {trials: 8, max_epochs: 10, grace_epochs: 2, reduction_factor: 2, concurrent: 2}
+space:                     # dotted settings of the training config (baselines: of their settings)
+  optim.finetune_lr: {loguniform: [1.0e-4, 1.0e-2]}
+  model.lambda_c: {choice: [0.1, 1.0, 10.0]}
+  batch.mask_ratio: {uniform: [0.1, 0.4]}
+  schedule.pretrain_epochs: {randint: [1, 3]}       # integers 1..3, both ends included
+```
+
+The base training config is the usual ``--config FILE`` / ``--section.field VALUE`` (data, backbone, schedule,
+...); every trial is that config with the trial's sampled values, trained by the single-process reference path
+(`train/reference.py`, one torch thread, one Ray CPU per trial). After each finetuning epoch the trial reports
+validation Recall@20 / Recall@40 / NDCG@100 to Tune (``Trainer.on_validation``); ASHA (time unit: those
+epochs) stops the trials that trail at each rung. Trials never evaluate test (``score_test=False``).
+
+The budget, equal across compared models: ``trials`` sampled configurations, each trained for at most
+``max_epochs`` validated epochs (the CLLM4Rec variants' finetuning epochs: ``schedule.finetune_epochs`` is set
+to it unless the space searches it, and then only up to it; Multi-VAE's training epochs). EASE has no epochs: a
+trial is one closed-form fit at one sampled λ, so it gets the same number of trials and at most the same
+epochs. Warm-up and pretraining epochs are not budget units (they precede the first validation); their cost is
+in each trial's and the search's wall time, which `tune.json` records beside the epochs actually run.
+
+Outputs in ``--out DIR``: ``best.yaml`` (CLLM4Rec variants: a complete training config that `cllm4rec train
+--config` and `python launchers/pretrain_llama.py --config` take as is; baselines: ``baseline`` + ``settings``,
+which `cllm4rec report --model-config NAME=best.yaml` takes), ``tune.json`` (spec, budget, every trial: its
+values, validation curve, epochs run, whether ASHA stopped it, seconds), ``curves.png`` (validation Recall@20
+per epoch of every trial) and Ray's own experiment folder ``ray/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
+                                        config_from_dict, read_yaml_settings, to_yaml)
+
+VARIANT_ABLATIONS = {"cllm4rec": "none", "cf": "cf", "fixord": "fixord", "prerec": "prerec", "scratch": "scratch",
+                     "ftall": "ftall"}
+BASELINE_MODELS = ("ease", "multivae")
+MODELS = (*VARIANT_ABLATIONS, *BASELINE_MODELS)
+OBJECTIVE = "valid_recall@20"
+REPORTED = ("recall@20", "recall@40", "ndcg@100")
+DOMAINS = ("choice", "uniform", "loguniform", "randint")
+# Training-config sections a search may touch; seeds are what `cllm4rec report` varies, not hyperparameters.
+SEARCHABLE_SECTIONS = ("model", "batch", "schedule", "optim")
+NOT_SEARCHABLE = ("batch.seed", "model.precision", "model.max_logit_elements")
+# Baseline settings that are not hyperparameters (evaluation, seeds, devices) or are the budget (epochs).
+BASELINE_FIXED = ("ks", "ndcg_ks", "select_metric", "eval_batch_users", "score_test", "exclude_valid_on_test",
+                  "seed", "device", "num_threads", "epochs", "eval_every")
+
+
+@dataclass
+class BudgetSettings:
+    trials: int = 8
+    """Configurations sampled from the space (give every model compared the same number)."""
+    max_epochs: int = 10
+    """Most validated epochs per trial, ASHA's max_t: CLLM4Rec variants' finetuning epochs
+    (schedule.finetune_epochs is set to it, or searched up to it), Multi-VAE's training epochs; EASE has none."""
+    grace_epochs: int = 2
+    """ASHA: validated epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: at each rung only the best 1/reduction_factor of the trials continue."""
+    concurrent: int = 2
+    """Trials running at once (one CPU and one torch thread each)."""
+
+
+@dataclass
+class TuneSpec:
+    model: str = "cllm4rec"
+    """What is tuned: a CLLM4Rec variant (cllm4rec, cf, fixord, prerec, scratch, ftall: the names of `cllm4rec
+    report`) or a baseline (ease, multivae)."""
+    seed: int = 0
+    """Seeds the sampling of the trials' values (the training seed is the base config's `seed`)."""
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    space: dict = field(default_factory=dict)
+    """Setting -> {choice: [v, ...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
+    (integers, both ends included)."""
+
+    def validate(self) -> "TuneSpec":
+        if self.model not in MODELS:
+            raise ConfigError(f"model={self.model!r}: must be one of {', '.join(MODELS)}.")
+        b = self.budget
+        for name in ("trials", "max_epochs", "grace_epochs", "concurrent"):
+            if getattr(b, name) < 1:
+                raise ConfigError(f"budget.{name}={getattr(b, name)!r}: must be >= 1.")
+        if b.reduction_factor < 2:
+            raise ConfigError(f"budget.reduction_factor={b.reduction_factor!r}: must be >= 2.")
+        if b.grace_epochs > b.max_epochs:
+            raise ConfigError(f"budget.grace_epochs={b.grace_epochs}: must be <= budget.max_epochs ({b.max_epochs}).")
+        if not self.space:
+            raise ConfigError("space is empty: name at least one setting to search, e.g. "
+                              "'optim.finetune_lr: {loguniform: [1.0e-4, 1.0e-2]}'.")
+        return self
+
+
+# ---- the search space ------------------------------------------------------------------------------
+
+
+def _domain(key: str, spec) -> tuple[str, list]:
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        raise ConfigError(f"space.{key}: expected one of {', '.join('{' + d + ': [...]}' for d in DOMAINS)}, "
+                          f"got {spec!r}.")
+    (kind, args), = spec.items()
+    if kind not in DOMAINS:
+        raise ConfigError(f"space.{key}: unknown domain {kind!r}; use one of {', '.join(DOMAINS)}.")
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"space.{key}.{kind}: expected a non-empty list, got {args!r}.")
+    if kind != "choice":
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ConfigError(f"space.{key}.{kind}: expected [low, high] numbers, got {args!r}.")
+        ordered = args[0] <= args[1] if kind == "randint" else args[0] < args[1]  # randint: both ends included
+        if not ordered:
+            raise ConfigError(f"space.{key}.{kind}: low {args[0]} must be below high {args[1]}.")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"space.{key}.loguniform: low {args[0]} must be > 0.")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"space.{key}.randint: expected whole numbers, got {args!r}.")
+    return kind, args
+
+
+def _probe_values(kind: str, args: list) -> list:
+    """The values a domain can produce at its extremes (each is checked against the config's own rules)."""
+    return list(args) if kind == "choice" else [args[0], args[1]] if kind == "randint" else [float(a) for a in args]
+
+
+def check_space(spec: TuneSpec, base: TrainConfig) -> None:
+    """Every searched setting exists, may be searched, and each value the domain can take passes the config's
+    validation; errors name the setting (space.<setting>) and the rule."""
+    budget = spec.budget
+    if spec.model in VARIANT_ABLATIONS:
+        known = {name for name, _, _ in _walk(TrainConfig)}
+        for key, domain in spec.space.items():
+            if key not in known:
+                raise ConfigError(f"space.{key}: not a training setting; searchable: "
+                                  f"{', '.join(sorted(n for n in known if searchable(n)))}.")
+            if not searchable(key):
+                raise ConfigError(f"space.{key}: not a hyperparameter that can be searched (sections "
+                                  f"{', '.join(SEARCHABLE_SECTIONS)}, except {', '.join(NOT_SEARCHABLE)}).")
+            kind, args = _domain(key, domain)
+            for value in _probe_values(kind, args):
+                trial = copy.deepcopy(base)
+                try:
+                    _set(trial, key, value, f"space.{key}")
+                    trial.validate()
+                except ConfigError as err:
+                    raise ConfigError(f"space.{key}: the value {value!r} is refused: {err}") from None
+                if key == "schedule.finetune_epochs" and value > budget.max_epochs:
+                    raise ConfigError(f"space.schedule.finetune_epochs: {value} is above budget.max_epochs "
+                                      f"({budget.max_epochs}), the most validated epochs a trial may run.")
+        return
+    cls = baseline_settings_class(spec.model)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, domain in spec.space.items():
+        if key not in names or key in BASELINE_FIXED:
+            raise ConfigError(f"space.{key}: not a {spec.model} hyperparameter; searchable: "
+                              f"{', '.join(sorted(names - set(BASELINE_FIXED)))}.")
+        kind, args = _domain(key, domain)
+        for value in _probe_values(kind, args):
+            if key == "lambdas":  # EASE: one λ per trial
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                    raise ConfigError(f"space.lambdas: the value {value!r} is refused: EASE needs one number > 0.")
+                continue
+            try:
+                _set(cls(), key, value, f"space.{key}")
+            except ConfigError as err:
+                raise ConfigError(f"space.{key}: the value {value!r} is refused: {err}") from None
+
+
+def searchable(name: str) -> bool:
+    return name.split(".")[0] in SEARCHABLE_SECTIONS and name not in NOT_SEARCHABLE
+
+
+def baseline_settings_class(model: str):
+    from cllm4rec_dist.baselines.ease import EaseSettings
+    from cllm4rec_dist.baselines.multivae import MultiVAESettings
+
+    return {"ease": EaseSettings, "multivae": MultiVAESettings}[model]
+
+
+def ray_space(space: dict) -> dict:
+    from ray import tune
+
+    make = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(a[0], a[1] + 1)}
+    out = {}
+    for key, domain in space.items():
+        (kind, args), = domain.items()
+        out[key] = make[kind](args)
+    return out
+
+
+def load_spec(path: str, overrides: dict | None = None) -> TuneSpec:
+    """The validated spec in ``path`` (command-line ``overrides`` of budget settings applied); errors name it."""
+    spec = TuneSpec()
+    for key, value in read_yaml_settings(path).items():
+        _set(spec, str(key), value, path)  # errors name the file
+    for key, value in (overrides or {}).items():
+        _set(spec, key, value, "command line")
+    try:
+        return spec.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# ---- one trial (runs in a Ray worker) ------------------------------------------------------------------
+
+
+def trial_config(base: dict, params: dict, model: str, max_epochs: int, out: str) -> TrainConfig:
+    """The base config with a trial's (or the best) values: the one construction for trials and best.yaml."""
+    cfg = config_from_dict(base, "tune base config")
+    cfg.ablation = VARIANT_ABLATIONS[model]
+    cfg.schedule.finetune_epochs = max_epochs
+    for key, value in params.items():
+        _set(cfg, key, value, "tune trial")
+    cfg.out = out
+    return cfg.validate()
+
+
+def _metrics(epoch: int, values: dict) -> dict:
+    return {"epoch": epoch, **{f"valid_{m}": values.get(m) for m in REPORTED}}
+
+
+def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: str) -> None:
+    """One CLLM4Rec-variant trial: the real single-process training path, reporting each validation to Tune."""
+    import torch
+    from ray import tune
+
+    from cllm4rec_dist.train.reference import run_reference
+
+    torch.set_num_threads(1)
+    cfg = trial_config(base, params, model, max_epochs, os.path.join(root, tune.get_context().get_trial_id()))
+    cfg.resume, cfg.projector_sample = False, 0
+    reported = []
+
+    def report(record: dict) -> None:
+        reported.append(record)
+        tune.report(_metrics(record["epoch"] + 1, record))
+
+    result = run_reference(cfg, on_validation=report, score_test=False)
+    if not reported:  # LLM-PreRec: no finetuning epochs, one validation of the pretrained model
+        tune.report(_metrics(1, result["valid"]))
+
+
+def baseline_trial(params: dict, model: str, data: str, seed: int, max_epochs: int,
+                   exclude_valid_on_test: bool) -> None:
+    """One baseline trial: EASE at one λ (one report), or Multi-VAE reporting each epoch's validation."""
+    from ray import tune
+
+    from cllm4rec_dist.baselines import ease, multivae
+    from cllm4rec_dist.corpus.shards import load_eval_split
+
+    split = load_eval_split(data)
+    settings = baseline_settings(model, params, seed, max_epochs, exclude_valid_on_test)
+    settings.score_test = False
+    if model == "ease":
+        tune.report(_metrics(1, ease.run(split, settings)["valid"]))
+    else:
+        settings.num_threads = 1
+        multivae.run(split, settings, on_validation=lambda epoch, valid: tune.report(_metrics(epoch, valid)))
+
+
+def baseline_settings(model: str, params: dict, seed: int, max_epochs: int, exclude_valid_on_test: bool):
+    """The baseline's settings with a trial's (or the best) values."""
+    values = {k: ((float(v),) if k == "lambdas" else v) for k, v in params.items()}
+    values["exclude_valid_on_test"] = exclude_valid_on_test
+    if model == "multivae":
+        values.update(seed=seed, epochs=max_epochs)
+    return baseline_settings_class(model)(**values)
+
+
+# ---- the search --------------------------------------------------------------------------------------
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray for the trials, one thread per trial; inside `ray job submit` (RAY_ADDRESS set) the job's
+    cluster is joined instead (and an already initialised Ray is used as it is: run_search)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
+        return
+    threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads}})
+
+
+def run_search(spec: TuneSpec, base: TrainConfig, out: str):
+    """Ray Tune over ``spec.space`` with ASHA on validation Recall@20; returns Tune's ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    b = spec.budget
+    if spec.model in VARIANT_ABLATIONS:
+        trainable = tune.with_parameters(variant_trial, base=dataclasses.asdict(base), model=spec.model,
+                                         max_epochs=b.max_epochs, root=os.path.join(out, "trials"))
+    else:
+        trainable = tune.with_parameters(baseline_trial, model=spec.model, data=base.data, seed=base.seed,
+                                         max_epochs=b.max_epochs,
+                                         exclude_valid_on_test=base.eval.exclude_valid_on_test)
+    started_here = not ray.is_initialized()
+    if started_here:
+        start_local_ray(b.concurrent)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 1}),
+            param_space=ray_space(spec.space),
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=b.trials,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=b.max_epochs, grace_period=b.grace_epochs,
+                                        reduction_factor=b.reduction_factor),
+                search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=b.concurrent)),
+            run_config=tune.RunConfig(name="search", storage_path=os.path.join(out, "ray"), verbose=0))
+        return tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def planned_epochs(spec: TuneSpec, params: dict) -> int:
+    if spec.model == "ease":
+        return 1
+    return int(params.get("schedule.finetune_epochs", spec.budget.max_epochs))
+
+
+def summarize_trials(spec: TuneSpec, grid) -> list[dict]:
+    """Per trial: its values, validation curve, epochs run, whether ASHA stopped it early, seconds, error."""
+    trials = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        rows = [] if frame is None else frame.to_dict("records")
+        curve = [{"epoch": int(r["epoch"]), **{f"valid_{m}": _number(r.get(f"valid_{m}")) for m in REPORTED}}
+                 for r in rows if "epoch" in r]
+        params = {k: _number(v) for k, v in result.config.items()}
+        planned = planned_epochs(spec, params)
+        run = max((c["epoch"] for c in curve), default=0)
+        best = max(curve, key=lambda c: c[OBJECTIVE] if c[OBJECTIVE] is not None else -math.inf, default=None)
+        trials.append({
+            "trial_id": (result.metrics or {}).get("trial_id"),
+            "params": params, "curve": curve, "epochs_run": run, "epochs_planned": planned,
+            "stopped_early": result.error is None and run < planned,
+            "best_epoch": best["epoch"] if best else None, OBJECTIVE: best[OBJECTIVE] if best else None,
+            "seconds": _number(rows[-1].get("time_total_s")) if rows else None,
+            "error": None if result.error is None else " ".join(str(result.error).split())[:500]})
+    return trials
+
+
+def _number(value):
+    """JSON-friendly scalars from pandas/numpy (NaN -> None)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def best_yaml(spec: TuneSpec, base: TrainConfig, best: dict) -> str:
+    head = (f"# cllm4rec tune --spec ({spec.model}): best of {spec.budget.trials} trials x <= "
+            f"{spec.budget.max_epochs} epochs by {OBJECTIVE} = {best[OBJECTIVE]:.4f} (epoch {best['best_epoch']})\n")
+    import yaml
+
+    if spec.model in VARIANT_ABLATIONS:
+        cfg = trial_config(dataclasses.asdict(base), best["params"], spec.model, spec.budget.max_epochs, "")
+        return head + "# train it: cllm4rec train --config THIS --out RUN   (or launchers/pretrain_llama.py)\n" \
+            + to_yaml(cfg)
+    settings = baseline_settings(spec.model, best["params"], base.seed, spec.budget.max_epochs,
+                                 base.eval.exclude_valid_on_test)
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()
+              if k not in ("seed", "score_test")}
+    return head + "# use it: cllm4rec report --model-config " + spec.model + "=THIS ...\n" + \
+        yaml.safe_dump({"baseline": spec.model, "data": base.data, "settings": values}, sort_keys=False)
+
+
+def plot_curves(trials: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in trials:
+        points = [(c["epoch"], c[OBJECTIVE]) for c in t["curve"] if c[OBJECTIVE] is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, linestyle="-" if len(xs) > 1 else "none",
+                    label=f"{t['trial_id']}{' (stopped)' if t['stopped_early'] else ''}")
+    ax.set_xlabel("validated epoch")
+    ax.set_ylabel("validation Recall@20")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -> dict:
+    """Search, then write best.yaml, tune.json and curves.png into ``out``; returns the tune.json content."""
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    if "://" not in base.data:
+        base.data = os.path.abspath(base.data)
+    base.out = ""
+    check_space(spec, base)
+    started = time.time()
+    grid = run_search(spec, base, out)
+    trials = summarize_trials(spec, grid)
+    scored = [t for t in trials if t[OBJECTIVE] is not None]
+    if not scored:
+        errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a validation score"
+        raise RuntimeError(f"cllm4rec tune: every trial failed: {errors}")
+    best = max(scored, key=lambda t: t[OBJECTIVE])
+    summary = {"command": command, "model": spec.model, "objective": OBJECTIVE, "spec": dataclasses.asdict(spec),
+               "base_config": dataclasses.asdict(base),
+               "budget": {**dataclasses.asdict(spec.budget), "epoch_budget": spec.budget.trials * spec.budget.max_epochs,
+                          "epochs_run": sum(t["epochs_run"] for t in trials),
+                          "trials_stopped_early": sum(t["stopped_early"] for t in trials),
+                          "trials_failed": sum(t["error"] is not None for t in trials),
+                          "trial_seconds": round(sum(t["seconds"] or 0 for t in trials), 1),
+                          "wall_seconds": round(time.time() - started, 1)},
+               "best": best, "trials": trials, "files": {}}
+    for name, text in (("best.yaml", best_yaml(spec, base, best)),):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        summary["files"][name] = path
+    summary["files"]["curves.png"] = os.path.join(out, "curves.png")
+    plot_curves(trials, summary["files"]["curves.png"], f"cllm4rec tune: {spec.model}")
+    summary["files"]["tune.json"] = os.path.join(out, "tune.json")
+    with open(summary["files"]["tune.json"] + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=str)
+    os.replace(summary["files"]["tune.json"] + ".tmp", summary["files"]["tune.json"])
+    return summary
+
+
+# ---- the command -------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.description = ("Search hyperparameters on validation Recall@20 with Ray Tune (ASHA stops trailing trials "
+                     "after each validated epoch; test is never evaluated) and write OUT/best.yaml (a training "
+                     "config `cllm4rec train --config` takes), OUT/tune.json and OUT/curves.png. The spec YAML "
+                     "declares the model, budget and space; the base training config is --config / flags.")
+    from cllm4rec_dist.train.config import field_docs
+
+    keys = list(field_docs(TuneSpec).items())  # model, seed, then the budget fields, then space
+    keys[2:2] = [(f"budget.{name}", doc) for name, doc in field_docs(BudgetSettings).items()]
+    p.add_argument("--spec", required=True, help="tune spec YAML with the keys: " + "; ".join(
+        f"{name}: {doc} (default: {_default(name)})" for name, doc in keys).replace("%", "%%"))
+    p.add_argument("--trials", type=int, default=None, help="override budget.trials (same for every model compared)")
+    p.add_argument("--max-epochs", type=int, default=None, help="override budget.max_epochs")
+    p.add_argument("--concurrent", type=int, default=None, help="override budget.concurrent")
+    add_config_arguments(p)
+
+
+def _default(dotted: str):
+    obj = TuneSpec()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run(args) -> int:
+    if "data" not in vars(args) or "out" not in vars(args):
+        print("error: cllm4rec tune needs --data DIR and --out TUNE_DIR", file=sys.stderr)
+        return 2
+    overrides = {f"budget.{k}": v for k, v in (("trials", args.trials), ("max_epochs", args.max_epochs),
+                                                ("concurrent", args.concurrent)) if v is not None}
+    spec = load_spec(args.spec, overrides)
+    base = config_from_args(args)
+    if base.recommender != "cllm4rec":
+        raise ConfigError(f"recommender={base.recommender!r}: cllm4rec tune searches CLLM4Rec variants and the "
+                          "baselines; A-LLMRec is not supported.")
+    out = base.out
+    try:
+        check_space(spec, base)
+    except ConfigError as err:
+        raise ConfigError(f"{args.spec}: {err}") from None
+    import shlex
+
+    summary = tune_model(spec, base, out, shlex.join(["cllm4rec", *sys.argv[1:]]))
+    for t in summary["trials"]:
+        value = "—" if t[OBJECTIVE] is None else f"{t[OBJECTIVE]:.4f}"
+        state = "error" if t["error"] else "stopped by ASHA" if t["stopped_early"] else "finished"
+        print(f"[tune] trial {t['trial_id']}: {OBJECTIVE} {value} at epoch {t['best_epoch']}, "
+              f"{t['epochs_run']}/{t['epochs_planned']} epochs ({state}) {json.dumps(t['params'])}")
+    b = summary["budget"]
+    print(f"[tune] budget {b['trials']} trials x {b['max_epochs']} epochs = {b['epoch_budget']}; ran "
+          f"{b['epochs_run']} epochs, {b['trials_stopped_early']} trials stopped early, {b['wall_seconds']} s")
+    print(f"[tune] best {OBJECTIVE} {summary['best'][OBJECTIVE]:.4f}: wrote {', '.join(summary['files'].values())}")
+    return 0

@@ -1,0 +1,128 @@
+"""`cllm4rec tune` through the real command: Ray Tune trials on the real training path, ASHA stopping a trial,
+a best.yaml that `cllm4rec train` and the Ray launcher's parser take as is, and spec errors before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cllm4rec_dist.cli import main
+
+TRIAL_SCHEDULE = ["--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "0",
+                  "--schedule.finetune_content_fraction", "0", "--batch.batch_size", "32", "--batch.max_length", "64",
+                  "--log_every", "1000", "--projector_sample", "0", "--keep_checkpoints", "1"]
+# Sampled with seed 1 the trials are [lr 0.01, lr 1e-7]: one run sequentially after the other, the second learns
+# nothing and trails the first at the first rung, so ASHA must stop it after epoch 1 (grace 1, factor 2).
+SPEC = """model: cllm4rec
+seed: 1
+budget: {trials: 2, max_epochs: 3, grace_epochs: 1, reduction_factor: 2, concurrent: 1}
+space:
+  optim.finetune_lr: {choice: [0.01, 1.0e-7]}
+  batch.mask_ratio: {uniform: [0.2, 0.3]}
+"""
+
+
+def write(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for this module's searches (`cllm4rec tune` joins an initialised Ray instead of starting one)."""
+    import ray
+
+    from cllm4rec_dist.tune import start_local_ray
+
+    start_local_ray(2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tuned(demo_data, ray_session, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("tune")
+    out = str(root / "out")
+    assert main(["tune", "--spec", write(root / "spec.yaml", SPEC), "--data", demo_data, "--out", out,
+                 *TRIAL_SCHEDULE]) == 0
+    return out
+
+
+def test_asha_stops_the_trailing_trial_and_best_is_chosen_on_validation(tuned):
+    from ray.tune import ExperimentAnalysis
+
+    # Tune's own record of the experiment, not ours.
+    frames = ExperimentAnalysis(os.path.join(tuned, "ray", "search")).trial_dataframes
+    epochs = sorted(int(frame["epoch"].max()) for frame in frames.values())
+    assert epochs == [1, 3], epochs  # the lr-1e-7 trial was stopped at the first rung, the other ran to max_t
+    with open(os.path.join(tuned, "tune.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    by_lr = {t["params"]["optim.finetune_lr"]: t for t in summary["trials"]}
+    assert by_lr[1e-7]["stopped_early"] and by_lr[1e-7]["epochs_run"] == 1
+    assert not by_lr[0.01]["stopped_early"] and by_lr[0.01]["epochs_run"] == 3
+    assert summary["best"]["params"]["optim.finetune_lr"] == 0.01
+    assert summary["best"]["valid_recall@20"] == max(c["valid_recall@20"] for c in by_lr[0.01]["curve"])
+    assert summary["budget"]["epoch_budget"] == 6 and summary["budget"]["epochs_run"] == 4
+    # Trials never score test: no trial run folder has test metrics.
+    for trial in os.listdir(os.path.join(tuned, "trials")):
+        assert not os.path.exists(os.path.join(tuned, "trials", trial, "metrics.json"))
+    assert open(os.path.join(tuned, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_yaml_trains_as_is_and_the_launcher_reads_it(tuned, tmp_path):
+    from cllm4rec_dist.launch import parse
+    from cllm4rec_dist.train.config import load_config
+
+    best = os.path.join(tuned, "best.yaml")
+    cfg = load_config(best)
+    assert cfg.optim.finetune_lr == 0.01 and cfg.schedule.finetune_epochs == 3 and cfg.ablation == "none"
+    assert 0.2 <= cfg.batch.mask_ratio <= 0.3
+    launcher_cfg, _ = parse("launcher", ["--config", best])
+    assert launcher_cfg == cfg
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", best, "--out", run]) == 0
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    assert metrics["valid"]["recall@20"] > 0 and "test" in metrics
+
+
+def test_baseline_is_tuned_with_the_same_trial_count(demo_data, ray_session, tmp_path):
+    spec = write(tmp_path / "ease.yaml", "model: ease\nbudget: {trials: 2, max_epochs: 3, concurrent: 2}\n"
+                                         "space:\n  lambdas: {loguniform: [1.0, 1000.0]}\n")
+    out = str(tmp_path / "ease")
+    assert main(["tune", "--spec", spec, "--data", demo_data, "--out", out]) == 0
+    with open(os.path.join(out, "tune.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    assert len(summary["trials"]) == 2 and all(t["epochs_run"] == 1 for t in summary["trials"])
+    import yaml
+
+    with open(os.path.join(out, "best.yaml"), encoding="utf-8") as f:
+        best = yaml.safe_load(f)
+    assert best["baseline"] == "ease" and best["settings"]["lambdas"] == [summary["best"]["params"]["lambdas"]]
+    # The report runs EASE at the tuned λ (and only there), and refuses a config tuned for another model.
+    report = str(tmp_path / "report")
+    assert main(["report", "--data", demo_data, "--out", report, "--models", "ease",
+                 "--model-config", f"ease={out}/best.yaml"]) == 0
+    with open(os.path.join(report, "report.json"), encoding="utf-8") as f:
+        (run,) = json.load(f)["models"]["ease"]["runs"]
+    assert run["selected"]["lambda"] == summary["best"]["params"]["lambdas"]
+    assert run["valid"]["recall@20"] == pytest.approx(summary["best"]["valid_recall@20"])
+    assert main(["report", "--data", demo_data, "--out", report, "--models", "multivae",
+                 "--model-config", f"multivae={out}/best.yaml"]) == 2
+
+
+@pytest.mark.parametrize("space, message", [
+    ("batch.mask_ratio: {uniform: [0.1, 1.5]}", "space.batch.mask_ratio: the value 1.5 is refused"),
+    ("optim.finetune_rate: {loguniform: [1.0e-4, 1.0e-2]}", "space.optim.finetune_rate: not a training setting"),
+    ("batch.seed: {choice: [0, 1]}", "space.batch.seed: not a hyperparameter"),
+    ("schedule.finetune_epochs: {choice: [2, 9]}", "above budget.max_epochs (4)"),
+    ("optim.finetune_lr: {loguniform: [0, 1]}", "low 0 must be > 0"),
+])
+def test_bad_spec_is_one_line_naming_the_file_and_field(demo_data, tmp_path, capsys, space, message):
+    spec = write(tmp_path / "spec.yaml", f"model: cllm4rec\nbudget: {{max_epochs: 4}}\nspace:\n  {space}\n")
+    assert main(["tune", "--spec", spec, "--data", demo_data, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec}: ") and message in err, err
+    assert not os.path.exists(tmp_path / "o" / "ray")  # refused before Ray started
