@@ -130,9 +130,13 @@ def init_distributed() -> None:
     the build cache is rebuilt whenever another venv or flag set used it). ``build_shm_op`` returning None is
     DeepSpeed's own "op not available" path (its inference all-reduce then falls back to torch.distributed).
     """
-    import deepspeed
-    import deepspeed.comm.torch as ds_comm_torch
+    import importlib
 
+    import deepspeed
+
+    # Not ``import deepspeed.comm.torch as m``: that binds the attribute ``deepspeed.comm.torch``, which
+    # ``deepspeed.comm``'s star import has made the torch package itself, so the patch would miss the module.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
