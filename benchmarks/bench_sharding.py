@@ -80,15 +80,14 @@ def worker(rank: int, world: int, port: int, sharding: str, args, results) -> No
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed
         import torch.distributed as dist
 
         from cllm4rec_dist.model import losses
         from cllm4rec_dist.train.config import TrainConfig
-        from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+        from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
         from cllm4rec_dist.train.recipe import build_engines
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed()  # gloo on CPU, without DeepSpeed's inference-only shm op (train/engines.py)
         args.model.table_sharding = args.model.item_head_sharding = sharding
         device = torch.device("cpu")
         model = bench_model.build_model(args.model, device)
