@@ -374,6 +374,30 @@ def test_tables_are_fp32_with_backbone_init_std(gpt2_dir):
     assert make_model(gpt2_dir, init_std=1.0).collab_item_table.weight.std().item() > 0.5
 
 
+def test_vocab_token_init_draws_tables_from_the_backbones_word_rows(gpt2_dir):
+    """token_init="vocab": every table entry ~ N(vocab mean_k, vocab std_k^2) of its dimension k; the item head
+    (when separate) and the normal default are untouched. Checked on a backbone whose words are shifted and
+    scaled far from N(0, 0.02^2), as a pretrained one's are."""
+    from transformers import AutoModelForCausalLM
+    backbone = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        words = backbone.get_input_embeddings().weight
+        words.mul_(torch.linspace(1.0, 6.0, words.shape[1])).add_(torch.linspace(-0.5, 0.5, words.shape[1]))
+    mean, std = words.detach().mean(0), words.detach().std(0)
+    model = CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=400, num_items=400, token_init="vocab", device="cpu"),
+                     backbone=backbone)
+    for table in (model.collab_user_table, model.collab_item_table, model.content_user_table,
+                  model.content_item_table):
+        rows = table.weight.detach()
+        assert rows.dtype == torch.float32
+        # 400 draws per dimension: the sample mean is within 5 standard errors, the std within 25%
+        assert ((rows.mean(0) - mean).abs() < 5 * std / 20).all()
+        assert ((rows.std(0) / std - 1).abs() < 0.25).all()
+    assert not torch.equal(model.collab_user_table.weight, model.content_user_table.weight)
+    with pytest.raises(ValueError, match="token_init='words'"):
+        make_model(gpt2_dir, token_init="words")
+
+
 # ---- (4) quantised and bf16 backbones -------------------------------------------------------
 
 def _train_all_three(model, steps=4):

@@ -266,6 +266,15 @@ def test_row_layout_is_the_dtensor_split_and_the_init_does_not_depend_on_it(rows
         part = torch.empty(lay.local_rows, 3)
         sharding.init_rows_(part, lay.start, 0.02, seed=5)
         assert torch.equal(part, whole[lay.start:lay.stop])
+    # per-column mean and std (token_init="vocab"): the same values on any split, shifted and scaled per column
+    mean, std = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, 2.0, 0.02])
+    shifted = torch.empty(rows, 3)
+    sharding.init_rows_(shifted, 0, std, seed=5, mean=mean)
+    torch.testing.assert_close(shifted, whole / 0.02 * std + mean)
+    for lay in layouts:
+        part = torch.empty(lay.local_rows, 3)
+        sharding.init_rows_(part, lay.start, std, seed=5, mean=mean)
+        assert torch.equal(part, shifted[lay.start:lay.stop])
 
 
 def test_bad_sharding_settings_are_refused_before_any_worker_starts(demo_data):

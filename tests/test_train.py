@@ -147,6 +147,9 @@ def test_config_yaml_and_flags(tmp_path):
     path.write_text("schedule:\n  warmup_epoch: 3\n")
     with pytest.raises(ValueError, match="unknown setting 'schedule.warmup_epoch'"):
         config_from_args(p.parse_args(["--config", str(path)]))
+    with pytest.raises(ValueError, match="model.token_init.*one of normal, vocab"):
+        config_from_args(p.parse_args(["--model.token_init", "word"]))
+    assert config_from_args(p.parse_args(["--model.token_init", "vocab"])).model.token_init == "vocab"
     with pytest.raises(ValueError, match="quantised"):
         TrainConfig(ablation="ftall", model=ModelSettings(precision="int8")).validate()
 

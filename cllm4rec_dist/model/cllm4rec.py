@@ -22,6 +22,7 @@ from .sharding import (TABLE_SHARDINGS, RowLayout, RowShardedTable, all_reduce_s
 
 SIDES = ("collab", "content")
 MR_REDUCTIONS = ("paper", "authors", "token_mean")
+TOKEN_INITS = ("normal", "vocab")
 """How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
 
 
@@ -46,6 +47,11 @@ class ModelConfig:
     tokens against a mean CE); formulas in model/losses.py."""
     init_std: float | None = None
     """Std of the normal init of the tables and item head; None -> the backbone's initializer_range."""
+    token_init: str = "normal"
+    """How the four user/item token tables start: "normal" (N(0, init_std^2) per entry) or "vocab" (per
+    dimension, the mean and std of the backbone's own input-embedding rows, so a new token looks like a word to
+    the frozen layers). A pretrained backbone's rows are far from N(0, initializer_range^2): SmolLM2-135M's have
+    norm ~3.2 around a shared mean of norm ~2.2, a 0.02-std row has norm ~0.5. The item head stays "normal"."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     ft_all: bool = False
@@ -80,6 +86,8 @@ class CLLM4Rec(nn.Module):
         super().__init__()
         if config.mr_reduction not in MR_REDUCTIONS:
             raise ValueError(f"mr_reduction={config.mr_reduction!r}; choose one of {', '.join(MR_REDUCTIONS)}")
+        if config.token_init not in TOKEN_INITS:
+            raise ValueError(f"token_init={config.token_init!r}; choose one of {', '.join(TOKEN_INITS)}")
         for name in ("table_sharding", "item_head_sharding"):
             if getattr(config, name) not in TABLE_SHARDINGS:
                 raise ValueError(f"{name}={getattr(config, name)!r}; choose one of {', '.join(TABLE_SHARDINGS)}")
@@ -119,20 +127,30 @@ class CLLM4Rec(nn.Module):
         row_seed = (int(torch.randint(2**31 - 1, ())) if "row" in (config.table_sharding, config.item_head_sharding)
                     else 0)
 
-        def table(rows: int, sharding: str, index: int) -> nn.Module:
+        token_mean, token_std = 0.0, self.init_std
+        if config.token_init == "vocab":
+            vocab = backbone.get_input_embeddings().weight.detach()
+            token_mean, token_std = vocab.float().mean(0), vocab.float().std(0)
+
+        def table(rows: int, sharding: str, index: int, mean=0.0, std: float | torch.Tensor = self.init_std) -> nn.Module:
             # fp32 master copy whatever the backbone's precision
             if sharding == "row":
                 sharded = RowShardedTable(rows, d, current_layout(rows), device=device)
-                init_rows_(sharded.weight, sharded.layout.start, self.init_std, row_seed * 8 + index)
+                init_rows_(sharded.weight, sharded.layout.start, std, row_seed * 8 + index, mean=mean)
                 return sharded
             emb = nn.Embedding(rows, d, device=device, dtype=torch.float32)
-            nn.init.normal_(emb.weight, mean=0.0, std=self.init_std)
+            if isinstance(std, torch.Tensor):
+                with torch.no_grad():
+                    emb.weight.copy_(torch.randn(rows, d, device=device) * std + mean)
+            else:
+                nn.init.normal_(emb.weight, mean=0.0, std=std)
             return emb
 
-        self.collab_user_table = table(self.num_users, config.table_sharding, 0)
-        self.collab_item_table = table(self.num_items, config.table_sharding, 1)
-        self.content_user_table = table(self.num_users, config.table_sharding, 2)
-        self.content_item_table = table(self.num_items, config.table_sharding, 3)
+        tokens = dict(mean=token_mean, std=token_std)
+        self.collab_user_table = table(self.num_users, config.table_sharding, 0, **tokens)
+        self.collab_item_table = table(self.num_items, config.table_sharding, 1, **tokens)
+        self.content_user_table = table(self.num_users, config.table_sharding, 2, **tokens)
+        self.content_item_table = table(self.num_items, config.table_sharding, 3, **tokens)
 
         self.item_head = None
         if separate:

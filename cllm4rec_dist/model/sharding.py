@@ -175,14 +175,19 @@ class RowShardedTable(nn.Module):
 
 
 @torch.no_grad()
-def init_rows_(weight: torch.Tensor, first_row: int, std: float, seed: int) -> None:
-    """Fill ``weight`` (the rows first_row.. of a table) with N(0, std^2), block by block: row i's value depends
-    only on (seed, i), never on how the table is split over ranks."""
+def _on_cpu(value: float | torch.Tensor) -> float | torch.Tensor:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def init_rows_(weight: torch.Tensor, first_row: int, std: float | torch.Tensor, seed: int,
+               mean: float | torch.Tensor = 0.0) -> None:
+    """Fill ``weight`` (the rows first_row.. of a table) with N(mean, std^2) (scalars or per-column vectors),
+    block by block: row i's value depends only on (seed, i), never on how the table is split over ranks."""
     rows = weight.shape[0]
     block = first_row // INIT_BLOCK_ROWS
     while rows and block * INIT_BLOCK_ROWS < first_row + rows:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        values = torch.randn(INIT_BLOCK_ROWS, weight.shape[1], generator=generator) * std
+        values = torch.randn(INIT_BLOCK_ROWS, weight.shape[1], generator=generator) * _on_cpu(std) + _on_cpu(mean)
         lo = max(block * INIT_BLOCK_ROWS, first_row)
         hi = min((block + 1) * INIT_BLOCK_ROWS, first_row + rows)
         weight[lo - first_row:hi - first_row] = values[lo - block * INIT_BLOCK_ROWS:hi - block * INIT_BLOCK_ROWS]

@@ -17,7 +17,7 @@ import yaml
 
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.metrics import SELECTION_METRICS
-from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS
+from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS, TOKEN_INITS
 from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
@@ -53,6 +53,10 @@ class ModelSettings:
     mean CE: this project's earlier default, MR strength independent of batch size and document length."""
     init_std: float | None = None
     """Std of the table/head init; None = the backbone's initializer_range."""
+    token_init: str = "normal"
+    """How the user/item token tables start: 'normal' (N(0, init_std^2)) or 'vocab' (per dimension, the mean
+    and std of the backbone's own word-embedding rows: a pretrained backbone's words are far larger than
+    N(0, initializer_range^2); RESULTS §7 measures what this changes for SmolLM2)."""
     max_logit_elements: int = 2**24
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None
@@ -310,6 +314,8 @@ class TrainConfig:
         _require(self.model.lambda_c >= 0, "model.lambda_c", self.model.lambda_c, ">= 0")
         _require(self.model.init_std is None or self.model.init_std > 0, "model.init_std", self.model.init_std,
                  "> 0 (or none for the backbone's initializer_range)")
+        _require(self.model.token_init in TOKEN_INITS, "model.token_init", self.model.token_init,
+                 f"one of {', '.join(TOKEN_INITS)}")
         _require(self.model.max_logit_elements >= 1, "model.max_logit_elements", self.model.max_logit_elements, ">= 1")
         for name in ("num_workers", "cpus_per_worker"):
             _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")

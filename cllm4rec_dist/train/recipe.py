@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
-        max_logit_elements=cfg.model.max_logit_elements,
+        token_init=cfg.model.token_init, max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
         table_sharding=cfg.model.table_sharding,
