@@ -248,7 +248,8 @@ def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: s
 
     def report(record: dict) -> None:
         reported.append(record)
-        tune.report(_metrics(record["epoch"] + 1, record))
+        # LLM-PreRec's one validation follows its last PRETRAINING epoch: it is the trial's validated unit 1
+        tune.report(_metrics(1 if model == "prerec" else record["epoch"] + 1, record))
 
     result = run_reference(cfg, on_validation=report, score_test=False)
     if not reported:  # LLM-PreRec: no finetuning epochs, one validation of the pretrained model
@@ -333,7 +334,7 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str):
 
 
 def planned_epochs(spec: TuneSpec, params: dict) -> int:
-    if spec.model == "ease":
+    if spec.model in ("ease", "prerec"):  # one fit / one validation of the pretrained model
         return 1
     return int(params.get("schedule.finetune_epochs", spec.budget.max_epochs))
 

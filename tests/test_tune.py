@@ -88,6 +88,20 @@ def test_best_yaml_trains_as_is_and_the_launcher_reads_it(tuned, tmp_path):
     assert metrics["valid"]["recall@20"] > 0 and "test" in metrics
 
 
+def test_prerec_trial_is_one_validation_of_the_pretrained_model(demo_data, ray_session, tmp_path):
+    """LLM-PreRec validates once, after its last pretraining epoch: one validated unit of one planned, not
+    "pretraining epochs of max_epochs, stopped by ASHA"."""
+    spec = write(tmp_path / "prerec.yaml", "model: prerec\nbudget: {trials: 1, max_epochs: 3, grace_epochs: 1, "
+                                           "concurrent: 1}\nspace:\n  optim.pretrain_lr: {choice: [0.003]}\n")
+    out = str(tmp_path / "prerec")
+    schedule = [*TRIAL_SCHEDULE, "--schedule.pretrain_epochs", "2"]
+    assert main(["tune", "--spec", spec, "--data", demo_data, "--out", out, *schedule]) == 0
+    with open(os.path.join(out, "tune.json"), encoding="utf-8") as f:
+        trial, = json.load(f)["trials"]
+    assert (trial["epochs_run"], trial["epochs_planned"], trial["stopped_early"]) == (1, 1, False)
+    assert trial["valid_recall@20"] > 0 and trial["error"] is None
+
+
 def test_baseline_is_tuned_with_the_same_trial_count(demo_data, ray_session, tmp_path):
     spec = write(tmp_path / "ease.yaml", "model: ease\nbudget: {trials: 2, max_epochs: 3, concurrent: 2}\n"
                                          "space:\n  lambdas: {loguniform: [1.0, 1000.0]}\n")
