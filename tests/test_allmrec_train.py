@@ -83,6 +83,13 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
     # The CF model scored inside stage 2's evaluation is the stage-0 model (stage 0 evaluates every user).
     assert cf["test"]["users"] == len(data.evaluated_users("test"))
     assert llm["sasrec"]["test"]["users"] == min(40, cf["test"]["users"])
+    # each model's evaluation line ends with the number of users it was evaluated on (the count is not a metric)
+    eval_lines = [line for line in (run / "progress.log").read_text().splitlines() if line.startswith("[eval] ")]
+    assert len(eval_lines) == 2 * len(llm)
+    for part in ("valid", "test"):
+        for model, parts in llm.items():
+            line = next(line for line in eval_lines if line.startswith(f"[eval] {part}/{model} @"))
+            assert line.endswith(f" ({parts[part]['users']} users)") and " users " not in line, line
 
     log = read_train_log(run)
     # Logged scalars wait on the device and are all-reduced once per log_every (1000) steps or stage epoch,

@@ -319,7 +319,7 @@ class ALLMRecTrainer:
                 merged = {k: v for chunk in gathered for k, v in chunk.items()}
                 for model, metrics in self._metrics(part, merged).items():
                     results.setdefault(model, {})[part] = metrics
-                    self.log.evaluation(f"{part}/{model}", flat_metrics(metrics), self.state.global_step)
+                    self.log.evaluation(f"{part}/{model}", logged_metrics(metrics), self.state.global_step)
         return results
 
     def _score_users(self, part: str, users: list[int]) -> dict[int, dict]:
@@ -417,9 +417,13 @@ class ALLMRecTrainer:
         restore_rng(snapshot["rng"])
 
 
-def flat_metrics(metrics: dict) -> dict:
-    """Top-level numbers of a metrics dict (TensorBoard / progress line); slices are nested and skipped."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+def logged_metrics(metrics: dict) -> dict:
+    """What the monitor logs of a part's candidate metrics (TensorBoard scalars, the progress line): the top-level
+    numbers (slices are nested and skipped), the evaluated-user count under the monitor's count name ``num_users``
+    (eval/candidates.py calls it ``users``), so it is shown as the line's count, not plotted as a metric."""
+    out = {k: v for k, v in metrics.items() if (isinstance(v, (int, float)) or v is None) and k != "users"}
+    out["num_users"] = metrics.get("users")
+    return out
 
 
 def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: str) -> tuple[ALLMRec, ALLMRecPrompts]:
