@@ -166,7 +166,7 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
     from cllm4rec_dist.train.recipe import CLLM4RecRecipe
-    from cllm4rec_dist.train.trainer import Rank
+    from cllm4rec_dist.train.rank import Rank
 
     cfg = tiny_config(demo_data, str(tmp_path))
     recipe = CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
@@ -265,7 +265,7 @@ def _recipe(cfg):
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
     from cllm4rec_dist.train.recipe import CLLM4RecRecipe
-    from cllm4rec_dist.train.trainer import Rank
+    from cllm4rec_dist.train.rank import Rank
 
     return CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
                           LocalSink(cfg.out)).setup()

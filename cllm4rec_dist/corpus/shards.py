@@ -67,6 +67,13 @@ def atomic_write(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as indented JSON (numpy and tensor scalars as floats) at the local or fsspec ``path``, through
+    ``atomic_write``: run summaries (metrics.json, timing.json) that a reader never sees half-written."""
+    fs, target = _fs(path)
+    atomic_write(fs, target, json.dumps(obj, indent=1, default=float).encode("utf-8"))
+
+
 def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:
     """One webdataset tar holding ``docs`` as ``<name>-<index>.json`` samples, deterministic bytes."""
     buf = io.BytesIO()

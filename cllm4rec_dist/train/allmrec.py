@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.corpus.sequences import SequentialData
-from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder,
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories
@@ -42,7 +42,7 @@ from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
 from cllm4rec_dist.train.monitor import Monitor, PendingSteps
-from cllm4rec_dist.train.trainer import Rank, write_json_atomic
+from cllm4rec_dist.train.rank import Rank
 
 STAGES = ("cf", "align", "llm", "eval", "done")
 _STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14}

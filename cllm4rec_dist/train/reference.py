@@ -15,7 +15,7 @@ from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
 from cllm4rec_dist.train.run_folder import RunLock
-from cllm4rec_dist.train.trainer import Rank
+from cllm4rec_dist.train.rank import Rank
 
 
 def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True) -> dict:
