@@ -16,7 +16,7 @@ from cllm4rec_dist.corpus.shards import DatasetWriter, ShardPlan
 from cllm4rec_dist.data.protocol import SPLITS, ProtocolConfig, Split, apply_protocol
 from cllm4rec_dist.data.readers import READERS, ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputError, InputReport
-from cllm4rec_dist.model.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
+from cllm4rec_dist.corpus.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
 
 
 @dataclass

@@ -29,7 +29,7 @@ from webdataset import tariterators
 from webdataset.writer import TarWriter
 
 from cllm4rec_dist.errors import UserError
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 MANIFEST = "manifest.json"
 FORMAT = "cllm4rec-shards"

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cllm4rec_dist.corpus.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder,
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories
-from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import ConfigError, TrainConfig
 from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
