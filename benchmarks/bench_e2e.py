@@ -48,10 +48,10 @@ def parse_args(argv=None):
 
 def ensure_data(config: str) -> None:
     """Build the demo dataset before timing, so that no run pays for it."""
-    from cllm4rec_dist.launch import ensure_demo_data
+    from cllm4rec_dist.corpus.preprocess import demo_dataset
     from cllm4rec_dist.train.config import load_config
 
-    ensure_demo_data(load_config(config))
+    demo_dataset(load_config(config).data)
 
 
 def throughput(log_path: str) -> dict:

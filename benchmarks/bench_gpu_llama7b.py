@@ -2,7 +2,7 @@
 
 Why: the paper's LLaMA-7B variant is the configuration a GPU user cares about, and
 whether its frozen backbone fits and how fast the tables train does not depend on
-the weights' values. So the ``llama-7b-shape`` preset (cllm4rec_dist/model/presets.py)
+the weights' values. So the ``llama-7b-shape`` preset (cllm4rec_dist/corpus/presets.py)
 is instantiated with RANDOM weights straight on the GPU (no 13 GB checkpoint on disk),
 wrapped in ``CLLM4Rec(config, backbone=...)``, and timed:
 
@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llama-7b-shape", help="a preset of cllm4rec_dist/model/presets.py (LLaMA family)")
+    p.add_argument("--preset", default="llama-7b-shape", help="a preset of cllm4rec_dist/corpus/presets.py (LLaMA family)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test with a small preset only)")
     p.add_argument("--precisions", default="bf16,int8", help="comma-separated: bf16, int8")
     p.add_argument("--int8-method", choices=["convert", "reload"], default="convert")
@@ -91,7 +91,7 @@ def fail_fast(args) -> None:
 def llama_config(args):
     from transformers import LlamaConfig
 
-    from cllm4rec_dist.model.presets import PRESETS
+    from cllm4rec_dist.corpus.presets import PRESETS
 
     spec = dict(PRESETS[args.preset])
     if spec.pop("family") != "llama":

@@ -20,8 +20,8 @@ BENCHMARKS=${BENCHMARKS:-"model shards e2e"}
 SHARDS_DATA=${SHARDS_DATA:-shards/demo}
 
 if [[ " $BENCHMARKS " == *" shards "* && ! -f "$SHARDS_DATA/manifest.json" && "$SHARDS_DATA" == "shards/demo" ]]; then
-  "$PY" -c "from cllm4rec_dist.launch import ensure_demo_data; from cllm4rec_dist.train.config import load_config; \
-ensure_demo_data(load_config('configs/demo.yaml'))" >"$OUT/demo-data.log" 2>&1 || { echo "building shards/demo failed: see $OUT/demo-data.log"; exit 1; }
+  "$PY" -c "from cllm4rec_dist.corpus.preprocess import demo_dataset; from cllm4rec_dist.train.config import load_config; \
+demo_dataset(load_config('configs/demo.yaml').data)" >"$OUT/demo-data.log" 2>&1 || { echo "building shards/demo failed: see $OUT/demo-data.log"; exit 1; }
 fi
 
 failed=0

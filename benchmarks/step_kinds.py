@@ -106,7 +106,7 @@ def prepare_data(backbone: str, data: str | None, workdir: str) -> str:
 
 def load_model(data, precision: str, backbone: str | None):
     from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.model.presets import resolve_backbone
+    from cllm4rec_dist.corpus.presets import resolve_backbone
 
     recorded = data.manifest["backbone"]
     if backbone in (None, "tiny") or BACKBONE_NAMES.get(backbone) == recorded.get("spec"):

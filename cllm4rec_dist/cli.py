@@ -15,7 +15,7 @@ from cllm4rec_dist.quiet import quiet_libraries
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("cllm4rec_dist.data.demo", "write the synthetic demo dataset (table format) to --out"),
-    "init-backbone": ("cllm4rec_dist.model.presets", "build a small random backbone (+ tokenizer) from a preset and save it"),
+    "init-backbone": ("cllm4rec_dist.corpus.presets", "build a small random backbone (+ tokenizer) from a preset and save it"),
     "preprocess": ("cllm4rec_dist.corpus.preprocess", "raw files -> protocol -> documents -> webdataset shards + manifest"),
     "train": ("cllm4rec_dist.train.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
     "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics; popular / SASRec / GRU4Rec on leave-one-out candidates"),

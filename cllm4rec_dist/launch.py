@@ -1,4 +1,4 @@
-"""What the launchers share: parse the config, make the demo dataset when it is the default, run, export.
+"""What the launchers share: parse the config, run, export (the demo dataset: corpus/preprocess.py ``demo_dataset``).
 
 `launchers/pretrain_llama.py` (Ray) and `launchers/finetune.py` (DeepSpeed launcher or Ray)
 are thin wrappers around this module.
@@ -11,7 +11,7 @@ import json
 import os
 
 from cllm4rec_dist.quiet import quiet_libraries
-from cllm4rec_dist.resources import DEMO_DATASETS, demo_data_dir, packaged, resolve_path
+from cllm4rec_dist.resources import packaged, resolve_path
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.timing import PhaseTimer, read_timing, write_timing
 
@@ -27,30 +27,6 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[TrainConfig,
     args.config = resolve_path(args.config) if args.config else DEFAULT_CONFIG
     quiet_libraries()
     return config_from_args(args), args
-
-
-def ensure_demo_data(cfg: TrainConfig) -> None:
-    """The embedded default: when ``data`` names a demo dataset (``shards/demo``, or ``shards/demo-loo`` for
-    A-LLMRec) and no such dataset is in the working directory, use the project's own copy, building it
-    (synthetic data + tiny backbone, with that demo's split) once."""
-    name = os.path.normpath(cfg.data)
-    split = DEMO_DATASETS.get(name)
-    if split is None or os.path.exists(os.path.join(cfg.data, "manifest.json")):
-        return
-    cfg.data = demo_data_dir(name)
-    if os.path.exists(os.path.join(cfg.data, "manifest.json")):
-        return
-    from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
-    from cllm4rec_dist.data.demo import DemoConfig, write
-    from cllm4rec_dist.data.protocol import ProtocolConfig
-    from cllm4rec_dist.data.readers import ReaderOptions
-
-    raw = f"{cfg.data}-raw"
-    print(f"[launch] no dataset at {cfg.data}: writing the synthetic demo to {raw} and preprocessing it "
-          f"({split} split)", flush=True)
-    write(raw, DemoConfig())
-    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=cfg.data,
-                                protocol=ProtocolConfig(split=split)))
 
 
 def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: PhaseTimer | None = None) -> int:

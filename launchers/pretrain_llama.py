@@ -10,7 +10,8 @@ key of the --config YAML or a `--section.field VALUE` flag (see --help).
 import sys
 
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import ensure_demo_data, finish, parse
+from cllm4rec_dist.corpus.preprocess import demo_dataset
+from cllm4rec_dist.launch import finish, parse
 from cllm4rec_dist.train.distributed import launch_ray
 from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     timer.mark("started")
     cfg, args = parse(__doc__, argv)
     with timer.phase("demo_data"):
-        ensure_demo_data(cfg)
+        cfg.data = demo_dataset(cfg.data)
     return finish(cfg, args, launch_ray(cfg, timer), timer)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.model.allmrec import CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder, load_sbert
-from cllm4rec_dist.model.presets import build_backbone, load_tokenizer
+from cllm4rec_dist.corpus.presets import build_backbone, load_tokenizer
 
 TITLES = [f"Film {chr(65 + i % 26)}{i} ({1980 + i})" for i in range(40)]
 

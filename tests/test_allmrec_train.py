@@ -83,6 +83,13 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
     # The CF model scored inside stage 2's evaluation is the stage-0 model (stage 0 evaluates every user).
     assert cf["test"]["users"] == len(data.evaluated_users("test"))
     assert llm["sasrec"]["test"]["users"] == min(40, cf["test"]["users"])
+    # each model's evaluation line ends with the number of users it was evaluated on (the count is not a metric)
+    eval_lines = [line for line in (run / "progress.log").read_text().splitlines() if line.startswith("[eval] ")]
+    assert len(eval_lines) == 2 * len(llm)
+    for part in ("valid", "test"):
+        for model, parts in llm.items():
+            line = next(line for line in eval_lines if line.startswith(f"[eval] {part}/{model} @"))
+            assert line.endswith(f" ({parts[part]['users']} users)") and " users " not in line, line
 
     log = read_train_log(run)
     # Logged scalars wait on the device and are all-reduced once per log_every (1000) steps or stage epoch,
@@ -174,3 +181,33 @@ def test_deepspeed_launcher_runs_allmrec_like_the_single_process_run(run, config
     assert metrics["stages"]["llm"]["allmrec"]["test"]["users"] == 10
     manifest = json.loads((out / "export" / "export.json").read_text())
     assert manifest["source"]["recommender"] == "allmrec"
+
+
+def test_train_command_builds_the_embedded_demo_dataset_it_is_pointed_at(tmp_path, monkeypatch):
+    """`cllm4rec train --config configs/allmrec-demo.yaml` on a fresh checkout: `shards/demo-loo` is built first, by
+    the function the Ray launcher uses, into the project's shards/ (here a stand-in project folder)."""
+    from cllm4rec_dist import resources
+    from cllm4rec_dist.corpus.preprocess import demo_dataset
+    from cllm4rec_dist.data.demo import DemoConfig
+
+    project, work, out = tmp_path / "project", tmp_path / "work", tmp_path / "run"
+    work.mkdir()
+    monkeypatch.setattr(resources, "PROJECT_ROOT", str(project))  # where demo_data_dir puts the embedded demos
+    monkeypatch.chdir(work)  # no shards/demo-loo in the working directory
+    result = train(REPO / "configs" / "allmrec-demo.yaml", out, "--max_steps", "1", "--allmrec.cf_epochs", "1")
+    assert result == {}  # stopped after one step: no metrics.json
+
+    built = project / "shards" / "demo-loo"
+    data = SequentialData.open(str(built))
+    assert data.num_users == DemoConfig().num_users and data.candidates["test"]  # leave-one-out, with candidates
+    assert yaml_data(out / "config.yaml") == str(built)  # the run trained on it
+    assert [r["global_step"] for r in read_train_log(out) if r["kind"] == "align"] == [1]
+    manifest = (built / "manifest.json").stat().st_mtime_ns
+    assert demo_dataset("shards/demo-loo") == str(built) and (built / "manifest.json").stat().st_mtime_ns == manifest
+    assert demo_dataset("shards/elsewhere") == "shards/elsewhere"  # anything but the demo names is left alone
+
+
+def yaml_data(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["data"]

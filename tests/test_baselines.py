@@ -9,7 +9,7 @@ import pytest
 
 from cllm4rec_dist.baselines import ease, multivae, run_baseline
 from cllm4rec_dist.baselines.common import EvalSettings, SettingsError, evaluate
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 METRIC_KEYS = {"recall@20", "recall@40", "ndcg@100", "num_users", "num_skipped"}
 FAST_VAE = dict(epochs=20, hidden_dim=64, latent_dim=16, batch_size=20, num_threads=1)

@@ -15,7 +15,7 @@ from cllm4rec_dist.corpus.ids import TokenSpace, decode, encode, split_markers
 from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
 from cllm4rec_dist.corpus.shards import DatasetWriter, ShardedDataset, ShardError, ShardPlan, register_fsspec
 from cllm4rec_dist.data.readers import ReaderOptions
-from cllm4rec_dist.model.presets import build_tokenizer
+from cllm4rec_dist.corpus.presets import build_tokenizer
 
 
 @pytest.fixture(scope="module")

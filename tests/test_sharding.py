@@ -27,7 +27,8 @@ from cllm4rec_dist.train.checkpoint import LocalSink, SHARDED_DIR  # noqa: E402
 from cllm4rec_dist.train.config import ScheduleSettings, TrainConfig, config_from_dict  # noqa: E402
 from cllm4rec_dist.train.engines import TorchEngine  # noqa: E402
 from cllm4rec_dist.train.recipe import CLLM4RecRecipe  # noqa: E402
-from cllm4rec_dist.train.trainer import LOSSES, Rank, load_trainable  # noqa: E402
+from cllm4rec_dist.train.rank import Rank  # noqa: E402
+from cllm4rec_dist.train.trainer import LOSSES, load_trainable  # noqa: E402
 
 KINDS = ("L", "C", "rec")
 STEPS = ("L", "C", "rec", "L", "rec", "C")       # before the checkpoint

@@ -71,7 +71,13 @@ def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(ref
     assert sum("valid recall@20" in line for line in block_lines) == sum(b.evaluate for b in blocks)
     assert sum("ETA for the whole schedule" in line for line in console) == 1
     assert len(console) <= len(blocks) + 5  # fits a screen; the detail is in progress.log
-    assert "[eval] valid" in (out / "progress.log").read_text()
+    # every evaluation line names how many users its metrics average over (the validations', then the test's)
+    metrics = json.loads((out / "metrics.json").read_text())
+    progress = (out / "progress.log").read_text().splitlines()
+    eval_lines = [line for line in progress if line.startswith("[eval] ")]
+    counts = [record["num_users"] for record in metrics["history"]] + [metrics["test"]["num_users"]]
+    assert len(eval_lines) == len(counts) and all(n > 0 for n in counts)
+    assert [line.rsplit(" (", 1)[1] for line in eval_lines] == [f"{n} users)" for n in counts]
     rank0 = json.loads((out / "timing.json").read_text())["rank0"]
     assert rank0["counts"]["validation"] == sum(b.evaluate for b in blocks) and rank0["counts"]["test"] == 1
     assert rank0["counts"]["train_steps"] == sum(b.steps for b in blocks)
@@ -160,7 +166,7 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
     from cllm4rec_dist.train.recipe import CLLM4RecRecipe
-    from cllm4rec_dist.train.trainer import Rank
+    from cllm4rec_dist.train.rank import Rank
 
     cfg = tiny_config(demo_data, str(tmp_path))
     recipe = CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
@@ -259,7 +265,7 @@ def _recipe(cfg):
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
     from cllm4rec_dist.train.recipe import CLLM4RecRecipe
-    from cllm4rec_dist.train.trainer import Rank
+    from cllm4rec_dist.train.rank import Rank
 
     return CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
                           LocalSink(cfg.out)).setup()

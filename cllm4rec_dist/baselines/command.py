@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 # model name -> (module, settings class name)
 MODELS: dict[str, tuple[str, str]] = {

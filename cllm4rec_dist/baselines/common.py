@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cllm4rec_dist.eval.metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, evaluate_split
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 ScoreFn = Callable[[np.ndarray], Any]
 S = TypeVar("S", bound="EvalSettings")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result, selection_value
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 
 from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result
 from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 
 @dataclass

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 from cllm4rec_dist.corpus.documents import CORPORA, DocumentBuilder, Templates, num_tokens
 from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE, SEQ_CORPUS, items_table, sequence_documents, sequence_length
 from cllm4rec_dist.corpus.shards import DatasetWriter, ShardPlan
 from cllm4rec_dist.data.protocol import SPLITS, ProtocolConfig, Split, apply_protocol
 from cllm4rec_dist.data.readers import READERS, ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputError, InputReport
-from cllm4rec_dist.model.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
+from cllm4rec_dist.resources import DEMO_DATASETS, demo_data_dir
 
 
 @dataclass
@@ -48,6 +49,31 @@ def count_docs(name: str, split: Split) -> int:
 def tokenizer_identity(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
     return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+def demo_dataset(data: str) -> str:
+    """The dataset folder a training config's ``data`` names, the embedded demos built on first use.
+
+    ``shards/demo`` and ``shards/demo-loo`` (A-LLMRec's leave-one-out demo; resources.DEMO_DATASETS) with no
+    dataset at that path in the working directory mean the project's own copy, written once (synthetic data +
+    tiny backbone, that demo's split). Any other ``data`` is returned as given. Every training entry point calls
+    it before its first worker starts: `cllm4rec train` and the Ray launcher alike.
+    """
+    name = os.path.normpath(data)
+    split = DEMO_DATASETS.get(name)
+    if split is None or os.path.exists(os.path.join(data, "manifest.json")):
+        return data
+    data = demo_data_dir(name)
+    if os.path.exists(os.path.join(data, "manifest.json")):
+        return data
+    from cllm4rec_dist.data.demo import DemoConfig, write
+
+    raw = f"{data}-raw"
+    _log(f"no dataset at {data}: writing the synthetic demo to {raw} and preprocessing it ({split} split)")
+    write(raw, DemoConfig())
+    preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[raw]), out=data,
+                                protocol=ProtocolConfig(split=split)))
+    return data
 
 
 def preprocess(cfg: PreprocessConfig) -> dict:

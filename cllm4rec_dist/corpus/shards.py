@@ -29,7 +29,7 @@ from webdataset import tariterators
 from webdataset.writer import TarWriter
 
 from cllm4rec_dist.errors import UserError
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 
 MANIFEST = "manifest.json"
 FORMAT = "cllm4rec-shards"
@@ -65,6 +65,13 @@ def atomic_write(fs, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as indented JSON (numpy and tensor scalars as floats) at the local or fsspec ``path``, through
+    ``atomic_write``: run summaries (metrics.json, timing.json) that a reader never sees half-written."""
+    fs, target = _fs(path)
+    atomic_write(fs, target, json.dumps(obj, indent=1, default=float).encode("utf-8"))
 
 
 def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:

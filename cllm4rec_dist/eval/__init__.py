@@ -1,4 +1,4 @@
-"""Evaluation: the shared split view, top-K ranking with seen items masked, Recall/NDCG.
+"""Evaluation: top-K ranking with seen items masked, Recall/NDCG (on the split view of corpus/split.py).
 
 Everything that reports a number (CLLM4Rec training, the baselines) goes through
 ``cllm4rec_dist.eval.metrics``, so the numbers are comparable by construction.
@@ -22,12 +22,10 @@ from cllm4rec_dist.eval.metrics import (
     split_metric_sums,
     split_targets,
 )
-from cllm4rec_dist.eval.split import EvalSplit
 
 __all__ = [
     "DEFAULT_NDCG_KS",
     "DEFAULT_RECALL_KS",
-    "EvalSplit",
     "PAD",
     "PerUser",
     "all_reduce_sums",

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cllm4rec_dist.eval.split import EvalSplit
+    from cllm4rec_dist.corpus.split import EvalSplit
 
 PAD = -1
 """Item index used to pad a top-K row when a user has fewer than K rankable items; always a miss."""

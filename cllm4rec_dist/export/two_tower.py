@@ -41,7 +41,7 @@ from torch import nn
 
 from cllm4rec_dist.corpus.shards import ShardedDataset, atomic_write
 from cllm4rec_dist.eval.metrics import evaluate_split
-from cllm4rec_dist.eval.split import EvalSplit
+from cllm4rec_dist.corpus.split import EvalSplit
 from cllm4rec_dist.export.embeddings import ExportError, read_export
 
 

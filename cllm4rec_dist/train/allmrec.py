@@ -29,20 +29,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cllm4rec_dist.corpus.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.corpus.sequences import SequentialData
-from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder,
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories
-from cllm4rec_dist.model.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.train.config import ConfigError, TrainConfig
 from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
 from cllm4rec_dist.train.monitor import Monitor, PendingSteps
-from cllm4rec_dist.train.trainer import Rank, write_json_atomic
+from cllm4rec_dist.train.rank import Rank
 
 STAGES = ("cf", "align", "llm", "eval", "done")
 _STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14}
@@ -319,7 +319,7 @@ class ALLMRecTrainer:
                 merged = {k: v for chunk in gathered for k, v in chunk.items()}
                 for model, metrics in self._metrics(part, merged).items():
                     results.setdefault(model, {})[part] = metrics
-                    self.log.evaluation(f"{part}/{model}", flat_metrics(metrics), self.state.global_step)
+                    self.log.evaluation(f"{part}/{model}", logged_metrics(metrics), self.state.global_step)
         return results
 
     def _score_users(self, part: str, users: list[int]) -> dict[int, dict]:
@@ -417,9 +417,13 @@ class ALLMRecTrainer:
         restore_rng(snapshot["rng"])
 
 
-def flat_metrics(metrics: dict) -> dict:
-    """Top-level numbers of a metrics dict (TensorBoard / progress line); slices are nested and skipped."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+def logged_metrics(metrics: dict) -> dict:
+    """What the monitor logs of a part's candidate metrics (TensorBoard scalars, the progress line): the top-level
+    numbers (slices are nested and skipped), the evaluated-user count under the monitor's count name ``num_users``
+    (eval/candidates.py calls it ``users``), so it is shown as the line's count, not plotted as a metric."""
+    out = {k: v for k, v in metrics.items() if (isinstance(v, (int, float)) or v is None) and k != "users"}
+    out["num_users"] = metrics.get("users")
+    return out
 
 
 def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: str) -> tuple[ALLMRec, ALLMRecPrompts]:

@@ -21,7 +21,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
@@ -30,7 +30,7 @@ from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
 from cllm4rec_dist.train.run_folder import RunFolderError, RunLock, check_resume_config
 from cllm4rec_dist.train.timing import PhaseTimer
-from cllm4rec_dist.train.trainer import Rank, write_json_atomic
+from cllm4rec_dist.train.rank import Rank
 
 # Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
 KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"

@@ -194,7 +194,9 @@ class Monitor:
                 self.writer.add_scalar(f"{part}/{key}", value, global_step)
         self.writer.flush()
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None and not k.startswith("num_"))
-        line = f"[eval] {part} @ step {global_step}: {shown} ({metrics.get('num_users')} users)"
+        line = f"[eval] {part} @ step {global_step}: {shown}"
+        if metrics.get("num_users") is not None:  # the users the metrics average over (omitted when unknown)
+            line += f" ({metrics['num_users']} users)"
         if part == "valid":
             self.last_valid = metrics
             self.progress(line)

@@ -14,10 +14,10 @@ import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.preprocess import tokenizer_identity
+from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
-from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-from cllm4rec_dist.model.presets import load_tokenizer
 from cllm4rec_dist.train.checkpoint import load_trainable, read_trainable
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.engines import ShardedEngine
@@ -27,7 +27,8 @@ from cllm4rec_dist.train.run_folder import settle_run_config
 from cllm4rec_dist.train.projector import EmbeddingProjector
 from cllm4rec_dist.train.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.train.timing import PhaseTimer, write_timing
-from cllm4rec_dist.train.trainer import Rank, Trainer, write_json_atomic
+from cllm4rec_dist.train.rank import Rank
+from cllm4rec_dist.train.trainer import Trainer
 
 
 def default_run_dir() -> str:

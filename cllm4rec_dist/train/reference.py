@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 
+from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.train.checkpoint import LocalSink
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
 from cllm4rec_dist.train.run_folder import RunLock
-from cllm4rec_dist.train.trainer import Rank
+from cllm4rec_dist.train.rank import Rank
 
 
 def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True) -> dict:
@@ -44,6 +45,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    cfg.data = demo_dataset(cfg.data)  # the embedded demos are built on first use, as by the Ray launcher
     result = run_reference(cfg)
     keys = ("valid", "test", "best", "stages", "stopped", "global_step", "seconds")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=1, default=str))

@@ -12,6 +12,8 @@ import os
 import time
 from contextlib import contextmanager
 
+from cllm4rec_dist.corpus.shards import write_json_atomic
+
 TIMING_FILE = "timing.json"
 
 
@@ -43,8 +45,6 @@ class PhaseTimer:
 
 def write_timing(run_dir: str, section: str, timer: PhaseTimer) -> None:
     """Add ``timer`` as ``section`` of <run>/timing.json (read-modify-replace: one writer at a time)."""
-    from cllm4rec_dist.train.trainer import write_json_atomic  # the one atomic JSON writer
-
     write_json_atomic(os.path.join(run_dir, TIMING_FILE), read_timing(run_dir) | {section: timer.as_dict()})
 
 

