@@ -19,19 +19,18 @@ import json
 import numpy as np
 
 from cllm4rec_dist.corpus.shards import load_eval_split
+from cllm4rec_dist.eval.metrics import finalize, metric_sums
 
 K = 20
 
 
 def recall_at_k(scores: np.ndarray, heldout: list[np.ndarray], keep: np.ndarray | None = None) -> dict:
-    values = []
-    for user, items in enumerate(heldout):
-        if keep is not None:
-            items = items[keep[items]]
-        if len(items):
-            top = np.argpartition(-scores[user], K)[:K]
-            values.append(len(np.intersect1d(top, items)) / min(K, len(items)))
-    return {"recall@20": float(np.mean(values)) if values else None, "users": len(values)}
+    """The evaluation's own Recall@20 (eval/metrics.py) of this ranking, against ``heldout`` restricted to ``keep``."""
+    if keep is not None:
+        heldout = [items[keep[items]] for items in heldout]
+    top = np.argsort(-scores, axis=1)[:, :K]
+    result = finalize(metric_sums(top, heldout, ks=(K,), ndcg_ks=()))
+    return {"recall@20": result["recall@20"], "users": result["num_users"]}
 
 
 def main() -> None:
