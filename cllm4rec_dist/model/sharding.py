@@ -174,11 +174,11 @@ class RowShardedTable(nn.Module):
                 f"on rank {self.layout.rank} of {self.layout.world_size}")
 
 
-@torch.no_grad()
 def _on_cpu(value: float | torch.Tensor) -> float | torch.Tensor:
     return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
+@torch.no_grad()
 def init_rows_(weight: torch.Tensor, first_row: int, std: float | torch.Tensor, seed: int,
                mean: float | torch.Tensor = 0.0) -> None:
     """Fill ``weight`` (the rows first_row.. of a table) with N(mean, std^2) (scalars or per-column vectors),
