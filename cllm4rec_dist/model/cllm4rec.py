@@ -22,8 +22,9 @@ from .sharding import (TABLE_SHARDINGS, RowLayout, RowShardedTable, all_reduce_s
 
 SIDES = ("collab", "content")
 MR_REDUCTIONS = ("paper", "authors", "token_mean")
-TOKEN_INITS = ("normal", "vocab")
 """How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
+TOKEN_INITS = ("normal", "vocab")
+"""How the user/item token tables start (ModelConfig.token_init)."""
 
 
 @dataclass
@@ -129,8 +130,8 @@ class CLLM4Rec(nn.Module):
 
         token_mean, token_std = 0.0, self.init_std
         if config.token_init == "vocab":
-            vocab = backbone.get_input_embeddings().weight.detach()
-            token_mean, token_std = vocab.float().mean(0), vocab.float().std(0)
+            vocab = backbone.get_input_embeddings().weight.detach().float()  # one fp32 copy (bf16 backbones)
+            token_mean, token_std = vocab.mean(0), vocab.std(0)
 
         def table(rows: int, sharding: str, index: int, mean=0.0, std: float | torch.Tensor = self.init_std) -> nn.Module:
             # fp32 master copy whatever the backbone's precision
