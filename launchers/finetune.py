@@ -3,9 +3,11 @@
     deepspeed --num_gpus 8 launchers/finetune.py --config cfg.yaml --init_from RUN/checkpoints/step-N
     deepspeed --num_nodes 1 --num_gpus 2 launchers/finetune.py ...      # CPU: DeepSpeed's CPU accelerator
     python launchers/finetune.py --ray --config cfg.yaml --init_from ...  # the same under Ray Train
+    deepspeed --num_gpus 2 launchers/finetune.py                         # the embedded default: demo data, CPU
 
 Warm-up and pretraining are skipped (their epochs are set to 0); validation runs after
-every finetuning epoch and the best model is tested once.
+every finetuning epoch and the best model is tested once. Without --init_from the tables start from their
+initialisation. Without --out the ranks share one run folder, runs/<time>, named by rank 0.
 
 With ``recommender: allmrec`` the same launchers run A-LLMRec's stages (the CLLM4Rec schedule does not
 apply): stages 0 and 1 replicated on every rank, stage 2 data-parallel with DeepSpeed ZeRO over F_U/F_I.
@@ -27,13 +29,15 @@ def main(argv=None) -> int:
     cfg.schedule.warmup_epochs = 0
     cfg.schedule.pretrain_epochs = 0
     if use_ray:
+        from cllm4rec_dist.corpus.preprocess import demo_dataset
         from cllm4rec_dist.train.distributed import launch_ray
 
+        cfg.data = demo_dataset(cfg.data)
         result = launch_ray(cfg)
     else:
         from cllm4rec_dist.train.distributed import run_torch_distributed
 
-        result = run_torch_distributed(cfg)
+        result = run_torch_distributed(cfg)  # rank 0 builds the demo dataset if cfg.data names it
         if "stopped" in result or os.environ.get("RANK", "0") != "0":
             return 0  # only rank 0 of a finished run exports and prints
     return finish(cfg, args, result)

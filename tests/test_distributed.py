@@ -173,6 +173,22 @@ def test_deepspeed_launcher_finetunes_an_int8_backbone_from_a_pretraining_checkp
     assert first > 0.5 * json.loads((out / "metrics.json").read_text())["valid"]["recall@20"], output[-2000:]
 
 
+def test_deepspeed_launcher_with_no_flags_runs_the_embedded_default_in_one_run_folder(tmp_path):
+    """`deepspeed launchers/finetune.py` with no --config, --data or --out: the demo config and dataset, and one
+    runs/<time> folder that rank 0 names for both ranks (each rank reading the clock could name its own)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                           str(REPO / "launchers" / "finetune.py"), "--schedule.finetune_epochs", "1", "--no-export"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    [run] = list((tmp_path / "runs").iterdir())
+    [checkpoint] = list((run / "checkpoints").glob("step-*"))
+    assert {p.name for p in checkpoint.glob("files-rank*.json")} == {"files-rank0.json", "files-rank1.json"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["phase"] == "finetune" and metrics["test"]["recall@20"] > 0
+
+
 def test_zero3_is_refused_with_a_clear_error(config_file, tmp_path):
     from cllm4rec_dist.train.distributed import check_combination
     from cllm4rec_dist.train.engines import load_ds_config

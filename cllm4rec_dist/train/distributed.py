@@ -21,6 +21,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
+from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
@@ -234,6 +235,24 @@ def copy_ray_logs(destination: str) -> None:
                         ignore=shutil.ignore_patterns("*.sock", "*.lock", "old"))
 
 
+def _paths_from_rank0(cfg: TrainConfig) -> tuple[str, str]:
+    """The dataset and run folder every rank uses, as rank 0 decides them. A default run folder is named by the
+    clock, which ranks started a second apart read differently; the embedded demo dataset is built once, not by
+    every rank at the same time. A failure on rank 0 reaches the other ranks as an error, not a hang."""
+    decided: list = [None, None, None]  # data, out, rank 0's error
+    if dist.get_rank() == 0:
+        try:
+            decided[:2] = demo_dataset(cfg.data), cfg.out or default_run_dir()
+        except Exception as err:  # every rank has to leave the broadcast below
+            decided[2] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(decided, src=0)
+            raise
+    dist.broadcast_object_list(decided, src=0)
+    if decided[2] is not None:
+        raise ConfigError(f"rank 0 could not prepare the run: {decided[2]}")
+    return decided[0], decided[1]
+
+
 def run_torch_distributed(cfg: TrainConfig) -> dict:
     """One process of `deepspeed launchers/finetune.py` / torchrun (env:// rendezvous)."""
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -241,7 +260,7 @@ def run_torch_distributed(cfg: TrainConfig) -> dict:
             raise ConfigError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
                                "(or torchrun), or use `cllm4rec train` for one process.")
     init_distributed()
-    cfg.out = cfg.out or default_run_dir()
+    cfg.data, cfg.out = _paths_from_rank0(cfg)
     lock = RunLock(cfg.out)
     refusal = None
     if dist.get_rank() == 0:  # rank 0 holds the run folder for all ranks
