@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
 from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
                                         config_from_dict, read_yaml_settings, to_yaml)
 
@@ -437,16 +438,12 @@ def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -
                "best": best, "trials": trials, "files": {}}
     for name, text in (("best.yaml", best_yaml(spec, base, best)),):
         path = os.path.join(out, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, text)
         summary["files"][name] = path
     summary["files"]["curves.png"] = os.path.join(out, "curves.png")
     plot_curves(trials, summary["files"]["curves.png"], f"cllm4rec tune: {spec.model}")
     summary["files"]["tune.json"] = os.path.join(out, "tune.json")
-    with open(summary["files"]["tune.json"] + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, default=str)
-    os.replace(summary["files"]["tune.json"] + ".tmp", summary["files"]["tune.json"])
+    write_json_atomic(summary["files"]["tune.json"], summary, default=str)
     return summary
 
 

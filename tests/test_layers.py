@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cllm4rec_dist"
 
-BASE = ("errors", "quiet", "resources")
+BASE = ("atomic", "errors", "quiet", "resources")
 """Leaf helpers that every layer may use; they import no layer themselves."""
 LAYERS = ("data", "corpus", "model", "train", "eval", "baselines", "export")
 """The data flow, in order. The baselines are recommenders scored by eval/ (and trained by train/cf_stage.py)."""

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import posixpath
-import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -28,6 +27,7 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.writer import TarWriter
 
+from cllm4rec_dist.atomic import atomic_write, url_to_fs as _fs
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.corpus.split import EvalSplit
 
@@ -53,25 +53,6 @@ def canonical_json(obj) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fs(url: str):
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
-
-
-def atomic_write(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it appears whole or not at all (temp name, then rename)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """``obj`` as indented JSON (numpy and tensor scalars as floats) at the local or fsspec ``path``, through
-    ``atomic_write``: run summaries (metrics.json, timing.json) that a reader never sees half-written."""
-    fs, target = _fs(path)
-    atomic_write(fs, target, json.dumps(obj, indent=1, default=float).encode("utf-8"))
 
 
 def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:

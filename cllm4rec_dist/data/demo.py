@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from cllm4rec_dist.atomic import write_text_atomic
 
 TOPICS: dict[str, list[str]] = {
     "space": ["galaxy", "rocket", "orbit", "planet", "astronaut", "nebula"],
@@ -123,12 +126,11 @@ def item_title(topic: str, noun: str, word: str, seen: set[str]) -> str:
 
 
 def _write_csv(path: str, header: list[str], rows: list[tuple]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def write(out_dir: str, cfg: DemoConfig) -> dict:

@@ -59,7 +59,8 @@ import fsspec
 import numpy as np
 import torch
 
-from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError, atomic_write
+from cllm4rec_dist.atomic import atomic_write
+from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.data.records import InputError
 from cllm4rec_dist.train.checkpoint import (
     BEST,

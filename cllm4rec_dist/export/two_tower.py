@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cllm4rec_dist.corpus.shards import ShardedDataset, atomic_write
+from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.eval.metrics import evaluate_split
 from cllm4rec_dist.corpus.split import EvalSplit
 from cllm4rec_dist.export.embeddings import ExportError, read_export
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     fs, path = fsspec.core.url_to_fs(out)
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    atomic_write(fs, path, json.dumps(result, indent=1, default=float).encode("utf-8"))
+    write_json_atomic(out, result)
     brief = {name: {"valid": r["valid"], "test": r["test"], "best_epoch": r["best_epoch"]} for name, r in result.items()}
     print(json.dumps(brief, indent=1, default=float))
     print(f"[two-tower] full results in {out}")

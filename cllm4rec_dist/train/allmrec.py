@@ -32,7 +32,8 @@ import torch.distributed as dist
 from cllm4rec_dist.corpus.presets import load_tokenizer, resolve_backbone
 from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.corpus.sequences import SequentialData
-from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
+from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.allmrec import (ALLMRec, CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder,
                                          item_text, load_sbert)
 from cllm4rec_dist.model.cf import pad_histories

@@ -63,7 +63,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from cllm4rec_dist.corpus.shards import atomic_write, canonical_json
+from cllm4rec_dist.atomic import atomic_write, write_text_atomic
+from cllm4rec_dist.corpus.shards import canonical_json
 from cllm4rec_dist.errors import UserError
 
 TRAINER_FILE = "trainer.pt"
@@ -277,10 +278,6 @@ def sharded_parts(directory: str, key: str):
     for first_row, path in parts:
         with safe_open(os.path.join(directory, os.path.basename(path)), framework="pt") as f:
             yield first_row, f.get_tensor(key)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    atomic_write(_local_fs(), path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- safe reading

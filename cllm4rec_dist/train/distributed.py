@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from cllm4rec_dist.corpus.preprocess import demo_dataset
-from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
+from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config

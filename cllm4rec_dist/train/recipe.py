@@ -16,7 +16,8 @@ from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.preprocess import tokenizer_identity
 from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
-from cllm4rec_dist.corpus.shards import ShardedDataset, write_json_atomic
+from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.train.checkpoint import load_trainable, read_trainable
 from cllm4rec_dist.train.config import TrainConfig

@@ -169,7 +169,7 @@ def settle_run_config(restored_config: dict | None, cfg, is_main: bool) -> None:
     """After a recipe's resume attempt and before anything is written: refuse a trajectory-changing config
     (``check_resume_config``; a refused resume leaves the run folder as it was), warn about an allowed one,
     then record the config the run continues with as ``<out>/config.yaml`` (rank 0)."""
-    from cllm4rec_dist.train.checkpoint import write_text_atomic
+    from cllm4rec_dist.atomic import write_text_atomic
     from cllm4rec_dist.train.config import to_yaml
 
     if restored_config is not None:

@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from cllm4rec_dist.corpus.shards import write_json_atomic
+from cllm4rec_dist.atomic import write_json_atomic
 
 TIMING_FILE = "timing.json"
 
