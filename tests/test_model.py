@@ -3,6 +3,7 @@
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -712,6 +713,46 @@ def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
     for key in ("recall@20", "recall@40", "ndcg@100"):
         assert out[f"cold/{key}"] == pytest.approx(want[key])
     assert out["recall@20"] == pytest.approx(evaluate_docs(model, docs, space, "valid")["recall@20"])
+
+
+def test_cold_only_ranking_ranks_the_cold_items_alone_and_states_what_a_random_order_reaches(llama_dir):
+    """``cold_only/*``: the held-out cold items ranked among the cold items only, which is the whole ranking
+    with every warm item excluded; ``cold_only_random/*``: the expectation of a random order of the same
+    candidates, against a Monte-Carlo average of random orders scored by the same metric code."""
+    from cllm4rec_dist.corpus.ids import TokenSpace
+    from cllm4rec_dist.eval.evaluate import evaluate_docs
+    from cllm4rec_dist.eval.metrics import evaluate_topk
+
+    num_items = 40
+    model = make_model(llama_dir, num_items=num_items)
+    space = TokenSpace(V, I, num_items)
+    rng = torch.Generator().manual_seed(1)
+    cold = list(range(30))  # more cold candidates than K = 20 left after train and valid: a random order can miss
+    docs = []
+    for u in range(I):
+        items = torch.randperm(num_items, generator=rng)[:12].tolist()
+        docs.append({"user": u, "prompt_prefix": [V + u, 17], "prompt_suffix": [V + u, 31],
+                     "train": items[:4], "valid": items[4:8], "test": items[8:]})
+    out = evaluate_docs(model, docs, space, "test", cold_items=cold)
+    warm = [i for i in range(num_items) if i not in cold]
+    # Excluded through "valid" (excluded at test time): "train" makes the prompt and has to stay as it is.
+    alone = [{**d, "valid": d["valid"] + warm, "test": [i for i in d["test"] if i in cold]} for d in docs]
+    want = evaluate_docs(model, alone, space, "test")
+    assert out["num_cold_users"] == want["num_users"] > 0
+    for key in ("recall@20", "recall@40", "ndcg@100"):
+        assert out[f"cold_only/{key}"] == pytest.approx(want[key])
+    draws = np.random.default_rng(0)
+    random_recall = []
+    for _ in range(2000):
+        topk = np.full((len(docs), 40), -1)
+        for row, d in enumerate(alone):
+            candidates = [i for i in cold if i not in d["train"] + d["valid"]]
+            order = draws.permutation(candidates)[:40]
+            topk[row, :len(order)] = order
+        random_recall.append(evaluate_topk(topk, [np.asarray(d["test"], dtype=np.int64) for d in alone], ndcg_ks=()))
+    for key in ("recall@20", "recall@40"):
+        assert out[f"cold_only_random/{key}"] == pytest.approx(np.mean([r[key] for r in random_recall]), abs=0.01)
+    assert out["cold_only_random/recall@20"] < 1.0  # the test can tell a random order from a perfect one
 
 
 # ---- (9) the OpenMP wait policy the package sets before torch loads ------------------------------

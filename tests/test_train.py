@@ -230,6 +230,9 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
     metrics = train_command_one_epoch_each(data, tmp_path / "run")
     for part in ("valid", "test"):
         assert metrics[part]["num_cold_users"] > 0 and metrics[part]["cold/recall@20"] is not None
+        # ranked among the cold items alone, and the floor of a random order of them
+        assert metrics[part]["cold_only/recall@20"] >= metrics[part]["cold/recall@20"]
+        assert 0 < metrics[part]["cold_only_random/recall@20"] <= 1  # 1 when fewer than 20 cold items are left
 
 
 def test_warmup_c_steps_have_no_mutual_regularisation_by_default(reference_run):

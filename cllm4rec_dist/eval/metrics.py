@@ -262,6 +262,24 @@ def metric_sums(
     return out
 
 
+def random_recall_sums(num_candidates: np.ndarray, num_heldout: np.ndarray,
+                       ks: Sequence[int] = DEFAULT_RECALL_KS) -> dict[str, float]:
+    """``metric_sums``' Recall@K sums (and counts) EXPECTED from a uniformly random order of each user's
+    ``num_candidates`` rankable items, ``num_heldout`` of them held out: the floor a ranking that knows nothing
+    about the user reaches. Expected hits in the top K are ``h * min(K, n) / n``, so the expected Recall@K is
+    that over ``min(K, h)``."""
+    n = np.asarray(num_candidates, dtype=np.float64)
+    h = np.asarray(num_heldout, dtype=np.float64)
+    scored = h > 0
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = h[scored] * np.minimum(k, n[scored]) / np.maximum(n[scored], 1.0)
+        out[f"recall@{k}"] = float((hits / np.minimum(k, h[scored])).sum())
+    out["num_users"] = float(scored.sum())
+    out["num_skipped"] = float((~scored).sum())
+    return out
+
+
 def merge_sums(*sums: Mapping[str, float]) -> dict[str, float]:
     """Key-wise addition of ``metric_sums`` outputs (the single-process all-reduce)."""
     if not sums:
