@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("cllm4rec_dist.corpus.preprocess", "raw files -> protocol -> documents -> webdataset shards + manifest"),
     "train": ("cllm4rec_dist.train.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
     "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics; popular / SASRec / GRU4Rec on leave-one-out candidates"),
+    "evaluate": ("cllm4rec_dist.evaluate_run", "score a trained CLLM4Rec run or checkpoint on valid/test as training does (best weights)"),
     "export": ("cllm4rec_dist.export.command", "export user/item embeddings with original ids (Parquet + NumPy)"),
     "two-tower": ("cllm4rec_dist.export.two_tower", "two-tower retrieval without / with the exported embeddings (CLLM4Rec-Emb)"),
     "tune": ("cllm4rec_dist.tune", "search hyperparameters on validation with Ray Tune (ASHA), equal budget per model; writes best.yaml"),

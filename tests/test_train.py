@@ -233,6 +233,38 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
         # ranked among the cold items alone, and the floor of a random order of them
         assert metrics[part]["cold_only/recall@20"] >= metrics[part]["cold/recall@20"]
         assert 0 < metrics[part]["cold_only_random/recall@20"] <= 1  # 1 when fewer than 20 cold items are left
+    # `cllm4rec evaluate` sets the cold rows from content as training did: the same slices
+    from cllm4rec_dist.evaluate_run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(str(tmp_path / "run"))
+    for part in ("valid", "test"):
+        assert metric_values(result[part]) == pytest.approx(metric_values(metrics[part]), abs=1e-6)
+
+
+def metric_values(record: dict) -> dict:
+    return {k: v for k, v in record.items() if "@" in k or k.startswith("num_")}
+
+
+def test_evaluate_command_reproduces_the_runs_metrics_with_its_best_and_its_last_weights(reference_run, tmp_path,
+                                                                                          capsys):
+    """`cllm4rec evaluate` on a finished run: the best-validation weights give metrics.json's valid and test,
+    the last state the last validation of the run; a wrong --part is refused before any model is built."""
+    from cllm4rec_dist.cli import main
+    from cllm4rec_dist.evaluate_run import EvaluateError, evaluate_checkpoint
+
+    out, _ = reference_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["evaluate", "--checkpoint", str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["weights"] == "best" and result["best"]["global_step"] == metrics["best"]["global_step"]
+    for part in ("valid", "test"):
+        assert metric_values(result[part]) == pytest.approx(metric_values(metrics[part]), abs=1e-6)
+    last = evaluate_checkpoint(str(out), parts=("valid",), use_best=False)
+    assert last["weights"] == "last" and "test" not in last
+    assert metric_values(last["valid"]) == pytest.approx(metric_values(metrics["history"][-1]), abs=1e-6)
+    with pytest.raises(EvaluateError, match="--part train: choose from valid, test"):
+        evaluate_checkpoint(str(out), parts=("train",))
 
 
 def test_warmup_c_steps_have_no_mutual_regularisation_by_default(reference_run):

@@ -44,6 +44,18 @@ class TrainerState:
     finished: bool = False
 
 
+def evaluate_model(model, cfg: TrainConfig, docs: list[dict], space: TokenSpace, part: str, cold_items=(),
+                   distributed: bool = False) -> dict:
+    """``part`` ('valid' or 'test') metrics of a CLLM4Rec model as training scores it (validation, the final
+    test, `cllm4rec evaluate`): the run's prompts, order and exclusions, and the items never trained on scored
+    through collaborative rows set from their content rows (the mode of the MR prior) first."""
+    if cold_items:
+        model.set_unseen_items_from_content(cold_items)
+    return evaluate_docs(model, docs, space, part, cfg.prediction_style, cfg.eval.batch_size,
+                         cfg.eval.exclude_valid_on_test, cfg.batch.max_length, cfg.batch.seed,
+                         reorder=cfg.reorder, distributed=distributed, cold_items=cold_items)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model, engines: dict, batches: dict[str, list[CorpusBatches]],
                  blocks: list[Block], eval_docs: list[dict], space: TokenSpace, rank: Rank, sink, logger,
@@ -148,11 +160,8 @@ class Trainer:
     # ---- evaluation and model selection --------------------------------------------------------
 
     def evaluate(self, part: str) -> dict:
-        if self.cold_items:  # their collaborative rows come from their content rows (the MR prior's mode)
-            self.model.set_unseen_items_from_content(self.cold_items)
-        return evaluate_docs(self.model, self.eval_docs, self.space, part, self.cfg.prediction_style, self.cfg.eval.batch_size,
-                             self.cfg.eval.exclude_valid_on_test, self.cfg.batch.max_length, self.cfg.batch.seed,
-                             reorder=self.cfg.reorder, distributed=self.r.distributed, cold_items=self.cold_items)
+        return evaluate_model(self.model, self.cfg, self.eval_docs, self.space, part, self.cold_items,
+                              self.r.distributed)
 
     def validate(self, block: Block) -> None:
         with self.timer.phase("validation"):

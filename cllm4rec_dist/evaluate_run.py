@@ -1,0 +1,90 @@
+"""`cllm4rec evaluate`: score a trained CLLM4Rec run or checkpoint on validation and/or test, as training does.
+
+    cllm4rec evaluate --checkpoint RUN_OR_CHECKPOINT [--part valid,test] [--last] [--data DIR] [--out FILE.json]
+
+The best-validation weights (``--last``: the last trained state) with the run's own config: backbone, precision,
+prompts and their item order, exclusions, and the cold items' rows set from their content rows. The metrics are
+those of the run's metrics.json (Recall@20/40, NDCG@100 and, when the dataset holds cold items, the cold slices)
+and reproduce them. Uses: test a tuning trial's selected model once (`cllm4rec tune` never scores test),
+re-score a run after moving its dataset (``--data``), score an interrupted run's best model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+
+from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.ids import TokenSpace
+from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
+from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.train.checkpoint import (BEST, SHARDED_DIR, SNAPSHOT, TRAINABLE, TRAINER_FILE, load_trainable,
+                                            read_trainer_file, resolve_checkpoint)
+from cllm4rec_dist.train.config import config_from_dict
+from cllm4rec_dist.train.recipe import build_model
+from cllm4rec_dist.train.trainer import evaluate_model
+
+PARTS = ("valid", "test")
+
+
+class EvaluateError(UserError, ValueError):
+    """A checkpoint or dataset `cllm4rec evaluate` cannot score; the message says what to pass instead."""
+
+
+def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_dir: str | None = None,
+                        device: str = "cpu") -> dict:
+    """{"checkpoint", "weights", "global_step", "best", <part>: metrics for each of ``parts``}."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise EvaluateError(f"--part {','.join(parts)}: choose from {', '.join(PARTS)} (comma-separated).")
+    fs, folder = resolve_checkpoint(source)
+    ckpt_path = posixpath.join(folder, TRAINER_FILE)
+    blob = read_trainer_file(folder, fs)
+    cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
+    if cfg.recommender != "cllm4rec":
+        raise EvaluateError(f"{ckpt_path}: an {cfg.recommender} run. A-LLMRec is scored on its stored candidates "
+                            "during training (its metrics.json); `cllm4rec evaluate` scores CLLM4Rec runs.")
+    if fs.exists(posixpath.join(folder, SHARDED_DIR)):
+        raise EvaluateError(f"{folder}: a row-sharded checkpoint; its tables are scored across the ranks that hold "
+                            "them. Export it (`cllm4rec export`) or evaluate the run with the same launcher.")
+    weights = "best" if use_best and blob[BEST] is not None else "last"
+    state = blob[BEST] if weights == "best" else blob[TRAINABLE]
+    try:
+        data = ShardedDataset(data_dir or cfg.data)
+    except ShardError as e:
+        raise EvaluateError(f"{ckpt_path} was trained on dataset {cfg.data!r}, which cannot be opened ({e}). "
+                            "Pass the dataset folder with --data.") from None
+    model = build_model(cfg, data, device)
+    load_trainable(model, state, f"{ckpt_path} ({weights} weights) on dataset {data.url}")
+    space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
+    docs = data.read_corpus("eval")
+    cold_items = data.manifest.get("cold_items", [])
+    record = blob[SNAPSHOT]["state"]
+    result = {"checkpoint": ckpt_path, "data": data.url, "weights": weights,
+              "global_step": record.get("global_step"), "best": record.get("best") or None}
+    for part in parts:
+        result[part] = evaluate_model(model, cfg, docs, space, part, cold_items)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0].split(": ", 1)[1]
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (its newest complete checkpoint) or checkpoint folder with trainer.pt")
+    parser.add_argument("--part", default="valid,test", help="valid, test or both, comma-separated (default both)")
+    parser.add_argument("--last", dest="use_best", action="store_false",
+                        help="the last trained state instead of the best-validation weights")
+    parser.add_argument("--data", default=None,
+                        help="preprocessed dataset folder, if it moved since training (default: the one in the config)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--out", default=None, help="also write the result as JSON here (local path or fsspec URL)")
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = tuple(p.strip() for p in args.part.split(",") if p.strip())
+    result = evaluate_checkpoint(args.checkpoint, parts, args.use_best, args.data, args.device)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(json.dumps(result, indent=1, default=float))
+    return 0
