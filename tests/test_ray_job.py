@@ -87,6 +87,20 @@ def stop_head(head: subprocess.Popen) -> None:
     head.wait()
 
 
+def submit_job(env: dict, agent_timeout: float = 120) -> tuple[subprocess.CompletedProcess, str]:
+    """The README's `ray job submit`. The dashboard answers before the head node's job agent has registered
+    (slower on a loaded machine); until then Ray refuses the job ("No available agent to submit job, please try
+    again later") and nothing was submitted, so that one answer is retried, as a user would."""
+    deadline = time.time() + agent_timeout
+    while True:
+        submit = subprocess.run(["bash", "-c", JOB_SUBMIT], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=900)
+        output = submit.stdout + submit.stderr
+        if "No available agent to submit job" not in output or time.time() > deadline:
+            return submit, output
+        time.sleep(3)
+
+
 @pytest.fixture(scope="module")
 def ray_job(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("rayjob")
@@ -103,9 +117,7 @@ def ray_job(demo_data, tmp_path_factory):
                                 start_new_session=True)
     try:
         wait_for_dashboard(int(env["DASHBOARD_PORT"]), head, head_log)
-        submit = subprocess.run(["bash", "-c", JOB_SUBMIT], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=900)
-        output = submit.stdout + submit.stderr
+        submit, output = submit_job(env)
         job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", output)
         assert job_id, output[-6000:]
         status = job_status(env, job_id.group(1))
