@@ -252,7 +252,9 @@ def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: s
         # LLM-PreRec's one validation follows its last PRETRAINING epoch: it is the trial's validated unit 1
         tune.report(_metrics(1 if model == "prerec" else record["epoch"] + 1, record))
 
-    result = run_reference(cfg, on_validation=report, score_test=False)
+    # Tune may end the trial as soon as it hears of a validation: its best weights are saved first, so that
+    # `cllm4rec evaluate --checkpoint TUNE/trials/<id>` can test the selected model afterwards.
+    result = run_reference(cfg, on_validation=report, score_test=False, checkpoint_new_best=True)
     if not reported:  # LLM-PreRec: no finetuning epochs, one validation of the pretrained model
         tune.report(_metrics(1, result["valid"]))
 

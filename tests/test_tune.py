@@ -71,6 +71,24 @@ def test_asha_stops_the_trailing_trial_and_best_is_chosen_on_validation(tuned):
     assert open(os.path.join(tuned, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_trial_keeps_its_best_weights_for_testing_after_the_search(tuned, capsys):
+    """Tune ends a trial as soon as it reports its last epoch (max epochs, or an ASHA stop): its best weights
+    are checkpointed before that report, so `cllm4rec evaluate` on the trial folder re-scores the very model the
+    search selected (its best validation Recall@20 and step) and then tests it once."""
+    from cllm4rec_dist.evaluate_run import evaluate_checkpoint
+
+    with open(os.path.join(tuned, "tune.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    for trial in summary["trials"]:
+        folder = os.path.join(tuned, "trials", trial["trial_id"])
+        result = evaluate_checkpoint(folder, parts=("valid",))
+        assert result["weights"] == "best" and result["best"]["epoch"] + 1 == trial["best_epoch"]
+        assert result["valid"]["recall@20"] == pytest.approx(trial["valid_recall@20"], abs=1e-6)
+    best = os.path.join(tuned, "trials", summary["best"]["trial_id"])
+    assert main(["evaluate", "--checkpoint", best, "--part", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["recall@20"] > 0
+
+
 def test_best_yaml_trains_as_is_and_the_launcher_reads_it(tuned, tmp_path):
     from cllm4rec_dist.launch import parse
     from cllm4rec_dist.train.config import load_config

@@ -19,9 +19,11 @@ from cllm4rec_dist.train.run_folder import RunLock
 from cllm4rec_dist.train.rank import Rank
 
 
-def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True) -> dict:
+def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True,
+                  checkpoint_new_best: bool = False) -> dict:
     """Train ``cfg`` in this process; ``on_validation(record)`` is called after each validation (Ray Tune's
-    report), ``score_test=False`` ends at validation (tuning) and the result then has no "test"."""
+    report), ``score_test=False`` ends at validation (tuning) and the result then has no "test";
+    ``checkpoint_new_best`` checkpoints every validation that improves the best before reporting it."""
     def engine_factory(name, params, lr):
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
@@ -30,6 +32,7 @@ def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True)
         recipe = recipe_class(cfg.recommender)(cfg, Rank(0, 1, accumulate=cfg.simulate_ranks), engine_factory,
                                                LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
         recipe.trainer.on_validation, recipe.trainer.score_test = on_validation, score_test
+        recipe.trainer.checkpoint_new_best = checkpoint_new_best
         return recipe.train()
 
 

@@ -74,6 +74,9 @@ class Trainer:
         self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
         self.on_validation = None  # called with each validation record (Ray Tune reports from here: tune.py)
+        # tune.py: a validation that improves the best is checkpointed before on_validation hears of it, so a
+        # trial that Tune ends right there (max epochs, an ASHA stop) leaves its best weights on disk
+        self.checkpoint_new_best = False
         self.score_test = True     # False: finish() stops at validation (tuning never looks at test)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -138,14 +141,16 @@ class Trainer:
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
             self.flush_log()
-            if block.evaluate:
-                self.validate(block)
+            record, improved = self.validate(block) if block.evaluate else (None, False)
             self.log.block_done(block, self.state.global_step, total)
             self.state.block += 1
             self.state.step = 0
             last = self.state.block == len(self.blocks)
-            if not cfg.checkpoint_every and (last or self.checkpoint_clock.due()):
+            if ((not cfg.checkpoint_every and (last or self.checkpoint_clock.due()))
+                    or (improved and self.checkpoint_new_best)):
                 self.save_checkpoint()
+            if record is not None and self.on_validation is not None:
+                self.on_validation(record)  # after the checkpoint: Ray Tune may end a trial as soon as it hears
         return self.finish()
 
     def flush_log(self) -> None:
@@ -163,7 +168,8 @@ class Trainer:
         return evaluate_model(self.model, self.cfg, self.eval_docs, self.space, part, self.cold_items,
                               self.r.distributed)
 
-    def validate(self, block: Block) -> None:
+    def validate(self, block: Block) -> tuple[dict, bool]:
+        """Score validation and keep the best weights; (the record, whether it is the new best)."""
         with self.timer.phase("validation"):
             metrics = self.evaluate("valid")
         select_on = self.cfg.eval.select_on
@@ -173,11 +179,12 @@ class Trainer:
         self.log.evaluation("valid", metrics, self.state.global_step)
         if self.projector is not None:
             self.projector.write(self.model, self.state.global_step)
-        if not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best, select_on):
+        improved = not self.state.best or selection_score(metrics, select_on) > selection_score(self.state.best,
+                                                                                                 select_on)
+        if improved:
             self.state.best = record
             self.best_weights = self.trainable_state()
-        if self.on_validation is not None:
-            self.on_validation(record)
+        return record, improved
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
