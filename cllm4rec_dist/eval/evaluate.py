@@ -58,7 +58,8 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
     """
     cold = np.zeros(model.num_items, bool)
     cold[np.asarray(list(cold_items), dtype=np.int64)] = True
-    warm = torch.as_tensor(np.flatnonzero(~cold), dtype=torch.long)
+    num_cold = int(cold.sum())
+    warm = torch.as_tensor(np.flatnonzero(~cold), dtype=torch.long) if num_cold else None
     cold_sums, cold_only_sums, cold_random_sums = [], [], []
     if part not in ("valid", "test"):
         raise ValueError("part must be 'valid' or 'test'")
@@ -91,7 +92,7 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
                 cold_topk = np.pad(cold_topk, ((0, 0), (0, TOP_K - cold_topk.shape[1])), constant_values=PAD)
             # With fewer cold candidates than K the tail holds excluded items: never a held-out cold item.
             cold_only_sums.append(metric_sums(cold_topk, heldout_cold))
-            candidates = np.asarray([int(cold.sum()) - int(cold[e.numpy()].sum()) for e in exclude])
+            candidates = np.asarray([num_cold - int(cold[e.numpy()].sum()) for e in exclude])
             cold_random_sums.append(random_recall_sums(candidates, np.asarray([len(h) for h in heldout_cold])))
     total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
                                              "num_users": 0.0, "num_skipped": 0.0}

@@ -21,8 +21,8 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.atomic import write_json_atomic
+from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
