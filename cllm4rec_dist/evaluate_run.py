@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import posixpath
 
 from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.errors import UserError
-from cllm4rec_dist.train.checkpoint import (BEST, SHARDED_DIR, SNAPSHOT, TRAINABLE, TRAINER_FILE, load_trainable,
-                                            read_trainer_file, resolve_checkpoint)
+from cllm4rec_dist.train.checkpoint import load_trainable, read_saved_weights
 from cllm4rec_dist.train.config import config_from_dict
 from cllm4rec_dist.train.recipe import build_model
 from cllm4rec_dist.train.trainer import evaluate_model
@@ -38,29 +36,26 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise EvaluateError(f"--part {','.join(parts)}: choose from {', '.join(PARTS)} (comma-separated).")
-    fs, folder = resolve_checkpoint(source)
-    ckpt_path = posixpath.join(folder, TRAINER_FILE)
-    blob = read_trainer_file(folder, fs)
-    cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
+    saved = read_saved_weights(source, use_best)
+    ckpt_path, weights = saved.path, saved.weights
+    cfg = config_from_dict(saved.snapshot["config"], f"{ckpt_path} (snapshot config)")
     if cfg.recommender != "cllm4rec":
         raise EvaluateError(f"{ckpt_path}: an {cfg.recommender} run. A-LLMRec is scored on its stored candidates "
                             "during training (its metrics.json); `cllm4rec evaluate` scores CLLM4Rec runs.")
-    if fs.exists(posixpath.join(folder, SHARDED_DIR)):
-        raise EvaluateError(f"{folder}: a row-sharded checkpoint; its tables are scored across the ranks that hold "
-                            "them. Export it (`cllm4rec export`) or evaluate the run with the same launcher.")
-    weights = "best" if use_best and blob[BEST] is not None else "last"
-    state = blob[BEST] if weights == "best" else blob[TRAINABLE]
+    if saved.sharded:
+        raise EvaluateError(f"{saved.folder}: a row-sharded checkpoint; its tables are scored across the ranks that "
+                            "hold them. Export it (`cllm4rec export`) or evaluate the run with the same launcher.")
     try:
         data = ShardedDataset(data_dir or cfg.data)
     except ShardError as e:
         raise EvaluateError(f"{ckpt_path} was trained on dataset {cfg.data!r}, which cannot be opened ({e}). "
                             "Pass the dataset folder with --data.") from None
     model = build_model(cfg, data, device)
-    load_trainable(model, state, f"{ckpt_path} ({weights} weights) on dataset {data.url}")
+    load_trainable(model, saved.tensors, f"{ckpt_path} ({weights} weights) on dataset {data.url}")
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
     docs = data.read_corpus("eval")
     cold_items = data.manifest.get("cold_items", [])
-    record = blob[SNAPSHOT]["state"]
+    record = saved.snapshot["state"]
     result = {"checkpoint": ckpt_path, "data": data.url, "weights": weights,
               "global_step": record.get("global_step"), "best": record.get("best") or None}
     for part in parts:

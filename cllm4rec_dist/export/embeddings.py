@@ -65,11 +65,10 @@ from cllm4rec_dist.data.records import InputError
 from cllm4rec_dist.train.checkpoint import (
     BEST,
     SHARDED_DIR,
-    SNAPSHOT,
     TRAINABLE,
     TRAINER_FILE,
     load_trainable,
-    read_trainer_file,
+    read_saved_weights,
     resolve_checkpoint,
     sharded_keys,
     sharded_parts,
@@ -250,15 +249,11 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     """
     if dim is not None and dim < 1:
         raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
-    fs, folder = resolve_checkpoint(source)
-    ckpt_path = posixpath.join(folder, TRAINER_FILE)
-    blob = read_trainer_file(folder, fs)
-    cfg = config_from_dict(blob[SNAPSHOT]["config"], f"{ckpt_path} (snapshot config)")
-    state_record = blob[SNAPSHOT]["state"]
-    best = blob[BEST]
-    weights = "best" if use_best and best is not None else "last"
-    state = best if weights == "best" else blob[TRAINABLE]
-    if fs.exists(posixpath.join(folder, SHARDED_DIR)):
+    saved = read_saved_weights(source, use_best)
+    folder, ckpt_path, state, weights = saved.folder, saved.path, saved.tensors, saved.weights
+    cfg = config_from_dict(saved.snapshot["config"], f"{ckpt_path} (snapshot config)")
+    state_record = saved.snapshot["state"]
+    if saved.sharded:
         if dim is not None:
             raise ExportError(f"{folder}: a row-sharded checkpoint is exported part by part, and a PCA (--dim) needs "
                               "whole tables; export without --dim.")

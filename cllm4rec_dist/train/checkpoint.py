@@ -54,6 +54,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -502,6 +503,30 @@ def read_trainer_file(folder: str, fs=None, model=None) -> dict:
         if blob[BEST] is not None:
             check_tensors(f"{path} [{BEST}]", blob[BEST], expected)
     return blob
+
+
+@dataclass
+class SavedWeights:
+    """The weights a reader of a finished or interrupted run takes (export, `cllm4rec evaluate`)."""
+
+    fs: object
+    folder: str                        # the complete checkpoint folder
+    path: str                          # its trainer.pt (for messages)
+    snapshot: dict                     # the coordinator's part: {"state", "config", "rng"}
+    tensors: dict[str, torch.Tensor]   # the best-validation weights, else the last trained state
+    weights: str                       # "best" or "last": which of the two ``tensors`` are
+    sharded: bool                      # row-sharded tables live in <folder>/sharded, not in ``tensors``
+
+
+def read_saved_weights(source: str, use_best: bool = True) -> SavedWeights:
+    """A run's or checkpoint's weights (``resolve_checkpoint``): the best-validation copy when ``use_best`` and
+    the checkpoint has one, else the last trained state."""
+    fs, folder = resolve_checkpoint(source)
+    blob = read_trainer_file(folder, fs)
+    weights = "best" if use_best and blob[BEST] is not None else "last"
+    return SavedWeights(fs, folder, posixpath.join(folder, TRAINER_FILE), blob[SNAPSHOT],
+                        blob[BEST] if weights == "best" else blob[TRAINABLE], weights,
+                        fs.exists(posixpath.join(folder, SHARDED_DIR)))
 
 
 def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
