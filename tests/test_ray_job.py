@@ -31,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The README's "Running on a Ray cluster" section shows these two lines verbatim (tested below).
 RAY_START = ("RAY_AUTH_MODE=token ray start --head --port $RAY_PORT --dashboard-host 127.0.0.1 "
              "--dashboard-port $DASHBOARD_PORT --num-cpus 2 --disable-usage-stats --block")
+# Ray binds two fixed default ports per head node (dashboard agent 52365, client server 10001): a second Ray on the
+# same machine (a local `ray.init()`, e.g. a `cllm4rec tune` running) holds them and this head's job agent never
+# comes up. The test gives both free ports; the README says when a user needs the same two flags.
+ISOLATION = " --dashboard-agent-listen-port $AGENT_PORT --ray-client-server-port $CLIENT_PORT"
 JOB_SUBMIT = ("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . "
               "-- python launchers/pretrain_llama.py --config $CONFIG")
 
@@ -109,11 +113,12 @@ def ray_job(demo_data, tmp_path_factory):
     # Ray's sockets live under its temp dir and must stay under 107 characters: a short folder of our own.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     env = {**os.environ, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()), "CONFIG": str(config),
+           "AGENT_PORT": str(free_port()), "CLIENT_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # ray and python of this venv
            "RAY_TMPDIR": ray_tmp, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TOKENIZERS_PARALLELISM": "false"}
     head_log = root / "head.log"
     with open(head_log, "w") as log:
-        head = subprocess.Popen(["bash", "-c", RAY_START], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        head = subprocess.Popen(["bash", "-c", RAY_START + ISOLATION], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_for_dashboard(int(env["DASHBOARD_PORT"]), head, head_log)
@@ -186,3 +191,4 @@ def test_readme_cluster_section_is_the_tested_command():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Running on a Ray cluster", 1)[1].split("\n## ", 1)[0]
     assert RAY_START in section and JOB_SUBMIT in section
+    assert all(flag in section for flag in ISOLATION.split() if flag.startswith("--"))  # the note on a shared machine
