@@ -500,8 +500,12 @@ def test_smollm2_gguf_backbone_runs_an_l_step():
     except ModuleNotFoundError as missing:
         pytest.skip(str(missing))
     model = CLLM4Rec(ModelConfig(backbone=package_dir, gguf_file=gguf_file, num_users=I, num_items=J,
-                                 device="cpu"))
+                                 precision="bf16", device="cpu"))
     assert bb.vocab_size(model.backbone) == 49152 and model.hidden_size == 576
+    # Unpacked into plain dense bf16 layers (not transformers' GGUF-block layers): what the bf16 speed relies on.
+    linears = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 30 * 7 + 1 and {type(m) for m in linears} == {torch.nn.Linear}
+    assert {m.weight.dtype for m in linears} == {torch.bfloat16}
     assert model.item_head is None  # SmolLM2 ties its LM head to the input embeddings
     batch = lm_batch("L")
     batch.input_ids = torch.where(batch.input_ids >= V, batch.input_ids - V + 49152, batch.input_ids)

@@ -20,7 +20,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import torch.nn.functional as F  # noqa: E402
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig,  # noqa: E402
-                          PreTrainedModel)
+                          GgufConfig, PreTrainedModel)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
@@ -41,7 +41,9 @@ def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_
     path_or_dir: a directory written by ``save_pretrained`` (config.json + weights), or one holding
         ``gguf_file``. Never a hub id: loading is ``local_files_only``.
     precision: "fp32" | "bf16" | "int8" | "nf4" (int8/nf4 through bitsandbytes, frozen only).
-    gguf_file: name of a GGUF file inside path_or_dir (dequantised to fp32 on load).
+    gguf_file: name of a GGUF file inside path_or_dir, unpacked on load into plain dense weights of
+        ``precision``: the bf16 GEMMs and the attention path below need dense layers, and transformers
+        would otherwise keep them in GGUF blocks where a matmul kernel package is installed.
     from_scratch: keep only the architecture (config) and initialise the weights randomly:
         the paper's LLM-Scratch ablation, where the backbone is trained.
     trainable: the caller will train the backbone (LLM-FtAll); only checked against precision.
@@ -79,7 +81,7 @@ def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_
         config = AutoConfig.from_pretrained(directory, local_files_only=True, **source)
         return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
 
-    quantization = None
+    quantization = GgufConfig(dequantize=True) if gguf_file is not None else None
     if precision == "int8":
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     elif precision == "nf4":
