@@ -118,8 +118,8 @@ def ray_job(demo_data, tmp_path_factory):
            "RAY_TMPDIR": ray_tmp, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TOKENIZERS_PARALLELISM": "false"}
     head_log = root / "head.log"
     with open(head_log, "w") as log:
-        head = subprocess.Popen(["bash", "-c", RAY_START + ISOLATION], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        head = subprocess.Popen(["bash", "-c", RAY_START + ISOLATION], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_dashboard(int(env["DASHBOARD_PORT"]), head, head_log)
         submit, output = submit_job(env)
