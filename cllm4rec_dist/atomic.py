@@ -15,9 +15,10 @@ import fsspec
 
 
 def url_to_fs(url: str):
-    """(fsspec filesystem, path inside it without a trailing slash) for a local path or an fsspec URL."""
+    """(fsspec filesystem, path inside it without a trailing slash) for a local path or an fsspec URL; a
+    filesystem's root stays "/", so that joining a name under it never yields a relative path."""
     fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
+    return fs, root.rstrip("/") or "/"
 
 
 def atomic_write(fs, path: str, data: bytes) -> None:

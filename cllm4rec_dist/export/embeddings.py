@@ -55,11 +55,10 @@ import io
 import json
 import posixpath
 
-import fsspec
 import numpy as np
 import torch
 
-from cllm4rec_dist.atomic import atomic_write
+from cllm4rec_dist.atomic import atomic_write, url_to_fs
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.data.records import InputError
 from cllm4rec_dist.train.checkpoint import (
@@ -97,11 +96,6 @@ class ExportError(InputError):
 
 
 # --------------------------------------------------------------------------- export folders
-
-
-def _fs(url: str):
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/") or "/"
 
 
 # --------------------------------------------------------------------------- projection
@@ -193,7 +187,7 @@ class _Writer:
     """Atomic writes into the export folder, recording each file's size and checksum."""
 
     def __init__(self, out_dir: str):
-        self.fs, self.root = _fs(out_dir)
+        self.fs, self.root = url_to_fs(out_dir)
         self.fs.makedirs(self.root, exist_ok=True)
         self.files: dict[str, dict] = {}
         self._remove_previous()
@@ -418,7 +412,7 @@ def _export_sharded(source: str, folder: str, out_dir: str, cfg: TrainConfig, st
 
 def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, dict[str, np.ndarray]]]:
     """(export.json, {"users": ids, "items": ids}, {"users": {table: (N, D)}, "items": {...}}) of an export folder."""
-    fs, root = _fs(export_dir)
+    fs, root = url_to_fs(export_dir)
     path = posixpath.join(root, EXPORT_FILE)
     if not fs.exists(path):
         raise ExportError(f"{export_dir}: no {EXPORT_FILE}; not a finished export. Run `cllm4rec export "
