@@ -294,12 +294,13 @@ def start_local_ray(num_cpus: int) -> None:
     cluster is joined instead (and an already initialised Ray is used as it is: run_search)."""
     import ray
 
+    from cllm4rec_dist.train import distributed
+
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
         return
     threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **threads}})
+    distributed.start_local_ray(num_cpus, threads)
 
 
 def run_search(spec: TuneSpec, base: TrainConfig, out: str):

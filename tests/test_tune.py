@@ -41,6 +41,18 @@ def ray_session():
     ray.shutdown()
 
 
+def test_local_ray_workers_run_at_the_commands_priority(ray_session):
+    """Ray would start its workers at nice 15: any plain process started beside a search would then take the
+    cores from its trials. They run at the niceness of the command instead, with one torch thread each."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def worker_view():
+        return os.nice(0), os.environ.get("OMP_NUM_THREADS")
+
+    assert ray.get(worker_view.remote()) == (os.nice(0), "1")
+
+
 @pytest.fixture(scope="module")
 def tuned(demo_data, ray_session, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("tune")

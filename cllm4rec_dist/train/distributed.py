@@ -145,9 +145,7 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
     started_here = False
     with timer.phase("ray_start"):
         if not ray.is_initialized():
-            # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a
-            # second without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
-            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # as start_local_ray's console
             address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
             if address:
                 # `ray job submit` sets RAY_ADDRESS; the job's runtime env (working dir first on PYTHONPATH)
@@ -156,17 +154,11 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
                       f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
                 ray.init(address=address, **quiet)
             else:
-                needed = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-                # Ray turns token authentication on for a new local cluster and says so on the console each time
-                # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token
-                # instead stops Ray from creating the cluster's token: the workers then cannot connect.)
-                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
                 # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
                 # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
                 env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
-                ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}, **quiet)
+                start_local_ray(max(cfg.dist.num_workers * cfg.dist.cpus_per_worker, os.cpu_count() or 1), env)
                 started_here = True
     trainer = TorchTrainer(
         ray_worker_loop,
@@ -189,6 +181,27 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
                 ray.shutdown()
     with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
         return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
+    """A Ray cluster inside this process, for a machine where none runs (`cllm4rec train`, `cllm4rec tune`).
+
+    Its workers run at the niceness of the command that started it. Ray's default would start them at nice 15,
+    to keep a core for its own daemons. Then a training or a search yields to every plain process on the machine:
+    a second job started beside a `cllm4rec tune` takes the cores, and the trials stop. Run `nice -n 10 cllm4rec
+    tune ...` for the whole job in the background. A cluster started with `ray start` keeps its own setting.
+    """
+    import ray
+
+    # Ray turns token authentication on for a new local cluster and says so on the console each time
+    # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token instead stops Ray
+    # from creating the cluster's token: the workers then cannot connect.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
+    # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env_vars}},
+             _system_config={"worker_niceness": 0})
 
 
 class ConsoleRelay:
