@@ -31,6 +31,10 @@ Outputs in ``--out DIR``: ``best.yaml`` (CLLM4Rec variants: a complete training 
 which `cllm4rec report --model-config NAME=best.yaml` takes), ``tune.json`` (spec, budget, every trial: its
 values, validation curve, epochs run, whether ASHA stopped it, seconds), ``curves.png`` (validation Recall@20
 per epoch of every trial) and Ray's own experiment folder ``ray/``.
+
+An interrupted search (killed, or Ctrl-C / SIGUSR1) is resumed by the same command: ``search.json`` (what it
+started with; other settings are refused), ``ray/search`` (Tune's experiment state: trials and searcher) and
+``asha.json`` (the scheduler's rungs, `tune_scheduler.py`); an unfinished trial resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -48,12 +52,17 @@ from dataclasses import dataclass, field
 from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
 from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
                                         config_from_dict, read_yaml_settings, to_yaml)
+from cllm4rec_dist.train.run_folder import RunLock
 
 VARIANT_ABLATIONS = {"cllm4rec": "none", "cf": "cf", "fixord": "fixord", "prerec": "prerec", "scratch": "scratch",
                      "ftall": "ftall"}
 BASELINE_MODELS = ("ease", "multivae")
 MODELS = (*VARIANT_ABLATIONS, *BASELINE_MODELS)
 OBJECTIVE = "valid_recall@20"
+SEARCH_NAME = "search"       # Ray Tune's experiment: OUT/ray/search
+SEARCH_FILE = "search.json"  # the spec and base config the search in OUT started with (a re-run resumes it)
+ASHA_FILE = "asha.json"      # ASHA's rungs and stop decisions (tune_scheduler.py)
+PAUSE_ENV = "CLLM4REC_TUNE_PAUSE_AT_EPOCH"  # test hook: _pause_hook
 REPORTED = ("recall@20", "recall@40", "ndcg@100")
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 # Training-config sections a search may touch; seeds are what `cllm4rec report` varies, not hyperparameters.
@@ -244,11 +253,14 @@ def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: s
 
     torch.set_num_threads(1)
     cfg = trial_config(base, params, model, max_epochs, os.path.join(root, tune.get_context().get_trial_id()))
-    cfg.resume, cfg.projector_sample = False, 0
+    # A trial that Tune restarts after an interrupted search resumes from its folder's last checkpoint (a
+    # fresh trial's folder has none); the epochs since that checkpoint are replayed exactly and reported again.
+    cfg.resume, cfg.projector_sample = True, 0
     reported = []
 
     def report(record: dict) -> None:
         reported.append(record)
+        _pause_hook(root, tune.get_context().get_trial_id(), record["epoch"] + 1)
         # LLM-PreRec's one validation follows its last PRETRAINING epoch: it is the trial's validated unit 1
         tune.report(_metrics(1 if model == "prerec" else record["epoch"] + 1, record))
 
@@ -257,6 +269,22 @@ def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: s
     result = run_reference(cfg, on_validation=report, score_test=False, checkpoint_new_best=True)
     if not reported:  # LLM-PreRec: no finetuning epochs, one validation of the pretrained model
         tune.report(_metrics(1, result["valid"]))
+
+
+def _pause_hook(root: str, trial_id: str, epoch: int) -> None:
+    """Test hook (PAUSE_ENV = "INDEX:EPOCH", INDEX as in trial ids, e.g. "00001:1"): that trial stops before
+    reporting that validated epoch, as on a node that hangs, until the test kills the search. It is after the
+    epoch's checkpoint, so the epoch is one that Tune never heard of and a resumed trial must report again."""
+    at = os.environ.get(PAUSE_ENV)
+    if not at:
+        return
+    index, at_epoch = at.split(":")
+    marker = os.path.join(root, f".paused-{index}-at-epoch{at_epoch}")
+    if not trial_id.endswith(f"_{index}") or int(at_epoch) != epoch or os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    while True:
+        time.sleep(1)
 
 
 def baseline_trial(params: dict, model: str, data: str, seed: int, max_epochs: int,
@@ -303,12 +331,17 @@ def start_local_ray(num_cpus: int) -> None:
     distributed.start_local_ray(num_cpus, threads)
 
 
-def run_search(spec: TuneSpec, base: TrainConfig, out: str):
-    """Ray Tune over ``spec.space`` with ASHA on validation Recall@20; returns Tune's ResultGrid."""
+def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False):
+    """Ray Tune over ``spec.space`` with ASHA on validation Recall@20; returns Tune's ResultGrid.
+
+    ``resume``: continue the interrupted search whose experiment state is in OUT/ray/search: finished trials
+    keep their results, unfinished ones restart and resume from their own checkpoints, the searcher's next
+    values and ASHA's rungs (OUT/asha.json) are those of the interrupted search."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cllm4rec_dist.tune_scheduler import ResumableASHA
 
     b = spec.budget
     if spec.model in VARIANT_ABLATIONS:
@@ -318,23 +351,75 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str):
         trainable = tune.with_parameters(baseline_trial, model=spec.model, data=base.data, seed=base.seed,
                                          max_epochs=b.max_epochs,
                                          exclude_valid_on_test=base.eval.exclude_valid_on_test)
+    trainable = tune.with_resources(trainable, {"cpu": 1})
     started_here = not ray.is_initialized()
     if started_here:
         start_local_ray(b.concurrent)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": 1}),
-            param_space=ray_space(spec.space),
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", num_samples=b.trials,
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=b.max_epochs, grace_period=b.grace_epochs,
-                                        reduction_factor=b.reduction_factor),
-                search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=b.concurrent)),
-            run_config=tune.RunConfig(name="search", storage_path=os.path.join(out, "ray"), verbose=0))
+        if resume:
+            tuner = tune.Tuner.restore(search_state_dir(out), trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=ray_space(spec.space),
+                tune_config=tune.TuneConfig(
+                    metric=OBJECTIVE, mode="max", num_samples=b.trials,
+                    scheduler=ResumableASHA(os.path.join(out, ASHA_FILE), time_attr="epoch", max_t=b.max_epochs,
+                                            grace_period=b.grace_epochs, reduction_factor=b.reduction_factor),
+                    search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=b.concurrent)),
+                run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=os.path.join(out, "ray"), verbose=0))
         return tuner.fit()
     finally:
         if started_here:
             ray.shutdown()
+
+
+def search_state_dir(out: str) -> str:
+    return os.path.join(out, "ray", SEARCH_NAME)
+
+
+def _search_record(spec: TuneSpec, base: TrainConfig) -> dict:
+    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "base_config": dataclasses.asdict(base)},
+                                 default=str))
+
+
+def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
+    """Whether ``out`` holds an interrupted search of this spec and base config (True: resume it); a new search
+    records what it was started with in OUT/search.json. Errors before Ray starts: a finished search, or an
+    interrupted one with other settings."""
+    record_path = os.path.join(out, SEARCH_FILE)
+    if os.path.exists(os.path.join(out, "tune.json")):
+        raise ConfigError(f"{out}: holds a finished search (tune.json, best.yaml). Use another --out for a new "
+                          "search.")
+    record = _search_record(spec, base)
+    if not os.path.exists(record_path):
+        if os.path.exists(search_state_dir(out)) or os.path.exists(os.path.join(out, ASHA_FILE)):
+            raise ConfigError(f"{out}: has a Ray Tune experiment but no {SEARCH_FILE} (not a folder this version "
+                              "of cllm4rec tune started). Use another --out.")
+        write_json_atomic(record_path, record)
+        return False
+    with open(record_path, encoding="utf-8") as f:
+        started = json.load(f)
+    # base-config keys as their flags name them; spec keys as "spec.<key>"
+    changed = sorted({key.removeprefix("base_config.") for key, _ in set(_flat(started)) ^ set(_flat(record))})
+    if changed:
+        raise ConfigError(f"{out}: an interrupted search started with other settings ({', '.join(changed)} "
+                          f"differ from {record_path}). Resume it with the spec and flags it started with, or "
+                          "use another --out for a new search.")
+    from ray import tune
+
+    # Killed before Tune saved any state: nothing ran that a restart would not redo.
+    return tune.Tuner.can_restore(search_state_dir(out))
+
+
+def _flat(record: dict, prefix: str = "") -> list[tuple[str, str]]:
+    items = []
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            items += _flat(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", json.dumps(value, sort_keys=True)))
+    return items
 
 
 def planned_epochs(spec: TuneSpec, params: dict) -> int:
@@ -344,25 +429,37 @@ def planned_epochs(spec: TuneSpec, params: dict) -> int:
 
 
 def summarize_trials(spec: TuneSpec, grid) -> list[dict]:
-    """Per trial: its values, validation curve, epochs run, whether ASHA stopped it early, seconds, error."""
+    """Per trial: its values, validation curve, epochs run, whether it finished and whether ASHA stopped it
+    early, seconds, error."""
     trials = []
     for result in grid:
         frame = result.metrics_dataframe
         rows = [] if frame is None else frame.to_dict("records")
-        curve = [{"epoch": int(r["epoch"]), **{f"valid_{m}": _number(r.get(f"valid_{m}")) for m in REPORTED}}
-                 for r in rows if "epoch" in r]
+        # A trial resumed after an interrupted search reports again the epochs since its last checkpoint (the
+        # same values: the replay is exact); its curve keeps one point per epoch.
+        by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r and not _missing(r["epoch"])}
+        curve = [{"epoch": epoch, **{f"valid_{m}": _number(r.get(f"valid_{m}")) for m in REPORTED}}
+                 for epoch, r in sorted(by_epoch.items())]
         params = {k: _number(v) for k, v in result.config.items()}
         planned = planned_epochs(spec, params)
         run = max((c["epoch"] for c in curve), default=0)
         best = max(curve, key=lambda c: c[OBJECTIVE] if c[OBJECTIVE] is not None else -math.inf, default=None)
+        last = result.metrics or {}
         trials.append({
-            "trial_id": (result.metrics or {}).get("trial_id"),
+            "trial_id": last.get("trial_id"),
             "params": params, "curve": curve, "epochs_run": run, "epochs_planned": planned,
+            # Tune marks the last result "done" when the trial returns or the scheduler stops it, not when a
+            # signal interrupts the search
+            "finished": result.error is not None or bool(last.get("done")),
             "stopped_early": result.error is None and run < planned,
             "best_epoch": best["epoch"] if best else None, OBJECTIVE: best[OBJECTIVE] if best else None,
             "seconds": _number(rows[-1].get("time_total_s")) if rows else None,
             "error": None if result.error is None else " ".join(str(result.error).split())[:500]})
     return trials
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _number(value):
@@ -414,17 +511,36 @@ def plot_curves(trials: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+class SearchInterrupted(Exception):
+    """Tune stopped the search on a signal before every trial finished (no tune.json: the folder resumes)."""
+
+
 def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -> dict:
-    """Search, then write best.yaml, tune.json and curves.png into ``out``; returns the tune.json content."""
+    """Search, then write best.yaml, tune.json and curves.png into ``out``; returns the tune.json content.
+
+    A search interrupted before tune.json (killed, preempted, Ctrl-C) is resumed by the same command: see
+    `begin_or_resume`. ``wall_seconds`` then counts the resuming run only."""
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     if "://" not in base.data:
         base.data = os.path.abspath(base.data)
     base.out = ""
     check_space(spec, base)
+    with RunLock(out):  # one search per folder; a killed search's lock is taken over by the run resuming it
+        return _search_and_write(spec, base, out, command)
+
+
+def _search_and_write(spec: TuneSpec, base: TrainConfig, out: str, command: str) -> dict:
     started = time.time()
-    grid = run_search(spec, base, out)
+    resume = begin_or_resume(spec, base, out)
+    if resume:
+        print(f"[tune] resuming the interrupted search in {out}", flush=True)
+    grid = run_search(spec, base, out, resume=resume)
     trials = summarize_trials(spec, grid)
+    finished = sum(t["finished"] for t in trials)
+    if finished < spec.budget.trials:  # Ctrl-C / SIGUSR1: Tune stopped the trials and saved its state
+        raise SearchInterrupted(f"the search in {out} was interrupted with {finished} of {spec.budget.trials} "
+                                "trials finished; its state is saved: run the same command again to resume it.")
     scored = [t for t in trials if t[OBJECTIVE] is not None]
     if not scored:
         errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a validation score"
@@ -437,7 +553,7 @@ def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -
                           "trials_stopped_early": sum(t["stopped_early"] for t in trials),
                           "trials_failed": sum(t["error"] is not None for t in trials),
                           "trial_seconds": round(sum(t["seconds"] or 0 for t in trials), 1),
-                          "wall_seconds": round(time.time() - started, 1)},
+                          "wall_seconds": round(time.time() - started, 1), "resumed": resume},
                "best": best, "trials": trials, "files": {}}
     for name, text in (("best.yaml", best_yaml(spec, base, best)),):
         path = os.path.join(out, name)
@@ -495,7 +611,11 @@ def run(args) -> int:
         raise ConfigError(f"{args.spec}: {err}") from None
     import shlex
 
-    summary = tune_model(spec, base, out, shlex.join(["cllm4rec", *sys.argv[1:]]))
+    try:
+        summary = tune_model(spec, base, out, shlex.join(["cllm4rec", *sys.argv[1:]]))
+    except SearchInterrupted as stop:
+        print(f"[tune] {stop}", file=sys.stderr, flush=True)
+        return 1
     for t in summary["trials"]:
         value = "—" if t[OBJECTIVE] is None else f"{t[OBJECTIVE]:.4f}"
         state = "error" if t["error"] else "stopped by ASHA" if t["stopped_early"] else "finished"

@@ -3,8 +3,13 @@ a best.yaml that `cllm4rec train` and the Ray launcher's parser take as is, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -155,6 +160,102 @@ def test_baseline_is_tuned_with_the_same_trial_count(demo_data, ray_session, tmp
     assert run["valid"]["recall@20"] == pytest.approx(summary["best"]["valid_recall@20"])
     assert main(["report", "--data", demo_data, "--out", report, "--models", "multivae",
                  "--model-config", f"multivae={out}/best.yaml"]) == 2
+
+
+def _kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL every process of the leader's session at once (the CLI, Ray's daemons, the trial workers, which
+    Ray puts in process groups of their own), as when the node running a search is lost."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader.pid:
+                proc.send_signal(signal.SIGKILL)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    leader.wait(timeout=60)
+
+
+def _wait_for(condition, what: str, leader: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if leader.poll() is not None:
+            raise AssertionError(f"the search ended (rc {leader.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            _kill_session(leader)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("stop", ["kill", "ctrl-c"])
+def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_data, ray_session, tuned, tmp_path,
+                                                                           capsys, stop):
+    """The search of `tuned`, interrupted after its first trial finished, while the second hangs between the
+    checkpoint of its epoch 1 and its report: killed whole (CLI, Ray, trials, as a lost node), or stopped by
+    Ctrl-C (Tune saves its state and the command says how to resume). The same command then resumes it: the
+    finished trial is kept; the second resumes from its checkpoint and reports epoch 1 again; ASHA, which kept
+    the first trial's rungs, stops it there as before. Every trial's curve, epochs and stop equal those of the
+    search that was never interrupted."""
+    from cllm4rec_dist.tune import PAUSE_ENV
+
+    spec = write(tmp_path / "spec.yaml", SPEC)
+    out = str(tmp_path / "out")
+    args = ["tune", "--spec", spec, "--data", demo_data, "--out", out, *TRIAL_SCHEDULE]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({PAUSE_ENV: "00001:1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})  # Tune saves its state every second
+    console = open(tmp_path / "console.txt", "w+", encoding="utf-8")
+    search = subprocess.Popen([sys.executable, "-m", "cllm4rec_dist.cli", *args], env=env, start_new_session=True,
+                              stdout=console, stderr=subprocess.STDOUT)
+    marker = os.path.join(out, "trials", ".paused-00001-at-epoch1")
+    _wait_for(lambda: os.path.exists(marker), "the second trial's epoch 1", search)
+    paused = os.path.getmtime(marker)
+    states = lambda: [os.path.join(out, "ray", "search", f) for f in os.listdir(os.path.join(out, "ray", "search"))
+                      if f.startswith("experiment_state")]  # noqa: E731
+    _wait_for(lambda: any(os.path.getmtime(f) > paused + 1 for f in states()), "Tune's state of the paused trial",
+              search)
+    if stop == "ctrl-c":
+        search.send_signal(signal.SIGINT)
+        search.wait(timeout=180)
+        said = (tmp_path / "console.txt").read_text(encoding="utf-8")
+        assert search.returncode == 1 and "1 of 2 trials finished" in said and "run the same command again" in said
+    _kill_session(search)
+    assert not os.path.exists(os.path.join(out, "tune.json"))
+
+    assert main(args) == 0
+    assert f"[tune] resuming the interrupted search in {out}" in capsys.readouterr().out
+    with open(os.path.join(out, "tune.json"), encoding="utf-8") as f:
+        resumed = json.load(f)
+    with open(os.path.join(tuned, "tune.json"), encoding="utf-8") as f:
+        uninterrupted = json.load(f)
+    assert resumed["budget"]["resumed"] is True
+    lr = "optim.finetune_lr"
+    after = {t["params"][lr]: t for t in resumed["trials"]}
+    for trial in uninterrupted["trials"]:
+        again = after[trial["params"][lr]]
+        assert (again["epochs_run"], again["stopped_early"], again["best_epoch"]) == \
+            (trial["epochs_run"], trial["stopped_early"], trial["best_epoch"])
+        assert [c["epoch"] for c in again["curve"]] == [c["epoch"] for c in trial["curve"]]
+        for c_again, c in zip(again["curve"], trial["curve"]):
+            assert c_again == pytest.approx(c, abs=1e-9)
+    second = os.path.join(out, "trials", after[1e-7]["trial_id"], "console.log")
+    with open(second, encoding="utf-8") as f:
+        assert "[train] resumed at step" in f.read()  # the trial itself resumed, not a restart from scratch
+    assert main(args) == 2  # a finished search is not run again into its own folder
+    assert "holds a finished search" in capsys.readouterr().err
+
+
+def test_an_interrupted_search_resumes_only_with_its_own_settings(demo_data, tmp_path):
+    from cllm4rec_dist.train.config import ConfigError, TrainConfig
+    from cllm4rec_dist.tune import begin_or_resume, load_spec
+
+    spec = load_spec(write(tmp_path / "spec.yaml", SPEC))
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    assert begin_or_resume(spec, TrainConfig(data=demo_data), out) is False  # new: records search.json
+    assert begin_or_resume(spec, TrainConfig(data=demo_data), out) is False  # no Tune state yet: starts again
+    with pytest.raises(ConfigError, match=r"other settings \(optim.finetune_lr differ"):
+        begin_or_resume(spec, TrainConfig(data=demo_data, optim=dataclasses.replace(TrainConfig().optim,
+                                                                                      finetune_lr=0.5)), out)
 
 
 @pytest.mark.parametrize("space, message", [

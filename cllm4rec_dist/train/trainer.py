@@ -73,7 +73,10 @@ class Trainer:
         self.unlogged = PendingSteps(self.device)  # (step facts, LOGGED values on the device) until the next flush
         self.timer = timer or PhaseTimer()  # wall time of steps, validations, checkpoints, test (timing.json)
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
-        self.on_validation = None  # called with each validation record (Ray Tune reports from here: tune.py)
+        # Called with each validation record (Ray Tune reports from here: tune.py). A resumed run first calls it
+        # again with the validations it restored: the listener may have missed the last ones (a run killed
+        # between its checkpoint and its report) and must ignore what it already heard.
+        self.on_validation = None
         # tune.py: a validation that improves the best is checkpointed before on_validation hears of it, so a
         # trial that Tune ends right there (max epochs, an ASHA stop) leaves its best weights on disk
         self.checkpoint_new_best = False
@@ -119,6 +122,9 @@ class Trainer:
         cfg = self.cfg
         total = sum(b.steps for b in self.blocks)
         self.log.schedule(self.blocks)
+        if self.on_validation is not None:
+            for record in list(self.state.evals):  # restored by a resume; none in a fresh run
+                self.on_validation(record)
         while self.state.block < len(self.blocks):
             block = self.blocks[self.state.block]
             if self.state.step == 0:
