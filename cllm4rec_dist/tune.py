@@ -408,8 +408,13 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
                           "use another --out for a new search.")
     from ray import tune
 
-    # Killed before Tune saved any state: nothing ran that a restart would not redo.
-    return tune.Tuner.can_restore(search_state_dir(out))
+    if tune.Tuner.can_restore(search_state_dir(out)):
+        return True
+    # Killed before Tune saved any state: the search starts again, with new trial ids, so the rungs that ASHA
+    # recorded for the old ones must not count.
+    if os.path.exists(os.path.join(out, ASHA_FILE)):
+        os.remove(os.path.join(out, ASHA_FILE))
+    return False
 
 
 def _flat(record: dict, prefix: str = "") -> list[tuple[str, str]]:

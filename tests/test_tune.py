@@ -252,7 +252,9 @@ def test_an_interrupted_search_resumes_only_with_its_own_settings(demo_data, tmp
     out = str(tmp_path / "out")
     os.makedirs(out)
     assert begin_or_resume(spec, TrainConfig(data=demo_data), out) is False  # new: records search.json
+    open(os.path.join(out, "asha.json"), "w").close()  # rungs of trials that Tune's state never recorded
     assert begin_or_resume(spec, TrainConfig(data=demo_data), out) is False  # no Tune state yet: starts again
+    assert not os.path.exists(os.path.join(out, "asha.json"))
     with pytest.raises(ConfigError, match=r"other settings \(optim.finetune_lr differ"):
         begin_or_resume(spec, TrainConfig(data=demo_data, optim=dataclasses.replace(TrainConfig().optim,
                                                                                       finetune_lr=0.5)), out)
