@@ -22,8 +22,9 @@ from cllm4rec_dist.train.rank import Rank
 def run_reference(cfg: TrainConfig, on_validation=None, score_test: bool = True,
                   checkpoint_new_best: bool = False) -> dict:
     """Train ``cfg`` in this process; ``on_validation(record)`` is called after each validation (Ray Tune's
-    report; a resumed run first calls it with each restored validation), ``score_test=False`` ends at validation (tuning) and the result then has no "test";
-    ``checkpoint_new_best`` checkpoints every validation that improves the best before reporting it."""
+    report; a resumed run first calls it with each restored validation), ``score_test=False`` ends at validation
+    (tuning) and the result then has no "test"; ``checkpoint_new_best`` checkpoints every validation that improves
+    the best before reporting it."""
     def engine_factory(name, params, lr):
         return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
 
