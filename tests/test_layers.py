@@ -15,8 +15,9 @@ BASE = ("atomic", "errors", "quiet", "resources")
 """Leaf helpers that every layer may use; they import no layer themselves."""
 LAYERS = ("data", "corpus", "model", "train", "eval", "baselines", "export")
 """The data flow, in order. The baselines are recommenders scored by eval/ (and trained by train/cf_stage.py)."""
-ENTRY_POINTS = ("cli", "evaluate_run", "launch", "tune", "report", "report_candidates")
-"""Commands on top of everything: they may import any layer; no layer imports them."""
+ENTRY_POINTS = ("cli", "evaluate_run", "launch", "tune", "tune_scheduler", "report", "report_candidates")
+"""Commands on top of everything (and tune_scheduler, the part of `cllm4rec tune` that Ray Tune pickles): they
+may import any layer; no layer imports them."""
 EXCEPTIONS = {
     ("train", "eval"): "validation during training: the trainers select their best model with the one evaluation "
                        "code (eval/ never imports train/, checked below)",
