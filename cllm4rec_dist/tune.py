@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
 from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
                                         config_from_dict, read_yaml_settings, to_yaml)
-from cllm4rec_dist.train.run_folder import RunLock
+from cllm4rec_dist.train.run_folder import RunLock, flatten_settings
 
 VARIANT_ABLATIONS = {"cllm4rec": "none", "cf": "cf", "fixord": "fixord", "prerec": "prerec", "scratch": "scratch",
                      "ftall": "ftall"}
@@ -401,7 +401,9 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
     with open(record_path, encoding="utf-8") as f:
         started = json.load(f)
     # base-config keys as their flags name them; spec keys as "spec.<key>"
-    changed = sorted({key.removeprefix("base_config.") for key, _ in set(_flat(started)) ^ set(_flat(record))})
+    before, after = flatten_settings(started), flatten_settings(record)
+    changed = sorted(key.removeprefix("base_config.") for key in before.keys() | after.keys()
+                     if before.get(key) != after.get(key))
     if changed:
         raise ConfigError(f"{out}: an interrupted search started with other settings ({', '.join(changed)} "
                           f"differ from {record_path}). Resume it with the spec and flags it started with, or "
@@ -415,16 +417,6 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
     if os.path.exists(os.path.join(out, ASHA_FILE)):
         os.remove(os.path.join(out, ASHA_FILE))
     return False
-
-
-def _flat(record: dict, prefix: str = "") -> list[tuple[str, str]]:
-    items = []
-    for key, value in record.items():
-        if isinstance(value, dict) and value:
-            items += _flat(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", json.dumps(value, sort_keys=True)))
-    return items
 
 
 def planned_epochs(spec: TuneSpec, params: dict) -> int:

@@ -137,11 +137,12 @@ class RunLock:
         self.release()
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
+def flatten_settings(values: dict, prefix: str = "") -> dict:
+    """{"section.field": value} of a nested settings dict (a config, a tune spec)."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -149,8 +150,8 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, new) -> list[str]:
     """'name: saved -> new' for every trajectory setting that differs (settings only one side knows are skipped)."""
-    before = _flatten(saved)
-    after = _flatten(dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new)
+    before = flatten_settings(saved)
+    after = flatten_settings(dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new)
     return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before.keys() & after.keys())
             if k not in NEUTRAL and before[k] != after[k]]
 
