@@ -434,7 +434,7 @@ def summarize_trials(spec: TuneSpec, grid) -> list[dict]:
         rows = [] if frame is None else frame.to_dict("records")
         # A trial resumed after an interrupted search reports again the epochs since its last checkpoint (the
         # same values: the replay is exact); its curve keeps one point per epoch.
-        by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r and not _missing(r["epoch"])}
+        by_epoch = {int(r["epoch"]): r for r in rows if _number(r.get("epoch")) is not None}
         curve = [{"epoch": epoch, **{f"valid_{m}": _number(r.get(f"valid_{m}")) for m in REPORTED}}
                  for epoch, r in sorted(by_epoch.items())]
         params = {k: _number(v) for k, v in result.config.items()}
@@ -453,10 +453,6 @@ def summarize_trials(spec: TuneSpec, grid) -> list[dict]:
             "seconds": _number(rows[-1].get("time_total_s")) if rows else None,
             "error": None if result.error is None else " ".join(str(result.error).split())[:500]})
     return trials
-
-
-def _missing(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
 
 
 def _number(value):
