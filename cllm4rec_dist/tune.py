@@ -33,8 +33,9 @@ values, validation curve, epochs run, whether ASHA stopped it, seconds), ``curve
 per epoch of every trial) and Ray's own experiment folder ``ray/``.
 
 An interrupted search (killed, or Ctrl-C / SIGUSR1) is resumed by the same command: ``search.json`` (what it
-started with; other settings are refused), ``ray/search`` (Tune's experiment state: trials and searcher) and
-``asha.json`` (the scheduler's rungs, `tune_scheduler.py`); an unfinished trial resumes from its own checkpoint.
+started with: another spec, dataset content or training trajectory is refused), ``ray/search`` (Tune's
+experiment state: trials and searcher) and ``asha.json`` (the scheduler's rungs, `tune_scheduler.py`); an
+unfinished trial resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ import time
 from dataclasses import dataclass, field
 
 from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
+from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
                                         config_from_dict, read_yaml_settings, to_yaml)
-from cllm4rec_dist.train.run_folder import RunLock, flatten_settings
+from cllm4rec_dist.train.run_folder import RunLock, config_changes, flatten_settings
 
 VARIANT_ABLATIONS = {"cllm4rec": "none", "cf": "cf", "fixord": "fixord", "prerec": "prerec", "scratch": "scratch",
                      "ftall": "ftall"}
@@ -379,8 +381,10 @@ def search_state_dir(out: str) -> str:
 
 
 def _search_record(spec: TuneSpec, base: TrainConfig) -> dict:
-    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "base_config": dataclasses.asdict(base)},
-                                 default=str))
+    # The dataset by content, not by path: the path may move between the runs, the data may not change.
+    dataset = ShardedDataset(base.data).manifest.get("content_hash")
+    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "base_config": dataclasses.asdict(base),
+                                  "dataset": dataset}, default=str))
 
 
 def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
@@ -400,14 +404,20 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
         return False
     with open(record_path, encoding="utf-8") as f:
         started = json.load(f)
-    # base-config keys as their flags name them; spec keys as "spec.<key>"
-    before, after = flatten_settings(started), flatten_settings(record)
-    changed = sorted(key.removeprefix("base_config.") for key in before.keys() | after.keys()
-                     if before.get(key) != after.get(key))
+    # The spec is the search itself (its space, budget, sampling seed): every key counts, including one only
+    # one side has (a parameter added to or dropped from the space). The base config follows the rule each
+    # resumed trial's checkpoint is held to: locations and logging may change, settings only one version of
+    # the config knows are skipped (a newer cllm4rec resuming an older search), the trajectory may not.
+    spec_before, spec_after = flatten_settings(started["spec"]), flatten_settings(record["spec"])
+    changed = [f"spec.{k}: {spec_before.get(k, '(unset)')!r} -> {spec_after.get(k, '(unset)')!r}"
+               for k in sorted(spec_before.keys() | spec_after.keys()) if spec_before.get(k) != spec_after.get(k)]
+    changed += config_changes(started["base_config"], record["base_config"])
+    if started.get("dataset", record["dataset"]) != record["dataset"]:
+        changed.append(f"the dataset at data: content hash {started['dataset']} -> {record['dataset']}")
     if changed:
-        raise ConfigError(f"{out}: an interrupted search started with other settings ({', '.join(changed)} "
-                          f"differ from {record_path}). Resume it with the spec and flags it started with, or "
-                          "use another --out for a new search.")
+        raise ConfigError(f"{out}: an interrupted search started with other settings than {record_path} "
+                          f"records ({'; '.join(changed)}). Resume it with the spec and flags it started with, "
+                          "or use another --out for a new search.")
     from ray import tune
 
     if tune.Tuner.can_restore(search_state_dir(out)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,9 +256,29 @@ def test_an_interrupted_search_resumes_only_with_its_own_settings(demo_data, tmp
     open(os.path.join(out, "asha.json"), "w").close()  # rungs of trials that Tune's state never recorded
     assert begin_or_resume(spec, TrainConfig(data=demo_data), out) is False  # no Tune state yet: starts again
     assert not os.path.exists(os.path.join(out, "asha.json"))
-    with pytest.raises(ConfigError, match=r"other settings \(optim.finetune_lr differ"):
+    with pytest.raises(ConfigError, match=r"records \(optim.finetune_lr: 0.0001 -> 0.5\)"):
         begin_or_resume(spec, TrainConfig(data=demo_data, optim=dataclasses.replace(TrainConfig().optim,
                                                                                       finetune_lr=0.5)), out)
+    with pytest.raises(ConfigError, match=r"spec.budget.trials: 2 -> 3"):
+        begin_or_resume(dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, trials=3)),
+                        TrainConfig(data=demo_data), out)
+
+    # What a resumed trial's checkpoint may differ in, the search may too: the dataset moved to another folder
+    # (same content), logging, and settings an older cllm4rec did not have.
+    moved = str(tmp_path / "moved-data")
+    shutil.copytree(demo_data, moved)
+    record_path = tmp_path / "out" / "search.json"
+    with open(record_path, encoding="utf-8") as f:
+        record = json.load(f)
+    del record["base_config"]["eval"]["batch_size"], record["base_config"]["optim"]["grad_clip"]
+    write(record_path, json.dumps(record))
+    assert begin_or_resume(spec, TrainConfig(data=moved, log_every=3), out) is False
+
+    # ... but not other data behind the same path (the search record keeps the dataset's content hash).
+    record["dataset"] = "0" * 64
+    write(record_path, json.dumps(record))
+    with pytest.raises(ConfigError, match=r"the dataset at data: content hash 0{64} -> [0-9a-f]{64}"):
+        begin_or_resume(spec, TrainConfig(data=demo_data), out)
 
 
 @pytest.mark.parametrize("space, message", [
