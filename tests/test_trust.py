@@ -23,7 +23,7 @@ from cllm4rec_dist.data.readers import ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputReport
 from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.train.checkpoint import LATEST, TRAINER_FILE, LocalSink, checkpoint_step, sha256_file
-from cllm4rec_dist.train.run_folder import LOCK_FILE, RunLock
+from cllm4rec_dist.train.run_folder import DATASET_FILE, LOCK_FILE, RunFolderError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
@@ -147,6 +147,37 @@ def test_resume_with_a_changed_trajectory_setting_is_refused(run_dir, demo_data,
                 "--keep_checkpoints", "3", "--seed", "7", "--optim.pretrain_lr", "0.01"]) == 2
     one_line_error(capsys, "seed: 0 -> 7", "optim.pretrain_lr: 0.001 -> 0.01", "--allow_config_change")
     assert (run / "config.yaml").read_text() == before
+
+
+def test_resume_on_other_data_is_refused_and_on_the_same_data_moved_it_continues(run_dir, demo_data, tmp_path,
+                                                                                   capsys):
+    from cllm4rec_dist.train.config import config_from_dict, read_yaml_settings
+    from cllm4rec_dist.train.distributed import _check_ray_resume
+
+    run = copy_run(run_dir, tmp_path / "run")
+    record = json.loads((run / DATASET_FILE).read_text())
+    assert record["content_hash"] == json.loads((Path(demo_data) / "manifest.json").read_text())["content_hash"]
+    # The run folder says it trained on other data: refused before anything is written, by both resume paths.
+    (run / DATASET_FILE).write_text(json.dumps({**record, "content_hash": "0" * 64}))
+    before = (run / "config.yaml").read_text()
+    args = ["train", "--data", demo_data, "--out", str(run), *TINY, "--checkpoint_every", "4", "--keep_checkpoints", "3"]
+    assert cli(args) == 2
+    one_line_error(capsys, "trained on other data", f"{'0' * 64} (", f"-> {record['content_hash']} ({demo_data})",
+                   "--allow_config_change")
+    assert (run / "config.yaml").read_text() == before
+    assert json.loads((run / DATASET_FILE).read_text())["content_hash"] == "0" * 64
+    storage = tmp_path / "ray"
+    (storage / "run" / "checkpoint_000001").mkdir(parents=True)
+    cfg = config_from_dict({**read_yaml_settings(str(run / "config.yaml")), "out": str(run)})  # the Ray driver's
+    with pytest.raises(RunFolderError, match="trained on other data"):
+        _check_ray_resume(cfg, str(storage), "run", record["content_hash"])
+    # The same content at another path resumes (and the record follows the data's new place).
+    (run / DATASET_FILE).write_text(json.dumps(record))
+    moved = shutil.copytree(demo_data, tmp_path / "moved")
+    (run / "metrics.json").unlink()
+    assert cli([*args[:2], str(moved), *args[3:]]) == 0
+    assert "resumed at step" in capsys.readouterr().out
+    assert json.loads((run / DATASET_FILE).read_text()) == {"data": str(moved), "content_hash": record["content_hash"]}
 
 
 def test_a_held_run_folder_is_refused_and_a_stale_lock_is_taken_over(demo_data, tmp_path, capsys):

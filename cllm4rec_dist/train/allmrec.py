@@ -533,7 +533,8 @@ class ALLMRecRecipe:
         self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage, self.timer)
         self.trainer.restored_config = None
         resumed = cfg.resume and self.sink.has_checkpoint() and self.sink.load_latest(self.trainer)
-        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main)
+        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main,
+                          shards.manifest.get("content_hash"))
         state = self.trainer.state
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,
                                    resume_step=state.global_step if resumed else 0)

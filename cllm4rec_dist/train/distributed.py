@@ -30,7 +30,7 @@ from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_
 from cllm4rec_dist.train.monitor import CONSOLE_FILE
 from cllm4rec_dist.train.recipe import default_run_dir
 from cllm4rec_dist.train.recipes import recipe_class
-from cllm4rec_dist.train.run_folder import RunFolderError, RunLock, check_resume_config
+from cllm4rec_dist.train.run_folder import RunFolderError, RunLock, check_resume_config, check_resume_dataset
 from cllm4rec_dist.train.timing import PhaseTimer
 from cllm4rec_dist.train.rank import Rank
 
@@ -119,22 +119,24 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
         check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
     check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                           cfg.optim.grad_clip))
-    ShardedDataset(cfg.data).verify()
+    data = ShardedDataset(cfg.data)
+    data.verify()
     storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
     name = os.path.basename(cfg.out.rstrip("/"))
     with RunLock(cfg.out):
-        _check_ray_resume(cfg, storage, name)
+        _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
         return _fit_ray(cfg, storage, name, timer)
 
 
-def _check_ray_resume(cfg: TrainConfig, storage: str, name: str) -> None:
-    """On the driver, before any worker starts: a resume must keep the saved config's trajectory."""
+def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: str | None) -> None:
+    """On the driver, before any worker starts: a resume must keep the saved config's trajectory and data."""
     saved = os.path.join(cfg.out, "config.yaml")
     if not cfg.resume or not os.path.exists(saved):
         return
     fs, root = fsspec.core.url_to_fs(storage)
     if fs.glob(f"{root.rstrip('/')}/{name}/checkpoint_*"):
         check_resume_config(read_yaml_settings(saved), cfg, saved)
+        check_resume_dataset(cfg.out, cfg.data, content_hash, cfg.allow_config_change)
 
 
 def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> dict:

@@ -131,7 +131,8 @@ class CLLM4RecRecipe:
                                cold_items=data.manifest.get("cold_items", []), timer=timer)
         with timer.phase("resume"):
             resumed = resuming and self.sink.load_latest(self.trainer)
-        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main)
+        settle_run_config(self.trainer.restored_config if resumed else None, cfg, rank.is_main,
+                          data.manifest.get("content_hash"))
         state = self.trainer.state
         # The monitor starts after the resume so that it drops log lines past the checkpoint.
         self.trainer.log = Monitor(cfg.out, rank.is_main, cfg.log_every, rank.world_size * rank.accumulate,

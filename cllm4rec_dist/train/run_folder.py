@@ -9,6 +9,9 @@
   setting that changes the training trajectory (seed, learning rates, batch, schedule, ablation, model,
   world size...) is refused, naming the settings, unless ``allow_config_change`` is set. Settings that
   only say where things are or how often to log/save (``NEUTRAL``) may change freely.
+* ``check_resume_dataset``: the dataset a run trained on against the one it resumes with, by the manifest's
+  content hash (``<run>/dataset.json``, written beside ``config.yaml``): the data may move to another path
+  between the runs (``data`` is NEUTRAL), it may not change; other data is refused like a trajectory change.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from cllm4rec_dist.errors import UserError
 
 LOCK_FILE = ".lock"
+DATASET_FILE = "dataset.json"  # {"data": where it was read from, "content_hash": the manifest's}
 # Settings a resume may change: locations, logging and checkpoint cadence, how long to run, evaluation batching.
 NEUTRAL = frozenset({
     "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "checkpoint_interval_s",
@@ -166,17 +170,44 @@ def check_resume_config(saved: dict, new, source: str) -> list[str]:
     return changes
 
 
-def settle_run_config(restored_config: dict | None, cfg, is_main: bool) -> None:
+def check_resume_dataset(out: str, data: str, content_hash: str | None, allow_change: bool) -> list[str]:
+    """Refuse (``RunFolderError``) a resume on other data than ``<out>/dataset.json`` records, unless
+    ``allow_change``; a run folder without the record (written before it existed) or a dataset without a content
+    hash has nothing to compare."""
+    path = os.path.join(out, DATASET_FILE)
+    if content_hash is None or not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        before = saved["content_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunFolderError(f"{path}: unreadable ({type(err).__name__}: {err}); it records which dataset the run "
+                             "trained on. Restore it, or delete it to resume without the check.") from None
+    if before == content_hash:
+        return []
+    change = f"the dataset's content hash: {before} ({saved.get('data')}) -> {content_hash} ({data})"
+    if not allow_change:
+        raise RunFolderError(f"the run in {out} trained on other data: {change}. Resume with the dataset it "
+                             "trained on (it may have moved), use another --out to start a new run, or pass "
+                             "--allow_config_change true to resume anyway.")
+    return [change]
+
+
+def settle_run_config(restored_config: dict | None, cfg, is_main: bool, content_hash: str | None) -> None:
     """After a recipe's resume attempt and before anything is written: refuse a trajectory-changing config
-    (``check_resume_config``; a refused resume leaves the run folder as it was), warn about an allowed one,
-    then record the config the run continues with as ``<out>/config.yaml`` (rank 0)."""
-    from cllm4rec_dist.atomic import write_text_atomic
+    (``check_resume_config``) or other data (``check_resume_dataset``; a refused resume leaves the run folder as it
+    was), warn about an allowed one, then record the config the run continues with as ``<out>/config.yaml`` and the
+    dataset's content hash as ``<out>/dataset.json`` (rank 0)."""
+    from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
     from cllm4rec_dist.train.config import to_yaml
 
     if restored_config is not None:
         changes = check_resume_config(restored_config, cfg, f"the checkpoint in {cfg.out}")
+        changes += check_resume_dataset(cfg.out, cfg.data, content_hash, cfg.allow_config_change)
         if changes and is_main:
             print(f"[train] warning: resuming with changed settings (--allow_config_change): "
                   f"{'; '.join(changes)}", flush=True)
     if is_main:
         write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
+        write_json_atomic(os.path.join(cfg.out, DATASET_FILE), {"data": cfg.data, "content_hash": content_hash})
