@@ -64,6 +64,7 @@ OBJECTIVE = "valid_recall@20"
 SEARCH_NAME = "search"       # Ray Tune's experiment: OUT/ray/search
 SEARCH_FILE = "search.json"  # the spec and base config the search in OUT started with (a re-run resumes it)
 ASHA_FILE = "asha.json"      # ASHA's rungs and stop decisions (tune_scheduler.py)
+CLOCK_FILE = "clock.json"    # the search's wall time over its runs (tune_scheduler.py SearchClock)
 PAUSE_ENV = "CLLM4REC_TUNE_PAUSE_AT_EPOCH"  # test hook: _pause_hook
 REPORTED = ("recall@20", "recall@40", "ndcg@100")
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
@@ -343,7 +344,7 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cllm4rec_dist.tune_scheduler import ResumableASHA
+    from cllm4rec_dist.tune_scheduler import ResumableASHA, SearchClock
 
     b = spec.budget
     if spec.model in VARIANT_ABLATIONS:
@@ -369,7 +370,8 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False
                     scheduler=ResumableASHA(os.path.join(out, ASHA_FILE), time_attr="epoch", max_t=b.max_epochs,
                                             grace_period=b.grace_epochs, reduction_factor=b.reduction_factor),
                     search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=b.concurrent)),
-                run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=os.path.join(out, "ray"), verbose=0))
+                run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=os.path.join(out, "ray"), verbose=0,
+                                          callbacks=[SearchClock(os.path.join(out, CLOCK_FILE))]))
         return tuner.fit()
     finally:
         if started_here:
@@ -423,10 +425,18 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
     if tune.Tuner.can_restore(search_state_dir(out)):
         return True
     # Killed before Tune saved any state: the search starts again, with new trial ids, so the rungs that ASHA
-    # recorded for the old ones must not count.
-    if os.path.exists(os.path.join(out, ASHA_FILE)):
-        os.remove(os.path.join(out, ASHA_FILE))
+    # recorded for the old ones must not count (nor the clock of a run whose work is redone).
+    for name in (ASHA_FILE, CLOCK_FILE):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     return False
+
+
+def search_clock(out: str) -> dict:
+    """``wall_seconds`` and ``runs`` of a finished search (SearchClock's file)."""
+    with open(os.path.join(out, CLOCK_FILE), encoding="utf-8") as f:
+        clock = json.load(f)
+    return {"wall_seconds": clock["seconds"], "runs": clock["runs"]}
 
 
 def planned_epochs(spec: TuneSpec, params: dict) -> int:
@@ -522,7 +532,8 @@ def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -
     """Search, then write best.yaml, tune.json and curves.png into ``out``; returns the tune.json content.
 
     A search interrupted before tune.json (killed, preempted, Ctrl-C) is resumed by the same command: see
-    `begin_or_resume`. ``wall_seconds`` then counts the resuming run only."""
+    `begin_or_resume`. ``wall_seconds`` then counts every run of the search (``runs``), each up to its last
+    trial result."""
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     if "://" not in base.data:
@@ -534,7 +545,6 @@ def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -
 
 
 def _search_and_write(spec: TuneSpec, base: TrainConfig, out: str, command: str) -> dict:
-    started = time.time()
     resume = begin_or_resume(spec, base, out)
     if resume:
         print(f"[tune] resuming the interrupted search in {out}", flush=True)
@@ -556,7 +566,7 @@ def _search_and_write(spec: TuneSpec, base: TrainConfig, out: str, command: str)
                           "trials_stopped_early": sum(t["stopped_early"] for t in trials),
                           "trials_failed": sum(t["error"] is not None for t in trials),
                           "trial_seconds": round(sum(t["seconds"] or 0 for t in trials), 1),
-                          "wall_seconds": round(time.time() - started, 1), "resumed": resume},
+                          **search_clock(out), "resumed": resume},
                "best": best, "trials": trials, "files": {}}
     for name, text in (("best.yaml", best_yaml(spec, base, best)),):
         path = os.path.join(out, name)

@@ -1,4 +1,5 @@
-"""ASHA whose rungs and stop decisions survive a killed `cllm4rec tune`.
+"""What of a search's own progress survives a killed `cllm4rec tune`: ASHA's rungs and stop decisions, and the
+search's clock.
 
 Ray Tune resumes a search from its experiment state: the trials (their values, status and results so far) and
 the searcher (which values come next). The scheduler is not part of that state: `Tuner.restore` unpickles the
@@ -10,13 +11,19 @@ This scheduler writes its rungs and its stop decisions to a JSON file after ever
 when it is created or unpickled. A result that a resumed trial reports again (it replays from its own last
 checkpoint) finds its rung already recorded and changes nothing. A trial stopped before the kill is stopped again
 at the same epoch.
+
+``SearchClock`` (a Tune callback) keeps the search's wall time over all the runs it took, in a JSON file written
+at every result: a resumed search adds its own time to what the interrupted runs had spent up to their last
+result (the time after it, whose work the resume redoes, is not counted).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
+from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from cllm4rec_dist.atomic import write_json_atomic
@@ -74,3 +81,39 @@ class ResumableASHA(AsyncHyperBandScheduler):
         # Tuner.restore unpickles the scheduler the search started with: its rungs come from the file.
         self.__dict__.update(state)
         self._load()
+
+
+class SearchClock(Callback):
+    """``seconds``: the search's wall time so far, earlier (interrupted) runs included; ``runs``: how many runs."""
+
+    def __init__(self, state_path: str):
+        self.state_path = state_path
+        self.earlier_seconds, self.earlier_runs, self.started = 0.0, 0, time.time()
+
+    def setup(self, **info) -> None:
+        # Called when each run of the search starts (Tune restores this object with the search).
+        self.earlier_seconds, self.earlier_runs, self.started = 0.0, 0, time.time()
+        if os.path.exists(self.state_path):
+            with open(self.state_path, encoding="utf-8") as f:
+                state = json.load(f)
+            self.earlier_seconds, self.earlier_runs = float(state["seconds"]), int(state["runs"])
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.time() - self.started
+
+    @property
+    def runs(self) -> int:
+        return self.earlier_runs + 1
+
+    def _save(self) -> None:
+        write_json_atomic(self.state_path, {"seconds": round(self.seconds, 1), "runs": self.runs})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._save()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._save()

@@ -222,13 +222,21 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
     _kill_session(search)
     assert not os.path.exists(os.path.join(out, "tune.json"))
 
+    with open(os.path.join(out, "clock.json"), encoding="utf-8") as f:
+        clock = json.load(f)  # the interrupted run's time up to its last result
+    assert clock["runs"] == 1 and clock["seconds"] > 0
+    resume_started = time.time()
     assert main(args) == 0
+    resume_seconds = time.time() - resume_started
     assert f"[tune] resuming the interrupted search in {out}" in capsys.readouterr().out
     with open(os.path.join(out, "tune.json"), encoding="utf-8") as f:
         resumed = json.load(f)
     with open(os.path.join(tuned, "tune.json"), encoding="utf-8") as f:
         uninterrupted = json.load(f)
-    assert resumed["budget"]["resumed"] is True
+    assert resumed["budget"]["resumed"] is True and uninterrupted["budget"]["runs"] == 1
+    # The search's wall time is both runs': the interrupted one's, plus the resuming one's (less its Ray start).
+    assert resumed["budget"]["runs"] == 2
+    assert clock["seconds"] < resumed["budget"]["wall_seconds"] <= clock["seconds"] + resume_seconds + 0.1
     lr = "optim.finetune_lr"
     after = {t["params"][lr]: t for t in resumed["trials"]}
     for trial in uninterrupted["trials"]:
