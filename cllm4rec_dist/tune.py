@@ -433,8 +433,12 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
 
 
 def search_clock(out: str) -> dict:
-    """``wall_seconds`` and ``runs`` of a finished search (SearchClock's file)."""
-    with open(os.path.join(out, CLOCK_FILE), encoding="utf-8") as f:
+    """``wall_seconds`` and ``runs`` of a finished search (SearchClock's file; None where a search started by an
+    older cllm4rec, without the clock, was resumed by this one and no result came since)."""
+    path = os.path.join(out, CLOCK_FILE)
+    if not os.path.exists(path):
+        return {"wall_seconds": None, "runs": None}
+    with open(path, encoding="utf-8") as f:
         clock = json.load(f)
     return {"wall_seconds": clock["seconds"], "runs": clock["runs"]}
 
