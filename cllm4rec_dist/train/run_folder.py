@@ -184,7 +184,7 @@ def check_resume_dataset(out: str, data: str, content_hash: str | None, allow_ch
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RunFolderError(f"{path}: unreadable ({type(err).__name__}: {err}); it records which dataset the run "
                              "trained on. Restore it, or delete it to resume without the check.") from None
-    if before == content_hash:
+    if before is None or before == content_hash:  # recorded from a manifest without a content hash
         return []
     change = f"the dataset's content hash: {before} ({saved.get('data')}) -> {content_hash} ({data})"
     if not allow_change:
