@@ -168,7 +168,8 @@ def test_resume_on_other_data_is_refused_and_on_the_same_data_moved_it_continues
     assert json.loads((run / DATASET_FILE).read_text())["content_hash"] == "0" * 64
     storage = tmp_path / "ray"
     (storage / "run" / "checkpoint_000001").mkdir(parents=True)
-    cfg = config_from_dict({**read_yaml_settings(str(run / "config.yaml")), "out": str(run)})  # the Ray driver's
+    # The Ray launcher's driver checks the same record before any worker starts (here: a persisted checkpoint).
+    cfg = config_from_dict({**read_yaml_settings(str(run / "config.yaml")), "out": str(run)})
     with pytest.raises(RunFolderError, match="trained on other data"):
         _check_ray_resume(cfg, str(storage), "run", record["content_hash"])
     # The same content at another path resumes (and the record follows the data's new place).
