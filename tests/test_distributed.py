@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # relative, per-step loss: gloo's all-reduce sums in another order than one process does
 
+# user_lr_scale 3: the ZeRO engines hold the user tables in a param group of their own, at 3x the lr.
 # shuffle_buffer 24: every rank streams its partitions (collab/rec 60 documents, content ~640 per rank), so the
 # 2-worker runs, their killed-worker resume and the 1-process reference all go through the streamed reader.
 CONFIG = """
@@ -37,6 +38,7 @@ schedule:
   finetune_content_fraction: 0.1
 optim:
   finetune_lr: 0.001
+  user_lr_scale: 3.0
 batch:
   batch_size: 8
   max_length: 128

@@ -196,6 +196,47 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
 
 
+def test_user_lr_scale_steps_the_user_tables_at_that_multiple_of_the_phase_lr(demo_data, tmp_path):
+    """Adam's first step moves every entry with a gradient by lr (m / sqrt(v) = sign(g)): after one L-step
+    the user rows that were in the batch moved by scale x pretrain_lr, the item rows by pretrain_lr. The
+    finetuning block sets both learning rates again, and the optimizer state round-trips its groups."""
+    cfg = tiny_config(demo_data, str(tmp_path / "run"))
+    cfg.optim.user_lr_scale = 4.0
+    trainer = _recipe(cfg).trainer
+    model = trainer.model
+    users, items = model.collab_user_table.weight, model.collab_item_table.weight
+    before_users, before_items = users.detach().clone(), items.detach().clone()
+    trainer.train_step("L")
+    user_moves = (users.detach() - before_users).abs()
+    item_moves = (items.detach() - before_items).abs()
+    lr = cfg.optim.pretrain_lr
+    moved_users, moved_items = user_moves[user_moves > 0], item_moves[item_moves > 0]
+    assert moved_users.numel() and moved_items.numel()
+    # |step| = lr * |g| / (|g| + eps): lr up to eps, below it only where |g| is near eps
+    assert torch.allclose(moved_users.max(), torch.tensor(4.0 * lr), rtol=1e-3)
+    assert torch.allclose(moved_items.max(), torch.tensor(lr), rtol=1e-3)
+    assert (moved_users > 1.5 * lr).float().mean() > 0.9
+    assert (moved_items <= lr * (1 + 1e-5)).all()
+
+    collab = trainer.engines["collab"]
+    assert [g.get("lr_scale", 1.0) for g in collab.optimizer.param_groups] == [1.0, 4.0]
+    finetune = next(b for b in trainer.blocks if b.phase == "finetune")
+    trainer.state.block = trainer.blocks.index(finetune)
+    trainer.enter_block(finetune)
+    assert collab.lr == cfg.optim.finetune_lr
+    assert [g["lr"] for g in collab.optimizer.param_groups] == [cfg.optim.finetune_lr, 4.0 * cfg.optim.finetune_lr]
+    trainer.train_step("rec")
+    saved = collab.optimizer.state_dict()
+    again = _recipe(cfg).trainer.engines["collab"]
+    again.optimizer.load_state_dict(saved)
+    assert again.lr == cfg.optim.finetune_lr
+    assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in collab.optimizer.param_groups]
+    # a resume at another user_lr_scale (allowed by allow_config_change) meets other groups: named, not mixed up
+    from cllm4rec_dist.train.checkpoint import CheckpointError, check_optimizer_state
+    with pytest.raises(CheckpointError, match="user_lr_scale"):
+        check_optimizer_state("optim-collab.pt", saved, [list(collab.params)])
+
+
 def train_command_one_epoch_each(data, out) -> dict:
     """`cllm4rec train` with one pretraining and one finetuning epoch; returns metrics.json."""
     from cllm4rec_dist.cli import main

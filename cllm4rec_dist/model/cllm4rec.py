@@ -248,6 +248,10 @@ class CLLM4Rec(nn.Module):
         groups = {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
         return {name: params for name, params in groups.items() if params}
 
+    def user_table_parameters(self) -> list[nn.Parameter]:
+        """The collaborative and content user tables: one row per user, each row in few steps an epoch."""
+        return [self.collab_user_table.weight, self.content_user_table.weight]
+
     @torch.no_grad()
     def set_unseen_items_from_content(self, items) -> None:
         """Cold items (never in a collaborative document): their collaborative rows take the MODE of the

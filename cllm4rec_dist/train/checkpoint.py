@@ -340,7 +340,9 @@ def check_optimizer_state(source: str, state: dict, param_groups: list[list[torc
     sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
     if sizes != [len(g) for g in param_groups]:
         raise CheckpointError(f"{source}: optimizer state for parameter groups of sizes {sizes}, this model has "
-                              f"{[len(g) for g in param_groups]}; it belongs to another model or world size.")
+                              f"{[len(g) for g in param_groups]}; it belongs to another model or world size, or to "
+                              "another optim.user_lr_scale (at 1 the user tables share their group's Adam param group, "
+                              "at any other value they have their own): resume with the run's own value.")
     params = {}
     for saved, live in zip(groups, param_groups):
         params.update(zip(saved["params"], live))

@@ -24,12 +24,49 @@ from cllm4rec_dist.train.checkpoint import CheckpointWriter, check_optimizer_sta
 from cllm4rec_dist.train.config import ConfigError
 
 
-def make_adam(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+LR_SCALE = "lr_scale"
+"""The key of a torch param group holding its learning-rate multiplier: the group steps at base lr x scale."""
+
+Params = list  # of nn.Parameter, or of param-group dicts {"params": [...], LR_SCALE: float} (``scaled_groups``)
+
+
+def scaled_groups(params: list[nn.Parameter], scale_of: dict[int, float]) -> Params:
+    """``params`` as param groups by learning-rate multiplier (``scale_of``: id(parameter) -> multiplier, absent
+    = 1), the 1x group first; the plain list when every multiplier is 1, so the optimizer state keeps the one
+    group that checkpoints without multipliers hold."""
+    scales = [float(scale_of.get(id(p), 1.0)) for p in params]
+    if all(s == 1.0 for s in scales):
+        return list(params)
+    order = sorted(set(scales), key=lambda s: (s != 1.0, s))
+    return [{"params": [p for p, s in zip(params, scales) if s == scale], LR_SCALE: scale} for scale in order]
+
+
+def flat_params(params: Params) -> list[nn.Parameter]:
+    return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+
+
+def make_adam(params: Params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """torch Adam, FUSED (one kernel per parameter) where torch has it: on this CPU a step over the 2.7M
     collaborative parameters of the benchmark shapes takes 3 ms fused against 30 ms with the default
-    for-each implementation, the rec-step's largest cost after the backbone. Same update either way."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    for-each implementation, the rec-step's largest cost after the backbone. Same update either way.
+    Param groups from ``scaled_groups`` step at ``lr`` x their multiplier (``set_group_lr``)."""
+    flat = flat_params(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in flat)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    set_group_lr(optimizer.param_groups, lr)
+    return optimizer
+
+
+def set_group_lr(param_groups: list[dict], lr: float) -> None:
+    """Every group at ``lr`` times its own multiplier (1 for a group without one)."""
+    for group in param_groups:
+        group["lr"] = lr * group.get(LR_SCALE, 1.0)
+
+
+def base_lr(param_groups: list[dict]) -> float:
+    """The base learning rate ``set_group_lr`` was given (not a scaled group's own)."""
+    group = param_groups[0]
+    return group["lr"] / group.get(LR_SCALE, 1.0)
 
 
 class TorchEngine:
@@ -37,10 +74,9 @@ class TorchEngine:
     trains identically (same data, same seed, no communication, e.g. A-LLMRec's stage 1): rank 0 alone
     writes the optimizer state and every rank reads that one file back."""
 
-    def __init__(self, name: str, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
-                 grad_clip: float = 0.0):
+    def __init__(self, name: str, params: Params, lr: float, weight_decay: float = 0.0, grad_clip: float = 0.0):
         self.name = name
-        self.params = params
+        self.params = flat_params(params)
         self.grad_clip = grad_clip
         self.optimizer = make_adam(params, lr, weight_decay)
 
@@ -62,12 +98,11 @@ class TorchEngine:
         self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lr(self.optimizer.param_groups, lr)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return base_lr(self.optimizer.param_groups)
 
     def state_file(self, rank: int) -> str:
         return f"optim-{self.name}.pt"  # one process holds the whole state
@@ -144,14 +179,14 @@ def init_distributed() -> None:
 class DeepSpeedEngine(TorchEngine):
     """A DeepSpeed ZeRO engine over one parameter group (the optimizer state is partitioned across ranks)."""
 
-    def __init__(self, name: str, params: list[nn.Parameter], lr: float, ds_config: dict, weight_decay: float = 0.0):
+    def __init__(self, name: str, params: Params, lr: float, ds_config: dict, weight_decay: float = 0.0):
         import deepspeed
 
         self.name = name
-        self.params = params
+        self.params = flat_params(params)
         optimizer = make_adam(params, lr, weight_decay)  # torch's: no DeepSpeed op compile
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=_ParamGroup(params), optimizer=optimizer, config=ds_config)
+            model=_ParamGroup(self.params), optimizer=optimizer, config=ds_config)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -174,14 +209,12 @@ class DeepSpeedEngine(TorchEngine):
         self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
-        for group in self._inner.param_groups:
-            group["lr"] = lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lr(self._inner.param_groups, lr)
+        set_group_lr(self.optimizer.param_groups, lr)
 
     @property
     def lr(self) -> float:
-        return self._inner.param_groups[0]["lr"]
+        return base_lr(self._inner.param_groups)
 
     # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with the unsafe (code-running) torch.load,
     # so a crafted file would run code on resume. Each rank instead saves the torch Adam state of its ZeRO
@@ -218,11 +251,12 @@ class ShardedEngine:
     can read back."""
 
     def __init__(self, name: str, shards: dict[str, tuple[nn.Parameter, object]], lr: float,
-                 weight_decay: float = 0.0, grad_clip: float = 0.0, inner: TorchEngine | None = None):
+                 weight_decay: float = 0.0, grad_clip: float = 0.0, inner: TorchEngine | None = None,
+                 lr_scale_of: dict[int, float] | None = None):
         self.name, self.shards, self.grad_clip, self.inner = name, shards, grad_clip, inner
         self.shard_params = [param for param, _ in shards.values()]
         self.params = self.shard_params + (inner.params if inner is not None else [])
-        self.optimizer = make_adam(self.shard_params, lr, weight_decay)
+        self.optimizer = make_adam(scaled_groups(self.shard_params, lr_scale_of or {}), lr, weight_decay)
         self.world_size = max((layout.world_size for _, layout in shards.values()), default=1)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -262,14 +296,13 @@ class ShardedEngine:
             self.inner.reset_optimizer(lr)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lr(self.optimizer.param_groups, lr)
         if self.inner is not None:
             self.inner.set_lr(lr)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return base_lr(self.optimizer.param_groups)
 
     def resident_bytes(self) -> int:
         """Bytes of the shards and of their Adam state held by this rank."""

@@ -21,7 +21,7 @@ from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 from cllm4rec_dist.train.checkpoint import load_trainable, read_trainable
 from cllm4rec_dist.train.config import TrainConfig
-from cllm4rec_dist.train.engines import ShardedEngine
+from cllm4rec_dist.train.engines import ShardedEngine, scaled_groups
 from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.run_folder import settle_run_config
@@ -68,15 +68,16 @@ def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg:
     replicated rest (e.g. a replicated item head beside row-sharded tables)."""
     shards = model.row_shards()
     names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {id(p): cfg.optim.user_lr_scale for p in model.user_table_parameters()}
     engines = {}
     for name, params in groups.items():
         own = {names[id(p)]: (p, shards[names[id(p)]]) for p in params if names[id(p)] in shards}
         rest = [p for p in params if names[id(p)] not in shards]
         if not own:
-            engines[name] = engine_factory(name, params, lr)
+            engines[name] = engine_factory(name, scaled_groups(params, scale_of), lr)
             continue
-        inner = engine_factory(name, rest, lr) if rest else None
-        engines[name] = ShardedEngine(name, own, lr, cfg.optim.weight_decay, cfg.optim.grad_clip, inner)
+        inner = engine_factory(name, scaled_groups(rest, scale_of), lr) if rest else None
+        engines[name] = ShardedEngine(name, own, lr, cfg.optim.weight_decay, cfg.optim.grad_clip, inner, scale_of)
     return engines
 
 

@@ -1,0 +1,33 @@
+"""DIAGNOSTIC (not a product feature): train the real recipe with the item head reading the last hidden state
+divided, per dimension, by that dimension's RMS over the first 8 rec batches at init (fixed for the run), in the
+L-step, the rec-step and scoring alike. Tests whether SmolLM2's massive hidden dimensions (RMS 27 and 22 against a
+median 0.64) hold the item head back. Usage: python benchmarks/diag_standardized_head.py CONFIG OUT SEED [FINETUNE_LR] (RESULTS §7)."""
+import json, sys
+import torch
+from cllm4rec_dist.train.checkpoint import LocalSink
+from cllm4rec_dist.train.config import load_config
+from cllm4rec_dist.train.engines import TorchEngine
+from cllm4rec_dist.train.rank import Rank
+from cllm4rec_dist.train.recipe import CLLM4RecRecipe
+
+config, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = load_config(config)
+cfg.out, cfg.seed, cfg.batch.seed = out, seed, seed
+if len(sys.argv) > 4:
+    cfg.optim.finetune_lr = float(sys.argv[4])
+cfg.validate()
+recipe = CLLM4RecRecipe(cfg, Rank(), lambda n, p, lr: TorchEngine(n, p, lr, cfg.optim.weight_decay, cfg.optim.grad_clip),
+                        LocalSink(cfg.out)).setup()
+model = recipe.model
+stream = recipe.trainer.batches["rec"][0]
+with torch.no_grad():
+    hidden = torch.cat([model.last_token_hidden(stream.batch(0, i), side="collab") for i in range(8)])
+sigma = hidden.pow(2).mean(0).sqrt().clamp(min=1e-3)
+print(json.dumps({"sigma_top": sigma.sort(descending=True).values[:5].tolist(), "sigma_median": sigma.median().item()}),
+      flush=True)
+item_nll, item_topk = model.item_nll, model.item_topk
+model.item_nll = lambda hidden, rows, cols: item_nll(hidden / sigma, rows, cols)
+model.item_topk = lambda hidden, k, exclude=None: item_topk(hidden / sigma, k, exclude)
+torch.save(sigma, out + "/sigma.pt")
+result = recipe.train()
+print(json.dumps(result, indent=1, default=str))
