@@ -1,9 +1,16 @@
 """DIAGNOSTIC (not a product feature): train the real recipe with the item head reading the last hidden state
 divided, per dimension, by that dimension's RMS over the first 8 rec batches at init (fixed for the run), in the
 L-step, the rec-step and scoring alike. Tests whether SmolLM2's massive hidden dimensions (RMS 27 and 22 against a
-median 0.64) hold the item head back. Usage: python benchmarks/diag_standardized_head.py CONFIG OUT SEED [FINETUNE_LR] (RESULTS §7)."""
-import json, sys
+median 0.64) hold the item head back (RESULTS §7).
+
+    python benchmarks/diag_standardized_head.py CONFIG OUT SEED [FINETUNE_LR]
+"""
+
+import json
+import sys
+
 import torch
+
 from cllm4rec_dist.train.checkpoint import LocalSink
 from cllm4rec_dist.train.config import load_config
 from cllm4rec_dist.train.engines import TorchEngine
@@ -16,8 +23,12 @@ cfg.out, cfg.seed, cfg.batch.seed = out, seed, seed
 if len(sys.argv) > 4:
     cfg.optim.finetune_lr = float(sys.argv[4])
 cfg.validate()
-recipe = CLLM4RecRecipe(cfg, Rank(), lambda n, p, lr: TorchEngine(n, p, lr, cfg.optim.weight_decay, cfg.optim.grad_clip),
-                        LocalSink(cfg.out)).setup()
+
+def engine_factory(name, params, lr):
+    return TorchEngine(name, params, lr, cfg.optim.weight_decay, cfg.optim.grad_clip)
+
+
+recipe = CLLM4RecRecipe(cfg, Rank(), engine_factory, LocalSink(cfg.out)).setup()
 model = recipe.model
 stream = recipe.trainer.batches["rec"][0]
 with torch.no_grad():

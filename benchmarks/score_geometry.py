@@ -1,8 +1,8 @@
 """Where a model's item scores vary: the geometry of the vectors the recommender ranks with. Prints one JSON object.
 
 The scores the evaluation ranks are ``users_rec @ items_head.T`` (`cllm4rec export`: each user's last-prompt-token
-hidden state, and the item head; ``items_collab`` on tied backbones, whose head is the collaborative item table). This reports, over all
-users of an export:
+hidden state, and the item head; ``items_collab`` on tied backbones, whose head is the collaborative item table).
+This reports, over all users of an export:
 
 * how the hidden states spend their energy: the share of the mean vector (what every user shares), the mean
   pairwise cosine, and the share of the few largest dimensions with their RMS against the median dimension's
@@ -62,7 +62,8 @@ def main() -> None:
     args = p.parse_args()
     manifest, _, tables = read_export(args.export)
     scoring = manifest.get("item_scoring")  # "head", or "collab" for a tied backbone
-    if scoring not in ("head", "collab") or "rec" not in tables["users"] or manifest.get("dim") != manifest.get("hidden_size"):
+    projected = manifest.get("dim") != manifest.get("hidden_size")
+    if scoring not in ("head", "collab") or "rec" not in tables["users"] or projected:
         raise SystemExit(f"{args.export}: needs users_rec.npy and the unprojected item table the evaluation scores "
                          f"with (export.json item_scoring={scoring!r}); export the CLLM4Rec run with `cllm4rec export` "
                          "without --dim and without --no-user-vectors.")
