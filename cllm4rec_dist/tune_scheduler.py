@@ -88,10 +88,11 @@ class SearchClock(Callback):
 
     def __init__(self, state_path: str):
         self.state_path = state_path
-        self.earlier_seconds, self.earlier_runs, self.started = 0.0, 0, time.time()
+        self.setup()
 
     def setup(self, **info) -> None:
-        # Called when each run of the search starts (Tune restores this object with the search).
+        # Called when each run of the search starts (Tune restores this object with the search): the clock starts
+        # now, on top of what the runs before this one spent.
         self.earlier_seconds, self.earlier_runs, self.started = 0.0, 0, time.time()
         if os.path.exists(self.state_path):
             with open(self.state_path, encoding="utf-8") as f:

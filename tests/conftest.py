@@ -11,7 +11,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real data sets (../shared/data README): beside the checkout by default, anywhere else through this variable.
+SHARED_DATA_ENV = "CLLM4REC_SHARED_DATA"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder; the tests that need it skip, saying how to point at it, where it is absent."""
+    path = Path(os.environ.get(SHARED_DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (path / "movielens-100k").is_dir():
+        pytest.skip(f"needs the real data sets: {path} has no movielens-100k/ (set {SHARED_DATA_ENV}=DIR to point "
+                    f"at a checkout's shared/data)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -400,6 +400,29 @@ def test_vocab_token_init_draws_tables_from_the_backbones_word_rows(gpt2_dir):
         make_model(gpt2_dir, token_init="words")
 
 
+def test_text_token_init_starts_each_item_at_the_mean_embedding_of_its_text(gpt2_dir):
+    """token_init="text": item j's collaborative and content rows = mean of the word rows of its text ids (a plain
+    loop as the reference) + N(0, init_std^2); an item without text starts at the vocabulary's mean row; users
+    as "vocab"; ids outside the vocabulary and a missing or short list are refused."""
+    from transformers import AutoModelForCausalLM
+    backbone = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    words = backbone.get_input_embeddings().weight.detach()
+    texts = [[(7 * j + k) % V for k in range(1 + j % 5)] for j in range(J - 1)] + [[]]
+    model = CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=I, num_items=J, token_init="text", item_text_ids=texts,
+                                 init_std=1e-6, device="cpu"), backbone=backbone)
+    expected = torch.stack([words[ids].mean(0) if ids else words.mean(0) for ids in texts])
+    for table in (model.collab_item_table, model.content_item_table):
+        torch.testing.assert_close(table.weight.detach(), expected, atol=1e-5, rtol=0)
+    assert not torch.equal(model.collab_item_table.weight, model.content_item_table.weight)  # own noise
+    users = model.collab_user_table.weight.detach()
+    assert (users.mean(0) - words.mean(0)).abs().max() < 5 * words.std(0).max() / I ** 0.5
+    for bad, match in (([[V]] * J, "outside the backbone's vocabulary"), (texts[:-1], f"each of the {J} items"),
+                       (None, "needs item_text_ids")):
+        with pytest.raises(ValueError, match=match):
+            CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=I, num_items=J, token_init="text", item_text_ids=bad,
+                                 device="cpu"), backbone=backbone)
+
+
 # ---- (4) quantised and bf16 backbones -------------------------------------------------------
 
 def _train_all_three(model, steps=4):

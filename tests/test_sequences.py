@@ -18,7 +18,6 @@ from cllm4rec_dist.data.protocol import ProtocolConfig, apply_protocol
 from cllm4rec_dist.data.readers import ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputError, InputReport, RawDataset
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LOO = dict(split="leave-one-out", kcore=0, binarize=False)
 
 
@@ -134,16 +133,15 @@ def test_preprocessing_is_identical_when_rerun(demo_raw, demo_loo_data, tmp_path
     assert first["corpora"]["seq"] == second["corpora"]["seq"]
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").exists(), reason="needs ../shared/data")
-def test_movielens_100k_leave_one_out_holds_out_each_users_latest_items(tmp_path):
+def test_movielens_100k_leave_one_out_holds_out_each_users_latest_items(tmp_path, shared_data):
     from cllm4rec_dist.cli import main
 
     out = tmp_path / "ml"
-    assert main(["preprocess", "--format", "movielens", "--input", str(SHARED_DATA / "movielens-100k"),
+    assert main(["preprocess", "--format", "movielens", "--input", str(shared_data / "movielens-100k"),
                  "--split", "leave-one-out", "--out", str(out), "--min-shards", "2"]) == 0
     data = SequentialData.open(str(out))
     ids = json.loads((out / "id_maps.json").read_text())
-    ratings = pd.read_csv(SHARED_DATA / "movielens-100k" / "u.data", sep="\t", header=None,
+    ratings = pd.read_csv(shared_data / "movielens-100k" / "u.data", sep="\t", header=None,
                           names=["user", "item", "rating", "ts"], usecols=range(4), dtype=str).dropna()
     ratings["ts"] = ratings.ts.astype(float)
     stamp = {(r.user, r.item): r.ts for r in ratings.itertuples()}

@@ -153,7 +153,7 @@ def test_config_yaml_and_flags(tmp_path):
     path.write_text("schedule:\n  warmup_epoch: 3\n")
     with pytest.raises(ValueError, match="unknown setting 'schedule.warmup_epoch'"):
         config_from_args(p.parse_args(["--config", str(path)]))
-    with pytest.raises(ValueError, match="model.token_init.*one of normal, vocab"):
+    with pytest.raises(ValueError, match="model.token_init.*one of normal, vocab, text"):
         config_from_args(p.parse_args(["--model.token_init", "word"]))
     assert config_from_args(p.parse_args(["--model.token_init", "vocab"])).model.token_init == "vocab"
     with pytest.raises(ValueError, match="quantised"):
@@ -194,6 +194,28 @@ def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data,
     trainer.enter_block(finetune)
     assert not trainer.engines["collab"].optimizer.state
     assert trainer.engines["collab"].lr == cfg.optim.finetune_lr == trainer.engines["content"].lr
+
+
+def test_text_token_init_reads_the_item_texts_of_the_dataset_through_the_backbones_tokenizer(demo_data, tmp_path):
+    """model.token_init=text through the recipe: item j starts at the mean input embedding of its items.json
+    description as the dataset's backbone tokenises it; then it trains like any other init."""
+    from cllm4rec_dist.corpus.presets import load_tokenizer
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    cfg = tiny_config(demo_data, str(tmp_path / "run"))
+    cfg.model.token_init, cfg.model.init_std = "text", 1e-6
+    trainer = _recipe(cfg.validate()).trainer
+    model, data = trainer.model, ShardedDataset(demo_data)
+    tokenizer = load_tokenizer(data.manifest["backbone"])
+    words = model.backbone.get_input_embeddings().weight.detach().float()
+    descriptions = data.read_json("items.json")["descriptions"]
+    assert len(descriptions) == model.num_items and all(descriptions)
+    for j in range(0, model.num_items, 7):
+        ids = tokenizer.encode(" " + descriptions[j], add_special_tokens=False)
+        torch.testing.assert_close(model.collab_item_table.weight[j].detach(), words[ids].mean(0), atol=1e-5, rtol=0)
+    before = model.collab_item_table.weight.detach().clone()
+    trainer.train_step("L")
+    assert not torch.equal(model.collab_item_table.weight.detach(), before)
 
 
 def test_user_lr_scale_steps_the_user_tables_at_that_multiple_of_the_phase_lr(demo_data, tmp_path):

@@ -23,7 +23,7 @@ from .sharding import (TABLE_SHARDINGS, RowLayout, RowShardedTable, all_reduce_s
 SIDES = ("collab", "content")
 MR_REDUCTIONS = ("paper", "authors", "token_mean")
 """How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
-TOKEN_INITS = ("normal", "vocab")
+TOKEN_INITS = ("normal", "vocab", "text")
 """How the user/item token tables start (ModelConfig.token_init)."""
 
 
@@ -52,7 +52,13 @@ class ModelConfig:
     """How the four user/item token tables start: "normal" (N(0, init_std^2) per entry) or "vocab" (per
     dimension, the mean and std of the backbone's own input-embedding rows, so a new token looks like a word to
     the frozen layers). A pretrained backbone's rows are far from N(0, initializer_range^2): SmolLM2-135M's have
-    norm ~3.2 around a shared mean of norm ~2.2, a 0.02-std row has norm ~0.5. The item head stays "normal"."""
+    norm ~3.2 around a shared mean of norm ~2.2, a 0.02-std row has norm ~0.5. "text": users as "vocab"; item j's
+    collaborative and content rows start at the mean input embedding of ``item_text_ids[j]`` (its text, e.g. title
+    and genres) plus N(0, init_std^2), so the frozen layers read an item token like its text and, through a tied
+    head, score it like its words. The item head stays "normal"."""
+    item_text_ids: list[list[int]] | None = None
+    """token_init="text" only: per item, the backbone-vocabulary token ids of its text (an empty list: that item
+    starts as "vocab")."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     ft_all: bool = False
@@ -79,6 +85,26 @@ class ModelConfig:
     @property
     def backbone_trainable(self) -> bool:
         return self.ft_all or self.from_scratch
+
+
+def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_items: int) -> torch.Tensor:
+    """(num_items, d): row j the mean of ``vocab``'s rows over item j's text ids; the vocabulary's mean row where an
+    item has no text."""
+    if item_text_ids is None or len(item_text_ids) != num_items:
+        raise ValueError(f"token_init='text' needs item_text_ids for each of the {num_items} items (got "
+                         f"{'none' if item_text_ids is None else len(item_text_ids)})")
+    flat = [t for ids in item_text_ids for t in ids]
+    if flat and not 0 <= min(flat) <= max(flat) < vocab.shape[0]:
+        raise ValueError(f"item_text_ids hold ids outside the backbone's vocabulary 0..{vocab.shape[0] - 1}: "
+                         "they must come from the backbone's own tokenizer")
+    rows = vocab.mean(0).repeat(num_items, 1)
+    has_text = [j for j, ids in enumerate(item_text_ids) if ids]
+    if has_text:
+        bags = [torch.tensor(item_text_ids[j], dtype=torch.long) for j in has_text]
+        offsets = torch.tensor([0] + [len(b) for b in bags[:-1]]).cumsum(0)
+        rows[has_text] = nn.functional.embedding_bag(torch.cat(bags).to(vocab.device), vocab,
+                                                     offsets.to(vocab.device), mode="mean")
+    return rows
 
 
 class CLLM4Rec(nn.Module):
@@ -129,29 +155,40 @@ class CLLM4Rec(nn.Module):
                     else 0)
 
         token_mean, token_std = 0.0, self.init_std
-        if config.token_init == "vocab":
+        item_mean, item_std = token_mean, token_std
+        if config.token_init in ("vocab", "text"):
             vocab = backbone.get_input_embeddings().weight.detach().float()  # one fp32 copy (bf16 backbones)
             token_mean, token_std = vocab.mean(0), vocab.std(0)
+            item_mean, item_std = token_mean, token_std
+            if config.token_init == "text":
+                item_mean, item_std = text_rows(vocab, config.item_text_ids, self.num_items), self.init_std
+                del vocab
 
         def table(rows: int, sharding: str, index: int, mean=0.0, std: float | torch.Tensor = self.init_std) -> nn.Module:
-            # fp32 master copy whatever the backbone's precision
+            # fp32 master copy whatever the backbone's precision. ``mean``: a scalar, a per-column vector or a
+            # (rows, d) matrix of per-row means.
+            per_row = isinstance(mean, torch.Tensor) and mean.dim() == 2
             if sharding == "row":
                 sharded = RowShardedTable(rows, d, current_layout(rows), device=device)
-                init_rows_(sharded.weight, sharded.layout.start, std, row_seed * 8 + index, mean=mean)
+                start, count = sharded.layout.start, sharded.weight.shape[0]
+                init_rows_(sharded.weight, start, std, row_seed * 8 + index, mean=0.0 if per_row else mean)
+                if per_row:
+                    with torch.no_grad():
+                        sharded.weight += mean[start:start + count].to(device)
                 return sharded
             emb = nn.Embedding(rows, d, device=device, dtype=torch.float32)
-            if isinstance(std, torch.Tensor):
+            if isinstance(std, torch.Tensor) or per_row:
                 with torch.no_grad():
                     emb.weight.copy_(torch.randn(rows, d, device=device) * std + mean)
             else:
                 nn.init.normal_(emb.weight, mean=0.0, std=std)
             return emb
 
-        tokens = dict(mean=token_mean, std=token_std)
-        self.collab_user_table = table(self.num_users, config.table_sharding, 0, **tokens)
-        self.collab_item_table = table(self.num_items, config.table_sharding, 1, **tokens)
-        self.content_user_table = table(self.num_users, config.table_sharding, 2, **tokens)
-        self.content_item_table = table(self.num_items, config.table_sharding, 3, **tokens)
+        users, items = dict(mean=token_mean, std=token_std), dict(mean=item_mean, std=item_std)
+        self.collab_user_table = table(self.num_users, config.table_sharding, 0, **users)
+        self.collab_item_table = table(self.num_items, config.table_sharding, 1, **items)
+        self.content_user_table = table(self.num_users, config.table_sharding, 2, **users)
+        self.content_item_table = table(self.num_items, config.table_sharding, 3, **items)
 
         self.item_head = None
         if separate:

@@ -54,9 +54,11 @@ class ModelSettings:
     init_std: float | None = None
     """Std of the table/head init; None = the backbone's initializer_range."""
     token_init: str = "normal"
-    """How the user/item token tables start: 'normal' (N(0, init_std^2)) or 'vocab' (per dimension, the mean
+    """How the user/item token tables start: 'normal' (N(0, init_std^2)), 'vocab' (per dimension, the mean
     and std of the backbone's own word-embedding rows: a pretrained backbone's words are far larger than
-    N(0, initializer_range^2); RESULTS §7 measures what this changes for SmolLM2)."""
+    N(0, initializer_range^2); RESULTS §7 measures what this changes for SmolLM2) or 'text' (users as 'vocab',
+    each item at the mean embedding of its text in the dataset's items.json, tokenised by the backbone; needs a
+    dataset with items.json)."""
     max_logit_elements: int = 2**24
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None

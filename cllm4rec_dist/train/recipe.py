@@ -48,14 +48,26 @@ def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
     return location
 
 
+def item_text_ids(data: ShardedDataset, location: dict) -> list[list[int]]:
+    """Per item, the backbone-tokenizer ids of its text (items.json's description: title and attributes), for
+    ``model.token_init: text``."""
+    if ITEMS_FILE not in data.manifest["files"]:
+        raise ValueError(f"model.token_init=text: {data.url} has no {ITEMS_FILE} (item texts); re-run "
+                         "`cllm4rec preprocess` with this version, or choose model.token_init normal or vocab")
+    tokenizer = load_tokenizer(location)
+    return [tokenizer.encode(" " + text, add_special_tokens=False) if text else []
+            for text in data.read_json(ITEMS_FILE)["descriptions"]]
+
+
 def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec:
     """The CLLM4Rec model a config describes, for a preprocessed dataset (trainer and export alike)."""
     location = backbone_location(cfg, data.manifest)
+    texts = item_text_ids(data, location) if cfg.model.token_init == "text" else None
     return CLLM4Rec(ModelConfig(
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
-        token_init=cfg.model.token_init, max_logit_elements=cfg.model.max_logit_elements,
+        token_init=cfg.model.token_init, item_text_ids=texts, max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
         table_sharding=cfg.model.table_sharding,
