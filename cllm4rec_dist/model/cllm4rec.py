@@ -58,7 +58,7 @@ class ModelConfig:
     head, score it like its words. The item head stays "normal"."""
     item_text_ids: list[list[int]] | None = None
     """token_init="text" only: per item, the backbone-vocabulary token ids of its text (an empty list: that item
-    starts as "vocab")."""
+    starts at the vocabulary's mean row)."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     ft_all: bool = False
@@ -155,14 +155,12 @@ class CLLM4Rec(nn.Module):
                     else 0)
 
         token_mean, token_std = 0.0, self.init_std
-        item_mean, item_std = token_mean, token_std
         if config.token_init in ("vocab", "text"):
             vocab = backbone.get_input_embeddings().weight.detach().float()  # one fp32 copy (bf16 backbones)
             token_mean, token_std = vocab.mean(0), vocab.std(0)
-            item_mean, item_std = token_mean, token_std
-            if config.token_init == "text":
-                item_mean, item_std = text_rows(vocab, config.item_text_ids, self.num_items), self.init_std
-                del vocab
+        item_mean, item_std = token_mean, token_std
+        if config.token_init == "text":
+            item_mean, item_std = text_rows(vocab, config.item_text_ids, self.num_items), self.init_std
 
         def table(rows: int, sharding: str, index: int, mean=0.0, std: float | torch.Tensor = self.init_std) -> nn.Module:
             # fp32 master copy whatever the backbone's precision. ``mean``: a scalar, a per-column vector or a
