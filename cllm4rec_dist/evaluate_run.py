@@ -50,7 +50,7 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     except ShardError as e:
         raise EvaluateError(f"{ckpt_path} was trained on dataset {cfg.data!r}, which cannot be opened ({e}). "
                             "Pass the dataset folder with --data.") from None
-    model = build_model(cfg, data, device)
+    model = build_model(cfg, data, device, loads_weights=True)
     load_trainable(model, saved.tensors, f"{ckpt_path} ({weights} weights) on dataset {data.url}")
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
     docs = data.read_corpus("eval")

@@ -144,7 +144,7 @@ def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, to
     from cllm4rec_dist.eval.evaluate import user_representations
     from cllm4rec_dist.train.recipe import build_model
 
-    model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"), loads_weights=True)
     load_trainable(model, state, "the checkpoint's weights (for the user vectors; --no-user-vectors skips them)")
     docs = sorted(data.read_corpus("eval"), key=lambda d: int(d["user"]))
     if [int(d["user"]) for d in docs] != list(range(data.num_users)):

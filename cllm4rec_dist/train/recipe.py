@@ -59,15 +59,18 @@ def item_text_ids(data: ShardedDataset, location: dict) -> list[list[int]]:
             for text in data.read_json(ITEMS_FILE)["descriptions"]]
 
 
-def build_model(cfg: TrainConfig, data: ShardedDataset, device: str) -> CLLM4Rec:
-    """The CLLM4Rec model a config describes, for a preprocessed dataset (trainer and export alike)."""
+def build_model(cfg: TrainConfig, data: ShardedDataset, device: str, loads_weights: bool = False) -> CLLM4Rec:
+    """The CLLM4Rec model a config describes, for a preprocessed dataset (trainer and export alike).
+    ``loads_weights``: every trainable tensor is replaced from a checkpoint right after (export, evaluate), so the
+    tables start the cheap way instead of reading and tokenising the catalogue's texts for nothing."""
     location = backbone_location(cfg, data.manifest)
-    texts = item_text_ids(data, location) if cfg.model.token_init == "text" else None
+    token_init = "normal" if loads_weights else cfg.model.token_init
+    texts = item_text_ids(data, location) if token_init == "text" else None
     return CLLM4Rec(ModelConfig(
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
-        token_init=cfg.model.token_init, item_text_ids=texts, max_logit_elements=cfg.model.max_logit_elements,
+        token_init=token_init, item_text_ids=texts, max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
         table_sharding=cfg.model.table_sharding,
