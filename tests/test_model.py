@@ -400,6 +400,28 @@ def test_vocab_token_init_draws_tables_from_the_backbones_word_rows(gpt2_dir):
         make_model(gpt2_dir, token_init="words")
 
 
+def test_collab_content_init_starts_each_content_row_at_its_collaborative_row(gpt2_dir):
+    """content_init="collab": the content rows equal the collaborative rows, so the MR prior term is 0 at step 0
+    (a plain squared distance as the reference); the collaborative rows and the item head are exactly those of
+    "draw" with the same seed (the copy comes after the content draws); other values are refused."""
+    for token_init in ("normal", "vocab"):
+        models = {}
+        for content_init in ("draw", "collab"):  # make_model seeds the global RNG
+            models[content_init] = make_model(gpt2_dir, token_init=token_init, content_init=content_init,
+                                              separate_item_head=True)
+        drawn, copied = models["draw"], models["collab"]
+        for collab, content in ((copied.collab_user_table, copied.content_user_table),
+                                (copied.collab_item_table, copied.content_item_table)):
+            assert torch.equal(collab.weight, content.weight)
+            assert content.weight.data_ptr() != collab.weight.data_ptr()  # two tables, trained apart
+        assert ((drawn.collab_item_table.weight - drawn.content_item_table.weight) ** 2).sum() > 0
+        assert ((copied.collab_item_table.weight - copied.content_item_table.weight) ** 2).sum() == 0
+        for name in ("collab_user_table", "collab_item_table", "item_head"):
+            assert torch.equal(getattr(drawn, name).weight, getattr(copied, name).weight), (token_init, name)
+    with pytest.raises(ValueError, match="content_init='same'"):
+        make_model(gpt2_dir, content_init="same")
+
+
 def test_text_token_init_starts_each_item_at_the_mean_embedding_of_its_text(gpt2_dir):
     """token_init="text": item j's collaborative and content rows = mean of the word rows of its text ids (a plain
     loop as the reference) + N(0, init_std^2); an item without text starts at the vocabulary's mean row; users

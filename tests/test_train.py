@@ -156,6 +156,11 @@ def test_config_yaml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="model.token_init.*one of normal, vocab, text"):
         config_from_args(p.parse_args(["--model.token_init", "word"]))
     assert config_from_args(p.parse_args(["--model.token_init", "vocab"])).model.token_init == "vocab"
+    with pytest.raises(ValueError, match="model.content_init.*one of draw, collab"):
+        config_from_args(p.parse_args(["--model.content_init", "copy"]))
+    assert config_from_args(p.parse_args(["--model.content_init", "collab"])).model.content_init == "collab"
+    with pytest.raises(ValueError, match="optim.item_head_lr_scale"):
+        config_from_args(p.parse_args(["--optim.item_head_lr_scale", "0"]))
     with pytest.raises(ValueError, match="quantised"):
         TrainConfig(ablation="ftall", model=ModelSettings(precision="int8")).validate()
 
@@ -257,6 +262,41 @@ def test_user_lr_scale_steps_the_user_tables_at_that_multiple_of_the_phase_lr(de
     from cllm4rec_dist.train.checkpoint import CheckpointError, check_optimizer_state
     with pytest.raises(CheckpointError, match="user_lr_scale"):
         check_optimizer_state("optim-collab.pt", saved, [list(collab.params)])
+
+
+def test_item_head_lr_scale_steps_the_separate_head_at_that_multiple_of_the_phase_lr(demo_data, tmp_path):
+    """As for the user tables: after one L-step the separate item head's entries moved by scale x pretrain_lr,
+    the item table's by pretrain_lr, in a param group of its own. A model whose head is the collaborative item
+    table (separate_item_head false) refuses a scale other than 1 before training."""
+    cfg = tiny_config(demo_data, str(tmp_path / "run"))
+    cfg.optim.item_head_lr_scale = 3.0
+    trainer = _recipe(cfg).trainer
+    model = trainer.model
+    head, items = model.item_head.weight, model.collab_item_table.weight
+    before_head, before_items = head.detach().clone(), items.detach().clone()
+    trainer.train_step("L")
+    head_moves, item_moves = (head.detach() - before_head).abs(), (items.detach() - before_items).abs()
+    lr = cfg.optim.pretrain_lr
+    assert torch.allclose(head_moves.max(), torch.tensor(3.0 * lr), rtol=1e-3)
+    assert (head_moves[head_moves > 0] > 1.5 * lr).float().mean() > 0.9
+    assert torch.allclose(item_moves.max(), torch.tensor(lr), rtol=1e-3)
+    collab = trainer.engines["collab"]
+    assert [g.get("lr_scale", 1.0) for g in collab.optimizer.param_groups] == [1.0, 3.0]
+    assert [len(g["params"]) for g in collab.optimizer.param_groups][1] == 1  # the head alone
+
+    tied = tiny_config(demo_data, str(tmp_path / "tied"))
+    tied.optim.item_head_lr_scale, tied.model.separate_item_head = 3.0, False
+    with pytest.raises(ValueError, match="item_head_lr_scale=3.0 but this model scores items with its collab"):
+        _recipe(tied)
+
+
+def test_collab_content_init_reaches_the_model_through_the_config(demo_data, tmp_path):
+    """model.content_init=collab in the config: the recipe's model starts each content row at its collaborative row."""
+    cfg = tiny_config(demo_data, str(tmp_path / "run"))
+    cfg.model.content_init = "collab"
+    model = _recipe(cfg).trainer.model
+    assert torch.equal(model.content_user_table.weight, model.collab_user_table.weight)
+    assert torch.equal(model.content_item_table.weight, model.collab_item_table.weight)
 
 
 def train_command_one_epoch_each(data, out) -> dict:

@@ -25,6 +25,8 @@ MR_REDUCTIONS = ("paper", "authors", "token_mean")
 """How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
 TOKEN_INITS = ("normal", "vocab", "text")
 """How the user/item token tables start (ModelConfig.token_init)."""
+CONTENT_INITS = ("draw", "collab")
+"""Where the content user/item rows start (ModelConfig.content_init)."""
 
 
 @dataclass
@@ -56,6 +58,11 @@ class ModelConfig:
     collaborative and content rows start at the mean input embedding of ``item_text_ids[j]`` (its text, e.g. title
     and genres) plus N(0, init_std^2), so the frozen layers read an item token like its text and, through a tied
     head, score it like its words. The item head stays "normal"."""
+    content_init: str = "draw"
+    """"draw": the content tables take their own draw from ``token_init``'s distribution; "collab": each content
+    row starts equal to its token's collaborative row, the mode of the mutual-regularisation prior
+    z_content ~ N(z_collab, I / lambda_c), so the MR term starts at 0 instead of at the two draws' distance
+    (with word-scale "vocab" rows on SmolLM2-135M about 115 per document, the likelihood's scale)."""
     item_text_ids: list[list[int]] | None = None
     """token_init="text" only: per item, the backbone-vocabulary token ids of its text (an empty list: that item
     starts at the vocabulary's mean row)."""
@@ -115,6 +122,8 @@ class CLLM4Rec(nn.Module):
             raise ValueError(f"mr_reduction={config.mr_reduction!r}; choose one of {', '.join(MR_REDUCTIONS)}")
         if config.token_init not in TOKEN_INITS:
             raise ValueError(f"token_init={config.token_init!r}; choose one of {', '.join(TOKEN_INITS)}")
+        if config.content_init not in CONTENT_INITS:
+            raise ValueError(f"content_init={config.content_init!r}; choose one of {', '.join(CONTENT_INITS)}")
         for name in ("table_sharding", "item_head_sharding"):
             if getattr(config, name) not in TABLE_SHARDINGS:
                 raise ValueError(f"{name}={getattr(config, name)!r}; choose one of {', '.join(TABLE_SHARDINGS)}")
@@ -187,6 +196,11 @@ class CLLM4Rec(nn.Module):
         self.collab_item_table = table(self.num_items, config.table_sharding, 1, **items)
         self.content_user_table = table(self.num_users, config.table_sharding, 2, **users)
         self.content_item_table = table(self.num_items, config.table_sharding, 3, **items)
+        if config.content_init == "collab":
+            # after the content draws, so the item head's init (and every later draw) is that of "draw"
+            with torch.no_grad():
+                self.content_user_table.weight.copy_(self.collab_user_table.weight)
+                self.content_item_table.weight.copy_(self.collab_item_table.weight)
 
         self.item_head = None
         if separate:

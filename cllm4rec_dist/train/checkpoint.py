@@ -341,8 +341,9 @@ def check_optimizer_state(source: str, state: dict, param_groups: list[list[torc
     if sizes != [len(g) for g in param_groups]:
         raise CheckpointError(f"{source}: optimizer state for parameter groups of sizes {sizes}, this model has "
                               f"{[len(g) for g in param_groups]}; it belongs to another model or world size, or to "
-                              "another optim.user_lr_scale (at 1 the user tables share their group's Adam param group, "
-                              "at any other value they have their own): resume with the run's own value.")
+                              "another optim.user_lr_scale or item_head_lr_scale (at 1 the user tables or the item head "
+                              "share their group's Adam param group, at any other value they have their own): resume "
+                              "with the run's own values.")
     params = {}
     for saved, live in zip(groups, param_groups):
         params.update(zip(saved["params"], live))

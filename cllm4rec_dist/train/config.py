@@ -17,7 +17,7 @@ import yaml
 
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.metrics import SELECTION_METRICS
-from cllm4rec_dist.model.cllm4rec import MR_REDUCTIONS, TOKEN_INITS
+from cllm4rec_dist.model.cllm4rec import CONTENT_INITS, MR_REDUCTIONS, TOKEN_INITS
 from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
@@ -59,6 +59,10 @@ class ModelSettings:
     N(0, initializer_range^2); RESULTS §7 measures what this changes for SmolLM2) or 'text' (users as 'vocab',
     each item at the mean embedding of its text in the dataset's items.json, tokenised by the backbone; needs a
     dataset with items.json)."""
+    content_init: str = "draw"
+    """Where the content user/item rows start: 'draw' (their own draw, like the collaborative rows) or 'collab'
+    (equal to the token's collaborative row, the mode of the MR prior, so the MR term starts at 0; with 'vocab'
+    two independent word-scale draws start it at the likelihood's scale)."""
     max_logit_elements: int = 2**24
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None
@@ -110,6 +114,11 @@ class OptimSettings:
     item's row in most steps (the item softmax reaches every item), and Adam moves an entry by about lr per step
     whatever the gradient's size, so this sets the users' pace apart from the items'. Measured once (RESULTS §7,
     SmolLM2 on ML-100K): 10 moved the user rows 9x further from their init and lowered validation Recall@20."""
+    item_head_lr_scale: float = 1.0
+    """Learning-rate multiplier of the separate item head (model.separate_item_head), in every phase (1 = the
+    phase's lr). Adam moves an entry by about lr per step, so at 1e-4 a head drawn at 0.02 moves little in a short
+    schedule (RESULTS §7: SmolLM2's head RMS 0.020 -> 0.023 over 5 finetuning epochs). A tied head is the
+    collaborative item table: leave this at 1 there."""
     grad_clip: float = 0.0
     """Max gradient norm per step (0 = off)."""
 
@@ -321,11 +330,15 @@ class TrainConfig:
             _require(getattr(self.optim, name) >= 0, f"optim.{name}", getattr(self.optim, name), ">= 0")
         _require(self.optim.user_lr_scale > 0, "optim.user_lr_scale", self.optim.user_lr_scale,
                  "> 0 (1 = the user tables at the phase's lr)")
+        _require(self.optim.item_head_lr_scale > 0, "optim.item_head_lr_scale", self.optim.item_head_lr_scale,
+                 "> 0 (1 = the item head at the phase's lr)")
         _require(self.model.lambda_c >= 0, "model.lambda_c", self.model.lambda_c, ">= 0")
         _require(self.model.init_std is None or self.model.init_std > 0, "model.init_std", self.model.init_std,
                  "> 0 (or none for the backbone's initializer_range)")
         _require(self.model.token_init in TOKEN_INITS, "model.token_init", self.model.token_init,
                  f"one of {', '.join(TOKEN_INITS)}")
+        _require(self.model.content_init in CONTENT_INITS, "model.content_init", self.model.content_init,
+                 f"one of {', '.join(CONTENT_INITS)}")
         _require(self.model.max_logit_elements >= 1, "model.max_logit_elements", self.model.max_logit_elements, ">= 1")
         for name in ("num_workers", "cpus_per_worker"):
             _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")

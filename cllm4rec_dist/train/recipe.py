@@ -70,7 +70,7 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str, loads_weigh
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
-        token_init=token_init, item_text_ids=texts, max_logit_elements=cfg.model.max_logit_elements,
+        token_init=token_init, content_init=cfg.model.content_init, item_text_ids=texts, max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
         table_sharding=cfg.model.table_sharding,
@@ -83,7 +83,13 @@ def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg:
     replicated rest (e.g. a replicated item head beside row-sharded tables)."""
     shards = model.row_shards()
     names = {id(p): n for n, p in model.named_parameters()}
+    if model.item_head is None and cfg.optim.item_head_lr_scale != 1.0:
+        raise ValueError(f"optim.item_head_lr_scale={cfg.optim.item_head_lr_scale} but this model scores items with "
+                         "its collaborative item table (a tied backbone's head): set model.separate_item_head true "
+                         "for a head of its own, or leave the scale at 1")
     scale_of = {id(p): cfg.optim.user_lr_scale for p in model.user_table_parameters()}
+    if model.item_head is not None:
+        scale_of[id(model.item_head.weight)] = cfg.optim.item_head_lr_scale
     engines = {}
     for name, params in groups.items():
         own = {names[id(p)]: (p, shards[names[id(p)]]) for p in params if names[id(p)] in shards}
