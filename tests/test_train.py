@@ -223,19 +223,23 @@ def test_text_token_init_reads_the_item_texts_of_the_dataset_through_the_backbon
     assert not torch.equal(model.collab_item_table.weight.detach(), before)
 
 
+def _moves_in_one_l_step(cfg, *names):
+    """(trainer, then |change| of each named parameter over one L-step from the recipe's start)."""
+    trainer = _recipe(cfg).trainer
+    params = dict(trainer.model.named_parameters())
+    before = [params[name].detach().clone() for name in names]
+    trainer.train_step("L")
+    return (trainer, *((params[name].detach() - start).abs() for name, start in zip(names, before)))
+
+
 def test_user_lr_scale_steps_the_user_tables_at_that_multiple_of_the_phase_lr(demo_data, tmp_path):
     """Adam's first step moves every entry with a gradient by lr (m / sqrt(v) = sign(g)): after one L-step
     the user rows that were in the batch moved by scale x pretrain_lr, the item rows by pretrain_lr. The
     finetuning block sets both learning rates again, and the optimizer state round-trips its groups."""
     cfg = tiny_config(demo_data, str(tmp_path / "run"))
     cfg.optim.user_lr_scale = 4.0
-    trainer = _recipe(cfg).trainer
-    model = trainer.model
-    users, items = model.collab_user_table.weight, model.collab_item_table.weight
-    before_users, before_items = users.detach().clone(), items.detach().clone()
-    trainer.train_step("L")
-    user_moves = (users.detach() - before_users).abs()
-    item_moves = (items.detach() - before_items).abs()
+    trainer, user_moves, item_moves = _moves_in_one_l_step(cfg, "collab_user_table.weight",
+                                                           "collab_item_table.weight")
     lr = cfg.optim.pretrain_lr
     moved_users, moved_items = user_moves[user_moves > 0], item_moves[item_moves > 0]
     assert moved_users.numel() and moved_items.numel()
@@ -270,12 +274,7 @@ def test_item_head_lr_scale_steps_the_separate_head_at_that_multiple_of_the_phas
     table (separate_item_head false) refuses a scale other than 1 before training."""
     cfg = tiny_config(demo_data, str(tmp_path / "run"))
     cfg.optim.item_head_lr_scale = 3.0
-    trainer = _recipe(cfg).trainer
-    model = trainer.model
-    head, items = model.item_head.weight, model.collab_item_table.weight
-    before_head, before_items = head.detach().clone(), items.detach().clone()
-    trainer.train_step("L")
-    head_moves, item_moves = (head.detach() - before_head).abs(), (items.detach() - before_items).abs()
+    trainer, head_moves, item_moves = _moves_in_one_l_step(cfg, "item_head.weight", "collab_item_table.weight")
     lr = cfg.optim.pretrain_lr
     assert torch.allclose(head_moves.max(), torch.tensor(3.0 * lr), rtol=1e-3)
     assert (head_moves[head_moves > 0] > 1.5 * lr).float().mean() > 0.9
