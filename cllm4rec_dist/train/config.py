@@ -118,7 +118,7 @@ class OptimSettings:
     """Learning-rate multiplier of the separate item head (model.separate_item_head), in every phase (1 = the
     phase's lr). Adam moves an entry by about lr per step, so at 1e-4 a head drawn at 0.02 moves little in a short
     schedule (RESULTS §7: SmolLM2's head RMS 0.020 -> 0.023 over 5 finetuning epochs). A tied head is the
-    collaborative item table: leave this at 1 there."""
+    collaborative item table: a model with one refuses any value other than 1 at setup."""
     grad_clip: float = 0.0
     """Max gradient norm per step (0 = off)."""
 
