@@ -46,7 +46,7 @@ import time
 
 from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 
-BASELINES = ("popular", "ease", "multivae")
+BASELINES = ("popular", "ease", "multivae", "content-knn")
 # report model name -> (display name, TrainConfig.ablation)
 VARIANTS: dict[str, tuple[str, str]] = {
     "cllm4rec": ("CLLM4Rec", "none"),
@@ -56,12 +56,14 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "ftall": ("LLM-FtAll", "ftall"),
     "scratch": ("LLM-Scratch", "scratch"),
 }
-DISPLAY = {"popular": "Most-popular", "ease": "EASE", "multivae": "Multi-VAE",
+DISPLAY = {"popular": "Most-popular", "ease": "EASE", "multivae": "Multi-VAE", "content-knn": "Content kNN",
            **{k: v[0] for k, v in VARIANTS.items()}}
 DEFAULT_MODELS = ("popular", "ease", "multivae", "cllm4rec", "cf", "prerec", "fixord")
 # recommender: allmrec (a leave-one-out dataset) reports these instead (report_candidates.py)
 CANDIDATE_MODELS = ("popular", "sasrec", "gru4rec", "allmrec")
 METRICS = ("recall@20", "recall@40", "ndcg@100")
+# the cold-item slices (eval.metrics.COLD_SLICES), present on a dataset with cold items
+COLD_METRICS = ("cold/recall@20", "cold_only/recall@20", "cold_only_random/recall@20")
 
 
 # ---- running the models ------------------------------------------------------------------------
@@ -137,15 +139,17 @@ def fresh_dir(path: str) -> str:
 
 def run_baseline_model(name: str, data: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None,
                        tuned: dict | None = None) -> dict:
-    from cllm4rec_dist.baselines import run_baseline
-    from cllm4rec_dist.corpus.shards import load_eval_split
+    from cllm4rec_dist.baselines.command import TEXT_MODELS, dataset_item_texts, run_baseline
+    from cllm4rec_dist.corpus.shards import ShardedDataset
 
     settings = {**(tuned or {}), "exclude_valid_on_test": cfg.eval.exclude_valid_on_test}
     if name == "multivae":
         settings["seed"] = cfg.seed
         if multivae_epochs is not None or "epochs" not in settings:
             settings["epochs"] = multivae_epochs
-    result = run_baseline(load_eval_split(data), name, **settings)
+    dataset = ShardedDataset(data)
+    texts = dataset_item_texts(dataset) if name in TEXT_MODELS else None
+    result = run_baseline(dataset.eval_split(), name, texts=texts, **settings)
     with open(os.path.join(run_dir, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     return {"kind": "baseline", "valid": result["valid"], "test": result["test"], "selected": result["selected"],
@@ -241,9 +245,10 @@ def summarize(name: str, runs: list[dict]) -> dict:
              "seconds_per_seed": round(sum(r["seconds"] for r in runs) / len(runs), 2),
              "reused": all(r.get("reused") for r in runs)}
     for part in ("valid", "test"):
-        stats = {m: mean_std([r[part].get(m) for r in runs]) for m in METRICS}
-        entry[part] = {m: stats[m][0] for m in METRICS}
-        entry[f"{part}_std"] = {m: stats[m][1] for m in METRICS}
+        shown = [*METRICS, *(m for m in COLD_METRICS if any(r[part].get(m) is not None for r in runs))]
+        stats = {m: mean_std([r[part].get(m) for r in runs]) for m in shown}
+        entry[part] = {m: stats[m][0] for m in shown}
+        entry[f"{part}_std"] = {m: stats[m][1] for m in shown}
     if "ablation" in runs[0]:
         entry["ablation"] = runs[0]["ablation"]
     return entry
@@ -389,6 +394,7 @@ def markdown(report: dict) -> str:
                  for part in ("valid", "test") for m in METRICS]
         wall = f"{entry['seconds_per_seed']:.1f}" + (" (reused)" if entry.get("reused") else "")
         lines.append(f"| {entry['display']} | " + " | ".join(cells) + f" | {wall} |")
+    lines += cold_lines(report)
     ds, mach, bb = report["dataset"], report["machine"], report["backbone"]
     lines += ["", f"Total wall time: {report['seconds']:.1f} s. Validation picks the best finetuning epoch by "
               f"{cfg['eval']['select_on']} (baselines: their own grid / epoch); test is scored once on that model.",
@@ -412,6 +418,22 @@ def markdown(report: dict) -> str:
               f"* started {report['started']}, finished {report['finished']}", "",
               "![validation Recall@20](recall20.png)", ""]
     return "\n".join(lines)
+
+
+def cold_lines(report: dict) -> list[str]:
+    """The cold-item slices on test (eval.metrics.COLD_SLICES), when the dataset holds items out of training."""
+    n = len(report["seeds"])
+    entries = [e for e in report["models"].values() if e["test"].get("cold/recall@20") is not None]
+    if not entries:
+        return []
+    lines = ["", "Cold items (test; the items held out of training): `cold` ranks all items and scores the held-out "
+             "cold ones, `cold-only` ranks the cold items alone, `random` is the expected Recall@20 of a random "
+             "order of the same candidates.", "",
+             "| model | cold R@20 | cold-only R@20 | random cold-only R@20 |", "| --- | ---: | ---: | ---: |"]
+    for entry in entries:
+        cells = [fmt_stat(entry["test"].get(m), entry["test_std"].get(m), n) for m in COLD_METRICS]
+        lines.append(f"| {entry['display']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def tuned_lines(report: dict) -> list[str]:

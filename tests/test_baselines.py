@@ -190,3 +190,87 @@ def test_command_writes_json(demo_data, tmp_path, capsys):
     out = tmp_path / "x.json"
     assert main(["baselines", "--data", demo_data, "--model", "ease", "--epochs", "3", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- content kNN
+
+
+def test_content_knn_neighbourhoods_and_scores_match_a_brute_force_reference():
+    """Each item's k most cosine-similar OTHER items, most similar first, and score(u, j) = the sum of
+    sim(i, j) over u's train items i among j's neighbours: against plain loops."""
+    from cllm4rec_dist.baselines.content_knn import neighbourhoods, similarity_matrix
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 8)).astype(np.float32) * rng.uniform(0.5, 3.0, size=(30, 1))  # norms differ
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    index, value = neighbourhoods(vectors, 7)
+    assert index.shape == value.shape == (30, 7)
+    for j in range(30):
+        sims = {i: float(unit[i] @ unit[j]) for i in range(30) if i != j}
+        want = sorted(sims, key=lambda i: -sims[i])[:7]
+        assert index[j].tolist() == want
+        assert value[j] == pytest.approx([sims[i] for i in want], abs=1e-5)
+    history = [rng.choice(30, size=5, replace=False) for _ in range(4)]
+    x = np.zeros((4, 30))
+    for u, items in enumerate(history):
+        x[u, items] = 1
+    scores = (x @ similarity_matrix(index, value, 4))
+    for u, items in enumerate(history):
+        for j in range(30):
+            want = sum(float(unit[i] @ unit[j]) for i in items if i in index[j, :4].tolist())
+            assert scores[u, j] == pytest.approx(want, abs=1e-5)
+    assert neighbourhoods(vectors[:3], 10)[0].shape == (3, 2)  # capped at the catalogue size - 1
+
+
+def two_topic_texts(num_items: int, items_per_group: int) -> list[str]:
+    topics = ("A gentle romantic drama about love, family and friendship",
+              "An explosive action thriller with car chases, guns and bombs")
+    return [f"{topics[j // items_per_group]}, volume {j}" for j in range(num_items)]
+
+
+def test_content_knn_ranks_cold_items_by_their_text():
+    """The two user groups of ``structured_split`` each like one topic; half of the items never appear in
+    training (cold). Content kNN scores them from their texts alone, so among the cold items it ranks each
+    user's own topic first: far above a random order of the same candidates (``cold_only_random``)."""
+    base = structured_split()
+    cold_items = np.arange(0, base.num_items, 2)
+    split = EvalSplit(base.num_users, base.num_items, [np.setdiff1d(t, cold_items) for t in base.train],
+                      base.valid, base.test, cold_items)
+    result = run_baseline(split, "content-knn", texts=two_topic_texts(base.num_items, 50), neighbours=(5, 20))
+    assert result["model"] == "content-knn" and result["selected"]["neighbours"] in (5, 20)
+    assert result["history"]["neighbours"] == [5, 20]
+    best = result["history"]["valid_recall@20"][[5, 20].index(result["selected"]["neighbours"])]
+    assert result["valid"]["recall@20"] == best == max(result["history"]["valid_recall@20"])
+    test = result["test"]
+    assert test["num_cold_users"] > 0
+    assert test["cold_only/recall@20"] > test["cold_only_random/recall@20"] + 0.25
+    assert test["recall@20"] > random_metrics(split)["recall@20"] + 0.1
+    with pytest.raises(ValueError, match="texts"):
+        run_baseline(split, "content-knn", neighbours=(5,))
+    with pytest.raises(SettingsError, match="lambdas"):
+        run_baseline(split, "content-knn", texts=two_topic_texts(base.num_items, 50), lambdas=(1.0,))
+
+
+def test_content_knn_item_texts_fall_back_to_titles_and_refuse_a_table_without_text():
+    from cllm4rec_dist.baselines.content_knn import item_texts
+    from cllm4rec_dist.corpus.shards import ShardError
+
+    assert item_texts({"titles": ["A", "B"], "descriptions": ["about a", ""]}) == ["about a", "B"]
+    with pytest.raises(ShardError, match="ds/items.json: no item has a title or a description"):
+        item_texts({"titles": ["", ""], "descriptions": ["", " "]}, "ds/items.json")
+    with pytest.raises(ShardError, match="2 titles but 1 descriptions"):
+        item_texts({"titles": ["A", "B"], "descriptions": ["x"]})
+
+
+def test_content_knn_command_reads_the_item_texts_of_a_preprocessed_dataset(demo_data, tmp_path):
+    from cllm4rec_dist.cli import main
+
+    out_json = tmp_path / "content-knn.json"
+    assert main(["baselines", "--data", demo_data, "--model", "content-knn", "--neighbours", "3,10",
+                 "--out", str(out_json)]) == 0
+    written = json.loads(out_json.read_text())
+    assert written["model"] == "content-knn" and written["selected"]["neighbours"] in (3, 10)
+    assert written["test"]["num_users"] > 0 and 0.0 <= written["test"]["recall@20"] <= 1.0
+    assert main(["baselines", "--data", demo_data, "--model", "content-knn", "--lambdas", "1",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()

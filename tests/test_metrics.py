@@ -259,3 +259,49 @@ def test_evaluate_split_masks_valid_items_when_testing():
     # Validation skips user 2 (no valid items).
     valid = evaluate_split(score, split, "valid", ks=(4,), ndcg_ks=(4,))
     assert valid["num_users"] == 2 and valid["num_skipped"] == 1
+
+
+def test_cold_slices_of_an_eval_split_are_the_plain_metrics_on_the_restricted_targets():
+    """``cold/*`` = the same ranking scored against the held-out cold items only; ``cold_only/*`` = the ranking
+    with every warm item excluded too; ``cold_only_random/*`` = the expected recall of a random order of each
+    user's cold candidates (h * min(K, n) / n hits over min(K, h)), computed here by hand. Sharded users and
+    merged sums give the same numbers, and a split without cold items reports no slice."""
+    rng = np.random.default_rng(0)
+    num_users, num_items, cold_items = 40, 30, np.arange(0, 30, 3)
+    train, valid, test = [], [], []
+    for _ in range(num_users):
+        items = rng.permutation(num_items)[:12]
+        train.append(np.sort(np.setdiff1d(items[:6], cold_items)))
+        valid.append(np.sort(items[6:9]))
+        test.append(np.sort(items[9:]))
+    split = EvalSplit(num_users, num_items, train, valid, test, cold_items)
+    scores = rng.random((num_users, num_items))
+
+    def score(users):
+        return scores[users]
+
+    cold = split.cold_mask()
+    warm = np.flatnonzero(~cold)
+    for part in ("valid", "test"):
+        out = evaluate_split(score, split, part, ks=(2, 5), ndcg_ks=(5,))
+        held, excl = split_targets(split, part)
+        held_cold = [h[cold[h]] for h in held]
+        plain = EvalSplit(num_users, num_items, train, valid, test)
+        assert {k: v for k, v in out.items() if "/" not in k and "cold" not in k} == \
+            pytest.approx(evaluate_split(score, plain, part, ks=(2, 5), ndcg_ks=(5,)))
+        want_cold = evaluate_topk(rank_items(scores, excl, 5), held_cold, ks=(2, 5), ndcg_ks=(5,))
+        want_only = evaluate_topk(rank_items(scores, [np.union1d(e, warm) for e in excl], 5), held_cold,
+                                  ks=(2, 5), ndcg_ks=(5,))
+        assert out["num_cold_users"] == want_cold["num_users"] == sum(len(h) > 0 for h in held_cold) > 0
+        assert out["num_cold_skipped"] == want_cold["num_skipped"]
+        for key in ("recall@2", "recall@5", "ndcg@5"):
+            assert out[f"cold/{key}"] == pytest.approx(want_cold[key])
+            assert out[f"cold_only/{key}"] == pytest.approx(want_only[key])
+        for k in (2, 5):
+            expected = [len(h) * min(k, n) / n / min(k, len(h))
+                        for h, n in ((h, int(cold.sum()) - int(cold[e].sum())) for h, e in zip(held_cold, excl)) if len(h)]
+            assert out[f"cold_only_random/recall@{k}"] == pytest.approx(np.mean(expected))
+        shards = [split_metric_sums(score, split, part, users=u, ks=(2, 5), ndcg_ks=(5,), batch_users=7)
+                  for u in (np.arange(0, 13), np.arange(13, num_users))]
+        assert finalize(merge_sums(*shards)) == pytest.approx(out)
+    assert not any("cold" in key for key in evaluate_split(score, plain, "test"))

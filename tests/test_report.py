@@ -148,3 +148,27 @@ def test_llm_cf_runs_are_reused_across_mr_settings_it_does_not_read():
     assert settings_key(a, "cllm4rec") != settings_key(b, "cllm4rec")
     b.optim.finetune_lr = 0.5
     assert settings_key(a, "cf") != settings_key(b, "cf")
+
+
+def test_cold_item_slices_get_their_own_table_with_content_knn(demo_raw, tmp_path):
+    """On a dataset with items held out of training the report adds the cold slices of every model, from each
+    run's own result: content kNN scores the cold items from their texts, the collaborative baselines cannot."""
+    data = str(tmp_path / "cold")
+    assert main(["preprocess", "--format", "table", "--input", demo_raw, "--out", data,
+                 "--cold-item-fraction", "0.25"]) == 0
+    out = str(tmp_path / "rep")
+    assert main(["report", "--data", data, "--out", out, "--models", "popular,ease,content-knn"]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "| model | cold R@20 | cold-only R@20 | random cold-only R@20 |" in text
+    for name, entry in report["models"].items():
+        with open(os.path.join(out, "runs", name, "seed-0", "result.json"), encoding="utf-8") as f:
+            result = json.load(f)
+        row = "| {} | {:.4f} | {:.4f} | {:.4f} |".format(
+            entry["display"], *(result["test"][m] for m in ("cold/recall@20", "cold_only/recall@20",
+                                                            "cold_only_random/recall@20")))
+        assert row in text
+    # most-popular never ranks an item nobody trained on into the top 20 of the whole catalogue
+    assert report["models"]["popular"]["test"]["cold/recall@20"] == 0.0

@@ -341,6 +341,14 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
     result = evaluate_checkpoint(str(tmp_path / "run"))
     for part in ("valid", "test"):
         assert metric_values(result[part]) == pytest.approx(metric_values(metrics[part]), abs=1e-6)
+    # the baselines read the same cold items from the dataset and report the same slices over the same users
+    assert main(["baselines", "--data", data, "--model", "content-knn", "--neighbours", "5",
+                 "--out", str(tmp_path / "knn.json")]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    for part in ("valid", "test"):
+        assert {k for k in knn[part] if "cold" in k} == {k for k in metrics[part] if "cold" in k}
+        assert knn[part]["num_cold_users"] == metrics[part]["num_cold_users"]
+        assert knn[part]["cold_only_random/recall@20"] == pytest.approx(metrics[part]["cold_only_random/recall@20"])
 
 
 def metric_values(record: dict) -> dict:

@@ -1,4 +1,4 @@
-"""`cllm4rec baselines`: most-popular / EASE / Multi-VAE / SASRec / GRU4Rec on a preprocessed dataset.
+"""`cllm4rec baselines`: most-popular / EASE / Multi-VAE / content kNN / SASRec / GRU4Rec on a preprocessed dataset.
 
 On a random split the baselines read the same ``EvalSplit`` as CLLM4Rec (train
 only for fitting) and are scored by the same full-ranking metric code, so their
@@ -24,19 +24,23 @@ MODELS: dict[str, tuple[str, str]] = {
     "popular": ("cllm4rec_dist.baselines.popular", "PopularSettings"),
     "ease": ("cllm4rec_dist.baselines.ease", "EaseSettings"),
     "multivae": ("cllm4rec_dist.baselines.multivae", "MultiVAESettings"),
+    "content-knn": ("cllm4rec_dist.baselines.content_knn", "ContentKnnSettings"),
 }
+# models that read the item texts (items.json) besides the split
+TEXT_MODELS = ("content-knn",)
 # models scored on the stored candidates of a leave-one-out dataset
 CANDIDATE_MODELS = ("popular", "sasrec", "gru4rec")
 SEQUENTIAL_ONLY = ("sasrec", "gru4rec")
 
 
-def run_baseline(split: EvalSplit, model: str, **settings: Any) -> dict[str, Any]:
+def run_baseline(split: EvalSplit, model: str, texts: list[str] | None = None, **settings: Any) -> dict[str, Any]:
     """Fit ``model`` on ``split.train``, select on valid, score test once; return the result dict.
 
     ``settings`` are fields of the model's settings dataclass (e.g. ``seed``,
-    ``epochs`` for multivae; ``lambdas`` for ease; ``exclude_valid_on_test`` for
-    all); None means "default", and a setting the model does not have is a
-    ``SettingsError`` (a TypeError). The dict: {"model", "valid", "test", "selected", "settings",
+    ``epochs`` for multivae; ``lambdas`` for ease; ``neighbours`` for content-knn;
+    ``exclude_valid_on_test`` for all); None means "default", and a setting the model does not have is a
+    ``SettingsError`` (a TypeError). ``texts``: one text per item, for the ``TEXT_MODELS``
+    (``dataset_item_texts``). The dict: {"model", "valid", "test", "selected", "settings",
     "seconds"} plus "history" for models that search or train.
     """
     from cllm4rec_dist.baselines.common import settings_from_kwargs
@@ -45,7 +49,20 @@ def run_baseline(split: EvalSplit, model: str, **settings: Any) -> dict[str, Any
         raise ValueError(f"unknown baseline {model!r}; choose from {', '.join(MODELS)}")
     module_name, cls_name = MODELS[model]
     module = importlib.import_module(module_name)
-    return module.run(split, settings_from_kwargs(getattr(module, cls_name), model, settings))
+    parsed = settings_from_kwargs(getattr(module, cls_name), model, settings)
+    if model in TEXT_MODELS:
+        if texts is None:
+            raise ValueError(f"{model} scores items by their texts; pass texts= (dataset_item_texts(data))")
+        return module.run(split, parsed, texts)
+    return module.run(split, parsed)
+
+
+def dataset_item_texts(dataset) -> list[str]:
+    """One text per item of a preprocessed dataset (a ShardedDataset): ``items.json``'s description, else title."""
+    from cllm4rec_dist.baselines.content_knn import item_texts
+    from cllm4rec_dist.corpus.sequences import ITEMS_FILE
+
+    return item_texts(dataset.read_json(ITEMS_FILE), f"{dataset.url}/{ITEMS_FILE}")
 
 
 def run_candidate_baseline(data, model: str, model_out: str | None = None, **settings: Any) -> dict[str, Any]:
@@ -93,6 +110,16 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="preprocessed dataset directory (output of `cllm4rec preprocess`)")
     parser.add_argument("--model", required=True, choices=sorted(set(MODELS) | set(CANDIDATE_MODELS)),
@@ -108,10 +135,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lambdas", type=_float_list, default=None,
         help="comma-separated L2 grid searched on validation (ease; default 1,10,50,100,200,500,1000,2000)",
     )
-    parser.add_argument("--device", default=None, help="torch device (multivae; default cpu)")
+    parser.add_argument(
+        "--neighbours", type=_int_list, default=None,
+        help="comma-separated neighbourhood sizes searched on validation (content-knn; default 10,20,50,100,200)",
+    )
+    parser.add_argument("--encoder", default=None,
+                        help="content-knn: local sentence-transformers folder (default all-MiniLM-L6-v2, offline)")
+    parser.add_argument("--device", default=None, help="torch device (multivae, content-knn; default cpu)")
     parser.add_argument(
         "--threads", dest="num_threads", type=int, default=None,
-        help="torch CPU threads (multivae; default 1, robust on a shared CPU; 0 = torch's default, all cores)",
+        help="torch CPU threads (multivae, content-knn; default 1, robust on a shared CPU; 0 = torch's default, all cores)",
     )
     parser.add_argument(
         "--keep-valid-on-test", dest="exclude_valid_on_test", action="store_false", default=None,
@@ -132,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if leave_one_out and args.model in CANDIDATE_MODELS:
-            for flag in ("lambdas", "device", "exclude_valid_on_test"):
+            for flag in ("lambdas", "neighbours", "encoder", "device", "exclude_valid_on_test"):
                 if getattr(args, flag) is not None:
                     raise SettingsError(f"--{flag.replace('_', '-')} does not apply to {args.model} on candidates")
             result = run_candidate_baseline(
@@ -145,11 +178,14 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "epochs": args.epochs,
                 "lambdas": args.lambdas,
+                "neighbours": args.neighbours,
+                "encoder": args.encoder,
                 "device": args.device,
                 "num_threads": args.num_threads,
                 "exclude_valid_on_test": args.exclude_valid_on_test,
             }
-            result = run_baseline(dataset.eval_split(), args.model, **settings)
+            texts = dataset_item_texts(dataset) if args.model in TEXT_MODELS else None
+            result = run_baseline(dataset.eval_split(), args.model, texts=texts, **settings)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

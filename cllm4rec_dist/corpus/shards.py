@@ -301,7 +301,8 @@ class ShardedDataset:
     def eval_split(self) -> EvalSplit:
         docs = self.read_corpus("eval")
         as_array = lambda key: [np.asarray(d[key], dtype=np.int64) for d in docs]  # noqa: E731
-        return EvalSplit(self.num_users, self.num_items, as_array("train"), as_array("valid"), as_array("test"))
+        return EvalSplit(self.num_users, self.num_items, as_array("train"), as_array("valid"), as_array("test"),
+                         np.asarray(self.manifest.get("cold_items", []), dtype=np.int64))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ baselines score on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,15 @@ class EvalSplit:
     train: list[np.ndarray]
     valid: list[np.ndarray]
     test: list[np.ndarray]
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Items the protocol held out of training entirely (``--cold-item-fraction``; the manifest's ``cold_items``):
+    the evaluation reports their slices (``eval.metrics.COLD_SLICES``). Empty for every other protocol."""
+
+    def cold_mask(self) -> np.ndarray:
+        """Boolean mask over the catalogue: True for the ``cold_items``."""
+        mask = np.zeros(self.num_items, dtype=bool)
+        mask[np.asarray(self.cold_items, dtype=np.int64)] = True
+        return mask
 
     def train_matrix(self):
         """Binary user x item train matrix (scipy CSR, float32)."""

@@ -14,7 +14,7 @@ import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.prompts import prediction_prompts
-from cllm4rec_dist.eval.metrics import PAD, all_reduce_sums, finalize, merge_sums, metric_sums, random_recall_sums
+from cllm4rec_dist.eval.metrics import PAD, all_reduce_sums, cold_slice_sums, finalize, merge_sums, metric_sums
 from cllm4rec_dist.model.batch import pack_rows
 from cllm4rec_dist.model.sharding import all_reduce_max
 
@@ -47,20 +47,14 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
 
     Train items are always excluded from the ranking; at test time the valid items too
     when ``exclude_valid_on_test``. With ``distributed`` the sums are all-reduced.
-    ``cold_items`` (items never trained on) adds, over the users with a held-out cold item
-    (``num_cold_users``):
-
-    * ``cold/recall@20`` ...: the same ranking scored against each user's held-out COLD items only. A model
-      that lifts every cold item for every user does well here without knowing who likes which.
-    * ``cold_only/recall@20`` ...: only the cold items ranked, against the same held-out cold items: whether
-      the scores tell which cold item suits whom. ``cold_only_random/recall@20`` and ``@40`` are what a random
-      order of those same candidates is expected to reach; a personal cold side is above it.
+    ``cold_items`` (items never trained on) adds the cold-item slices ``cold/``, ``cold_only/`` and
+    ``cold_only_random/`` over the users with a held-out cold item (``num_cold_users``): their definitions are
+    ``eval.metrics.COLD_SLICES``, the same for every model.
     """
     cold = np.zeros(model.num_items, bool)
     cold[np.asarray(list(cold_items), dtype=np.int64)] = True
     num_cold = int(cold.sum())
     warm = torch.as_tensor(np.flatnonzero(~cold), dtype=torch.long) if num_cold else None
-    cold_sums, cold_only_sums, cold_random_sums = [], [], []
     if part not in ("valid", "test"):
         raise ValueError("part must be 'valid' or 'test'")
     sums = []
@@ -82,33 +76,21 @@ def evaluate_docs(model, docs: list[dict], space: TokenSpace, part: str, style: 
         if topk.shape[1] < TOP_K:  # catalogues smaller than K: the missing ranks are misses
             topk = np.pad(topk, ((0, 0), (0, TOP_K - topk.shape[1])), constant_values=PAD)
         heldout = [np.asarray(d[part], dtype=np.int64) for d in chunk]
-        sums.append(metric_sums(topk, heldout))
+        batch_sums = metric_sums(topk, heldout)
         if cold.any():
-            heldout_cold = [h[cold[h]] for h in heldout]
-            cold_sums.append(metric_sums(topk, heldout_cold))
             _, cold_topk = model.item_topk(users, TOP_K, exclude=[torch.cat([e, warm]) for e in exclude])
             cold_topk = cold_topk.cpu().numpy()
             if cold_topk.shape[1] < TOP_K:
                 cold_topk = np.pad(cold_topk, ((0, 0), (0, TOP_K - cold_topk.shape[1])), constant_values=PAD)
             # With fewer cold candidates than K the tail holds excluded items: never a held-out cold item.
-            cold_only_sums.append(metric_sums(cold_topk, heldout_cold))
-            candidates = np.asarray([num_cold - int(cold[e.numpy()].sum()) for e in exclude])
-            cold_random_sums.append(random_recall_sums(candidates, np.asarray([len(h) for h in heldout_cold])))
-    total = merge_sums(*sums) if sums else {"recall@20": 0.0, "recall@40": 0.0, "ndcg@100": 0.0,
-                                             "num_users": 0.0, "num_skipped": 0.0}
+            batch_sums.update(cold_slice_sums(topk, cold_topk, heldout, [e.numpy() for e in exclude], cold))
+        sums.append(batch_sums)
+    if sums:
+        total = merge_sums(*sums)
+    else:  # a rank with no users adds zeros under the same keys
+        total = metric_sums(np.zeros((0, TOP_K), dtype=np.int64), [])
+        if cold.any():
+            total.update(cold_slice_sums([], [], [], [], cold))
     if distributed:
         total = all_reduce_sums(total)
-    result = finalize(total)
-    if cold.any():
-        nothing = {"cold": dict.fromkeys(total, 0.0), "cold_only": dict.fromkeys(total, 0.0),
-                   "cold_only_random": dict.fromkeys(random_recall_sums([], []), 0.0)}  # a rank with no users
-        for prefix, parts in (("cold", cold_sums), ("cold_only", cold_only_sums), ("cold_only_random", cold_random_sums)):
-            part_total = merge_sums(*parts) if parts else nothing[prefix]
-            if distributed:
-                part_total = all_reduce_sums(part_total)
-            for key, value in finalize(part_total).items():
-                if not key.startswith("num_"):
-                    result[f"{prefix}/{key}"] = value
-                elif prefix == "cold":
-                    result[f"num_cold_{key[4:]}"] = value
-    return result
+    return finalize(total)

@@ -14,6 +14,8 @@ module, so numbers are comparable by construction:
   not users, whenever shards hold different numbers of evaluable users.)
 * ``split_targets`` / ``evaluate_split`` fix which items are held out and which
   are excluded for the ``valid`` and ``test`` parts of an ``EvalSplit``.
+* ``cold_slice_sums`` adds the cold-item slices (``COLD_SLICES``) to the sums as
+  ``<slice>/<metric>`` keys; ``finalize`` divides each slice by its own user count.
 
 Definitions (identical to the authors' ``Recall_at_k`` / ``NDCG_at_k``):
 
@@ -45,6 +47,18 @@ PAD = -1
 DEFAULT_RECALL_KS: tuple[int, ...] = (20, 40)
 DEFAULT_NDCG_KS: tuple[int, ...] = (100,)
 COUNT_KEYS: tuple[str, str] = ("num_users", "num_skipped")
+COLD_SLICES: tuple[str, str, str] = ("cold", "cold_only", "cold_only_random")
+"""Slices of each user's held-out COLD items (items with no training interaction), over the users who have one:
+
+* ``cold``: the ranking over ALL items, scored against the held-out cold items only. A model that lifts every
+  cold item for every user does well here without knowing who likes which.
+* ``cold_only``: only the cold items ranked, against the same held-out cold items: whether the scores tell which
+  cold item suits whom.
+* ``cold_only_random``: Recall@K a uniformly random order of those same candidates is expected to reach; a
+  personal cold side is above it.
+
+In the sums and the finalized metrics the keys are ``<slice>/<metric>``; the ``cold`` slice's user counts are
+reported as ``num_cold_users`` / ``num_cold_skipped``."""
 
 # Rows ranked at once inside rank_items: bounds the (rows x items) temporaries.
 _RANK_CHUNK_ROWS = 512
@@ -280,6 +294,38 @@ def random_recall_sums(num_candidates: np.ndarray, num_heldout: np.ndarray,
     return out
 
 
+def cold_slice_sums(
+    topk: Any,
+    cold_topk: Any,
+    heldout: Sequence[np.ndarray],
+    exclude: Sequence[np.ndarray],
+    cold: np.ndarray,
+    ks: Sequence[int] = DEFAULT_RECALL_KS,
+    ndcg_ks: Sequence[int] = DEFAULT_NDCG_KS,
+) -> dict[str, float]:
+    """The ``COLD_SLICES`` sums of one batch of users, keyed ``<slice>/<metric>`` (merge them with the overall sums).
+
+    ``topk``: the ranking over all items; ``cold_topk``: the ranking of the cold items alone (the warm items
+    excluded as well as ``exclude``); ``heldout`` / ``exclude``: each user's held-out and excluded items;
+    ``cold``: a boolean mask over the catalogue. Empty inputs give the zero sums a rank with no users adds.
+    """
+    cold = np.asarray(cold, dtype=bool)
+    heldout_cold = [h[cold[h]] for h in (np.asarray(h, dtype=np.int64) for h in heldout)]
+    num_cold = int(cold.sum())
+    candidates = np.asarray([num_cold - int(cold[np.unique(np.asarray(e, dtype=np.int64))].sum()) for e in exclude],
+                            dtype=np.int64)
+    kmax = max([*ks, *ndcg_ks], default=0)
+    if not len(heldout_cold):
+        topk = cold_topk = np.zeros((0, kmax), dtype=np.int64)
+    out: dict[str, float] = {}
+    for name, sums in (("cold", metric_sums(topk, heldout_cold, ks, ndcg_ks)),
+                       ("cold_only", metric_sums(cold_topk, heldout_cold, ks, ndcg_ks)),
+                       ("cold_only_random", random_recall_sums(candidates, np.asarray([len(h) for h in heldout_cold]),
+                                                               ks))):
+        out.update({f"{name}/{key}": value for key, value in sums.items()})
+    return out
+
+
 def merge_sums(*sums: Mapping[str, float]) -> dict[str, float]:
     """Key-wise addition of ``metric_sums`` outputs (the single-process all-reduce)."""
     if not sums:
@@ -311,15 +357,21 @@ def all_reduce_sums(sums: Mapping[str, float], group: Any = None) -> dict[str, f
 def finalize(sums: Mapping[str, float]) -> dict[str, Any]:
     """Means from (merged) sums: each metric / num_users; counts as ints.
 
+    A slice key ``<slice>/<metric>`` (``cold_slice_sums``) is divided by its own slice's ``<slice>/num_users``;
+    of the slices' counts only the ``cold`` slice's are kept, as ``num_cold_users`` / ``num_cold_skipped``.
     A metric is None when no user was evaluated (undefined, and None survives JSON).
     """
-    n = int(round(sums["num_users"]))
     out: dict[str, Any] = {}
     for key, value in sums.items():
-        if key in COUNT_KEYS:
-            out[key] = int(round(value))
-        else:
-            out[key] = float(value) / n if n else None
+        prefix, _, name = key.rpartition("/")
+        if name in COUNT_KEYS:
+            if not prefix:
+                out[key] = int(round(value))
+            elif prefix == "cold":
+                out[f"num_cold_{name[len('num_'):]}"] = int(round(value))
+            continue
+        n = int(round(sums[f"{prefix}/num_users" if prefix else "num_users"]))
+        out[key] = float(value) / n if n else None
     return out
 
 
@@ -375,10 +427,13 @@ def split_metric_sums(
     torch). Users are scored ``batch_users`` at a time, so memory is bounded by
     one batch of scores, not by users x items. Give each rank its own ``users``
     and combine the results with ``all_reduce_sums`` before ``finalize``.
+    A split with cold items (``EvalSplit.cold_items``) adds the ``COLD_SLICES``.
     """
     heldout, exclude = split_targets(split, part, exclude_valid_on_test)
     users = np.arange(split.num_users) if users is None else np.asarray(users, dtype=np.int64)
     kmax = max([*ks, *ndcg_ks])
+    cold = split.cold_mask()
+    warm = np.flatnonzero(~cold)
     parts = []
     for start in range(0, len(users), max(1, batch_users)):
         batch = users[start : start + batch_users]
@@ -386,10 +441,18 @@ def split_metric_sums(
         shape = tuple(scores.shape)
         if shape != (len(batch), split.num_items):
             raise ValueError(f"score_fn returned shape {shape}, expected {(len(batch), split.num_items)}")
-        topk = rank_items(scores, [exclude[u] for u in batch], kmax)
-        parts.append(metric_sums(topk, [heldout[u] for u in batch], ks, ndcg_ks))
+        batch_exclude, batch_heldout = [exclude[u] for u in batch], [heldout[u] for u in batch]
+        topk = rank_items(scores, batch_exclude, kmax)
+        sums = metric_sums(topk, batch_heldout, ks, ndcg_ks)
+        if cold.any():
+            cold_topk = rank_items(scores, [np.concatenate([e, warm]) for e in batch_exclude], kmax)
+            sums.update(cold_slice_sums(topk, cold_topk, batch_heldout, batch_exclude, cold, ks, ndcg_ks))
+        parts.append(sums)
     if not parts:
-        return metric_sums(np.zeros((0, kmax), dtype=np.int64), [], ks, ndcg_ks)
+        sums = metric_sums(np.zeros((0, kmax), dtype=np.int64), [], ks, ndcg_ks)
+        if cold.any():
+            sums.update(cold_slice_sums([], [], [], [], cold, ks, ndcg_ks))
+        return sums
     return merge_sums(*parts)
 
 
