@@ -422,6 +422,28 @@ def test_collab_content_init_starts_each_content_row_at_its_collaborative_row(gp
         make_model(gpt2_dir, content_init="same")
 
 
+def test_text_content_init_starts_each_content_item_row_at_its_text_and_leaves_the_rest_as_draw(gpt2_dir):
+    """content_init="text": content item row j = the mean word row of its text ids (a plain loop as the reference)
+    + the "draw" run's own content draw standardised and rescaled to N(0, init_std^2); every other tensor
+    (collaborative tables, content users, item head) is exactly the "draw" run's with the same seed."""
+    from transformers import AutoModelForCausalLM
+
+    words = AutoModelForCausalLM.from_pretrained(gpt2_dir).get_input_embeddings().weight.detach()
+    texts = [[(5 * j + k) % V for k in range(1 + j % 4)] for j in range(J - 1)] + [[]]
+    expected = torch.stack([words[ids].mean(0) if ids else words.mean(0) for ids in texts])
+    for token_init in ("normal", "vocab"):
+        drawn = make_model(gpt2_dir, token_init=token_init, separate_item_head=True, item_text_ids=texts)
+        text = make_model(gpt2_dir, token_init=token_init, content_init="text", separate_item_head=True,
+                          item_text_ids=texts)
+        mean, std = (words.mean(0), words.std(0)) if token_init == "vocab" else (0.0, drawn.init_std)
+        jitter = (drawn.content_item_table.weight - mean) / std * drawn.init_std
+        torch.testing.assert_close(text.content_item_table.weight, expected + jitter, atol=1e-5, rtol=1e-5)
+        for name in ("collab_user_table", "collab_item_table", "content_user_table", "item_head"):
+            assert torch.equal(getattr(drawn, name).weight, getattr(text, name).weight), (token_init, name)
+    with pytest.raises(ValueError, match="content_init='text' need item_text_ids"):
+        make_model(gpt2_dir, content_init="text")
+
+
 def test_text_token_init_starts_each_item_at_the_mean_embedding_of_its_text(gpt2_dir):
     """token_init="text": item j's collaborative and content rows = mean of the word rows of its text ids (a plain
     loop as the reference) + N(0, init_std^2); an item without text starts at the vocabulary's mean row; users

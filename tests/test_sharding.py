@@ -280,12 +280,14 @@ def test_row_layout_is_the_dtensor_split_and_the_init_does_not_depend_on_it(rows
         assert torch.equal(part, shifted[lay.start:lay.stop])
 
 
-def _text_init_on_rank(rank, world, backbone_dir, texts):
+def _text_init_on_rank(rank, world, backbone_dir, texts, token_init="text", content_init="draw"):
     from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
 
-    model = CLLM4Rec(ModelConfig(backbone=backbone_dir, num_users=9, num_items=len(texts), token_init="text",
-                                 item_text_ids=texts, init_std=1e-6, table_sharding="row", device="cpu"))
+    model = CLLM4Rec(ModelConfig(backbone=backbone_dir, num_users=9, num_items=len(texts), token_init=token_init,
+                                 content_init=content_init, item_text_ids=texts, init_std=1e-6,
+                                 table_sharding="row", device="cpu"))
     return {"start": model.collab_item_table.layout.start, "rows": model.collab_item_table.weight.detach().clone(),
+            "content": model.content_item_table.weight.detach().clone(),
             "words": model.backbone.get_input_embeddings().weight.detach().float()}
 
 
@@ -298,6 +300,10 @@ def test_text_init_of_row_sharded_tables_gives_each_rank_its_items_text_rows(dem
     expected = torch.stack([words[ids].mean(0) for ids in texts])
     assert [o["start"] for o in out] == [0, len(out[0]["rows"])]
     torch.testing.assert_close(torch.cat([o["rows"] for o in out]), expected, atol=1e-5, rtol=0)
+    # content_init="text": the content item rows only, the collaborative rows keep the "normal" draw
+    out = run_ranks(_text_init_on_rank, 2, backbone_dir, texts, "normal", "text")
+    torch.testing.assert_close(torch.cat([o["content"] for o in out]), expected, atol=1e-5, rtol=0)
+    assert torch.cat([o["rows"] for o in out]).abs().max() < 1e-4
 
 
 def test_bad_sharding_settings_are_refused_before_any_worker_starts(demo_data):

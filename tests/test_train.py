@@ -11,7 +11,7 @@ import torch
 from cllm4rec_dist.train.monitor import read_train_log
 
 from cllm4rec_dist.baselines import run_baseline
-from cllm4rec_dist.corpus.shards import load_eval_split
+from cllm4rec_dist.corpus.shards import ShardedDataset, load_eval_split
 from cllm4rec_dist.train.checkpoint import READER, READER_FILE
 from cllm4rec_dist.train.config import ModelSettings, ScheduleSettings, TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.reference import run_reference
@@ -156,7 +156,7 @@ def test_config_yaml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="model.token_init.*one of normal, vocab, text"):
         config_from_args(p.parse_args(["--model.token_init", "word"]))
     assert config_from_args(p.parse_args(["--model.token_init", "vocab"])).model.token_init == "vocab"
-    with pytest.raises(ValueError, match="model.content_init.*one of draw, collab"):
+    with pytest.raises(ValueError, match="model.content_init.*one of draw, collab, text"):
         config_from_args(p.parse_args(["--model.content_init", "copy"]))
     assert config_from_args(p.parse_args(["--model.content_init", "collab"])).model.content_init == "collab"
     with pytest.raises(ValueError, match="optim.item_head_lr_scale"):
@@ -296,6 +296,25 @@ def test_collab_content_init_reaches_the_model_through_the_config(demo_data, tmp
     model = _recipe(cfg).trainer.model
     assert torch.equal(model.content_user_table.weight, model.collab_user_table.weight)
     assert torch.equal(model.content_item_table.weight, model.collab_item_table.weight)
+
+
+def test_text_content_init_reads_the_item_texts_of_the_dataset(demo_data, tmp_path):
+    """model.content_init=text: the recipe tokenises items.json with the backbone's tokenizer and the content item
+    rows start at those texts' mean word rows (init_std tiny, so the jitter vanishes); collaborative rows do not."""
+    from cllm4rec_dist.corpus.presets import load_tokenizer
+    from cllm4rec_dist.corpus.sequences import ITEMS_FILE
+
+    cfg = tiny_config(demo_data, str(tmp_path / "run"))
+    cfg.model.content_init, cfg.model.init_std = "text", 1e-7
+    model = _recipe(cfg).trainer.model
+    data = ShardedDataset(demo_data)
+    tokenizer = load_tokenizer(data.manifest["backbone"])
+    words = model.backbone.get_input_embeddings().weight.detach().float()
+    texts = data.read_json(ITEMS_FILE)["descriptions"]
+    expected = torch.stack([words[tokenizer.encode(" " + t, add_special_tokens=False)].mean(0) if t
+                            else words.mean(0) for t in texts])
+    torch.testing.assert_close(model.content_item_table.weight.detach(), expected, atol=1e-5, rtol=0)
+    assert model.collab_item_table.weight.abs().max() < 1e-5
 
 
 def train_command_one_epoch_each(data, out) -> dict:

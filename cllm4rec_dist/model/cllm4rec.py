@@ -25,7 +25,7 @@ MR_REDUCTIONS = ("paper", "authors", "token_mean")
 """How the step losses reduce the likelihood and the mutual-regularisation prior over a batch (model/losses.py)."""
 TOKEN_INITS = ("normal", "vocab", "text")
 """How the user/item token tables start (ModelConfig.token_init)."""
-CONTENT_INITS = ("draw", "collab")
+CONTENT_INITS = ("draw", "collab", "text")
 """Where the content user/item rows start (ModelConfig.content_init)."""
 
 
@@ -62,10 +62,15 @@ class ModelConfig:
     """"draw": the content tables take their own draw from ``token_init``'s distribution; "collab": each content
     row starts equal to its token's collaborative row, the mode of the mutual-regularisation prior
     z_content ~ N(z_collab, I / lambda_c), so the MR term starts at 0 instead of at the two draws' distance
-    (with word-scale "vocab" rows on SmolLM2-135M about 115 per document, the likelihood's scale)."""
+    (with word-scale "vocab" rows on SmolLM2-135M about 115 per document, the likelihood's scale); "text": each
+    content ITEM row starts at the mean input embedding of ``item_text_ids[j]`` plus the same draw "draw" makes,
+    rescaled to N(0, init_std^2) (content users as "draw"; every other tensor as "draw" with the same seed). So
+    the content token knows its item's text from step 0, however few C-steps it gets (one document per item
+    moves a row by a few lr in a whole run), and the MR prior pulls the collaborative rows toward it. Cold
+    items, which have no collaborative row of their own, are scored from it (``set_unseen_items_from_content``)."""
     item_text_ids: list[list[int]] | None = None
-    """token_init="text" only: per item, the backbone-vocabulary token ids of its text (an empty list: that item
-    starts at the vocabulary's mean row)."""
+    """token_init="text" or content_init="text": per item, the backbone-vocabulary token ids of its text (an empty
+    list: that item starts at the vocabulary's mean row)."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     ft_all: bool = False
@@ -98,7 +103,7 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
     """(num_items, d): row j the mean of ``vocab``'s rows over item j's text ids; the vocabulary's mean row where an
     item has no text."""
     if item_text_ids is None or len(item_text_ids) != num_items:
-        raise ValueError(f"token_init='text' needs item_text_ids for each of the {num_items} items (got "
+        raise ValueError(f"token_init='text' and content_init='text' need item_text_ids for each of the {num_items} items (got "
                          f"{'none' if item_text_ids is None else len(item_text_ids)})")
     flat = [t for ids in item_text_ids for t in ids]
     if flat and not 0 <= min(flat) <= max(flat) < vocab.shape[0]:
@@ -164,8 +169,9 @@ class CLLM4Rec(nn.Module):
                     else 0)
 
         token_mean, token_std = 0.0, self.init_std
-        if config.token_init in ("vocab", "text"):
+        if "text" in (config.token_init, config.content_init) or config.token_init == "vocab":
             vocab = backbone.get_input_embeddings().weight.detach().float()  # one fp32 copy (bf16 backbones)
+        if config.token_init in ("vocab", "text"):
             token_mean, token_std = vocab.mean(0), vocab.std(0)
         item_mean, item_std = token_mean, token_std
         if config.token_init == "text":
@@ -201,6 +207,15 @@ class CLLM4Rec(nn.Module):
             with torch.no_grad():
                 self.content_user_table.weight.copy_(self.collab_user_table.weight)
                 self.content_item_table.weight.copy_(self.collab_item_table.weight)
+        elif config.content_init == "text":
+            # the content item draw itself, standardised and rescaled, is the jitter: no further draw
+            weight = self.content_item_table.weight
+            start = self.content_item_table.layout.start if isinstance(self.content_item_table, RowShardedTable) else 0
+            rows = slice(start, start + weight.shape[0])
+            mean = item_mean[rows] if isinstance(item_mean, torch.Tensor) and item_mean.dim() == 2 else item_mean
+            text = text_rows(vocab, config.item_text_ids, self.num_items)[rows].to(weight.device)
+            with torch.no_grad():
+                weight.copy_(text + (weight - mean) / item_std * self.init_std)
 
         self.item_head = None
         if separate:

@@ -50,10 +50,10 @@ def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
 
 def item_text_ids(data: ShardedDataset, location: dict) -> list[list[int]]:
     """Per item, the backbone-tokenizer ids of its text (items.json's description: title and attributes), for
-    ``model.token_init: text``."""
+    ``model.token_init: text`` and ``model.content_init: text``."""
     if ITEMS_FILE not in data.manifest["files"]:
-        raise ValueError(f"model.token_init=text: {data.url} has no {ITEMS_FILE} (item texts); re-run "
-                         "`cllm4rec preprocess` with this version, or choose model.token_init normal or vocab")
+        raise ValueError(f"model.token_init/content_init text: {data.url} has no {ITEMS_FILE} (item texts); re-run "
+                         "`cllm4rec preprocess` with this version, or choose another token_init / content_init")
     tokenizer = load_tokenizer(location)
     return [tokenizer.encode(" " + text, add_special_tokens=False) if text else []
             for text in data.read_json(ITEMS_FILE)["descriptions"]]
@@ -65,12 +65,13 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str, loads_weigh
     tables start the cheap way instead of reading and tokenising the catalogue's texts for nothing."""
     location = backbone_location(cfg, data.manifest)
     token_init = "normal" if loads_weights else cfg.model.token_init
-    texts = item_text_ids(data, location) if token_init == "text" else None
+    content_init = "draw" if loads_weights else cfg.model.content_init
+    texts = item_text_ids(data, location) if "text" in (token_init, content_init) else None
     return CLLM4Rec(ModelConfig(
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
-        token_init=token_init, content_init=cfg.model.content_init, item_text_ids=texts,
+        token_init=token_init, content_init=content_init, item_text_ids=texts,
         max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
