@@ -274,3 +274,29 @@ def test_content_knn_command_reads_the_item_texts_of_a_preprocessed_dataset(demo
     assert main(["baselines", "--data", demo_data, "--model", "content-knn", "--lambdas", "1",
                  "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_content_signal_benchmark_prints_one_json_per_item_vector_source(demo_data):
+    """benchmarks/content_signal.py on a preprocessed dataset: the sentence encoder's, the backbone's (words and
+    hidden states) and the EASE blend's lines, each with its k chosen from the grid; its sbert line is the
+    content-knn baseline itself."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "content_signal.py"), "--data", demo_data,
+                          "--precision", "fp32", "--neighbours", "3,10", "--blend-ease"],
+                         capture_output=True, text=True, check=True, cwd=root).stdout
+    lines = {r["source"]: r for r in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))}
+    assert list(lines) == ["sbert", "backbone_words", "backbone_hidden", "ease+sbert"]
+    for source in ("sbert", "backbone_words", "backbone_hidden"):
+        assert lines[source]["selected"]["neighbours"] in (3, 10)
+        assert 0.0 <= lines[source]["test"]["recall@20"] <= 1.0
+    assert lines["ease+sbert"]["selected"]["beta"] >= 0.0
+    from cllm4rec_dist.baselines.command import dataset_item_texts
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    dataset = ShardedDataset(demo_data)
+    knn = run_baseline(dataset.eval_split(), "content-knn", texts=dataset_item_texts(dataset), neighbours=(3, 10))
+    assert lines["sbert"]["test"]["recall@20"] == pytest.approx(knn["test"]["recall@20"])

@@ -65,8 +65,9 @@ class ModelConfig:
     (with word-scale "vocab" rows on SmolLM2-135M about 115 per document, the likelihood's scale); "text": each
     content ITEM row starts at the mean input embedding of ``item_text_ids[j]`` plus the same draw "draw" makes,
     rescaled to N(0, init_std^2) (content users as "draw"; every other tensor as "draw" with the same seed). So
-    the content token knows its item's text from step 0, however few C-steps it gets (one document per item
-    moves a row by a few lr in a whole run), and the MR prior pulls the collaborative rows toward it. Cold
+    the content token knows its item's text from step 0, however few C-steps it gets (an item's only content
+    document is its text, visited once a content epoch: drawn rows end within ~10% of their draw, RESULTS §7), and
+    the MR prior pulls the collaborative rows toward it. Cold
     items, which have no collaborative row of their own, are scored from it (``set_unseen_items_from_content``)."""
     item_text_ids: list[list[int]] | None = None
     """token_init="text" or content_init="text": per item, the backbone-vocabulary token ids of its text (an empty

@@ -63,8 +63,8 @@ class ModelSettings:
     """Where the content user/item rows start: 'draw' (their own draw, like the collaborative rows), 'collab'
     (equal to the token's collaborative row, the mode of the MR prior, so the MR term starts at 0; with 'vocab'
     two independent word-scale draws start it at the likelihood's scale) or 'text' (each content item row at the
-    mean embedding of its item's text in items.json plus N(0, init_std^2); one document per item moves a content
-    row by only a few learning rates in a whole run, so otherwise it stays near its random draw; RESULTS §7)."""
+    mean embedding of its item's text in items.json plus N(0, init_std^2): an item's only content document is
+    its text, visited once a content epoch, so a drawn content row ends within ~10% of its draw; RESULTS §7)."""
     max_logit_elements: int = 2**24
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None
