@@ -16,6 +16,14 @@ u's TRAIN items among j's k nearest items, k chosen on validation, test scored o
   content row is learned from its text by the C-steps only; at evaluation its collaborative row is set to it
   (``set_unseen_items_from_content``), so ``content_rows`` is what CLLM4Rec's cold side can know.
 
+With ``--cold-map`` (an export WITH user vectors, of a run on a cold-item split) one more line per source,
+``<source>->scoring``: the run's own user vectors and scoring rows (the item head, or the collaborative rows of a
+tied model), except that each cold item's scoring row comes from its vector through a ridge map fitted on the warm
+items (centred, so a cold item starts at the mean warm row; strength chosen on validation ``cold_only`` Recall@20
+from a grid), with an ``as_evaluated`` line for the run's own cold rows (the content row through a map with
+almost no ridge, ``set_unseen_items_from_content``): what CLLM4Rec's cold side would give with another map or
+another reading of the text.
+
 With ``--blend-ease`` one more line, ``ease+sbert``: EASE (λ chosen on validation) plus β times the ``sbert``
 kNN scores, each z-scored per user, β chosen on validation from a grid: what the texts add on top of the best
 collaborative baseline when the two are combined in the simplest way.
@@ -70,6 +78,44 @@ def backbone_text_vectors(location: dict, texts: list[str], precision: str, batc
 
 
 BLEND_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared centred row norm
+
+
+def cold_map_results(split, users: np.ndarray, scoring: np.ndarray, sources: dict[str, np.ndarray]) -> list:
+    """(name, result) per source: cold scoring rows from a centred ridge map source -> scoring rows fitted on the
+    warm items, its strength chosen on validation cold_only Recall@20; plus the run's own rows as evaluated."""
+    import time
+
+    from cllm4rec_dist.eval.metrics import evaluate_split
+
+    users, scoring = users.astype(np.float64), scoring.astype(np.float64)
+    cold = split.cold_mask()
+    warm = ~cold
+
+    def metrics(rows: np.ndarray, part: str) -> dict:
+        return evaluate_split(lambda u: users[u] @ rows.T, split, part)
+
+    started = time.perf_counter()
+    out = [("as_evaluated", {"valid": metrics(scoring, "valid"), "test": metrics(scoring, "test"), "selected": {},
+                             "seconds": round(time.perf_counter() - started, 3)})]
+    target_mean = scoring[warm].mean(0)
+    for name, vectors in sources.items():
+        started = time.perf_counter()
+        x = vectors.astype(np.float64) - vectors[warm].astype(np.float64).mean(0)
+        gram, cross = x[warm].T @ x[warm], x[warm].T @ (scoring[warm] - target_mean)
+        scale = (x[warm] ** 2).sum() / warm.sum()
+        best = None
+        for strength in RIDGE_STRENGTHS:
+            rows = scoring.copy()
+            rows[cold] = x[cold] @ np.linalg.solve(gram + strength * scale * np.eye(len(gram)), cross) + target_mean
+            valid = metrics(rows, "valid")
+            if best is None or valid["cold_only/recall@20"] > best[0]:
+                best = (valid["cold_only/recall@20"], strength, rows, valid)
+        _, strength, rows, valid = best
+        out.append((f"{name}->scoring", {"valid": valid, "test": metrics(rows, "test"),
+                                         "selected": {"ridge": strength},
+                                         "seconds": round(time.perf_counter() - started, 3)}))
+    return out
 
 
 def ease_blend(split, vectors: np.ndarray, k: int, settings: ContentKnnSettings) -> dict:
@@ -112,6 +158,8 @@ def main() -> int:
     p.add_argument("--sources", default=None, help="comma-separated subset of the sources (default: all)")
     p.add_argument("--neighbours", default="10,20,50,100,200", help="k grid searched on validation")
     p.add_argument("--blend-ease", action="store_true", help="add EASE + beta * sbert kNN (beta on validation)")
+    p.add_argument("--cold-map", action="store_true",
+                   help="with --export (user vectors included): cold scoring rows mapped from each source")
     args = p.parse_args()
     dataset = ShardedDataset(args.data)
     split, texts = dataset.eval_split(), dataset_item_texts(dataset)
@@ -143,6 +191,20 @@ def main() -> int:
         knn = {name: result for name, _, result in results}.get("sbert") or run_on_vectors(split, vectors, settings)
         results.append(("ease+sbert", vectors.shape[1],
                         ease_blend(split, vectors, knn["selected"]["neighbours"], settings)))
+    if args.cold_map:
+        if not args.export or not os.path.exists(os.path.join(args.export, "users_rec.npy")):
+            print("error: --cold-map needs --export of a run exported with its user vectors (users_rec.npy)",
+                  file=sys.stderr)
+            return 2
+        if not split.cold_mask().any():
+            print(f"error: {args.data} has no cold items (preprocess with --cold-item-fraction)", file=sys.stderr)
+            return 2
+        table = "head" if os.path.exists(os.path.join(args.export, "items_head.npy")) else "collab"
+        own = {k: v for k, v in sources.items() if k not in ("collab_rows", "head_rows")}  # a cold item has these
+        mapped = cold_map_results(split, np.load(os.path.join(args.export, "users_rec.npy")),  # only as mapped
+                                  np.load(os.path.join(args.export, f"items_{table}.npy")), own)
+        results += [(name, sources[name.split("->")[0]].shape[1] if "->" in name else 0, result)
+                    for name, result in mapped]
     for name, dim, result in results:
         print(json.dumps({"source": name, "data": args.data, "dim": int(dim), "selected": result["selected"],
                           "valid": {k: result["valid"].get(k) for k in SLICE_KEYS if k in result["valid"]},
