@@ -31,14 +31,20 @@ class EvaluateError(UserError, ValueError):
 
 
 def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_dir: str | None = None,
-                        device: str = "cpu") -> dict:
-    """{"checkpoint", "weights", "global_step", "best", <part>: metrics for each of ``parts``}."""
+                        device: str = "cpu", cold_item_ridge: float | None = None) -> dict:
+    """{"checkpoint", "weights", "global_step", "best", "cold_item_ridge", <part>: metrics for each of ``parts``}.
+    ``cold_item_ridge``: score the cold items through a centred map of that strength instead of the run's own
+    ``model.cold_item_ridge`` (a separate item head only; the weights are unchanged)."""
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise EvaluateError(f"--part {','.join(parts)}: choose from {', '.join(PARTS)} (comma-separated).")
     saved = read_saved_weights(source, use_best)
     ckpt_path, weights = saved.path, saved.weights
     cfg = config_from_dict(saved.snapshot["config"], f"{ckpt_path} (snapshot config)")
+    if cold_item_ridge is not None:
+        if not cold_item_ridge > 0:
+            raise EvaluateError(f"--cold-item-ridge {cold_item_ridge}: must be > 0.")
+        cfg.model.cold_item_ridge = cold_item_ridge
     if cfg.recommender != "cllm4rec":
         raise EvaluateError(f"{ckpt_path}: an {cfg.recommender} run. A-LLMRec is scored on its stored candidates "
                             "during training (its metrics.json); `cllm4rec evaluate` scores CLLM4Rec runs.")
@@ -57,7 +63,8 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     cold_items = data.manifest.get("cold_items", [])
     record = saved.snapshot["state"]
     result = {"checkpoint": ckpt_path, "data": data.url, "weights": weights,
-              "global_step": record.get("global_step"), "best": record.get("best") or None}
+              "global_step": record.get("global_step"), "best": record.get("best") or None,
+              "cold_item_ridge": cfg.model.cold_item_ridge}
     for part in parts:
         result[part] = evaluate_model(model, cfg, docs, space, part, cold_items)
     return result
@@ -73,12 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="preprocessed dataset folder, if it moved since training (default: the one in the config)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--cold-item-ridge", type=float, default=None,
+                        help="map a separate item head's cold rows with a centred ridge of this strength instead of "
+                             "the run's model.cold_item_ridge (e.g. 10; RESULTS §7)")
     parser.add_argument("--out", default=None, help="also write the result as JSON here (local path or fsspec URL)")
 
 
 def run(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.part.split(",") if p.strip())
-    result = evaluate_checkpoint(args.checkpoint, parts, args.use_best, args.data, args.device)
+    result = evaluate_checkpoint(args.checkpoint, parts, args.use_best, args.data, args.device, args.cold_item_ridge)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=1, default=float))

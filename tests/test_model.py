@@ -766,6 +766,38 @@ def test_unseen_items_take_their_content_rows(gpt2_dir, llama_dir):
     assert torch.equal(untied.collab_item_table.weight[[5, 50]], untied.content_item_table.weight[[5, 50]])
 
 
+def test_centred_cold_item_map_is_the_ridge_regression_with_an_intercept(llama_dir):
+    """cold_item_ridge=r: each cold head row = mean warm head row + (x - mean warm x) W, W the ridge solution on
+    the centred warm rows with ridge r x tr(C_xx)/n (a plain numpy least-squares reference); an exact affine map
+    on the warm items is recovered; bad strengths are refused."""
+    model = make_model(llama_dir, num_items=120, cold_item_ridge=0.5)
+    cold = [5, 50, 77]
+    warm = [j for j in range(120) if j not in cold]
+    with torch.no_grad():
+        model.item_head.weight.copy_(torch.randn(120, D) * 0.1)
+    x = model.content_item_table.weight.detach().double().numpy()
+    y = model.item_head.weight.detach().double().numpy()
+    xc, yc = x[warm] - x[warm].mean(0), y[warm] - y[warm].mean(0)
+    ridge = 0.5 * (xc ** 2).sum() / len(warm)
+    w = np.linalg.solve(xc.T @ xc + ridge * np.eye(D), xc.T @ yc)
+    want = (x[cold] - x[warm].mean(0)) @ w + y[warm].mean(0)
+    model.set_unseen_items_from_content(cold)
+    np.testing.assert_allclose(model.item_head.weight[cold].detach().numpy(), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.item_head.weight[warm].detach().numpy(), y[warm], rtol=0, atol=0)
+
+    tiny = make_model(llama_dir, num_items=120, cold_item_ridge=1e-9)  # an exact affine map: recovered
+    mapping, offset = torch.randn(D, D), torch.randn(D)
+    with torch.no_grad():
+        tiny.item_head.weight.copy_(tiny.content_item_table.weight @ mapping + offset)
+        tiny.item_head.weight[cold] = 0.0
+    tiny.set_unseen_items_from_content(cold)
+    want = tiny.content_item_table.weight[cold] @ mapping + offset
+    assert relative_error(tiny.item_head.weight[cold], want) < 1e-3
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="cold_item_ridge"):
+            make_model(llama_dir, cold_item_ridge=bad)
+
+
 def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.eval.evaluate import evaluate_docs

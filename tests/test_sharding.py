@@ -111,6 +111,7 @@ def _config(data: str, out: str, sharding_mode: str) -> TrainConfig:
     cfg.model.table_sharding = cfg.model.item_head_sharding = sharding_mode
     cfg.optim.user_lr_scale = 3.0  # the user tables step in an Adam group of their own, sharded or not
     cfg.optim.item_head_lr_scale = 2.0  # and the item head in another
+    cfg.model.cold_item_ridge = 0.5  # the centred cold-item map: its sums all-reduced across ranks
     return cfg.validate()
 
 

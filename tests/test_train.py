@@ -159,6 +159,9 @@ def test_config_yaml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="model.content_init.*one of draw, collab, text"):
         config_from_args(p.parse_args(["--model.content_init", "copy"]))
     assert config_from_args(p.parse_args(["--model.content_init", "collab"])).model.content_init == "collab"
+    with pytest.raises(ValueError, match="model.cold_item_ridge=0.0: must be > 0"):
+        config_from_args(p.parse_args(["--model.cold_item_ridge", "0"]))
+    assert config_from_args(p.parse_args(["--model.cold_item_ridge", "10"])).model.cold_item_ridge == 10.0
     with pytest.raises(ValueError, match="optim.item_head_lr_scale"):
         config_from_args(p.parse_args(["--optim.item_head_lr_scale", "0"]))
     with pytest.raises(ValueError, match="quantised"):
@@ -360,6 +363,13 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
     result = evaluate_checkpoint(str(tmp_path / "run"))
     for part in ("valid", "test"):
         assert metric_values(result[part]) == pytest.approx(metric_values(metrics[part]), abs=1e-6)
+    # another cold map for the separate head: only the cold items' scores change, so every warm-only user keeps
+    # the metrics; the override is recorded
+    centred = evaluate_checkpoint(str(tmp_path / "run"), parts=("test",), cold_item_ridge=10.0)
+    assert centred["cold_item_ridge"] == 10.0 and result["cold_item_ridge"] is None
+    assert centred["test"]["cold_only_random/recall@20"] == result["test"]["cold_only_random/recall@20"]
+    assert centred["test"]["cold/recall@20"] != result["test"]["cold/recall@20"] or \
+        centred["test"]["cold_only/recall@20"] != result["test"]["cold_only/recall@20"]
     # the baselines read the same cold items from the dataset and report the same slices over the same users
     assert main(["baselines", "--data", data, "--model", "content-knn", "--neighbours", "5",
                  "--out", str(tmp_path / "knn.json")]) == 0

@@ -72,6 +72,7 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str, loads_weigh
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
         token_init=token_init, content_init=content_init, item_text_ids=texts,
+        cold_item_ridge=cfg.model.cold_item_ridge,
         max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
