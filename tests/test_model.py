@@ -461,7 +461,7 @@ def test_text_token_init_starts_each_item_at_the_mean_embedding_of_its_text(gpt2
     users = model.collab_user_table.weight.detach()
     assert (users.mean(0) - words.mean(0)).abs().max() < 5 * words.std(0).max() / I ** 0.5
     for bad, match in (([[V]] * J, "outside the backbone's vocabulary"), (texts[:-1], f"each of the {J} items"),
-                       (None, "needs item_text_ids")):
+                       (None, "need item_text_ids")):
         with pytest.raises(ValueError, match=match):
             CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=I, num_items=J, token_init="text", item_text_ids=bad,
                                  device="cpu"), backbone=backbone)
