@@ -67,8 +67,8 @@ class ModelConfig:
     rescaled to N(0, init_std^2) (content users as "draw"; every other tensor as "draw" with the same seed). So
     the content token knows its item's text from step 0, however few C-steps it gets (an item's only content
     document is its text, visited once a content epoch: drawn rows end within ~10% of their draw, RESULTS §7), and
-    the MR prior pulls the collaborative rows toward it. Cold
-    items, which have no collaborative row of their own, are scored from it (``set_unseen_items_from_content``)."""
+    the MR prior pulls the collaborative rows toward it. Cold items, which have no collaborative row of their own,
+    are scored from it (``set_unseen_items_from_content``)."""
     cold_item_ridge: float | None = None
     """How a separate item head's rows for cold items are mapped from their content rows
     (``set_unseen_items_from_content``), by a ridge regression fitted on the warm items. None: through the
@@ -112,8 +112,8 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
     """(num_items, d): row j the mean of ``vocab``'s rows over item j's text ids; the vocabulary's mean row where an
     item has no text."""
     if item_text_ids is None or len(item_text_ids) != num_items:
-        raise ValueError(f"token_init='text' and content_init='text' need item_text_ids for each of the {num_items} items (got "
-                         f"{'none' if item_text_ids is None else len(item_text_ids)})")
+        raise ValueError(f"token_init='text' and content_init='text' need item_text_ids for each of the {num_items} "
+                         f"items (got {'none' if item_text_ids is None else len(item_text_ids)})")
     flat = [t for ids in item_text_ids for t in ids]
     if flat and not 0 <= min(flat) <= max(flat) < vocab.shape[0]:
         raise ValueError(f"item_text_ids hold ids outside the backbone's vocabulary 0..{vocab.shape[0] - 1}: "
