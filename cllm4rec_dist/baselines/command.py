@@ -144,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (multivae, content-knn; default cpu)")
     parser.add_argument(
         "--threads", dest="num_threads", type=int, default=None,
-        help="torch CPU threads (multivae, content-knn; default 1, robust on a shared CPU; 0 = torch's default, all cores)",
+        help="torch CPU threads (multivae, content-knn; default 1, robust on a shared CPU; 0 = torch's default, "
+             "all cores)",
     )
     parser.add_argument(
         "--keep-valid-on-test", dest="exclude_valid_on_test", action="store_false", default=None,
