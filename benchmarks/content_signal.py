@@ -51,6 +51,7 @@ from cllm4rec_dist.baselines.ease import ease_weights
 from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.backbone import freeze, load_backbone
+from cllm4rec_dist.model.cllm4rec import cold_item_map, warm_map_sums
 
 SLICE_KEYS = ("recall@20", "recall@40", "ndcg@100", "cold/recall@20", "cold_only/recall@20",
               "cold_only_random/recall@20", "num_cold_users")
@@ -82,8 +83,9 @@ RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared cen
 
 
 def cold_map_results(split, users: np.ndarray, scoring: np.ndarray, sources: dict[str, np.ndarray]) -> list:
-    """(name, result) per source: cold scoring rows from a centred ridge map source -> scoring rows fitted on the
-    warm items, its strength chosen on validation cold_only Recall@20; plus the run's own rows as evaluated."""
+    """(name, result) per source: cold scoring rows from the model's centred ridge map (``cold_item_map``) source ->
+    scoring rows fitted on the warm items, its strength chosen on validation cold_only Recall@20; plus the run's
+    own rows as evaluated."""
     import time
 
     from cllm4rec_dist.eval.metrics import evaluate_split
@@ -98,16 +100,15 @@ def cold_map_results(split, users: np.ndarray, scoring: np.ndarray, sources: dic
     started = time.perf_counter()
     out = [("as_evaluated", {"valid": metrics(scoring, "valid"), "test": metrics(scoring, "test"), "selected": {},
                              "seconds": round(time.perf_counter() - started, 3)})]
-    target_mean = scoring[warm].mean(0)
     for name, vectors in sources.items():
         started = time.perf_counter()
-        x = vectors.astype(np.float64) - vectors[warm].astype(np.float64).mean(0)
-        gram, cross = x[warm].T @ x[warm], x[warm].T @ (scoring[warm] - target_mean)
-        scale = (x[warm] ** 2).sum() / warm.sum()
+        x = torch.from_numpy(vectors.astype(np.float64))
+        sums = warm_map_sums(x[torch.from_numpy(warm)], torch.from_numpy(scoring[warm]))  # the model's own map
         best = None
         for strength in RIDGE_STRENGTHS:
+            mapping, x_offset, y_offset = cold_item_map(sums, (x.shape[1], scoring.shape[1]), strength)
             rows = scoring.copy()
-            rows[cold] = x[cold] @ np.linalg.solve(gram + strength * scale * np.eye(len(gram)), cross) + target_mean
+            rows[cold] = ((x[torch.from_numpy(cold)] - x_offset) @ mapping + y_offset).numpy()
             valid = metrics(rows, "valid")
             if best is None or valid["cold_only/recall@20"] > best[0]:
                 best = (valid["cold_only/recall@20"], strength, rows, valid)

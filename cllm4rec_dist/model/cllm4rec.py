@@ -128,6 +128,34 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
     return rows
 
 
+def warm_map_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What ``cold_item_map`` is fitted from, over some warm items (content rows ``x``, head rows ``y``, float64):
+    X^T X, X^T Y, the column sums of X and Y, the sum of squares of X and the item count, in one vector, so that
+    ranks holding different items add theirs up with one all-reduce."""
+    count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
+    return torch.cat([(x.T @ x).reshape(-1), (x.T @ y).reshape(-1), x.sum(0), y.sum(0),
+                      torch.stack([x.pow(2).sum(), count])])
+
+
+def cold_item_map(sums: torch.Tensor, dims: tuple[int, int],
+                  ridge: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, x_offset, y_offset) of the ridge regression from content rows (``dims[0]`` wide) to head rows
+    (``dims[1]``) fitted on ``warm_map_sums`` of all warm items; a cold item's head row is
+    (x - x_offset) W + y_offset (``ModelConfig.cold_item_ridge``). ``ridge`` None: through the origin, ridge 1e-3 x
+    the mean squared row norm (offsets 0). A number r: centred, C_xx = X^T X - n m_x m_x^T (C_xy likewise), ridge
+    r x tr(C_xx) / n, offsets the warm means."""
+    dx, dy = dims
+    xtx, xty = sums[: dx * dx].view(dx, dx), sums[dx * dx: dx * dx + dx * dy].view(dx, dy)
+    rest = sums[dx * dx + dx * dy:]
+    x_sum, y_sum, (squares, count) = rest[:dx], rest[dx: dx + dy], rest[dx + dy:]
+    eye = torch.eye(dx, dtype=sums.dtype, device=sums.device)
+    if ridge is None:
+        return torch.linalg.solve(xtx + eye * 1e-3 * squares / count, xty), x_sum * 0, y_sum * 0
+    x_mean, y_mean = x_sum / count, y_sum / count
+    cxx, cxy = xtx - count * torch.outer(x_mean, x_mean), xty - count * torch.outer(x_mean, y_mean)
+    return torch.linalg.solve(cxx + eye * ridge * torch.trace(cxx) / count, cxy), x_mean, y_mean
+
+
 class CLLM4Rec(nn.Module):
     def __init__(self, config: ModelConfig, backbone: PreTrainedModel | None = None):
         """Build the model; ``backbone`` may be passed already loaded (it must match ``config.precision``)."""
@@ -352,24 +380,12 @@ class CLLM4Rec(nn.Module):
         own = torch.arange(head.start, head.stop, device=device)
         own_warm, own_cold = own[warm[own]], own[~warm[own]]
         x = self.content_item_table(own_warm).double()  # a lookup: collective when the tables are sharded
-        y = self.item_head.weight[own_warm - head.start].double()
-        d = self.hidden_size
-        sums = torch.cat([(x.T @ x).reshape(-1), (x.T @ y).reshape(-1), x.sum(0), y.sum(0),
-                          torch.stack([x.pow(2).sum(), torch.tensor(float(x.shape[0]), dtype=torch.float64,
-                                                                    device=device)])])
+        sums = warm_map_sums(x, self.item_head.weight[own_warm - head.start].double())
         if head.distributed:
             all_reduce_sum_(sums)
-        xtx, xty = sums[: d * d].view(d, d), sums[d * d: 2 * d * d].view(d, d)
-        x_sum, y_sum, (squares, count) = sums[2 * d * d: 2 * d * d + d], sums[2 * d * d + d: -2], sums[-2:]
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        cold_x = self.content_item_table(own_cold).double()
-        if self.config.cold_item_ridge is None:  # through the origin, a tiny ridge
-            rows = cold_x @ torch.linalg.solve(xtx + eye * 1e-3 * squares / count, xty)
-        else:  # centred: C_xx = X^T X - n m_x m_x^T, C_xy likewise; ridge relative to tr(C_xx) / n
-            x_mean, y_mean = x_sum / count, y_sum / count
-            cxx, cxy = xtx - count * torch.outer(x_mean, x_mean), xty - count * torch.outer(x_mean, y_mean)
-            ridge = self.config.cold_item_ridge * torch.trace(cxx) / count
-            rows = (cold_x - x_mean) @ torch.linalg.solve(cxx + eye * ridge, cxy) + y_mean
+        d = self.hidden_size
+        mapping, x_offset, y_offset = cold_item_map(sums, (d, d), self.config.cold_item_ridge)
+        rows = (self.content_item_table(own_cold).double() - x_offset) @ mapping + y_offset
         self.item_head.weight[own_cold - head.start] = rows.float()
 
     # ---- forward -----------------------------------------------------------------------------
