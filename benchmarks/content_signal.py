@@ -50,7 +50,7 @@ from cllm4rec_dist.baselines.ease import run as run_ease
 from cllm4rec_dist.baselines.ease import ease_weights
 from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.model.backbone import freeze, load_backbone
+from cllm4rec_dist.model.backbone import freeze, load_backbone, mean_text_hidden
 from cllm4rec_dist.model.cllm4rec import cold_item_map, warm_map_sums
 
 SLICE_KEYS = ("recall@20", "recall@40", "ndcg@100", "cold/recall@20", "cold_only/recall@20",
@@ -58,24 +58,16 @@ SLICE_KEYS = ("recall@20", "recall@40", "ndcg@100", "cold/recall@20", "cold_only
 
 
 @torch.no_grad()
-def backbone_text_vectors(location: dict, texts: list[str], precision: str, batch_size: int = 32,
+def backbone_text_vectors(location: dict, texts: list[str], precision: str,
                           max_tokens: int = 64) -> dict[str, np.ndarray]:
-    """Per item: the mean input word embedding and the mean last hidden state over its text's tokens."""
+    """Per item: the mean input word embedding and the mean last hidden state (``backbone.mean_text_hidden``, the
+    reading ``model.cold_item_source text_hidden`` maps from) over its text's first ``max_tokens`` tokens."""
     tokenizer = load_tokenizer(location)
     model = freeze(load_backbone(location["path"], precision, gguf_file=location.get("gguf_file"), device="cpu"))
-    words = model.get_input_embeddings().weight
-    out: dict[str, list[np.ndarray]] = {"backbone_words": [], "backbone_hidden": []}
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(t or " ", add_special_tokens=False)["input_ids"][:max_tokens] or [0]
-               for t in texts[start:start + batch_size]]
-        width = max(len(i) for i in ids)
-        input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-        weight = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1)
-        hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        out["backbone_words"].append((words[input_ids].float() * weight).sum(1).numpy())
-        out["backbone_hidden"].append((hidden.float() * weight).sum(1).numpy())
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    ids = [tokenizer(t or " ", add_special_tokens=False)["input_ids"][:max_tokens] or [0] for t in texts]
+    words = model.get_input_embeddings().weight.float()
+    return {"backbone_words": torch.stack([words[i].mean(0) for i in ids]).numpy(),
+            "backbone_hidden": mean_text_hidden(model, ids, max_tokens).numpy()}
 
 
 BLEND_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)

@@ -3,10 +3,11 @@
     cllm4rec evaluate --checkpoint RUN_OR_CHECKPOINT [--part valid,test] [--last] [--data DIR] [--out FILE.json]
 
 The best-validation weights (``--last``: the last trained state) with the run's own config: backbone, precision,
-prompts and their item order, exclusions, and the cold items' rows set from their content rows. The metrics are
-those of the run's metrics.json (Recall@20/40, NDCG@100 and, when the dataset holds cold items, the cold slices)
-and reproduce them. Uses: test a tuning trial's selected model once (`cllm4rec tune` never scores test),
-re-score a run after moving its dataset (``--data``), score an interrupted run's best model.
+prompts and their item order, exclusions, and the cold items' scoring rows set as the run sets them. The metrics
+are those of the run's metrics.json (Recall@20/40, NDCG@100 and, when the dataset holds cold items, the cold
+slices) and reproduce them; ``--cold-item-ridge`` / ``--cold-item-source`` score the cold items another way. Uses:
+test a tuning trial's selected model once (`cllm4rec tune` never scores test), re-score a run after moving its
+dataset (``--data``), score an interrupted run's best model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.model.cllm4rec import COLD_ITEM_SOURCES
 from cllm4rec_dist.train.checkpoint import load_trainable, read_saved_weights
 from cllm4rec_dist.train.config import config_from_dict
 from cllm4rec_dist.train.recipe import build_model
@@ -31,10 +33,12 @@ class EvaluateError(UserError, ValueError):
 
 
 def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_dir: str | None = None,
-                        device: str = "cpu", cold_item_ridge: float | None = None) -> dict:
-    """{"checkpoint", "weights", "global_step", "best", "cold_item_ridge", <part>: metrics for each of ``parts``}.
-    ``cold_item_ridge``: score the cold items through a centred map of that strength instead of the run's own
-    ``model.cold_item_ridge`` (a separate item head only; the weights are unchanged)."""
+                        device: str = "cpu", cold_item_ridge: float | None = None,
+                        cold_item_source: str | None = None) -> dict:
+    """{"checkpoint", "weights", "global_step", "best", "cold_item_ridge", "cold_item_source", <part>: metrics for
+    each of ``parts``}. ``cold_item_ridge`` / ``cold_item_source``: score the cold items through a centred map of
+    that strength / from that source instead of the run's own ``model.cold_item_ridge`` / ``cold_item_source``
+    (the trained weights are unchanged; only the cold items' scoring rows are set differently)."""
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise EvaluateError(f"--part {','.join(parts)}: choose from {', '.join(PARTS)} (comma-separated).")
@@ -45,6 +49,13 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
         if not cold_item_ridge > 0:
             raise EvaluateError(f"--cold-item-ridge {cold_item_ridge}: must be > 0.")
         cfg.model.cold_item_ridge = cold_item_ridge
+    if cold_item_source is not None:
+        if cold_item_source not in COLD_ITEM_SOURCES:
+            raise EvaluateError(f"--cold-item-source {cold_item_source}: choose one of {', '.join(COLD_ITEM_SOURCES)}.")
+        cfg.model.cold_item_source = cold_item_source
+    if cfg.model.cold_item_source == "text_hidden" and cfg.model.cold_item_ridge is None:
+        raise EvaluateError("--cold-item-source text_hidden maps with the centred ridge: pass --cold-item-ridge "
+                            "(e.g. 10).")
     if cfg.recommender != "cllm4rec":
         raise EvaluateError(f"{ckpt_path}: an {cfg.recommender} run. A-LLMRec is scored on its stored candidates "
                             "during training (its metrics.json); `cllm4rec evaluate` scores CLLM4Rec runs.")
@@ -64,7 +75,7 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     record = saved.snapshot["state"]
     result = {"checkpoint": ckpt_path, "data": data.url, "weights": weights,
               "global_step": record.get("global_step"), "best": record.get("best") or None,
-              "cold_item_ridge": cfg.model.cold_item_ridge}
+              "cold_item_ridge": cfg.model.cold_item_ridge, "cold_item_source": cfg.model.cold_item_source}
     for part in parts:
         result[part] = evaluate_model(model, cfg, docs, space, part, cold_items)
     return result
@@ -83,12 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold-item-ridge", type=float, default=None,
                         help="map a separate item head's cold rows with a centred ridge of this strength instead of "
                              "the run's model.cold_item_ridge (e.g. 10; RESULTS §7)")
+    parser.add_argument("--cold-item-source", default=None, choices=COLD_ITEM_SOURCES,
+                        help="what the cold items' scoring rows are mapped from instead of the run's "
+                             "model.cold_item_source: content_rows or text_hidden (the backbone's reading of "
+                             "items.json; needs a ridge)")
     parser.add_argument("--out", default=None, help="also write the result as JSON here (local path or fsspec URL)")
 
 
 def run(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.part.split(",") if p.strip())
-    result = evaluate_checkpoint(args.checkpoint, parts, args.use_best, args.data, args.device, args.cold_item_ridge)
+    result = evaluate_checkpoint(args.checkpoint, parts, args.use_best, args.data, args.device, args.cold_item_ridge,
+                                 args.cold_item_source)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=1, default=float))

@@ -798,6 +798,83 @@ def test_centred_cold_item_map_is_the_ridge_regression_with_an_intercept(llama_d
             make_model(llama_dir, cold_item_ridge=bad)
 
 
+def item_texts(num_items):
+    """Per item 0-5 vocabulary ids (every 6th item has no text), some longer than the batches' shortest rows."""
+    return [[(7 * j + 3 * k) % (V - 3) + 3 for k in range(j % 6)] for j in range(num_items)]
+
+
+def reference_text_hidden(model, texts):
+    """Each text read alone, unpadded, by the plain backbone: the mean of its last hidden states (zeros: no text)."""
+    rows = []
+    for ids in texts:
+        if not ids:
+            rows.append(torch.zeros(D))
+            continue
+        with torch.no_grad():
+            hidden = model.backbone.base_model(input_ids=torch.tensor([ids])).last_hidden_state
+        rows.append(hidden[0].float().mean(0))
+    return torch.stack(rows)
+
+
+def test_item_text_hidden_is_each_text_read_alone(llama_dir, monkeypatch):
+    """Length-sorted, right-padded batches give each item the mean last hidden state of its own text read alone;
+    several batches (a small token budget) give the same as one."""
+    texts = item_texts(40)
+    model = make_model(llama_dir, num_items=40, item_text_ids=texts, cold_item_ridge=1.0,
+                       cold_item_source="text_hidden")
+    items = torch.tensor([3, 0, 17, 6, 39, 11, 5])
+    want = reference_text_hidden(model, [texts[j] for j in items.tolist()])
+    torch.testing.assert_close(model.item_text_hidden(items), want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr("cllm4rec_dist.model.backbone.TEXT_READING_BATCH_TOKENS", 6)
+    torch.testing.assert_close(model.item_text_hidden(items), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the backbone's vocabulary"):
+        make_model(llama_dir, num_items=2, item_text_ids=[[1, V + 5], []], cold_item_ridge=1.0,
+                   cold_item_source="text_hidden").item_text_hidden(torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("backbone", ["llama_dir", "gpt2_dir"])
+def test_cold_items_mapped_from_the_backbones_reading_of_their_texts(request, backbone):
+    """cold_item_source="text_hidden": the scoring rows of cold items (a separate head's, else the collaborative
+    ones) are the centred ridge from the text readings of the warm items with a text to their scoring rows (a numpy
+    reference); a cold item without text gets the mean warm scoring row; nothing else moves."""
+    num_items, ridge = 90, 0.3
+    texts = item_texts(num_items)
+    model = make_model(request.getfixturevalue(backbone), num_items=num_items, item_text_ids=texts,
+                       cold_item_ridge=ridge, cold_item_source="text_hidden")
+    cold = [6, 7, 50, 83]  # item 6 has no text
+    with torch.no_grad():
+        model.item_head_weight().copy_(torch.randn(num_items, D) * 0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    x = reference_text_hidden(model, texts).double().numpy()
+    y = model.item_head_weight().detach().double().numpy()
+    fit = [j for j in range(num_items) if j not in cold and texts[j]]
+    xc, yc = x[fit] - x[fit].mean(0), y[fit] - y[fit].mean(0)
+    w = np.linalg.solve(xc.T @ xc + ridge * (xc ** 2).sum() / len(fit) * np.eye(D), xc.T @ yc)
+    want = (x[cold] - x[fit].mean(0)) @ w + y[fit].mean(0)
+    want[0] = y[fit].mean(0)
+    model.set_unseen_items_from_content(cold)
+    np.testing.assert_allclose(model.item_head_weight()[cold].detach().numpy(), want, rtol=1e-3, atol=1e-5)
+    scoring = "item_head.weight" if model.item_head is not None else "collab_item_table.weight"
+    for name, after in model.named_parameters():
+        if not after.requires_grad:
+            continue
+        moved = (after.detach() != before[name]).any(-1).nonzero().flatten().tolist() if after.dim() == 2 else []
+        assert moved == (cold if name == scoring else []), name
+
+
+def test_text_hidden_cold_source_is_checked(llama_dir):
+    with pytest.raises(ValueError, match="cold_item_source='bogus'"):
+        make_model(llama_dir, cold_item_source="bogus")
+    with pytest.raises(ValueError, match="set cold_item_ridge"):
+        make_model(llama_dir, item_text_ids=item_texts(J), cold_item_source="text_hidden")
+    with pytest.raises(ValueError, match="needs item_text_ids"):
+        make_model(llama_dir, cold_item_ridge=1.0, cold_item_source="text_hidden")
+    textless = make_model(llama_dir, num_items=4, item_text_ids=[[], [], [5], []], cold_item_ridge=1.0,
+                          cold_item_source="text_hidden")
+    with pytest.raises(ValueError, match="no warm item has a text"):
+        textless.set_unseen_items_from_content([2])
+
+
 def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.eval.evaluate import evaluate_docs

@@ -112,6 +112,7 @@ def _config(data: str, out: str, sharding_mode: str) -> TrainConfig:
     cfg.optim.user_lr_scale = 3.0  # the user tables step in an Adam group of their own, sharded or not
     cfg.optim.item_head_lr_scale = 2.0  # and the item head in another
     cfg.model.cold_item_ridge = 0.5  # the centred cold-item map: its sums all-reduced across ranks
+    cfg.model.cold_item_source = "text_hidden"  # first from the backbone's reading of items.json, then content rows
     return cfg.validate()
 
 
@@ -140,6 +141,18 @@ def _steps(trainer, kinds) -> list[float]:
     return [trainer.train_step(kind)["loss"].item() for kind in kinds]
 
 
+def _cold_rows(model) -> dict:
+    """The cold items' scoring rows set from the item texts' readings, then from the content rows: each rank sets
+    its own rows, the ridge sums are all-reduced."""
+    rows = {}
+    for source in ("text_hidden", "content_rows"):
+        model.config.cold_item_source = source
+        model.set_unseen_items_from_content(COLD)
+        rows.update({f"{source} {n}": model.get_parameter(n).detach().clone()
+                     for n in ("collab_item_table.weight", "item_head.weight")})
+    return rows
+
+
 def _train_on_rank(rank, world, cfg_dict):
     cfg = config_from_dict(cfg_dict)
     recipe = _recipe(cfg, Rank(rank, world))
@@ -150,8 +163,7 @@ def _train_on_rank(rank, world, cfg_dict):
     before = _steps(trainer, STEPS)
     trainer.save_checkpoint()
     after = _steps(trainer, AFTER)
-    model.set_unseen_items_from_content(COLD)  # each rank its own rows; the head's ridge fit all-reduced
-    cold_rows = {n: model.get_parameter(n).detach().clone() for n in ("collab_item_table.weight", "item_head.weight")}
+    cold_rows = _cold_rows(model)  # each rank its own rows; the head's ridge fit all-reduced
     engines = {name: e for name, e in trainer.engines.items()}
     optimizer_shapes = {n: [tuple(t.shape) for t in e.optimizer.state[p].values() if t.dim() > 0]
                         for e in engines.values() for n, (p, _) in getattr(e, "shards", {}).items()}
@@ -185,9 +197,7 @@ def replicated_reference(demo_data, row_run, tmp_path_factory):
     result = {"valid": trainer.evaluate("valid"), "grads": _gradients(recipe, 1), "before": _steps(trainer, STEPS),
               "after": _steps(trainer, AFTER),
               "resident": sum(p.numel() * 4 * 3 for e in trainer.engines.values() for p in e.params)}
-    recipe.model.set_unseen_items_from_content(COLD)
-    result["cold"] = {n: recipe.model.get_parameter(n).detach().clone()
-                      for n in ("collab_item_table.weight", "item_head.weight")}
+    result["cold"] = _cold_rows(recipe.model)
     return result
 
 
@@ -207,8 +217,10 @@ def test_row_and_replicated_give_the_same_losses_gradients_and_metrics(row_run, 
             torch.testing.assert_close(sharded, grad, rtol=1e-4, atol=1e-7, msg=f"{kind} {name}")
     for rank in range(2):
         assert out[rank]["valid"] == pytest.approx(ref["valid"], rel=1e-6)
-    for name, rows in ref["cold"].items():  # cold items' rows: content rows, and the head's ridge regression
+    for name, rows in ref["cold"].items():  # cold items' rows: text map, content rows and the head's content map
         torch.testing.assert_close(torch.cat([o["cold"][name] for o in out]), rows, rtol=1e-4, atol=1e-6, msg=name)
+    text, content = ref["cold"]["text_hidden item_head.weight"], ref["cold"]["content_rows item_head.weight"]
+    assert not torch.allclose(text[COLD], content[COLD])  # two different maps were compared
 
 
 def test_each_rank_holds_half_of_every_table_head_and_adam_state(row_run, replicated_reference):

@@ -162,6 +162,15 @@ def test_config_yaml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="model.cold_item_ridge=0.0: must be > 0"):
         config_from_args(p.parse_args(["--model.cold_item_ridge", "0"]))
     assert config_from_args(p.parse_args(["--model.cold_item_ridge", "10"])).model.cold_item_ridge == 10.0
+    with pytest.raises(ValueError, match="model.cold_item_source.*one of content_rows, text_hidden"):
+        config_from_args(p.parse_args(["--model.cold_item_source", "text"]))
+    with pytest.raises(ValueError, match="model.cold_item_ridge=None: must be a number > 0 .* text_hidden"):
+        config_from_args(p.parse_args(["--model.cold_item_source", "text_hidden"]))
+    text_cold = config_from_args(p.parse_args(["--model.cold_item_source", "text_hidden",
+                                               "--model.cold_item_ridge", "1"])).model
+    assert text_cold.reads_item_texts() and text_cold.reads_item_texts(loads_weights=True)
+    starts_at_text = config_from_args(p.parse_args(["--model.content_init", "text"])).model
+    assert starts_at_text.reads_item_texts() and not starts_at_text.reads_item_texts(loads_weights=True)
     with pytest.raises(ValueError, match="optim.item_head_lr_scale"):
         config_from_args(p.parse_args(["--optim.item_head_lr_scale", "0"]))
     with pytest.raises(ValueError, match="quantised"):
@@ -358,7 +367,7 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
         assert metrics[part]["cold_only/recall@20"] >= metrics[part]["cold/recall@20"]
         assert 0 < metrics[part]["cold_only_random/recall@20"] <= 1  # 1 when fewer than 20 cold items are left
     # `cllm4rec evaluate` sets the cold rows from content as training did: the same slices
-    from cllm4rec_dist.evaluate_run import evaluate_checkpoint
+    from cllm4rec_dist.evaluate_run import EvaluateError, evaluate_checkpoint
 
     result = evaluate_checkpoint(str(tmp_path / "run"))
     for part in ("valid", "test"):
@@ -370,6 +379,16 @@ def test_sparse_cold_item_regime_end_to_end(demo_raw, tmp_path):
     assert centred["test"]["cold_only_random/recall@20"] == result["test"]["cold_only_random/recall@20"]
     assert centred["test"]["cold/recall@20"] != result["test"]["cold/recall@20"] or \
         centred["test"]["cold_only/recall@20"] != result["test"]["cold_only/recall@20"]
+    # the cold items scored from the backbone's reading of their texts (items.json), through the command line
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--part", "test", "--cold-item-source",
+                 "text_hidden", "--cold-item-ridge", "1", "--out", str(tmp_path / "text.json")]) == 0
+    text = json.loads((tmp_path / "text.json").read_text())
+    assert text["cold_item_source"] == "text_hidden" and result["cold_item_source"] == "content_rows"
+    assert text["test"]["cold_only_random/recall@20"] == result["test"]["cold_only_random/recall@20"]
+    assert text["test"]["cold_only/recall@20"] != centred["test"]["cold_only/recall@20"] or \
+        text["test"]["ndcg@100"] != centred["test"]["ndcg@100"]
+    with pytest.raises(EvaluateError, match="pass --cold-item-ridge"):
+        evaluate_checkpoint(str(tmp_path / "run"), parts=("test",), cold_item_source="text_hidden")
     # the baselines read the same cold items from the dataset and report the same slices over the same users
     assert main(["baselines", "--data", data, "--model", "content-knn", "--neighbours", "5",
                  "--out", str(tmp_path / "knn.json")]) == 0

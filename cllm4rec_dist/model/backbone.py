@@ -219,3 +219,42 @@ def is_quantised(model: PreTrainedModel) -> bool:
 def compute_dtype(model: PreTrainedModel) -> torch.dtype:
     """The dtype the decoder consumes: that of its (never quantised) input embeddings."""
     return model.get_input_embeddings().weight.dtype
+
+
+TEXT_READING_BATCH_TOKENS = 8192
+"""Padded tokens per forward pass when ``mean_text_hidden`` reads many texts."""
+
+
+@torch.no_grad()
+def mean_text_hidden(model: PreTrainedModel, texts: list[list[int]], max_tokens: int,
+                     batch_tokens: int | None = None) -> torch.Tensor:
+    """(len(texts), d) fp32: per text (vocabulary ids), the mean of the backbone's last hidden states over its first
+    ``max_tokens`` tokens, each text read on its own; zeros for an empty text. Texts are sorted by length and
+    right-padded into batches of at most ``batch_tokens`` (default ``TEXT_READING_BATCH_TOKENS``): under the causal
+    mask a real token never attends to the padding after it, the mean skips the padding, and the sorting keeps
+    little of the compute on it."""
+    batch_tokens = batch_tokens or TEXT_READING_BATCH_TOKENS
+    device = model.get_input_embeddings().weight.device
+    out = torch.zeros(len(texts), hidden_size(model), dtype=torch.float32, device=device)
+    order = sorted((len(ids[:max_tokens]), row) for row, ids in enumerate(texts) if ids)
+    flat = [t for _, row in order for t in texts[row][:max_tokens]]
+    if flat and not 0 <= min(flat) <= max(flat) < vocab_size(model):
+        raise ValueError(f"text ids outside the backbone's vocabulary 0..{vocab_size(model) - 1}: they must come "
+                         "from the backbone's own tokenizer")
+    start = 0
+    while start < len(order):
+        stop = start + 1  # ascending lengths: a batch is as wide as its last text
+        while stop < len(order) and (stop + 1 - start) * order[stop][0] <= batch_tokens:
+            stop += 1
+        batch = order[start:stop]
+        width = batch[-1][0]
+        input_ids = torch.tensor([texts[row][:n] + [0] * (width - n) for n, row in batch], device=device)
+        lengths = torch.tensor([n for n, _ in batch], device=device)
+        positions = torch.arange(width, device=device).expand(len(batch), -1)
+        embeds = model.get_input_embeddings()(input_ids).to(compute_dtype(model))
+        hidden = model.base_model(inputs_embeds=embeds, position_ids=positions,
+                                  use_cache=False).last_hidden_state.float()
+        real = (positions < lengths[:, None]).unsqueeze(-1)
+        out[[row for _, row in batch]] = (hidden * real).sum(1) / lengths[:, None]
+        start = stop
+    return out

@@ -27,6 +27,11 @@ TOKEN_INITS = ("normal", "vocab", "text")
 """How the user/item token tables start (ModelConfig.token_init)."""
 CONTENT_INITS = ("draw", "collab", "text")
 """Where the content user/item rows start (ModelConfig.content_init)."""
+COLD_ITEM_SOURCES = ("content_rows", "text_hidden")
+"""What the rows that score cold items are set from (ModelConfig.cold_item_source)."""
+TEXT_HIDDEN_MAX_TOKENS = 128
+"""Tokens of an item's text the backbone reads for ``cold_item_source="text_hidden"`` (a title and attributes fit;
+a long description is cut, as the item's prompt text would be)."""
 
 
 @dataclass
@@ -77,9 +82,18 @@ class ModelConfig:
     W = (C_xx + r tr(C_xx)/n I)^-1 C_xy. With word-scale rows the uncentred map gives the cold items large head
     rows that enter every user's top 20; a centred map at r = 10 doubled a cold-item run's overall Recall@20
     (RESULTS §7, "What the item texts can tell")."""
+    cold_item_source: str = "content_rows"
+    """What cold items' scoring rows are set from (``set_unseen_items_from_content``). "content_rows": a tied
+    head's collaborative row is the item's content row (the MR prior's mode), a separate head's row the ridge map
+    of it (``cold_item_ridge``). "text_hidden": the frozen backbone reads the item's text (``item_text_ids``) and
+    the mean of its last hidden states over the text's tokens is mapped, by the same ridge fitted on the warm
+    items, to the scoring row (the separate head's row, else the collaborative row). The content rows learn little
+    from one short text per item (they end within 4-11% of their draw, RESULTS §7) while the backbone's own
+    reading of the text ranks cold items well above random. Needs ``cold_item_ridge`` and ``item_text_ids``."""
     item_text_ids: list[list[int]] | None = None
-    """token_init="text" or content_init="text": per item, the backbone-vocabulary token ids of its text (an empty
-    list: that item starts at the vocabulary's mean row)."""
+    """token_init="text", content_init="text" or cold_item_source="text_hidden": per item, the backbone-vocabulary
+    token ids of its text (an empty list: that item starts at the vocabulary's mean row and maps to the mean warm
+    scoring row)."""
     max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     ft_all: bool = False
@@ -169,10 +183,21 @@ class CLLM4Rec(nn.Module):
         if config.cold_item_ridge is not None and not config.cold_item_ridge > 0:
             raise ValueError(f"cold_item_ridge={config.cold_item_ridge!r}: must be > 0 (or None for the map through "
                              "the origin)")
+        if config.cold_item_source not in COLD_ITEM_SOURCES:
+            raise ValueError(f"cold_item_source={config.cold_item_source!r}; choose one of "
+                             f"{', '.join(COLD_ITEM_SOURCES)}")
+        if config.cold_item_source == "text_hidden":
+            if config.cold_item_ridge is None:
+                raise ValueError("cold_item_source='text_hidden' maps backbone hidden states to scoring rows with the "
+                                 "centred ridge: set cold_item_ridge (e.g. 10)")
+            if config.item_text_ids is None or len(config.item_text_ids) != config.num_items:
+                raise ValueError(f"cold_item_source='text_hidden' needs item_text_ids for each of the "
+                                 f"{config.num_items} items")
         for name in ("table_sharding", "item_head_sharding"):
             if getattr(config, name) not in TABLE_SHARDINGS:
                 raise ValueError(f"{name}={getattr(config, name)!r}; choose one of {', '.join(TABLE_SHARDINGS)}")
         self.config = config
+        self._text_hidden: torch.Tensor | None = None  # this rank's item_text_hidden rows (cold_item_source)
         if backbone is None:
             backbone = bb.load_backbone(config.backbone, config.precision, gguf_file=config.gguf_file,
                                         from_scratch=config.from_scratch, trainable=config.backbone_trainable,
@@ -358,35 +383,72 @@ class CLLM4Rec(nn.Module):
 
     @torch.no_grad()
     def set_unseen_items_from_content(self, items) -> None:
-        """Cold items (never in a collaborative document): their collaborative rows take the MODE of the
-        mutual-regularisation prior z_collab ~ N(z_content, I / lambda_c), i.e. their content rows, which the
-        C-steps trained on their texts (no likelihood term pulls the collaborative row anywhere else).
-        A separate item head (untied backbones) has no prior of its own: its cold rows come from a ridge
-        regression, fitted on the warm items, from content rows to head rows. With row-sharded tables or head
-        each rank sets its own rows (the regression's sums are all-reduced); every rank must call this."""
+        """Cold items (never in a collaborative document) get the rows that score them from their content.
+        ``cold_item_source="content_rows"``: their collaborative rows take the MODE of the mutual-regularisation
+        prior z_collab ~ N(z_content, I / lambda_c), i.e. their content rows, which the C-steps trained on their
+        texts (no likelihood term pulls the collaborative row anywhere else); a separate item head (untied
+        backbones) has no prior of its own, so its cold rows come from a ridge regression, fitted on the warm items,
+        from content rows to head rows. ``"text_hidden"``: the scoring rows (separate head, else collaborative)
+        come from the same ridge fitted from the backbone's reading of the warm items' texts
+        (``item_text_hidden``). With row-sharded tables or head each rank sets its own rows (the regression's sums
+        are all-reduced); every rank must call this."""
         device = self.collab_item_table.weight.device
         cold = torch.as_tensor(list(items), dtype=torch.long, device=device)
         if cold.numel() == 0:
             return
-        tables = (self.collab_item_table.layout if isinstance(self.collab_item_table, RowShardedTable)
-                  else RowLayout(self.num_items))
-        local = cold[(cold >= tables.start) & (cold < tables.stop)] - tables.start  # same rows in both tables
-        self.collab_item_table.weight[local] = self.content_item_table.weight[local]
-        if self.item_head is None:
-            return
-        head = self.item_head_layout()
+        from_text = self.config.cold_item_source == "text_hidden"
+        if not from_text:
+            tables = (self.collab_item_table.layout if isinstance(self.collab_item_table, RowShardedTable)
+                      else RowLayout(self.num_items))
+            local = cold[(cold >= tables.start) & (cold < tables.stop)] - tables.start  # same rows in both tables
+            self.collab_item_table.weight[local] = self.content_item_table.weight[local]
+            if self.item_head is None:
+                return
+        scoring = self.item_head_weight()  # this rank's rows of the separate head or the collaborative table
+        layout = self.item_head_layout()
         warm = torch.ones(self.num_items, dtype=torch.bool, device=device)
         warm[cold] = False
-        own = torch.arange(head.start, head.stop, device=device)
+        own = torch.arange(layout.start, layout.stop, device=device)
         own_warm, own_cold = own[warm[own]], own[~warm[own]]
-        x = self.content_item_table(own_warm).double()  # a lookup: collective when the tables are sharded
-        sums = warm_map_sums(x, self.item_head.weight[own_warm - head.start].double())
-        if head.distributed:
+        if from_text and (self._text_hidden is None or self.backbone_trainable):  # a frozen backbone reads once
+            self._text_hidden = self.item_text_hidden(own)
+        x_warm, warm_has_text = self._cold_map_inputs(own_warm)
+        fit = own_warm[warm_has_text]
+        sums = warm_map_sums(x_warm[warm_has_text], scoring[fit - layout.start].double())
+        if layout.distributed:
             all_reduce_sum_(sums)
+        if not sums[-1] > 0:
+            raise ValueError("no warm item has a text (item_text_ids) to fit the cold map on; use "
+                             "cold_item_source='content_rows'" if from_text else
+                             "every item is cold: there is no warm item to fit the cold map on")
         d = self.hidden_size
-        mapping, x_offset, y_offset = cold_item_map(sums, (d, d), self.config.cold_item_ridge)
-        rows = (self.content_item_table(own_cold).double() - x_offset) @ mapping + y_offset
-        self.item_head.weight[own_cold - head.start] = rows.float()
+        mapping, x_offset, y_offset = cold_item_map(sums, (x_warm.shape[1], d), self.config.cold_item_ridge)
+        x_cold, cold_has_text = self._cold_map_inputs(own_cold)
+        rows = (x_cold - x_offset) @ mapping + y_offset
+        rows[~cold_has_text] = y_offset  # nothing to read: the mean warm scoring row
+        scoring[own_cold - layout.start] = rows.to(scoring.dtype)
+
+    def _cold_map_inputs(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x float64, has_input bool) of ``items`` (this rank's rows of the scoring table): what the cold map
+        regresses from. Content rows always exist (a lookup, collective when the tables are sharded); a text
+        reading (``_text_hidden``: this rank's rows, kept while the backbone is frozen, as large as the rank's
+        scoring rows) only where the item has text."""
+        if self.config.cold_item_source == "content_rows":
+            return self.content_item_table(items).double(), torch.ones_like(items, dtype=torch.bool)
+        layout = self.item_head_layout()
+        has_text = torch.tensor([bool(self.config.item_text_ids[j]) for j in items.tolist()], dtype=torch.bool,
+                                device=items.device)
+        return self._text_hidden[items - layout.start].double(), has_text
+
+    def item_text_hidden(self, items: torch.Tensor) -> torch.Tensor:
+        """(n, d) fp32: per item, the mean of the backbone's last hidden states over its text's tokens
+        (``item_text_ids``, the first ``TEXT_HIDDEN_MAX_TOKENS``; ``backbone.mean_text_hidden``); zeros for an item
+        without text. No user/item token is read, so this is local to each rank."""
+        texts = self.config.item_text_ids
+        if texts is None or len(texts) != self.num_items:
+            raise ValueError(f"item_text_hidden needs item_text_ids for each of the {self.num_items} items")
+        return bb.mean_text_hidden(self.backbone, [texts[j] for j in items.tolist()],
+                                   TEXT_HIDDEN_MAX_TOKENS).to(items.device)
 
     # ---- forward -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import yaml
 
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.eval.metrics import SELECTION_METRICS
-from cllm4rec_dist.model.cllm4rec import CONTENT_INITS, MR_REDUCTIONS, TOKEN_INITS
+from cllm4rec_dist.model.cllm4rec import COLD_ITEM_SOURCES, CONTENT_INITS, MR_REDUCTIONS, TOKEN_INITS
 from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.train.loader import BatchSettings
@@ -70,6 +70,11 @@ class ModelSettings:
     regression fitted on the warm items: None = through the origin with a tiny ridge (runs before this setting);
     a number r = centred (a cold item starts at the mean warm head row) with ridge r x the mean squared centred
     row norm. r = 10 doubled a cold-item run's overall Recall@20 with word-scale rows (RESULTS §7)."""
+    cold_item_source: str = "content_rows"
+    """What cold items are scored from: 'content_rows' (a tied head's collaborative row is the content row, the MR
+    prior's mode; a separate head's row the cold_item_ridge map of it) or 'text_hidden' (the frozen backbone reads
+    the item's text in items.json; the mean of its last hidden states is mapped to the scoring row by the centred
+    ridge fitted on the warm items; needs cold_item_ridge and a dataset with items.json; RESULTS §7)."""
     max_logit_elements: int = 2**24
     """Most logits the item/vocab softmax holds at once (chunked beyond that)."""
     separate_item_head: bool | None = None
@@ -86,6 +91,12 @@ class ModelSettings:
     """The separate item head (untied backbones such as LLaMA): 'replicated' or 'row' (1/W of the items per rank, a
     vocabulary-parallel item softmax that never gathers the head, top-K per rank then merged). A tied backbone
     scores items with the collaborative item table: set it like table_sharding."""
+
+    def reads_item_texts(self, loads_weights: bool = False) -> bool:
+        """Whether building the model tokenises the dataset's item texts (items.json): to start tables at them
+        (not when every trained tensor is loaded from a checkpoint right after) or to score cold items from them."""
+        starts_at_text = "text" in (self.token_init, self.content_init) and not loads_weights
+        return starts_at_text or self.cold_item_source == "text_hidden"
 
 
 @dataclass
@@ -348,6 +359,11 @@ class TrainConfig:
                  f"one of {', '.join(CONTENT_INITS)}")
         _require(self.model.cold_item_ridge is None or self.model.cold_item_ridge > 0, "model.cold_item_ridge",
                  self.model.cold_item_ridge, "> 0, or unset (null) for the map through the origin")
+        _require(self.model.cold_item_source in COLD_ITEM_SOURCES, "model.cold_item_source",
+                 self.model.cold_item_source, f"one of {', '.join(COLD_ITEM_SOURCES)}")
+        _require(self.model.cold_item_source != "text_hidden" or self.model.cold_item_ridge is not None,
+                 "model.cold_item_ridge", self.model.cold_item_ridge,
+                 "a number > 0 (e.g. 10) with model.cold_item_source text_hidden (the centred map)")
         _require(self.model.max_logit_elements >= 1, "model.max_logit_elements", self.model.max_logit_elements, ">= 1")
         for name in ("num_workers", "cpus_per_worker"):
             _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")

@@ -48,12 +48,17 @@ def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
     return location
 
 
+def check_item_texts(data: ShardedDataset) -> None:
+    if ITEMS_FILE not in data.manifest["files"]:
+        raise ValueError(f"model.token_init/content_init text or model.cold_item_source text_hidden: {data.url} has "
+                         f"no {ITEMS_FILE} (item texts); re-run `cllm4rec preprocess` with this version, or choose "
+                         "another token_init / content_init / cold_item_source")
+
+
 def item_text_ids(data: ShardedDataset, location: dict) -> list[list[int]]:
     """Per item, the backbone-tokenizer ids of its text (items.json's description: title and attributes), for
-    ``model.token_init: text`` and ``model.content_init: text``."""
-    if ITEMS_FILE not in data.manifest["files"]:
-        raise ValueError(f"model.token_init/content_init text: {data.url} has no {ITEMS_FILE} (item texts); re-run "
-                         "`cllm4rec preprocess` with this version, or choose another token_init / content_init")
+    ``model.token_init: text``, ``model.content_init: text`` and ``model.cold_item_source: text_hidden``."""
+    check_item_texts(data)
     tokenizer = load_tokenizer(location)
     return [tokenizer.encode(" " + text, add_special_tokens=False) if text else []
             for text in data.read_json(ITEMS_FILE)["descriptions"]]
@@ -66,13 +71,13 @@ def build_model(cfg: TrainConfig, data: ShardedDataset, device: str, loads_weigh
     location = backbone_location(cfg, data.manifest)
     token_init = "normal" if loads_weights else cfg.model.token_init
     content_init = "draw" if loads_weights else cfg.model.content_init
-    texts = item_text_ids(data, location) if "text" in (token_init, content_init) else None
+    texts = item_text_ids(data, location) if cfg.model.reads_item_texts(loads_weights) else None
     return CLLM4Rec(ModelConfig(
         backbone=location["path"], gguf_file=location["gguf_file"], num_users=data.num_users,
         num_items=data.num_items, precision=cfg.model.precision, lambda_c=cfg.lambda_c,
         mr_reduction=cfg.model.mr_reduction, init_std=cfg.model.init_std,
         token_init=token_init, content_init=content_init, item_text_ids=texts,
-        cold_item_ridge=cfg.model.cold_item_ridge,
+        cold_item_ridge=cfg.model.cold_item_ridge, cold_item_source=cfg.model.cold_item_source,
         max_logit_elements=cfg.model.max_logit_elements,
         ft_all=cfg.ablation == "ftall", from_scratch=cfg.ablation == "scratch",
         separate_item_head=cfg.model.separate_item_head, gqa_attention=cfg.model.gqa_attention,
@@ -111,6 +116,12 @@ class CLLM4RecRecipe:
         self.timer = timer or PhaseTimer()  # rank 0 writes it to <run>/timing.json
         if not cfg.out:
             cfg.out = default_run_dir()
+
+    @staticmethod
+    def check_data(cfg: TrainConfig) -> None:
+        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks."""
+        if cfg.model.reads_item_texts():
+            check_item_texts(ShardedDataset(cfg.data))
 
     def setup(self) -> "CLLM4RecRecipe":
         cfg, rank = self.cfg, self.rank
