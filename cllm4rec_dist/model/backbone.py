@@ -221,6 +221,14 @@ def compute_dtype(model: PreTrainedModel) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
+def check_text_ids(texts: list[list[int]], num_words: int) -> None:
+    """Texts given as token ids must be the backbone's own: every id in 0..num_words-1."""
+    flat = [t for ids in texts for t in ids]
+    if flat and not 0 <= min(flat) <= max(flat) < num_words:
+        raise ValueError(f"item_text_ids hold ids outside the backbone's vocabulary 0..{num_words - 1}: they must come "
+                         "from the backbone's own tokenizer")
+
+
 TEXT_READING_BATCH_TOKENS = 8192
 """Padded tokens per forward pass when ``mean_text_hidden`` reads many texts."""
 
@@ -237,10 +245,7 @@ def mean_text_hidden(model: PreTrainedModel, texts: list[list[int]], max_tokens:
     device = model.get_input_embeddings().weight.device
     out = torch.zeros(len(texts), hidden_size(model), dtype=torch.float32, device=device)
     order = sorted((len(ids[:max_tokens]), row) for row, ids in enumerate(texts) if ids)
-    flat = [t for _, row in order for t in texts[row][:max_tokens]]
-    if flat and not 0 <= min(flat) <= max(flat) < vocab_size(model):
-        raise ValueError(f"text ids outside the backbone's vocabulary 0..{vocab_size(model) - 1}: they must come "
-                         "from the backbone's own tokenizer")
+    check_text_ids([texts[row][:max_tokens] for _, row in order], vocab_size(model))
     start = 0
     while start < len(order):
         stop = start + 1  # ascending lengths: a batch is as wide as its last text

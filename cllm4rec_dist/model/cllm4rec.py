@@ -128,10 +128,7 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
     if item_text_ids is None or len(item_text_ids) != num_items:
         raise ValueError(f"token_init='text' and content_init='text' need item_text_ids for each of the {num_items} "
                          f"items (got {'none' if item_text_ids is None else len(item_text_ids)})")
-    flat = [t for ids in item_text_ids for t in ids]
-    if flat and not 0 <= min(flat) <= max(flat) < vocab.shape[0]:
-        raise ValueError(f"item_text_ids hold ids outside the backbone's vocabulary 0..{vocab.shape[0] - 1}: "
-                         "they must come from the backbone's own tokenizer")
+    bb.check_text_ids(item_text_ids, vocab.shape[0])
     rows = vocab.mean(0).repeat(num_items, 1)
     has_text = [j for j, ids in enumerate(item_text_ids) if ids]
     if has_text:
