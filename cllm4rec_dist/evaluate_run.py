@@ -21,7 +21,7 @@ from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.model.cllm4rec import COLD_ITEM_SOURCES
 from cllm4rec_dist.train.checkpoint import load_trainable, read_saved_weights
-from cllm4rec_dist.train.config import config_from_dict
+from cllm4rec_dist.train.config import ConfigError, config_from_dict
 from cllm4rec_dist.train.recipe import build_model
 from cllm4rec_dist.train.trainer import evaluate_model
 
@@ -46,16 +46,13 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     ckpt_path, weights = saved.path, saved.weights
     cfg = config_from_dict(saved.snapshot["config"], f"{ckpt_path} (snapshot config)")
     if cold_item_ridge is not None:
-        if not cold_item_ridge > 0:
-            raise EvaluateError(f"--cold-item-ridge {cold_item_ridge}: must be > 0.")
         cfg.model.cold_item_ridge = cold_item_ridge
     if cold_item_source is not None:
-        if cold_item_source not in COLD_ITEM_SOURCES:
-            raise EvaluateError(f"--cold-item-source {cold_item_source}: choose one of {', '.join(COLD_ITEM_SOURCES)}.")
         cfg.model.cold_item_source = cold_item_source
-    if cfg.model.cold_item_source == "text_hidden" and cfg.model.cold_item_ridge is None:
-        raise EvaluateError("--cold-item-source text_hidden maps with the centred ridge: pass --cold-item-ridge "
-                            "(e.g. 10).")
+    try:
+        cfg.model.check_cold_map()  # the training config's own rules, on the run's settings with the overrides
+    except ConfigError as e:
+        raise EvaluateError(f"{e} For a trained run, pass --cold-item-ridge R / --cold-item-source S.") from None
     if cfg.recommender != "cllm4rec":
         raise EvaluateError(f"{ckpt_path}: an {cfg.recommender} run. A-LLMRec is scored on its stored candidates "
                             "during training (its metrics.json); `cllm4rec evaluate` scores CLLM4Rec runs.")

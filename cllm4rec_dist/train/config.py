@@ -92,6 +92,17 @@ class ModelSettings:
     vocabulary-parallel item softmax that never gathers the head, top-K per rank then merged). A tied backbone
     scores items with the collaborative item table: set it like table_sharding."""
 
+    def check_cold_map(self) -> None:
+        """The cold-item map's settings (``cold_item_ridge``, ``cold_item_source``) are valid together; ConfigError
+        naming the setting otherwise. Also checks a run's settings overridden after training (`cllm4rec evaluate`)."""
+        _require(self.cold_item_ridge is None or self.cold_item_ridge > 0, "model.cold_item_ridge",
+                 self.cold_item_ridge, "> 0, or unset (null) for the map through the origin")
+        _require(self.cold_item_source in COLD_ITEM_SOURCES, "model.cold_item_source", self.cold_item_source,
+                 f"one of {', '.join(COLD_ITEM_SOURCES)}")
+        _require(self.cold_item_source != "text_hidden" or self.cold_item_ridge is not None,
+                 "model.cold_item_ridge", self.cold_item_ridge,
+                 "a number > 0 (e.g. 10) with model.cold_item_source text_hidden (the centred map)")
+
     def reads_item_texts(self, loads_weights: bool = False) -> bool:
         """Whether building the model tokenises the dataset's item texts (items.json): to start tables at them
         (not when every trained tensor is loaded from a checkpoint right after) or to score cold items from them."""
@@ -357,13 +368,7 @@ class TrainConfig:
                  f"one of {', '.join(TOKEN_INITS)}")
         _require(self.model.content_init in CONTENT_INITS, "model.content_init", self.model.content_init,
                  f"one of {', '.join(CONTENT_INITS)}")
-        _require(self.model.cold_item_ridge is None or self.model.cold_item_ridge > 0, "model.cold_item_ridge",
-                 self.model.cold_item_ridge, "> 0, or unset (null) for the map through the origin")
-        _require(self.model.cold_item_source in COLD_ITEM_SOURCES, "model.cold_item_source",
-                 self.model.cold_item_source, f"one of {', '.join(COLD_ITEM_SOURCES)}")
-        _require(self.model.cold_item_source != "text_hidden" or self.model.cold_item_ridge is not None,
-                 "model.cold_item_ridge", self.model.cold_item_ridge,
-                 "a number > 0 (e.g. 10) with model.cold_item_source text_hidden (the centred map)")
+        self.model.check_cold_map()
         _require(self.model.max_logit_elements >= 1, "model.max_logit_elements", self.model.max_logit_elements, ">= 1")
         for name in ("num_workers", "cpus_per_worker"):
             _require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")
