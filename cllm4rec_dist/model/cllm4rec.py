@@ -140,8 +140,8 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
 
 
 def warm_map_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """What ``cold_item_map`` is fitted from, over some warm items (content rows ``x``, head rows ``y``, float64):
-    X^T X, X^T Y, the column sums of X and Y, the sum of squares of X and the item count, in one vector, so that
+    """What ``cold_item_map`` is fitted from, over some warm items (inputs ``x``: content rows or text readings;
+    scoring rows ``y``; float64): X^T X, X^T Y, the column sums of X and Y, the sum of squares of X and the item count, in one vector, so that
     ranks holding different items add theirs up with one all-reduce."""
     count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
     return torch.cat([(x.T @ x).reshape(-1), (x.T @ y).reshape(-1), x.sum(0), y.sum(0),
@@ -150,11 +150,11 @@ def warm_map_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def cold_item_map(sums: torch.Tensor, dims: tuple[int, int],
                   ridge: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W, x_offset, y_offset) of the ridge regression from content rows (``dims[0]`` wide) to head rows
-    (``dims[1]``) fitted on ``warm_map_sums`` of all warm items; a cold item's head row is
-    (x - x_offset) W + y_offset (``ModelConfig.cold_item_ridge``). ``ridge`` None: through the origin, ridge 1e-3 x
-    the mean squared row norm (offsets 0). A number r: centred, C_xx = X^T X - n m_x m_x^T (C_xy likewise), ridge
-    r x tr(C_xx) / n, offsets the warm means."""
+    """(W, x_offset, y_offset) of the ridge regression from the map's inputs (``dims[0]`` wide: content rows or text
+    readings, ``ModelConfig.cold_item_source``) to scoring rows (``dims[1]``) fitted on ``warm_map_sums`` of all
+    warm items; a cold item's scoring row is (x - x_offset) W + y_offset (``ModelConfig.cold_item_ridge``).
+    ``ridge`` None: through the origin, ridge 1e-3 x the mean squared row norm (offsets 0). A number r: centred,
+    C_xx = X^T X - n m_x m_x^T (C_xy likewise), ridge r x tr(C_xx) / n, offsets the warm means."""
     dx, dy = dims
     xtx, xty = sums[: dx * dx].view(dx, dx), sums[dx * dx: dx * dx + dx * dy].view(dx, dy)
     rest = sums[dx * dx + dx * dy:]
