@@ -141,8 +141,8 @@ def text_rows(vocab: torch.Tensor, item_text_ids: list[list[int]] | None, num_it
 
 def warm_map_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """What ``cold_item_map`` is fitted from, over some warm items (inputs ``x``: content rows or text readings;
-    scoring rows ``y``; float64): X^T X, X^T Y, the column sums of X and Y, the sum of squares of X and the item count, in one vector, so that
-    ranks holding different items add theirs up with one all-reduce."""
+    scoring rows ``y``; float64): X^T X, X^T Y, the column sums of X and Y, the sum of squares of X and the item
+    count, in one vector, so that ranks holding different items add theirs up with one all-reduce."""
     count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
     return torch.cat([(x.T @ x).reshape(-1), (x.T @ y).reshape(-1), x.sum(0), y.sum(0),
                       torch.stack([x.pow(2).sum(), count])])
