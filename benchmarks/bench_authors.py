@@ -19,14 +19,15 @@ Their code needs transformers 4.x (their requirements.txt pins 4.24.0; transform
 tokenizer ``encoder``): give ``--authors-python`` a Python that has it, e.g. a venv with
 ``pip install transformers==4.24.0`` whose other packages (torch, accelerate, scipy, fsspec) are this project's.
 
-What runs, on the same documents (``--data``, default: a small synthetic demo, 800 users x 200 items before its 5-core filter (748 x 200 after),
-preprocessed with the tiny-gpt2 preset; converted to their layout by ``benchmarks/llm4rec_format.py``) and the same backbone weights:
+What runs, on the same documents (``--data``, default: a small synthetic demo, 800 users x 200 items before its
+5-core filter (748 x 200 after), preprocessed with the tiny-gpt2 preset; converted to their layout by
+``benchmarks/llm4rec_format.py``) and the same backbone weights:
 
 | phase | theirs | ours (``cllm4rec train``, one process, torch Adam) |
 | --- | --- | --- |
 | warm-up | ``training.py``: content-only pretraining epoch 1 | ``warmup`` epoch (C-steps) |
 | pretraining | ``training.py``: iterative epoch 1 (collaborative + content epoch) | ``pretrain`` epoch (L + C epochs) |
-| finetuning | ``finetuning.py``: epoch 1 (rec epoch, validation, content epoch) | ``finetune`` epoch (rec + C, validation) |
+| finetuning | ``finetuning.py``: epoch 1 (rec, validation, content) | ``finetune`` epoch (rec + C, validation) |
 
 Their epochs are timed from their own progress lines (each stamped when it reaches us; their scripts are stopped
 once the first epoch of the measured phase has printed), ours from ``train_log.jsonl`` (per-step seconds: batch,
@@ -105,7 +106,8 @@ def check_authors_code(path: str, python: str) -> None:
     missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise SystemExit(f"--authors-code {path}: not a LLM4Rec checkout (missing {', '.join(missing)}).")
-    probe = subprocess.run([python, "-c", "import transformers, accelerate, scipy, fsspec; print(transformers.__version__)"],
+    probe = subprocess.run([python, "-c",
+                            "import transformers, accelerate, scipy, fsspec; print(transformers.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         raise SystemExit(f"--authors-python {python}: cannot import their dependencies: {probe.stderr.strip()[-300:]}")

@@ -48,8 +48,8 @@ def parse_args(argv=None):
 
 def ensure_data(config: str) -> None:
     """Build the demo dataset before timing, so that no run pays for it."""
+    from cllm4rec_dist.config import load_config
     from cllm4rec_dist.corpus.preprocess import demo_dataset
-    from cllm4rec_dist.train.config import load_config
 
     demo_dataset(load_config(config).data)
 
@@ -110,7 +110,8 @@ def run_once(workers: int, args, out: str) -> dict:
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.time() - start

@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llama-7b-shape", help="a preset of cllm4rec_dist/corpus/presets.py (LLaMA family)")
+    p.add_argument("--preset", default="llama-7b-shape",
+                   help="a preset of cllm4rec_dist/corpus/presets.py (LLaMA family)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test with a small preset only)")
     p.add_argument("--precisions", default="bf16,int8", help="comma-separated: bf16, int8")
     p.add_argument("--int8-method", choices=["convert", "reload"], default="convert")
@@ -116,7 +117,7 @@ def decoder_linears(model):
     import torch
 
     out = []
-    for name, module in model.model.layers.named_modules():
+    for _name, module in model.model.layers.named_modules():
         for attr, child in module.named_children():
             if type(child) is torch.nn.Linear:
                 out.append((module, attr, child))
@@ -205,7 +206,8 @@ def time_step(step, args, device) -> dict:
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    out = {"median_step_seconds": round(sorted(times)[len(times) // 2], 4), "all_step_seconds": [round(t, 4) for t in times]}
+    out = {"median_step_seconds": round(sorted(times)[len(times) // 2], 4),
+           "all_step_seconds": [round(t, 4) for t in times]}
     if device.type == "cuda":
         out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
@@ -216,8 +218,8 @@ def bench_precision(backbone, precision: str, args, device) -> dict:
     import torch
     from bench_model import make_batches
 
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.model.losses import l_step_loss, rec_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.losses import l_step_loss, rec_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
     torch.manual_seed(0)
     model = CLLM4Rec(ModelConfig(backbone=f"random:{args.preset}", num_users=args.users, num_items=args.items,
@@ -250,7 +252,6 @@ def bench_precision(backbone, precision: str, args, device) -> dict:
         if args.peak_tflops:
             timing["mfu"] = round(tflops / args.peak_tflops, 4)
         result[name] = timing
-    del model, optimizer
     return result
 
 

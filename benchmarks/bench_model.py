@@ -43,15 +43,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import cllm4rec_dist  # noqa: E402,F401  before torch: sets OMP_WAIT_POLICY as the CLI does (see its docstring)
 import torch  # noqa: E402
 
+import cllm4rec_dist  # noqa: E402,F401  before torch: sets OMP_WAIT_POLICY as the CLI does (see its docstring)
 from cllm4rec_dist.model.batch import LMBatch, RecBatch  # noqa: E402
 from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS, sparse_softmax_nll  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_kinds  # noqa: E402
-
 
 # Random-backbone shapes: LlamaConfig fields (None = from --hidden/--layers/--vocab).
 SHAPES = {
@@ -83,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=10000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each kind per round, after a warm-up round); medians reported")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed rounds (one step of each kind per round, after a warm-up round); medians reported")
     # (b) memory
     p.add_argument("--positions", type=int, default=256, help="N: rows of hidden states in the item loss")
     p.add_argument("--item-counts", default="10000,100000,1000000")
@@ -104,7 +104,8 @@ def parse_args(argv=None):
 def add_step_arguments(p):
     """(c) per step kind on real batches (benchmarks/step_kinds.py)."""
     g = p.add_argument_group("steps part")
-    g.add_argument("--data", default=None, help="preprocessed shards; default: the demo dataset tokenised for --backbone")
+    g.add_argument("--data", default=None,
+                   help="preprocessed shards; default: the demo dataset tokenised for --backbone")
     g.add_argument("--pack", default="on", help="on, off or on,off: packed rows vs one right-padded row per document")
     g.add_argument("--docs-per-step", type=int, default=16, help="documents per L/C/rec step (batch.batch_size)")
     g.add_argument("--eval-batch", type=int, default=64, help="users per scoring batch (eval.batch_size)")
@@ -117,11 +118,11 @@ def add_step_arguments(p):
 def make_batches(model, args, device):
     """Full rows (no padding) of seq_len tokens: an L-, a C- and a rec-batch and the vocab ids of the baseline."""
     gen = torch.Generator().manual_seed(0)
-    V, I, J, B, T = model.vocab_size, model.num_users, model.num_items, args.batch, args.seq_len
-    users = torch.randint(0, I, (B,), generator=gen)
+    V, num_users, J, B, T = model.vocab_size, model.num_users, model.num_items, args.batch, args.seq_len
+    users = torch.randint(0, num_users, (B,), generator=gen)
     user_tokens = (V + users)[:, None]
     vocab = lambda n: torch.randint(1, V, (B, n), generator=gen)  # noqa: E731
-    items = lambda n: V + I + torch.randint(0, J, (B, n), generator=gen)  # noqa: E731
+    items = lambda n: V + num_users + torch.randint(0, J, (B, n), generator=gen)  # noqa: E731
     full = torch.ones(B, T, dtype=torch.long)
     lengths = torch.full((B,), T)
 
@@ -175,7 +176,7 @@ def save_random_backbone(args, directory: str) -> None:
 
 def build_model(args, device):
     """CLLM4Rec over ``--backbone`` or a random LLaMA of ``--hidden/--layers/--vocab`` (also bench_scaling.py's)."""
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+    from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = args.backbone
@@ -189,7 +190,7 @@ def build_model(args, device):
 
 
 def bench_throughput(args, device):
-    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss, l_step_loss, rec_step_loss
     from cllm4rec_dist.train.engines import TorchEngine
 
     model = build_model(args, device)
@@ -237,7 +238,7 @@ def baseline_steps(model, batches: dict, plain_ids: torch.Tensor) -> dict:
     same-size DENSE softmax (logits materialised, torch's own cross-entropy), nothing else."""
     import torch.nn.functional as F
 
-    from cllm4rec_dist.model.losses import _next_token_targets
+    from cllm4rec_dist.recommenders.cllm4rec.losses import _next_token_targets
 
     embeddings = model.backbone.get_input_embeddings()
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """Weak scaling of the training step: tokens/s PER WORKER with 2 workers against 1, each worker 1 thread. Prints JSON.
 
 Each worker is a real process of a gloo process group running the trainer's own pieces: the CLLM4Rec
-step losses (model/losses.py) and a DeepSpeed ZeRO engine per parameter group (train/engines.py,
+step losses (recommenders/cllm4rec/losses.py) and a DeepSpeed ZeRO engine per parameter group (train/engines.py,
 ``ds_configs/zero2.json``), on its own batch of the same shape (weak scaling: the per-worker work is
 fixed). Every worker uses ONE thread, so that 2 workers on a 2-core machine do not count the two
 cores twice: the ideal is the same tokens/s per worker at 2 workers as at 1.

@@ -4,7 +4,7 @@ One JSON object per (sharding, ranks), for ``replicated`` and ``row`` on 1 and 2
 group, one thread each). Each rank builds CLLM4Rec over a random LLaMA of ``--hidden`` (bench_model.py's model and
 batches) with ``--users`` x ``--items`` tables and runs L-steps and rec-steps through the engines the workers use:
 DeepSpeed ZeRO-2 (ds_configs/zero2.json) over the replicated tables, ``ShardedEngine`` over row shards
-(train/recipe.py ``build_engines``).
+(recommenders/cllm4rec/recipe.py ``build_engines``).
 
 * ``table_bytes_per_rank``: what the tables cost a rank: the trainable tables and heads it holds (all four token
   tables and the item head, whole or its rows) + every tensor of its optimizer state (Adam moments; for ZeRO also
@@ -14,7 +14,8 @@ DeepSpeed ZeRO-2 (ds_configs/zero2.json) over the replicated tables, ``ShardedEn
   update), the slowest rank; ``rec_step_seconds`` likewise.
 
     python benchmarks/bench_sharding.py                       # 2M users x 128 (needs ~8 GB per replicated rank)
-    python benchmarks/bench_sharding.py --users 500000        # what docs/RESULTS.md records on a shared 24 GB box
+    python benchmarks/bench_sharding.py --users 500000        # a size to try on a 24 GB box, see
+    # docs/experiments/2026-11-30-streamed-reader-and-row-sharding.md
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def worker(rank: int, world: int, port: int, sharding: str, args, results) -> No
     with contextlib.redirect_stdout(sys.stderr):
         import torch.distributed as dist
 
+        from cllm4rec_dist.config import TrainConfig
         from cllm4rec_dist.model import losses
-        from cllm4rec_dist.train.config import TrainConfig
+        from cllm4rec_dist.recommenders.cllm4rec.recipe import build_engines
         from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
-        from cllm4rec_dist.train.recipe import build_engines
 
         init_distributed()  # gloo on CPU, without DeepSpeed's inference-only shm op (train/engines.py)
         args.model.table_sharding = args.model.item_head_sharding = sharding
@@ -111,8 +112,10 @@ def worker(rank: int, world: int, port: int, sharding: str, args, results) -> No
                     times[kind].append(time.perf_counter() - start)
         tables = [p for p in model.parameters() if p.requires_grad]
         table_bytes = _tensor_bytes(tables) + _tensor_bytes(t for e in engines.values() for t in _optimizer_tensors(e))
-        results[rank] = {"table_bytes": table_bytes, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         "l": sorted(times["l"])[len(times["l"]) // 2], "rec": sorted(times["rec"])[len(times["rec"]) // 2]}
+        results[rank] = {"table_bytes": table_bytes,
+                         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                         "l": sorted(times["l"])[len(times["l"]) // 2],
+                         "rec": sorted(times["rec"])[len(times["rec"]) // 2]}
         dist.barrier()
         dist.destroy_process_group()
 

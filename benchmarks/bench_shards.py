@@ -2,7 +2,7 @@
 
 Why: each training rank reads its own partition of every corpus (shards r, r+W, ...) from the
 webdataset shards, through fsspec, once at setup, and then batches it in memory
-(cllm4rec_dist/train/loader.py). If one reader process delivers documents orders of magnitude
+(cllm4rec_dist/recommenders/cllm4rec/batches.py). If one reader process delivers documents orders of magnitude
 faster than a training step eats them, the data path is not the bottleneck and streaming is not
 worth its complexity; this measures by how much.
 
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--corpora", default="collab,content,rec,eval")
     p.add_argument("--world-readers", type=int, default=2, help="W of the read_partition route (rank 0 of W)")
     p.add_argument("--repeats", type=int, default=3, help="reads per measurement; the median is reported")
-    p.add_argument("--run", default=None, help="a run folder with train_log.jsonl + config.yaml (else C-steps are timed)")
+    p.add_argument("--run", default=None,
+                   help="a run folder with train_log.jsonl + config.yaml (else C-steps are timed)")
     p.add_argument("--world", type=int, default=None, help="ranks of that run (default: from its config)")
     p.add_argument("--steps", type=int, default=5, help="timed C-steps when --run is not given (after one warm-up)")
     p.add_argument("--batch-size", type=int, default=16, help="C-step batch when --run is not given")
@@ -93,7 +94,7 @@ def webdataset_docs(urls: list[str]) -> list[dict]:
 
 
 def read_rank_partition(data: ShardedDataset, corpus: str, world: int, repeats: int) -> dict:
-    from cllm4rec_dist.train.loader import read_partition
+    from cllm4rec_dist.recommenders.cllm4rec.batches import read_partition
 
     seconds, (docs, _) = median_seconds(lambda: read_partition(data, corpus, 0, world), repeats)
     return rates(len(docs), sum(num_tokens(d) for d in docs), seconds)
@@ -146,17 +147,18 @@ def consumption_from_c_steps(data: ShardedDataset, steps: int, batch_size: int, 
     import torch
 
     from cllm4rec_dist.corpus.ids import TokenSpace
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-    from cllm4rec_dist.model.losses import c_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings, CorpusBatches
+    from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
     from cllm4rec_dist.train.engines import TorchEngine
-    from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
 
     backbone = data.manifest["backbone"]
     torch.manual_seed(0)
     model = CLLM4Rec(ModelConfig(backbone=backbone["path"], gguf_file=backbone.get("gguf_file"),
                                  num_users=data.num_users, num_items=data.num_items, device="cpu"))
     space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-    batches = CorpusBatches.for_rank(data, "content", space, BatchSettings(batch_size=batch_size, max_length=max_length))
+    batches = CorpusBatches.for_rank(data, "content", space,
+                                     BatchSettings(batch_size=batch_size, max_length=max_length))
     engine = TorchEngine("content", model.parameter_groups()["content"], 1e-3)
     times, tokens = [], 0
     for step in range(steps + 1):

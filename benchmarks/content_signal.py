@@ -43,15 +43,19 @@ import torch
 
 from cllm4rec_dist.baselines.command import dataset_item_texts
 from cllm4rec_dist.baselines.common import evaluate, make_result, selection_value
-from cllm4rec_dist.baselines.content_knn import (ContentKnnSettings, encode_texts, neighbourhoods, run_on_vectors,
-                                                 similarity_matrix)
-from cllm4rec_dist.baselines.ease import EaseSettings, gram_matrix
+from cllm4rec_dist.baselines.content_knn import (
+    ContentKnnSettings,
+    encode_texts,
+    neighbourhoods,
+    run_on_vectors,
+    similarity_matrix,
+)
+from cllm4rec_dist.baselines.ease import EaseSettings, ease_weights, gram_matrix
 from cllm4rec_dist.baselines.ease import run as run_ease
-from cllm4rec_dist.baselines.ease import ease_weights
 from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.backbone import freeze, load_backbone, mean_text_hidden
-from cllm4rec_dist.model.cllm4rec import cold_item_map, warm_map_sums
+from cllm4rec_dist.recommenders.cllm4rec.model import cold_item_map, warm_map_sums
 
 SLICE_KEYS = ("recall@20", "recall@40", "ndcg@100", "cold/recall@20", "cold_only/recall@20",
               "cold_only_random/recall@20", "num_cold_users")

@@ -1,7 +1,7 @@
 """DIAGNOSTIC (not a product feature): train the real recipe with the item head reading the last hidden state
 divided, per dimension, by that dimension's RMS over the first 8 rec batches at init (fixed for the run), in the
 L-step, the rec-step and scoring alike. Tests whether SmolLM2's massive hidden dimensions (RMS 27 and 22 against a
-median 0.64) hold the item head back (RESULTS §7).
+median 0.64) hold the item head back (docs/experiments/2026-12-01-smollm2-slow-rec-step.md).
 
     python benchmarks/diag_standardized_head.py CONFIG OUT SEED [FINETUNE_LR]
 """
@@ -11,11 +11,11 @@ import sys
 
 import torch
 
+from cllm4rec_dist.config import load_config
+from cllm4rec_dist.recommenders.cllm4rec.recipe import CLLM4RecRecipe
 from cllm4rec_dist.train.checkpoint import LocalSink
-from cllm4rec_dist.train.config import load_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.rank import Rank
-from cllm4rec_dist.train.recipe import CLLM4RecRecipe
 
 config, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = load_config(config)

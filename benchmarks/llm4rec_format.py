@@ -77,7 +77,7 @@ def write_authors_layout(data_dir: str, root: str, name: str) -> dict:
     if backbone.get("model_type") != "gpt2":
         raise SystemExit(f"{data_dir}: backbone is {backbone.get('model_type')!r}; the authors' code is GPT-2 only. "
                          "Preprocess with --backbone tiny-gpt2 (or a GPT-2 checkpoint).")
-    I, J, V = data.num_users, data.num_items, data.vocab_size
+    num_users, J, V = data.num_users, data.num_items, data.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(backbone["path"], local_files_only=True)
     if len(tokenizer) != V:
         raise SystemExit(f"{data_dir}: tokenizer has {len(tokenizer)} tokens, the dataset's vocab_size is {V}")
@@ -85,14 +85,15 @@ def write_authors_layout(data_dir: str, root: str, name: str) -> dict:
     dataset = os.path.join(root, "dataset", name)
     os.makedirs(os.path.join(dataset, "user_item_texts"), exist_ok=True)
     with open(os.path.join(dataset, "meta.pkl"), "wb") as f:
-        pickle.dump({"num_users": I, "num_items": J}, f)
-    content = [(decode_with_ids(d["prompt"], tokenizer, V, I), decode_with_ids(d["main"], tokenizer, V, I))
+        pickle.dump({"num_users": num_users, "num_items": J}, f)
+    content = [(decode_with_ids(d["prompt"], tokenizer, V, num_users),
+                decode_with_ids(d["main"], tokenizer, V, num_users))
                for d in data.read_corpus("content")]
     with open(os.path.join(dataset, "user_item_texts", "review.pkl"), "wb") as f:
         pickle.dump(content, f)
     evals = data.read_corpus("eval")
-    save_npz(os.path.join(dataset, "train_matrix.npz"), interaction_matrix(evals, "train", I, J))
-    save_npz(os.path.join(dataset, "val_matrix.npz"), interaction_matrix(evals, "valid", I, J))
+    save_npz(os.path.join(dataset, "train_matrix.npz"), interaction_matrix(evals, "train", num_users, J))
+    save_npz(os.path.join(dataset, "val_matrix.npz"), interaction_matrix(evals, "valid", num_users, J))
 
     tok_dir = os.path.join(root, "model", "pretrained", "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
@@ -105,7 +106,7 @@ def write_authors_layout(data_dir: str, root: str, name: str) -> dict:
     torch.save(gpt2.state_dict(), os.path.join(gpt2_dir, "pytorch_model.bin"))
     for part in ("content", "collaborative", "rec"):  # where their scripts save the tables (fsspec: no mkdir)
         os.makedirs(os.path.join(root, "model", name, part), exist_ok=True)
-    return {"num_users": I, "num_items": J, "vocab": V, "content_docs": len(content),
+    return {"num_users": num_users, "num_items": J, "vocab": V, "content_docs": len(content),
             "train_interactions": int(sum(len(d["train"]) for d in evals))}
 
 

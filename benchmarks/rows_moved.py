@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from cllm4rec_dist.baselines.content_knn import ContentKnnSettings, run_on_vectors
+from cllm4rec_dist.config import load_config
 from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.recommenders.cllm4rec.recipe import CLLM4RecRecipe
 from cllm4rec_dist.train.checkpoint import LocalSink, read_saved_weights
-from cllm4rec_dist.train.config import load_config
 from cllm4rec_dist.train.engines import TorchEngine
 from cllm4rec_dist.train.rank import Rank
-from cllm4rec_dist.train.recipe import CLLM4RecRecipe
 
 TABLES = ("collab_item_table.weight", "content_item_table.weight", "item_head.weight")
 KEYS = ("recall@20", "cold_only/recall@20", "cold_only_random/recall@20")

@@ -105,8 +105,8 @@ def prepare_data(backbone: str, data: str | None, workdir: str) -> str:
 
 
 def load_model(data, precision: str, backbone: str | None):
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
     from cllm4rec_dist.corpus.presets import resolve_backbone
+    from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
     recorded = data.manifest["backbone"]
     if backbone in (None, "tiny") or BACKBONE_NAMES.get(backbone) == recorded.get("spec"):
@@ -127,12 +127,12 @@ def load_model(data, precision: str, backbone: str | None):
 
 def step_functions(model, data, space, settings, eval_batch_size: int):
     """{kind: (batches, run(batch), real tokens of a batch)} for L, C, rec and score."""
-    from cllm4rec_dist.eval.evaluate import TOP_K
-    from cllm4rec_dist.model.item_softmax import chunked_topk
-    from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
-    from cllm4rec_dist.corpus.prompts import prediction_prompts
     from cllm4rec_dist.model.batch import pack_rows
-    from cllm4rec_dist.train.loader import CorpusBatches
+    from cllm4rec_dist.model.item_softmax import chunked_topk
+    from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches
+    from cllm4rec_dist.recommenders.cllm4rec.evaluate import TOP_K
+    from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss, l_step_loss, rec_step_loss
+    from cllm4rec_dist.recommenders.cllm4rec.prompts import prediction_prompts
 
     groups = model.parameter_groups()
     optimizers = {name: torch.optim.Adam(params, lr=1e-4) for name, params in groups.items()}
@@ -165,7 +165,7 @@ def step_functions(model, data, space, settings, eval_batch_size: int):
 def bench_steps(args, out=sys.stdout) -> list[dict]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset
-    from cllm4rec_dist.train.loader import BatchSettings
+    from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings
 
     records = []
     with tempfile.TemporaryDirectory() as workdir:

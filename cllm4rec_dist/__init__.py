@@ -5,8 +5,7 @@ takes effect when torch loads its OpenMP runtime (import this package before tor
 DeepSpeed and torchrun workers inherit the variable). Why: libgomp's default lets a thread that reaches the
 end of a parallel region spin for its partner. When the cores are shared with other processes (a loaded
 machine, several ranks on few cores), the partner is often descheduled, and every elementwise op of a
-step then waits a scheduler time slice: measured on the project's 2-core machine at load ~9, a bf16 add of
-a (4, 296, 576) tensor took 20 ms with 2 threads spinning against 0.3 ms passive (docs/RESULTS.md §5).
+step then waits a scheduler time slice (measured: docs/experiments/2026-11-30-smollm2-cpu-steps.md).
 Passive threads sleep at once; on an idle machine this costs a wake-up (microseconds) per parallel op.
 Set ``OMP_WAIT_POLICY=ACTIVE`` to keep spinning.
 """
@@ -14,3 +13,6 @@ Set ``OMP_WAIT_POLICY=ACTIVE`` to keep spinning.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+COMMAND = "cllm4rec"
+"""The command-line program's name (reproduction lines in reports, `prog` of the CLI)."""

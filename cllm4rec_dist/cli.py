@@ -9,27 +9,36 @@ import argparse
 import importlib
 import sys
 
+from cllm4rec_dist import COMMAND
 from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.quiet import quiet_libraries
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("cllm4rec_dist.data.demo", "write the synthetic demo dataset (table format) to --out"),
-    "init-backbone": ("cllm4rec_dist.corpus.presets", "build a small random backbone (+ tokenizer) from a preset and save it"),
-    "preprocess": ("cllm4rec_dist.corpus.preprocess", "raw files -> protocol -> documents -> webdataset shards + manifest"),
-    "train": ("cllm4rec_dist.train.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
-    "baselines": ("cllm4rec_dist.baselines.command", "most-popular / EASE / Multi-VAE on the same split and metrics; popular / SASRec / GRU4Rec on leave-one-out candidates"),
-    "evaluate": ("cllm4rec_dist.evaluate_run", "score a trained CLLM4Rec run or checkpoint on valid/test as training does (best weights)"),
-    "export": ("cllm4rec_dist.export.command", "export user/item embeddings with original ids (Parquet + NumPy)"),
-    "two-tower": ("cllm4rec_dist.export.two_tower", "two-tower retrieval without / with the exported embeddings (CLLM4Rec-Emb)"),
-    "tune": ("cllm4rec_dist.tune", "search hyperparameters on validation with Ray Tune (ASHA), equal budget per model; writes best.yaml"),
-    "report": ("cllm4rec_dist.report", "baselines + CLLM4Rec and ablations on one split: report.md, recall20.png, report.json"),
+    "init-backbone": ("cllm4rec_dist.corpus.presets",
+                      "build a small random backbone (+ tokenizer) from a preset and save it"),
+    "preprocess": ("cllm4rec_dist.corpus.preprocess",
+                   "raw files -> protocol -> documents -> webdataset shards + manifest"),
+    "train": ("cllm4rec_dist.reference", "single-process reference trainer (no Ray, no DeepSpeed)"),
+    "baselines": ("cllm4rec_dist.baselines.command",
+                  "most-popular / EASE / Multi-VAE on the same split and metrics; "
+                  "popular / SASRec / GRU4Rec on leave-one-out candidates"),
+    "evaluate": ("cllm4rec_dist.evaluate_run",
+                 "score a trained CLLM4Rec run or checkpoint on valid/test as training does (best weights)"),
+    "export": ("cllm4rec_dist.export_run", "export user/item embeddings with original ids (Parquet + NumPy)"),
+    "two-tower": ("cllm4rec_dist.export.two_tower",
+                  "two-tower retrieval without / with the exported embeddings (CLLM4Rec-Emb)"),
+    "tune": ("cllm4rec_dist.tune",
+             "search hyperparameters on validation with Ray Tune (ASHA), equal budget per model; writes best.yaml"),
+    "report": ("cllm4rec_dist.report.command",
+               "baselines + CLLM4Rec and ablations on one split: report.md, recall20.png, report.json"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="cllm4rec",
+        prog=COMMAND,
         description="CLLM4Rec: LLM-based recommender training. Typical flow: "
         "cllm4rec demo-data --out raw/ && cllm4rec preprocess --format table --input raw/ --out data/ "
         "&& cllm4rec train --data data/ --out run/",

@@ -22,6 +22,10 @@ class UserError(Exception):
     """A mistake in what the user gave us (file, setting, folder); the message names it and the fix."""
 
 
+class EvaluateError(UserError, ValueError):
+    """A checkpoint or dataset `cllm4rec evaluate` cannot score; the message says what to pass instead."""
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
 

@@ -10,9 +10,9 @@ import argparse
 import json
 import os
 
+from cllm4rec_dist.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.quiet import quiet_libraries
 from cllm4rec_dist.resources import packaged, resolve_path
-from cllm4rec_dist.train.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.train.timing import PhaseTimer, read_timing, write_timing
 
 DEFAULT_CONFIG = packaged(os.path.join("configs", "demo.yaml"))
@@ -34,14 +34,15 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: Phas
     where the wall time went (``<run>/timing.json``)."""
     timer = timer or PhaseTimer()
     if not args.no_export:
-        from cllm4rec_dist.export.command import export_checkpoint
+        from cllm4rec_dist.export_run import export_checkpoint
 
         result["export"] = os.path.join(cfg.out, "export")
         with timer.phase("export"):
             export_checkpoint(cfg.out, result["export"])
     timer.mark("finished")
     write_timing(cfg.out, "driver", timer)
-    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export") if k in result}
+    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export")
+            if k in result}
     for key, value in keep.items():
         print(f"[result] {key}: {json.dumps(value, default=str)}", flush=True)
     print(f"[result] wall time: {wall_time_line(read_timing(cfg.out))} (split in {cfg.out}/timing.json)", flush=True)

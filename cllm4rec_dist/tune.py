@@ -15,7 +15,7 @@ space:                     # dotted settings of the training config (baselines: 
 
 The base training config is the usual ``--config FILE`` / ``--section.field VALUE`` (data, backbone, schedule,
 ...); every trial is that config with the trial's sampled values, trained by the single-process reference path
-(`train/reference.py`, one torch thread, one Ray CPU per trial). After each finetuning epoch the trial reports
+(`reference.py`, one torch thread, one Ray CPU per trial). After each finetuning epoch the trial reports
 validation Recall@20 / Recall@40 / NDCG@100 to Tune (``Trainer.on_validation``); ASHA (time unit: those
 epochs) stops the trials that trail at each rung. Trials never evaluate test (``score_test=False``).
 
@@ -50,16 +50,30 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from cllm4rec_dist import COMMAND
 from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
+from cllm4rec_dist.config import (
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    read_yaml_settings,
+    to_yaml,
+)
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.train.config import (ConfigError, TrainConfig, _set, _walk, add_config_arguments, config_from_args,
-                                        config_from_dict, read_yaml_settings, to_yaml)
+from cllm4rec_dist.recommenders import all_recommenders, recommender
+from cllm4rec_dist.settings import _set, _walk
 from cllm4rec_dist.train.run_folder import RunLock, config_changes, flatten_settings
 
-VARIANT_ABLATIONS = {"cllm4rec": "none", "cf": "cf", "fixord": "fixord", "prerec": "prerec", "scratch": "scratch",
-                     "ftall": "ftall"}
+VARIANTS = {name: variant for rec in all_recommenders() if rec.protocol == "full_ranking"
+            for name, variant in rec.named_variants().items()}
+VARIANT_OWNER = {name: rec.name for rec in all_recommenders() if rec.protocol == "full_ranking"
+                 for name in rec.named_variants()}
+"""The searchable recommender variants (name -> its settings): those scored by full ranking, whose validation
+Recall@20 is the objective."""
 BASELINE_MODELS = ("ease", "multivae")
-MODELS = (*VARIANT_ABLATIONS, *BASELINE_MODELS)
+MODELS = (*VARIANTS, *BASELINE_MODELS)
 OBJECTIVE = "valid_recall@20"
 SEARCH_NAME = "search"       # Ray Tune's experiment: OUT/ray/search
 SEARCH_FILE = "search.json"  # the spec and base config the search in OUT started with (a re-run resumes it)
@@ -93,9 +107,9 @@ class BudgetSettings:
 
 @dataclass
 class TuneSpec:
-    model: str = "cllm4rec"
-    """What is tuned: a CLLM4Rec variant (cllm4rec, cf, fixord, prerec, scratch, ftall: the names of `cllm4rec
-    report`) or a baseline (ease, multivae)."""
+    model: str = next(iter(VARIANTS))
+    """What is tuned: a recommender variant (CLLM4Rec's cllm4rec, cf, fixord, prerec, scratch, ftall: the names of
+    `cllm4rec report`) or a baseline (ease, multivae). Default: the first registered variant (CLLM4Rec)."""
     seed: int = 0
     """Seeds the sampling of the trials' values (the training seed is the base config's `seed`)."""
     budget: BudgetSettings = field(default_factory=BudgetSettings)
@@ -103,7 +117,7 @@ class TuneSpec:
     """Setting -> {choice: [v, ...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
     (integers, both ends included)."""
 
-    def validate(self) -> "TuneSpec":
+    def validate(self) -> TuneSpec:
         if self.model not in MODELS:
             raise ConfigError(f"model={self.model!r}: must be one of {', '.join(MODELS)}.")
         b = self.budget
@@ -154,7 +168,7 @@ def check_space(spec: TuneSpec, base: TrainConfig) -> None:
     """Every searched setting exists, may be searched, and each value the domain can take passes the config's
     validation; errors name the setting (space.<setting>) and the rule."""
     budget = spec.budget
-    if spec.model in VARIANT_ABLATIONS:
+    if spec.model in VARIANTS:
         known = {name for name, _, _ in _walk(TrainConfig)}
         for key, domain in spec.space.items():
             if key not in known:
@@ -235,7 +249,9 @@ def load_spec(path: str, overrides: dict | None = None) -> TuneSpec:
 def trial_config(base: dict, params: dict, model: str, max_epochs: int, out: str) -> TrainConfig:
     """The base config with a trial's (or the best) values: the one construction for trials and best.yaml."""
     cfg = config_from_dict(base, "tune base config")
-    cfg.ablation = VARIANT_ABLATIONS[model]
+    cfg.recommender = VARIANT_OWNER[model]  # a variant trains its own recommender, whatever the base config names
+    for key, value in VARIANTS[model].settings.items():
+        _set(cfg, key, value, f"tune variant {model}")
     cfg.schedule.finetune_epochs = max_epochs
     for key, value in params.items():
         _set(cfg, key, value, "tune trial")
@@ -252,7 +268,7 @@ def variant_trial(params: dict, base: dict, model: str, max_epochs: int, root: s
     import torch
     from ray import tune
 
-    from cllm4rec_dist.train.reference import run_reference
+    from cllm4rec_dist.reference import run_reference
 
     torch.set_num_threads(1)
     cfg = trial_config(base, params, model, max_epochs, os.path.join(root, tune.get_context().get_trial_id()))
@@ -325,7 +341,7 @@ def start_local_ray(num_cpus: int) -> None:
     cluster is joined instead (and an already initialised Ray is used as it is: run_search)."""
     import ray
 
-    from cllm4rec_dist.train import distributed
+    from cllm4rec_dist import distributed
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
@@ -347,7 +363,7 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False
     from cllm4rec_dist.tune_scheduler import ResumableASHA, SearchClock
 
     b = spec.budget
-    if spec.model in VARIANT_ABLATIONS:
+    if spec.model in VARIANTS:
         trainable = tune.with_parameters(variant_trial, base=dataclasses.asdict(base), model=spec.model,
                                          max_epochs=b.max_epochs, root=os.path.join(out, "trials"))
     else:
@@ -493,7 +509,7 @@ def best_yaml(spec: TuneSpec, base: TrainConfig, best: dict) -> str:
             f"{spec.budget.max_epochs} epochs by {OBJECTIVE} = {best[OBJECTIVE]:.4f} (epoch {best['best_epoch']})\n")
     import yaml
 
-    if spec.model in VARIANT_ABLATIONS:
+    if spec.model in VARIANTS:
         cfg = trial_config(dataclasses.asdict(base), best["params"], spec.model, spec.budget.max_epochs, "")
         return head + "# train it: cllm4rec train --config THIS --out RUN   (or launchers/pretrain_llama.py)\n" \
             + to_yaml(cfg)
@@ -565,7 +581,8 @@ def _search_and_write(spec: TuneSpec, base: TrainConfig, out: str, command: str)
     best = max(scored, key=lambda t: t[OBJECTIVE])
     summary = {"command": command, "model": spec.model, "objective": OBJECTIVE, "spec": dataclasses.asdict(spec),
                "base_config": dataclasses.asdict(base),
-               "budget": {**dataclasses.asdict(spec.budget), "epoch_budget": spec.budget.trials * spec.budget.max_epochs,
+               "budget": {**dataclasses.asdict(spec.budget),
+                          "epoch_budget": spec.budget.trials * spec.budget.max_epochs,
                           "epochs_run": sum(t["epochs_run"] for t in trials),
                           "trials_stopped_early": sum(t["stopped_early"] for t in trials),
                           "trials_failed": sum(t["error"] is not None for t in trials),
@@ -591,7 +608,7 @@ def add_arguments(p) -> None:
                      "after each validated epoch; test is never evaluated) and write OUT/best.yaml (a training "
                      "config `cllm4rec train --config` takes), OUT/tune.json and OUT/curves.png. The spec YAML "
                      "declares the model, budget and space; the base training config is --config / flags.")
-    from cllm4rec_dist.train.config import field_docs
+    from cllm4rec_dist.settings import field_docs
 
     keys = list(field_docs(TuneSpec).items())  # model, seed, then the budget fields, then space
     keys[2:2] = [(f"budget.{name}", doc) for name, doc in field_docs(BudgetSettings).items()]
@@ -618,9 +635,10 @@ def run(args) -> int:
                                                 ("concurrent", args.concurrent)) if v is not None}
     spec = load_spec(args.spec, overrides)
     base = config_from_args(args)
-    if base.recommender != "cllm4rec":
-        raise ConfigError(f"recommender={base.recommender!r}: cllm4rec tune searches CLLM4Rec variants and the "
-                          "baselines; A-LLMRec is not supported.")
+    if recommender(base.recommender).protocol != "full_ranking":
+        raise ConfigError(f"recommender={base.recommender!r}: {COMMAND} tune searches the variants of recommenders "
+                          f"scored by full ranking ({', '.join(VARIANTS)}) and the baselines; "
+                          f"{recommender(base.recommender).title} is scored on stored candidates.")
     out = base.out
     try:
         check_space(spec, base)
@@ -629,7 +647,7 @@ def run(args) -> int:
     import shlex
 
     try:
-        summary = tune_model(spec, base, out, shlex.join(["cllm4rec", *sys.argv[1:]]))
+        summary = tune_model(spec, base, out, shlex.join([COMMAND, *sys.argv[1:]]))
     except SearchInterrupted as stop:
         print(f"[tune] {stop}", file=sys.stderr, flush=True)
         return 1

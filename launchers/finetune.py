@@ -30,12 +30,12 @@ def main(argv=None) -> int:
     cfg.schedule.pretrain_epochs = 0
     if use_ray:
         from cllm4rec_dist.corpus.preprocess import demo_dataset
-        from cllm4rec_dist.train.distributed import launch_ray
+        from cllm4rec_dist.distributed import launch_ray
 
         cfg.data = demo_dataset(cfg.data)
         result = launch_ray(cfg)
     else:
-        from cllm4rec_dist.train.distributed import run_torch_distributed
+        from cllm4rec_dist.distributed import run_torch_distributed
 
         result = run_torch_distributed(cfg)  # rank 0 builds the demo dataset if cfg.data names it
         if "stopped" in result or os.environ.get("RANK", "0") != "0":

@@ -9,10 +9,10 @@ key of the --config YAML or a `--section.field VALUE` flag (see --help).
 
 import sys
 
-from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.corpus.preprocess import demo_dataset
+from cllm4rec_dist.distributed import launch_ray
+from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.launch import finish, parse
-from cllm4rec_dist.train.distributed import launch_ray
 from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
 

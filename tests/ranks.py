@@ -39,6 +39,7 @@ def run_ranks(fn, world: int, *args) -> list:
     try:
         mp.spawn(_worker, args=(world, free_port(), fn, args, results), nprocs=world, join=True)
     except mp.ProcessRaisedException:
-        errors = [results[r]["error"] for r in range(world) if isinstance(results.get(r), dict) and "error" in results[r]]
+        errors = [results[r]["error"] for r in range(world)
+                  if isinstance(results.get(r), dict) and "error" in results[r]]
         raise AssertionError("\n".join(errors) or "a rank failed") from None
     return [results[r] for r in range(world)]

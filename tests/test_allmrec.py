@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cllm4rec_dist.corpus.prompts import ALLMRecPrompts, normalise_title
-from cllm4rec_dist.model.allmrec import CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder, load_sbert
 from cllm4rec_dist.corpus.presets import build_backbone, load_tokenizer
+from cllm4rec_dist.model.sbert import load_sbert
+from cllm4rec_dist.recommenders.allmrec.model import CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder
+from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, normalise_title
 
 TITLES = [f"Film {chr(65 + i % 26)}{i} ({1980 + i})" for i in range(40)]
 
@@ -193,9 +194,9 @@ def test_joint_embedding_takes_the_text_path_for_cold_items(sbert):
 
 
 def test_allmrec_on_a_random_split_dataset_fails_with_a_clear_error(demo_data, tmp_path):
+    from cllm4rec_dist.config import config_from_dict
     from cllm4rec_dist.corpus.shards import ShardError
-    from cllm4rec_dist.train.allmrec import ALLMRecRecipe
-    from cllm4rec_dist.train.config import config_from_dict
+    from cllm4rec_dist.recommenders.allmrec.recipe import ALLMRecRecipe
 
     cfg = config_from_dict({"recommender": "allmrec", "data": demo_data, "out": str(tmp_path / "run")})
     with pytest.raises(ShardError, match="--split leave-one-out"):

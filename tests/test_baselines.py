@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cllm4rec_dist.baselines import ease, multivae, run_baseline
-from cllm4rec_dist.baselines.common import EvalSettings, SettingsError, evaluate
+from cllm4rec_dist.baselines.common import BaselineSettings, SettingsError, evaluate
 from cllm4rec_dist.corpus.split import EvalSplit
 
 METRIC_KEYS = {"recall@20", "recall@40", "ndcg@100", "num_users", "num_skipped"}
@@ -44,7 +44,7 @@ def split() -> EvalSplit:
 
 def random_metrics(split: EvalSplit, part: str = "test") -> dict:
     rng = np.random.default_rng(123)
-    return evaluate(lambda users: rng.random((len(users), split.num_items)), split, part, EvalSettings())
+    return evaluate(lambda users: rng.random((len(users), split.num_items)), split, part, BaselineSettings())
 
 
 def check_result(result: dict, model: str) -> None:
@@ -99,7 +99,7 @@ def test_ease_selects_lambda_on_valid_and_scores_test_once(split, monkeypatch):
     # Test numbers are those of the chosen λ.
     x = split.train_matrix().astype(np.float64)
     b = ease.ease_weights(ease.gram_matrix(x), chosen)
-    direct = real_evaluate(lambda users: np.asarray(x[users] @ b), split, "test", EvalSettings())
+    direct = real_evaluate(lambda users: np.asarray(x[users] @ b), split, "test", BaselineSettings())
     assert result["test"] == pytest.approx(direct)
 
 
@@ -181,7 +181,8 @@ def test_command_writes_json(demo_data, tmp_path, capsys):
     from cllm4rec_dist.cli import main
 
     out_json = tmp_path / "baselines" / "ease.json"
-    assert main(["baselines", "--data", demo_data, "--model", "ease", "--lambdas", "10,100", "--out", str(out_json)]) == 0
+    assert main(["baselines", "--data", demo_data, "--model", "ease", "--lambdas", "10,100",
+                 "--out", str(out_json)]) == 0
     written = json.loads((tmp_path / "baselines" / "ease.json").read_text())
     check_result(written, "ease")
     assert written["selected"]["lambda"] in (10.0, 100.0)

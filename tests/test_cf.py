@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cllm4rec_dist.baselines.popular import run_candidates
+from cllm4rec_dist.baselines.sequential import CFStage, CFStageSettings, evaluate_candidates, load_cf_model
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.data.candidates import sample_negatives
 from cllm4rec_dist.eval.candidates import MISS, CandidateEvalSettings, candidate_metrics
@@ -18,7 +19,6 @@ from cllm4rec_dist.model.cf import CF_MODELS, PAD, pad_histories
 from cllm4rec_dist.model.cf.gru4rec import GRU4Rec, GRU4RecSettings
 from cllm4rec_dist.model.cf.loss import draw_training_negatives, next_item_bce
 from cllm4rec_dist.model.cf.sasrec import SASRec, SASRecSettings
-from cllm4rec_dist.train.cf_stage import CFStage, CFStageSettings, evaluate_candidates, load_cf_model
 
 NUM_ITEMS = 40
 
@@ -77,7 +77,7 @@ def test_loss_falls_and_beats_most_popular(sequences, name, tmp_path):
 def test_cf_checkpoint_is_read_only_when_complete_and_fitting(tmp_path):
     """Stage 0's model goes through train/checkpoint.py: files record last; truncated, unrecorded or
     misshapen folders are refused with the file named."""
-    from cllm4rec_dist.train.cf_stage import save_cf_model
+    from cllm4rec_dist.baselines.sequential import save_cf_model
     from cllm4rec_dist.train.checkpoint import CheckpointError
 
     model = SASRec(NUM_ITEMS, SASRecSettings(dim=8, max_len=6, num_blocks=1))
@@ -115,7 +115,8 @@ def test_early_stopping_keeps_the_best_validation_epoch(sequences):
     evaluated = [h for h in result["history"] if "valid" in h]
     values = [h["valid"]["ndcg@10"] for h in evaluated]
     assert len(result["history"]) < 40 and values.index(max(values)) == len(values) - 3  # stopped 2 after the best
-    assert result["valid"]["ndcg@10"] == max(values) and result["best_epoch"] == evaluated[values.index(max(values))]["epoch"]
+    assert (result["valid"]["ndcg@10"] == max(values)
+            and result["best_epoch"] == evaluated[values.index(max(values))]["epoch"])
     # the settings survive the JSON round trip of cf_model.json
     assert CFStageSettings.from_dict(json.loads(json.dumps(asdict(settings)))) == settings
     with pytest.raises(ValueError, match="select_metric"):

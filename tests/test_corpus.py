@@ -6,16 +6,15 @@ import json
 import os
 import uuid
 
-import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
 
 from cllm4rec_dist.corpus.ids import TokenSpace, decode, encode, split_markers
 from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
+from cllm4rec_dist.corpus.presets import build_tokenizer
 from cllm4rec_dist.corpus.shards import DatasetWriter, ShardedDataset, ShardError, ShardPlan, register_fsspec
 from cllm4rec_dist.data.readers import ReaderOptions
-from cllm4rec_dist.corpus.presets import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_documents_and_stats_of_the_demo(demo_data):
         if d["kind"] == "review":
             assert d["item"] in set(split.train[d["user"]].tolist())
     # Manifest counts match the shards.
-    for name, entry in m["corpora"].items():
+    for _name, entry in m["corpora"].items():
         assert entry["num_docs"] == sum(s["num_docs"] for s in entry["shards"])
         assert len(entry["shards"]) >= 2
     assert m["backbone"]["tokenizer_sha256"] and m["protocol"]["kcore"] == 5

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from cllm4rec_dist.config import load_config
+from cllm4rec_dist.distributed import KILL_ENV
+from cllm4rec_dist.reference import run_reference
 from cllm4rec_dist.train.monitor import read_train_log
-
-from cllm4rec_dist.train.config import load_config
-from cllm4rec_dist.train.distributed import KILL_ENV
-from cllm4rec_dist.train.reference import run_reference
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +191,7 @@ def test_deepspeed_launcher_with_no_flags_runs_the_embedded_default_in_one_run_f
 
 
 def test_zero3_is_refused_with_a_clear_error(config_file, tmp_path):
-    from cllm4rec_dist.train.distributed import check_combination
+    from cllm4rec_dist.distributed import check_combination
     from cllm4rec_dist.train.engines import load_ds_config
 
     cfg = load_config(str(config_file))

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cllm4rec_dist.cli import main as cli_main
+from cllm4rec_dist.config import TrainConfig
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.export.command import ExportError, export_checkpoint
-from cllm4rec_dist.export.embeddings import fit_pca, project, read_export, resolve_checkpoint
+from cllm4rec_dist.export.embeddings import fit_pca, project, read_export
 from cllm4rec_dist.export.two_tower import compare
-from cllm4rec_dist.train.checkpoint import CheckpointError, load_state
-from cllm4rec_dist.train.config import TrainConfig
-from cllm4rec_dist.train.reference import run_reference
+from cllm4rec_dist.export_run import ExportError, export_checkpoint
+from cllm4rec_dist.reference import run_reference
+from cllm4rec_dist.train.checkpoint import CheckpointError, load_state, resolve_checkpoint
 
 METRIC_KEYS = {"recall@20", "recall@40", "ndcg@100", "num_users", "num_skipped"}
 
@@ -26,7 +26,7 @@ METRIC_KEYS = {"recall@20", "recall@40", "ndcg@100", "num_users", "num_skipped"}
 def dataset(tmp_path_factory) -> str:
     """A small demo dataset with >= 100 items.
 
-    The trainer's validation ranks the top 100 items (eval/evaluate.py TOP_K) and fails on a
+    The trainer's validation ranks the top 100 items (recommenders/cllm4rec/evaluate.py TOP_K) and fails on a
     smaller catalogue, such as the 80 items of the shared ``demo_data`` fixture.
     """
     from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
@@ -132,7 +132,8 @@ def test_export_json(full_export, run_dir, blob):
 
 def test_projection_and_last_weights(run_dir, blob, tmp_path):
     out = str(tmp_path / "proj")
-    manifest = export_checkpoint(os.path.join(run_dir, "checkpoints", open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()),
+    manifest = export_checkpoint(os.path.join(run_dir, "checkpoints",
+                                              open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()),
                                  out, dim=8, use_best=False, user_vectors=False)
     assert manifest["weights"] == "last" and manifest["dim"] == 8 and manifest["projection"]["method"] == "pca"
     _, ids, tables = read_export(out)
@@ -227,7 +228,8 @@ def test_fsspec_output_and_moved_dataset(run_dir, dataset, tmp_path):
     with pytest.raises(ExportError, match="--data"):
         export_checkpoint(run_dir, str(tmp_path / "o"), user_vectors=False, data_dir=str(tmp_path / "moved"))
     # the dataset given explicitly is used
-    assert export_checkpoint(run_dir, str(tmp_path / "o2"), user_vectors=False, data_dir=dataset)["source"]["data"] == dataset
+    assert export_checkpoint(run_dir, str(tmp_path / "o2"), user_vectors=False,
+                             data_dir=dataset)["source"]["data"] == dataset
 
 
 def test_pca_beyond_the_rank_of_a_table():

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from cllm4rec_dist.model.item_softmax import (chunk_sizes, chunked_logsumexp, chunked_topk,
-                                              sparse_softmax_nll)
+from cllm4rec_dist.model.item_softmax import chunk_sizes, chunked_logsumexp, chunked_topk, sparse_softmax_nll
 
 N, C, D = 7, 23, 16
 

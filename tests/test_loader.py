@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.model.batch import PAD_ID
-from cllm4rec_dist.corpus.prompts import prediction_prompts
-from cllm4rec_dist.model.batch import pack_rows
-from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, mask_items, partition_sizes, read_partition
+from cllm4rec_dist.model.batch import PAD_ID, pack_rows
+from cllm4rec_dist.recommenders.cllm4rec.batches import (
+    BatchSettings,
+    CorpusBatches,
+    mask_items,
+    partition_sizes,
+    read_partition,
+)
+from cllm4rec_dist.recommenders.cllm4rec.prompts import prediction_prompts
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def test_each_rank_reads_its_own_part_and_all_run_the_same_steps(corpora, world)
         assert all(d == docs["content"][i] for d, i in zip(part, global_ids))
     if len(entry["shards"]) >= world:  # shard-level partition: rank r holds shards r, r+W, ...
         first_of_shard = np.cumsum([0] + [s["num_docs"] for s in entry["shards"]])[:-1]
-        for r, p in enumerate(parts):
+        for r, _p in enumerate(parts):
             assert {int(first_of_shard[k]) for k in range(r, len(entry["shards"]), world)} <= ids[r]
     for p in parts:  # an epoch covers the whole partition
         seen = set()

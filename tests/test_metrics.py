@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from cllm4rec_dist.corpus.split import EvalSplit
 from cllm4rec_dist.eval.metrics import (
     PAD,
     all_reduce_sums,
@@ -22,7 +23,6 @@ from cllm4rec_dist.eval.metrics import (
     split_metric_sums,
     split_targets,
 )
-from cllm4rec_dist.corpus.split import EvalSplit
 
 
 def arr(*xs):
@@ -254,7 +254,8 @@ def test_evaluate_split_masks_valid_items_when_testing():
     assert out["recall@4"] == pytest.approx(1.0)
     assert out["ndcg@4"] == pytest.approx(np.mean([v[1] for v in per_user.values()]))
     # Sharded users + merged sums give the same answer; batch size does not matter.
-    shards = [split_metric_sums(score, split, "test", users=u, ks=(4,), ndcg_ks=(4,), batch_users=1) for u in ([0], [1, 2])]
+    shards = [split_metric_sums(score, split, "test", users=u, ks=(4,), ndcg_ks=(4,), batch_users=1)
+              for u in ([0], [1, 2])]
     assert finalize(merge_sums(*shards)) == pytest.approx(out)
     # Validation skips user 2 (no valid items).
     valid = evaluate_split(score, split, "valid", ks=(4,), ndcg_ks=(4,))
@@ -299,7 +300,8 @@ def test_cold_slices_of_an_eval_split_are_the_plain_metrics_on_the_restricted_ta
             assert out[f"cold_only/{key}"] == pytest.approx(want_only[key])
         for k in (2, 5):
             expected = [len(h) * min(k, n) / n / min(k, len(h))
-                        for h, n in ((h, int(cold.sum()) - int(cold[e].sum())) for h, e in zip(held_cold, excl)) if len(h)]
+                        for h, n in ((h, int(cold.sum()) - int(cold[e].sum())) for h, e in zip(held_cold, excl))
+                        if len(h)]
             assert out[f"cold_only_random/recall@{k}"] == pytest.approx(np.mean(expected))
         shards = [split_metric_sums(score, split, part, users=u, ks=(2, 5), ndcg_ks=(5,), batch_users=7)
                   for u in (np.arange(0, 13), np.arange(13, num_users))]

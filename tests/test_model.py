@@ -11,10 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from cllm4rec_dist.corpus.presets import smollm2_path
 from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.model.batch import PAD_ID, LMBatch, RecBatch
-from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
-from cllm4rec_dist.model.losses import c_step_loss, l_step_loss, rec_step_loss
+from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss, l_step_loss, rec_step_loss
+from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
-V, I, J, D = 128, 5, 11, 32
+V, U, J, D = 128, 5, 11, 32
 LAMBDA_C = 0.7
 
 
@@ -56,7 +56,7 @@ def backbone_dir(request, llama_dir, gpt2_dir):
 def make_model(path, **overrides):
     torch.manual_seed(1)
     # a tiny logit budget so that every loss goes through several chunks
-    settings = dict(backbone=path, num_users=I, num_items=J, lambda_c=LAMBDA_C, max_logit_elements=8,
+    settings = dict(backbone=path, num_users=U, num_items=J, lambda_c=LAMBDA_C, max_logit_elements=8,
                     device="cpu")
     settings.update(overrides)
     return CLLM4Rec(ModelConfig(**settings))
@@ -69,7 +69,7 @@ def user_token(u):
 
 
 def item_token(j):
-    return V + I + j
+    return V + U + j
 
 
 def pad_rows(rows):
@@ -87,7 +87,7 @@ def lm_batch(kind, seed=0):
     gen = torch.Generator().manual_seed(seed)
     prompts, mains = [], []
     for b, main_len in enumerate([4, 1, 6]):
-        user = b % I
+        user = b % U
         if kind == "L":  # "<user_u> has interacted with" <item> <item> ...
             prompt = [user_token(user), 17, 23, 42]
             main = [item_token(j) for j in torch.randperm(J, generator=gen)[:main_len].tolist()]
@@ -105,13 +105,13 @@ def rec_batch(seed=0):
     rows, target_rows, target_items = [], [], []
     for b, (kept, held_out) in enumerate([(3, 2), (1, 1), (5, 3)]):
         items = torch.randperm(J, generator=gen)[: kept + held_out].tolist()
-        user = (b + 2) % I
+        user = (b + 2) % U
         rows.append([user_token(user), 17, 23] + [item_token(j) for j in items[:kept]]
                     + [user_token(user), 31, 32])
         target_rows += [b] * held_out
         target_items += items[kept:]
     input_ids, attention_mask, lengths = pad_rows(rows)
-    return RecBatch(input_ids, attention_mask, lengths, torch.tensor([(b + 2) % I for b in range(3)]),
+    return RecBatch(input_ids, attention_mask, lengths, torch.tensor([(b + 2) % U for b in range(3)]),
                     torch.tensor(target_rows), torch.tensor(target_items))
 
 
@@ -127,10 +127,10 @@ def naive_hidden(model, input_ids, attention_mask, side):
         for token in row:
             if token < V:
                 row_embeds.append(vocab[token])
-            elif token < V + I:
+            elif token < V + U:
                 row_embeds.append(user_table.weight[token - V])
             else:
-                row_embeds.append(item_table.weight[token - V - I])
+                row_embeds.append(item_table.weight[token - V - U])
         embeds.append(torch.stack(row_embeds))
     return model.backbone.base_model(inputs_embeds=torch.stack(embeds),
                                      attention_mask=attention_mask).last_hidden_state
@@ -144,15 +144,15 @@ def naive_tables(model, side):
 def naive_prior_term(model, token, trained_side):
     """||z_trained - z_fixed||^2 of one user/item token, summed over d by hand."""
     fixed_side = "content" if trained_side == "collab" else "collab"
-    which, index = (0, token - V) if token < V + I else (1, token - V - I)
-    diff = naive_tables(model, trained_side)[which].weight[index] - naive_tables(model, fixed_side)[which].weight[index].detach()
+    which, index = (0, token - V) if token < V + U else (1, token - V - U)
+    diff = (naive_tables(model, trained_side)[which].weight[index]
+            - naive_tables(model, fixed_side)[which].weight[index].detach())
     return sum(diff[k] ** 2 for k in range(D))
 
 
 def naive_embedding_sq_sum(model, input_ids, trained_side):
     """The authors' MSELoss(reduction='sum') between the two sides' input embeddings of EVERY position
     (padding included: vocab positions embed identically on both sides and cancel)."""
-    fixed_side = "content" if trained_side == "collab" else "collab"
     total = 0.0
     for row in input_ids.tolist():
         for token in row:
@@ -167,10 +167,11 @@ def doc_id_tokens(input_ids, lengths, b):
 
 
 def naive_lm_mr(model, batch, trained_side, per_doc_ce, reduction, rec=False):
-    """(lm, mr) of one step transcribed from the formulas of each mr_reduction (model/losses.py)."""
+    """(lm, mr) of one step transcribed from the formulas of each mr_reduction (recommenders/cllm4rec/losses.py)."""
     B = batch.input_ids.shape[0]
     docs = [doc_id_tokens(batch.input_ids, batch.lengths, b) for b in range(B)]
-    targets = [[item_token(int(j)) for j in batch.target_items[batch.target_rows == b]] for b in range(B)] if rec else None
+    targets = ([[item_token(int(j)) for j in batch.target_items[batch.target_rows == b]] for b in range(B)]
+               if rec else None)
     all_ce = [ce for doc in per_doc_ce for ce in doc]
     if rec:  # multinomial NLL summed per user, averaged over users, in every mode
         lm = torch.stack([sum(doc) for doc in per_doc_ce]).mean()
@@ -183,7 +184,7 @@ def naive_lm_mr(model, batch, trained_side, per_doc_ce, reduction, rec=False):
         for b in range(B):
             tokens = docs[b]
             if rec:  # Eq. 10: the user once and every interacted item (prompt + held out) once
-                tokens = [user_token(int(batch.users[b]))] + sorted({t for t in tokens + targets[b] if t >= V + I})
+                tokens = [user_token(int(batch.users[b]))] + sorted({t for t in tokens + targets[b] if t >= V + U})
             per_doc.append(LAMBDA_C / 2 * sum(naive_prior_term(model, t, trained_side) for t in tokens))
         mr = torch.stack(per_doc).mean()
     elif reduction == "authors":
@@ -246,7 +247,7 @@ def test_l_step_loss_and_gradient_match_naive(backbone_dir, reduction):
     batch = lm_batch("L")
     out = l_step_loss(model, batch)
     assert out["tokens"] == batch.num_target_tokens == 11
-    per_doc = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + I)
+    per_doc = naive_next_token_ce(model, batch, "collab", model.item_head_weight(), V + U)
     lm, mr = naive_lm_mr(model, batch, "collab", per_doc, reduction)
     _check_against_naive(model, out, lm, mr, "collab")
 
@@ -284,7 +285,7 @@ def test_reductions_differ_as_documented(llama_dir):
     model = make_model(llama_dir, mr_reduction="paper")
     with torch.no_grad():  # collapse the two sides on every prompt token: only the held-out items remain
         model.content_user_table.weight.copy_(model.collab_user_table.weight)
-        prompt_items = {int(t) - V - I for t in rec_batch().input_ids.flatten() if int(t) >= V + I}
+        prompt_items = {int(t) - V - U for t in rec_batch().input_ids.flatten() if int(t) >= V + U}
         for j in prompt_items:
             model.content_item_table.weight[j] = model.collab_item_table.weight[j]
     assert float(rec_step_loss(model, rec_batch())["mr"].detach()) > 0
@@ -452,18 +453,18 @@ def test_text_token_init_starts_each_item_at_the_mean_embedding_of_its_text(gpt2
     backbone = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     words = backbone.get_input_embeddings().weight.detach()
     texts = [[(7 * j + k) % V for k in range(1 + j % 5)] for j in range(J - 1)] + [[]]
-    model = CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=I, num_items=J, token_init="text", item_text_ids=texts,
+    model = CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=U, num_items=J, token_init="text", item_text_ids=texts,
                                  init_std=1e-6, device="cpu"), backbone=backbone)
     expected = torch.stack([words[ids].mean(0) if ids else words.mean(0) for ids in texts])
     for table in (model.collab_item_table, model.content_item_table):
         torch.testing.assert_close(table.weight.detach(), expected, atol=1e-5, rtol=0)
     assert not torch.equal(model.collab_item_table.weight, model.content_item_table.weight)  # own noise
     users = model.collab_user_table.weight.detach()
-    assert (users.mean(0) - words.mean(0)).abs().max() < 5 * words.std(0).max() / I ** 0.5
+    assert (users.mean(0) - words.mean(0)).abs().max() < 5 * words.std(0).max() / U ** 0.5
     for bad, match in (([[V]] * J, "outside the backbone's vocabulary"), (texts[:-1], f"each of the {J} items"),
                        (None, "need item_text_ids")):
         with pytest.raises(ValueError, match=match):
-            CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=I, num_items=J, token_init="text", item_text_ids=bad,
+            CLLM4Rec(ModelConfig(backbone=gpt2_dir, num_users=U, num_items=J, token_init="text", item_text_ids=bad,
                                  device="cpu"), backbone=backbone)
 
 
@@ -541,7 +542,7 @@ def test_unsupported_combinations_raise_clear_errors(llama_dir):
         bb.load_backbone(llama_dir + "-missing")
     int8_backbone = bb.load_backbone(llama_dir, precision="int8", device="cpu")
     with pytest.raises(ValueError, match="quantised"):
-        CLLM4Rec(ModelConfig(backbone=llama_dir, num_users=I, num_items=J, ft_all=True), backbone=int8_backbone)
+        CLLM4Rec(ModelConfig(backbone=llama_dir, num_users=U, num_items=J, ft_all=True), backbone=int8_backbone)
     with pytest.raises(ValueError, match="side"):
         make_model(llama_dir).embed(lm_batch("L").input_ids, side="both")
 
@@ -566,7 +567,7 @@ def test_smollm2_gguf_backbone_runs_an_l_step():
         package_dir, gguf_file = smollm2_path()
     except ModuleNotFoundError as missing:
         pytest.skip(str(missing))
-    model = CLLM4Rec(ModelConfig(backbone=package_dir, gguf_file=gguf_file, num_users=I, num_items=J,
+    model = CLLM4Rec(ModelConfig(backbone=package_dir, gguf_file=gguf_file, num_users=U, num_items=J,
                                  precision="bf16", device="cpu"))
     assert bb.vocab_size(model.backbone) == 49152 and model.hidden_size == 576
     # Unpacked into plain dense bf16 layers (not transformers' GGUF-block layers): what the bf16 speed relies on.
@@ -591,7 +592,7 @@ def lm_documents(kind, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rows, prompt_lengths = [], []
     for b, main_len in enumerate(PACKED_MAIN_LENGTHS):
-        user = b % I
+        user = b % U
         if kind == "L":
             prompt = [user_token(user), 17, 23, 42]
             main = [item_token(j) for j in torch.randperm(J, generator=gen)[:main_len].tolist()]
@@ -609,7 +610,7 @@ def rec_documents(seed=0):
     rows, users, target_rows, target_items = [], [], [], []
     for b, (kept, held_out) in enumerate([(9, 2), (1, 1), (1, 3), (2, 1), (1, 2)]):
         items = torch.randperm(J, generator=gen)[: kept + held_out].tolist()
-        user = (b + 2) % I
+        user = (b + 2) % U
         rows.append([user_token(user), 17, 23] + [item_token(j) for j in items[:kept]] + [user_token(user), 31, 32])
         users.append(user)
         target_rows += [b] * held_out
@@ -628,7 +629,7 @@ def reference_losses(model, kind, rows, prompt_lengths=None, targets=None):
             log_probs = torch.log_softmax(model.item_head_weight() @ hidden[len(row) - 1], dim=0)
             per_user.append(-sum(log_probs[j] for j, r in zip(*targets) if r == k))
             continue
-        head, offset = ((model.item_head_weight(), V + I) if kind == "L"
+        head, offset = ((model.item_head_weight(), V + U) if kind == "L"
                         else (model.backbone.get_output_embeddings().weight, 0))
         for t in range(prompt_lengths[k] - 1, len(row) - 1):
             terms.append(-torch.log_softmax(head @ hidden[t], dim=0)[row[t + 1] - offset])
@@ -865,7 +866,7 @@ def test_cold_items_mapped_from_the_backbones_reading_of_their_texts(request, ba
 def test_text_hidden_cold_source_is_checked(llama_dir):
     with pytest.raises(ValueError, match="cold_item_source='bogus'"):
         make_model(llama_dir, cold_item_source="bogus")
-    with pytest.raises(ValueError, match="set cold_item_ridge"):
+    with pytest.raises(ValueError, match="cold_item_ridge=None: must be a number > 0"):
         make_model(llama_dir, item_text_ids=item_texts(J), cold_item_source="text_hidden")
     with pytest.raises(ValueError, match="needs item_text_ids"):
         make_model(llama_dir, cold_item_ridge=1.0, cold_item_source="text_hidden")
@@ -877,13 +878,13 @@ def test_text_hidden_cold_source_is_checked(llama_dir):
 
 def test_cold_slice_scores_only_the_cold_held_out_items(llama_dir):
     from cllm4rec_dist.corpus.ids import TokenSpace
-    from cllm4rec_dist.eval.evaluate import evaluate_docs
+    from cllm4rec_dist.recommenders.cllm4rec.evaluate import evaluate_docs
 
     model = make_model(llama_dir, num_items=40)
-    space = TokenSpace(V, I, 40)
+    space = TokenSpace(V, U, 40)
     rng = torch.Generator().manual_seed(0)
     docs = []
-    for u in range(I):
+    for u in range(U):
         items = torch.randperm(40, generator=rng)[:9].tolist()
         docs.append({"user": u, "prompt_prefix": [V + u, 17], "prompt_suffix": [V + u, 31],
                      "train": items[:5], "valid": items[5:7], "test": items[7:]})
@@ -902,16 +903,16 @@ def test_cold_only_ranking_ranks_the_cold_items_alone_and_states_what_a_random_o
     with every warm item excluded; ``cold_only_random/*``: the expectation of a random order of the same
     candidates, against a Monte-Carlo average of random orders scored by the same metric code."""
     from cllm4rec_dist.corpus.ids import TokenSpace
-    from cllm4rec_dist.eval.evaluate import evaluate_docs
     from cllm4rec_dist.eval.metrics import evaluate_topk
+    from cllm4rec_dist.recommenders.cllm4rec.evaluate import evaluate_docs
 
     num_items = 40
     model = make_model(llama_dir, num_items=num_items)
-    space = TokenSpace(V, I, num_items)
+    space = TokenSpace(V, U, num_items)
     rng = torch.Generator().manual_seed(1)
     cold = list(range(30))  # more cold candidates than K = 20 left after train and valid: a random order can miss
     docs = []
-    for u in range(I):
+    for u in range(U):
         items = torch.randperm(num_items, generator=rng)[:12].tolist()
         docs.append({"user": u, "prompt_prefix": [V + u, 17], "prompt_suffix": [V + u, 31],
                      "train": items[:4], "valid": items[4:8], "test": items[8:]})

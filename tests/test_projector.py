@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_recbole import demo_as_recbole
 
+from cllm4rec_dist.config import ScheduleSettings, TrainConfig
 from cllm4rec_dist.corpus.preprocess import PreprocessConfig, preprocess
 from cllm4rec_dist.data.readers import ReaderOptions
-from cllm4rec_dist.train.config import ScheduleSettings, TrainConfig
+from cllm4rec_dist.reference import run_reference
 from cllm4rec_dist.train.projector import sample_rows
-from cllm4rec_dist.train.reference import run_reference
-from test_recbole import demo_as_recbole
 
 SAMPLE = 50  # fewer than the 80 items and 120 users: the sample bound is exercised
 

@@ -15,7 +15,8 @@ def random_raw(seed=0, users=60, items=40, n=2500, with_reviews=True) -> RawData
     rows = []
     for k in range(n):
         u, i = int(rng.integers(users)), int(items * rng.random() ** 2)
-        rows.append((f"u{u}", f"i{i}", float(rng.integers(1, 6)), float(k), f"review {u} {i} {k}" if with_reviews else ""))
+        rows.append((f"u{u}", f"i{i}", float(rng.integers(1, 6)), float(k),
+                     f"review {u} {i} {k}" if with_reviews else ""))
     return RawDataset("random", RawDataset.frame(rows))
 
 

@@ -128,7 +128,8 @@ def ray_job(demo_data, tmp_path_factory):
         status = job_status(env, job_id.group(1))
         uploaded = sorted(p for p in Path(ray_tmp).glob("ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*")
                           if p.is_dir())  # the job's unpacked working dir
-        uploaded_files = {str(p.relative_to(uploaded[0])) for p in uploaded[0].rglob("*") if p.is_file()} if uploaded else set()
+        uploaded_files = ({str(p.relative_to(uploaded[0])) for p in uploaded[0].rglob("*") if p.is_file()} if uploaded
+                          else set())
         yield {"run": root / "run", "submit": submit, "output": output, "status": status,
                "uploaded": uploaded_files}
     finally:
@@ -181,7 +182,7 @@ def test_ray_job_submit_runs_the_launcher_on_the_running_cluster(ray_job, demo_d
 def test_the_uploaded_working_dir_holds_only_what_git_tracks(ray_job):
     """`--working-dir .` leaves out .venv, runs/, shards/, caches: everything .gitignore / .rayignore name."""
     uploaded = ray_job["uploaded"]
-    assert "launchers/pretrain_llama.py" in uploaded and "cllm4rec_dist/train/distributed.py" in uploaded
+    assert "launchers/pretrain_llama.py" in uploaded and "cllm4rec_dist/distributed.py" in uploaded
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
     assert uploaded <= set(listed), sorted(uploaded - set(listed))[:20]

@@ -32,7 +32,8 @@ def jsonl(records) -> str:
 
 
 def review(user="u1", item="i1", rating=5.0, summary="Great", text="Works well.", ts=1_000):
-    return {"reviewerID": user, "asin": item, "overall": rating, "summary": summary, "reviewText": text, "unixReviewTime": ts}
+    return {"reviewerID": user, "asin": item, "overall": rating, "summary": summary, "reviewText": text,
+            "unixReviewTime": ts}
 
 
 # --- amazon -----------------------------------------------------------------------------------------
@@ -80,10 +81,10 @@ def test_amazon_meta_2018_json_and_2014_python_literals(tmp_path):
         {"asin": "other", "title": "Not reviewed"},
     ]))
     meta_2014 = write(tmp_path / "meta_2014.json.gz", "")
-    meta_2014.write_bytes(gzip.compress((
-        "{'asin': 'i2', 'title': \"Kid's Shampoo\", 'description': 'Mild.'}\n"
-        "{'asin': 'i3', 'description': 'No title here'}\n"
-    ).encode()))
+    meta_2014.write_bytes(gzip.compress(
+        b"{'asin': 'i2', 'title': \"Kid's Shampoo\", 'description': 'Mild.'}\n"
+        b"{'asin': 'i3', 'description': 'No title here'}\n"
+    ))
     ds = read("amazon", reviews, meta=[str(meta_2018), str(meta_2014)])
     assert ds.item_texts == {"i1": "Soap. Gentle foaming", "i2": "Kid's Shampoo. Mild.", "i3": "No title here"}
 
@@ -176,7 +177,8 @@ def ml100k(folder: Path, genre_file: bool = True) -> Path:
     write(folder / "u.item", U_ITEM, encoding="latin-1")
     write(folder / "u.user", "196|24|M|technician|85711\n186|18|F|other|94043\n")
     if genre_file:
-        names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy"] + [f"G{i}" for i in range(6, 19)]
+        names = (["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy"]
+                 + [f"G{i}" for i in range(6, 19)])
         write(folder / "u.genre", "".join(f"{n}|{i}\n" for i, n in enumerate(names)) + "\n")
     return folder
 
@@ -189,7 +191,8 @@ def test_movielens_100k_folder(tmp_path):
     assert ds.report.skipped == {"wrong_field_count": 1}
     assert ds.report.examples[0].startswith(f"{tmp_path / 'ml-100k' / 'u.data'}:2: wrong_field_count")
     assert ds.item_texts == {"1": "Toy Story (1995). Genres: Animation, Children's, Comedy", "2": "Caf\xe9 (1996)"}
-    assert ds.user_texts == {"196": "A 24-year-old male technician.", "186": "An 18-year-old female with another occupation."}
+    assert ds.user_texts == {"196": "A 24-year-old male technician.",
+                             "186": "An 18-year-old female with another occupation."}
 
 
 def test_movielens_100k_without_genre_file_uses_standard_names(tmp_path):
@@ -199,7 +202,8 @@ def test_movielens_100k_without_genre_file_uses_standard_names(tmp_path):
 
 LATEST = {
     "ratings.csv": "userId,movieId,rating,timestamp\n1,11,4.5,964982703\n1,12,x,964982704\n2,11,3.0,964982705\n",
-    "movies.csv": 'movieId,title,genres\n11,"American President, The (1995)",Comedy|Drama\n12,Odd (2017),(no genres listed)\n',
+    "movies.csv": 'movieId,title,genres\n11,"American President, The (1995)",Comedy|Drama\n'
+                  '12,Odd (2017),(no genres listed)\n',
     "tags.csv": "userId,movieId,tag,timestamp\n1,11,funny,1\n1,12,Funny,2\n1,12,  dark  ,3\n2,11,,4\n",
 }
 

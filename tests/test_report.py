@@ -127,7 +127,7 @@ def test_seeds_give_mean_and_std_and_flag_differences_beyond_the_noise(demo_data
 
 
 def test_seed_noise_rule():
-    from cllm4rec_dist.report import exceeds_seed_noise
+    from cllm4rec_dist.report.stats import exceeds_seed_noise
 
     def entry(name, mean, std):
         return {"model": name, "test": {"recall@20": mean}, "test_std": {"recall@20": std}}
@@ -139,8 +139,8 @@ def test_seed_noise_rule():
 
 
 def test_llm_cf_runs_are_reused_across_mr_settings_it_does_not_read():
-    from cllm4rec_dist.report import settings_key
-    from cllm4rec_dist.train.config import TrainConfig
+    from cllm4rec_dist.config import TrainConfig
+    from cllm4rec_dist.report.full_ranking import settings_key
 
     a, b = TrainConfig(), TrainConfig()
     b.model.mr_reduction, b.model.lambda_c, b.schedule.warmup_mr = "token_mean", 10.0, True

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -116,19 +115,19 @@ def test_train_max_users_subsamples_the_users_of_stages_1_and_2(report):
 
 
 def test_a_run_with_other_settings_is_not_reused(report, config):
-    from cllm4rec_dist.report_candidates import finished_allmrec
-    from cllm4rec_dist.train.config import load_config
+    from cllm4rec_dist.config import load_config
+    from cllm4rec_dist.report.candidates import finished_run
 
     run_dir = report["models"]["llm/allmrec"]["runs"][1]["run_dir"]
     cfg = load_config(str(config))
     cfg.seed = cfg.batch.seed = 1
-    assert finished_allmrec(run_dir, cfg) is not None
+    assert finished_run(run_dir, cfg) is not None
     cfg.allmrec.stage2_lr = 0.01
-    assert finished_allmrec(run_dir, cfg) is None
+    assert finished_run(run_dir, cfg) is None
 
 
 def test_differences_use_the_seed_noise_rule_and_the_markdown_shows_them(report):
-    from cllm4rec_dist.report import exceeds_seed_noise
+    from cllm4rec_dist.report.stats import exceeds_seed_noise
 
     pairs = {(d["a"], d["b"], d["part"], d["metric"]): d for d in report["differences"]}
     a, b = report["models"]["llm/allmrec"], report["models"]["llm/titles_only"]

@@ -77,10 +77,11 @@ def test_candidates_are_the_positive_and_never_interacted_items_in_a_seeded_orde
     other_split_seed = apply_protocol(raw, ProtocolConfig(split="leave-one-out", kcore=2, seed=7))
     other = apply_protocol(raw, ProtocolConfig(split="leave-one-out", kcore=2, candidate_seed=1))
     for part in ("valid", "test"):
-        for a, b, c, d in zip(split.candidates[part], again.candidates[part], other_split_seed.candidates[part],
+        for a, b, c, _d in zip(split.candidates[part], again.candidates[part], other_split_seed.candidates[part],
                               other.candidates[part]):
             assert (a is None and b is None) or (np.array_equal(a, b) and np.array_equal(a, c))
-        assert any(a is not None and not np.array_equal(a, d) for a, d in zip(split.candidates[part], other.candidates[part]))
+        assert any(a is not None and not np.array_equal(a, d)
+                   for a, d in zip(split.candidates[part], other.candidates[part]))
 
 
 def test_too_few_items_for_the_negatives_is_a_clear_error():
@@ -191,7 +192,8 @@ def test_movielens_titles(tmp_path):
 def test_amazon_meta_titles(tmp_path):
     reviews = write(tmp_path / "r.json", json.dumps({"reviewerID": "u", "asin": "a1", "overall": 5}) + "\n"
                     + json.dumps({"reviewerID": "u", "asin": "a2", "overall": 4}) + "\n")
-    meta = write(tmp_path / "m.json", json.dumps({"asin": "a1", "title": " Soap  Bar ", "description": ["Mild."]}) + "\n"
+    meta = write(tmp_path / "m.json",
+                 json.dumps({"asin": "a1", "title": " Soap  Bar ", "description": ["Mild."]}) + "\n"
                  + json.dumps({"asin": "a2", "description": "No title."}) + "\n")
     ds = read("amazon", reviews, meta=[str(meta)])
     assert ds.item_titles == {"a1": "Soap Bar"} and ds.item_texts == {"a1": "Soap Bar. Mild.", "a2": "No title."}
@@ -227,9 +229,10 @@ def test_items_without_titles_fall_back_to_their_original_id(tmp_path):
 
 
 def test_cllm4rec_batches_build_on_the_leave_one_out_split(demo_loo_data):
-    """CLLM4Rec's corpora are unchanged in form; a full `cllm4rec train` on this split is run in docs (too slow here)."""
+    """CLLM4Rec's corpora are unchanged in form; a full `cllm4rec train` on this split is run in docs (too slow
+    here)."""
     from cllm4rec_dist.corpus.ids import TokenSpace
-    from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
+    from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings, CorpusBatches
 
     ds = ShardedDataset(demo_loo_data)
     space = TokenSpace(ds.vocab_size, ds.num_users, ds.num_items)

@@ -19,16 +19,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ranks import run_ranks  # noqa: E402
 
+from cllm4rec_dist.config import ScheduleSettings, TrainConfig, config_from_dict  # noqa: E402
 from cllm4rec_dist.corpus.shards import ShardedDataset  # noqa: E402
-from cllm4rec_dist.export.embeddings import PARAMS, export_checkpoint, read_export  # noqa: E402
+from cllm4rec_dist.export.embeddings import read_export  # noqa: E402
+from cllm4rec_dist.export_run import export_checkpoint  # noqa: E402
 from cllm4rec_dist.model import sharding  # noqa: E402
 from cllm4rec_dist.model.item_softmax import chunked_topk, sparse_softmax_nll  # noqa: E402
-from cllm4rec_dist.train.checkpoint import LocalSink, SHARDED_DIR  # noqa: E402
-from cllm4rec_dist.train.config import ScheduleSettings, TrainConfig, config_from_dict  # noqa: E402
+from cllm4rec_dist.recommenders.cllm4rec.export import PARAMS  # noqa: E402
+from cllm4rec_dist.recommenders.cllm4rec.recipe import CLLM4RecRecipe  # noqa: E402
+from cllm4rec_dist.recommenders.cllm4rec.trainer import LOSSES, load_trainable  # noqa: E402
+from cllm4rec_dist.train.checkpoint import SHARDED_DIR, LocalSink  # noqa: E402
 from cllm4rec_dist.train.engines import TorchEngine  # noqa: E402
-from cllm4rec_dist.train.recipe import CLLM4RecRecipe  # noqa: E402
 from cllm4rec_dist.train.rank import Rank  # noqa: E402
-from cllm4rec_dist.train.trainer import LOSSES, load_trainable  # noqa: E402
 
 KINDS = ("L", "C", "rec")
 STEPS = ("L", "C", "rec", "L", "rec", "C")       # before the checkpoint
@@ -294,7 +296,7 @@ def test_row_layout_is_the_dtensor_split_and_the_init_does_not_depend_on_it(rows
 
 
 def _text_init_on_rank(rank, world, backbone_dir, texts, token_init="text", content_init="draw"):
-    from cllm4rec_dist.model.cllm4rec import CLLM4Rec, ModelConfig
+    from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
     model = CLLM4Rec(ModelConfig(backbone=backbone_dir, num_users=9, num_items=len(texts), token_init=token_init,
                                  content_init=content_init, item_text_ids=texts, init_std=1e-6,
@@ -320,7 +322,7 @@ def test_text_init_of_row_sharded_tables_gives_each_rank_its_items_text_rows(dem
 
 
 def test_bad_sharding_settings_are_refused_before_any_worker_starts(demo_data):
-    from cllm4rec_dist.train.config import ConfigError
+    from cllm4rec_dist.config import ConfigError
 
     cfg = TrainConfig(data=demo_data)
     cfg.model.table_sharding = "rows"

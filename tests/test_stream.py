@@ -10,7 +10,7 @@ import pytest
 
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
-from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches, read_partition
+from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings, CorpusBatches, read_partition
 
 
 @pytest.fixture(scope="module")

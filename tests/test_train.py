@@ -8,14 +8,15 @@ from collections import defaultdict
 import pytest
 import torch
 
-from cllm4rec_dist.train.monitor import read_train_log
-
 from cllm4rec_dist.baselines import run_baseline
+from cllm4rec_dist.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.corpus.shards import ShardedDataset, load_eval_split
+from cllm4rec_dist.recommenders.cllm4rec.schedule import Block, build_schedule, interleave
+from cllm4rec_dist.recommenders.cllm4rec.settings import CLLM4RecSettings
+from cllm4rec_dist.reference import run_reference
 from cllm4rec_dist.train.checkpoint import READER, READER_FILE
-from cllm4rec_dist.train.config import ModelSettings, ScheduleSettings, TrainConfig, add_config_arguments, config_from_args
-from cllm4rec_dist.train.reference import run_reference
-from cllm4rec_dist.train.schedule import Block, build_schedule, interleave
+from cllm4rec_dist.train.monitor import read_train_log
+from cllm4rec_dist.train.settings import ScheduleSettings
 
 
 def tiny_config(data: str, out: str, **overrides) -> TrainConfig:
@@ -91,7 +92,7 @@ def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(ref
 def schedule_of(cfg: TrainConfig, data: str) -> list[Block]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset
-    from cllm4rec_dist.train.loader import BatchSettings, CorpusBatches
+    from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings, CorpusBatches
 
     ds = ShardedDataset(data)
     space = TokenSpace(ds.vocab_size, ds.num_users, ds.num_items)
@@ -174,15 +175,15 @@ def test_config_yaml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="optim.item_head_lr_scale"):
         config_from_args(p.parse_args(["--optim.item_head_lr_scale", "0"]))
     with pytest.raises(ValueError, match="quantised"):
-        TrainConfig(ablation="ftall", model=ModelSettings(precision="int8")).validate()
+        TrainConfig(ablation="ftall", model=CLLM4RecSettings(precision="int8")).validate()
 
 
 def test_a_step_of_one_kind_never_moves_another_kinds_optimizer_state(demo_data, tmp_path):
     import torch
 
+    from cllm4rec_dist.recommenders.cllm4rec.recipe import CLLM4RecRecipe
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
-    from cllm4rec_dist.train.recipe import CLLM4RecRecipe
     from cllm4rec_dist.train.rank import Rank
 
     cfg = tiny_config(demo_data, str(tmp_path))
@@ -455,9 +456,9 @@ def test_train_help_lists_the_mutual_regularisation_and_selection_settings(capsy
 
 
 def _recipe(cfg):
+    from cllm4rec_dist.recommenders.cllm4rec.recipe import CLLM4RecRecipe
     from cllm4rec_dist.train.checkpoint import LocalSink
     from cllm4rec_dist.train.engines import TorchEngine
-    from cllm4rec_dist.train.recipe import CLLM4RecRecipe
     from cllm4rec_dist.train.rank import Rank
 
     return CLLM4RecRecipe(cfg, Rank(), lambda name, params, lr: TorchEngine(name, params, lr),
@@ -465,7 +466,7 @@ def _recipe(cfg):
 
 
 def test_fixord_is_scored_with_prompts_in_its_training_order(demo_data, tmp_path):
-    from cllm4rec_dist.eval.evaluate import evaluate_docs
+    from cllm4rec_dist.recommenders.cllm4rec.evaluate import evaluate_docs
 
     cfg = tiny_config(demo_data, str(tmp_path), ablation="fixord")
     trainer = _recipe(cfg).trainer

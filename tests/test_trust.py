@@ -26,7 +26,8 @@ from cllm4rec_dist.train.checkpoint import LATEST, TRAINER_FILE, LocalSink, chec
 from cllm4rec_dist.train.run_folder import DATASET_FILE, LOCK_FILE, RunFolderError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
+TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1",
+        "--schedule.finetune_epochs", "1",
         "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64", "--log_every", "1000"]
 
 
@@ -151,8 +152,8 @@ def test_resume_with_a_changed_trajectory_setting_is_refused(run_dir, demo_data,
 
 def test_resume_on_other_data_is_refused_and_on_the_same_data_moved_it_continues(run_dir, demo_data, tmp_path,
                                                                                    capsys):
-    from cllm4rec_dist.train.config import config_from_dict, read_yaml_settings
-    from cllm4rec_dist.train.distributed import _check_ray_resume
+    from cllm4rec_dist.config import config_from_dict, read_yaml_settings
+    from cllm4rec_dist.distributed import _check_ray_resume
 
     run = copy_run(run_dir, tmp_path / "run")
     record = json.loads((run / DATASET_FILE).read_text())
@@ -160,7 +161,8 @@ def test_resume_on_other_data_is_refused_and_on_the_same_data_moved_it_continues
     # The run folder says it trained on other data: refused before anything is written, by both resume paths.
     (run / DATASET_FILE).write_text(json.dumps({**record, "content_hash": "0" * 64}))
     before = (run / "config.yaml").read_text()
-    args = ["train", "--data", demo_data, "--out", str(run), *TINY, "--checkpoint_every", "4", "--keep_checkpoints", "3"]
+    args = ["train", "--data", demo_data, "--out", str(run), *TINY, "--checkpoint_every", "4",
+            "--keep_checkpoints", "3"]
     assert cli(args) == 2
     one_line_error(capsys, "trained on other data", f"{'0' * 64} (", f"-> {record['content_hash']} ({demo_data})",
                    "--allow_config_change")
@@ -295,7 +297,8 @@ def test_ordinary_mistakes_exit_2_with_one_line_naming_the_file_or_field(demo_da
     one_line_error(capsys, str(tmp_path), "folder")
     reviews = tmp_path / "reviews.json.gz"
     reviews.write_bytes(gzip.compress(b"".join(
-        json.dumps({"reviewerID": f"u{k}", "asin": f"i{k}", "overall": 5}).encode() + b"\n" for k in range(2000)))[:300])
+        json.dumps({"reviewerID": f"u{k}", "asin": f"i{k}", "overall": 5}).encode() + b"\n"
+        for k in range(2000)))[:300])
     assert cli(["preprocess", "--format", "amazon", "--input", str(reviews), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, str(reviews), "truncated")
     import pandas as pd

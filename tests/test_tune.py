@@ -108,8 +108,8 @@ def test_every_trial_keeps_its_best_weights_for_testing_after_the_search(tuned, 
 
 
 def test_best_yaml_trains_as_is_and_the_launcher_reads_it(tuned, tmp_path):
+    from cllm4rec_dist.config import load_config
     from cllm4rec_dist.launch import parse
-    from cllm4rec_dist.train.config import load_config
 
     best = os.path.join(tuned, "best.yaml")
     cfg = load_config(best)
@@ -210,8 +210,11 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
     marker = os.path.join(out, "trials", ".paused-00001-at-epoch1")
     _wait_for(lambda: os.path.exists(marker), "the second trial's epoch 1", search)
     paused = os.path.getmtime(marker)
-    states = lambda: [os.path.join(out, "ray", "search", f) for f in os.listdir(os.path.join(out, "ray", "search"))
-                      if f.startswith("experiment_state")]  # noqa: E731
+
+    def states():
+        return [os.path.join(out, "ray", "search", f) for f in os.listdir(os.path.join(out, "ray", "search"))
+                if f.startswith("experiment_state")]
+
     _wait_for(lambda: any(os.path.getmtime(f) > paused + 1 for f in states()), "Tune's state of the paused trial",
               search)
     if stop == "ctrl-c":
@@ -254,7 +257,7 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
 
 
 def test_an_interrupted_search_resumes_only_with_its_own_settings(demo_data, tmp_path):
-    from cllm4rec_dist.train.config import ConfigError, TrainConfig
+    from cllm4rec_dist.config import ConfigError, TrainConfig
     from cllm4rec_dist.tune import begin_or_resume, load_spec
 
     spec = load_spec(write(tmp_path / "spec.yaml", SPEC))

@@ -68,7 +68,7 @@ def dataset_item_texts(dataset) -> list[str]:
 def run_candidate_baseline(data, model: str, model_out: str | None = None, **settings: Any) -> dict[str, Any]:
     """Score ``model`` on a ``SequentialData``'s stored candidates; the result dict of ``run_baseline``.
 
-    ``popular`` ranks by train counts; ``sasrec`` / ``gru4rec`` train stage 0 (``train/cf_stage.py``)
+    ``popular`` ranks by train counts; ``sasrec`` / ``gru4rec`` train stage 0 (``baselines/sequential.py``)
     with early stopping on the validation candidates; ``settings`` are ``CFStageSettings`` fields
     (None = default) and the best model is saved to ``model_out`` when given.
     """
@@ -85,12 +85,13 @@ def run_candidate_baseline(data, model: str, model_out: str | None = None, **set
         return run_candidates(data)
     import dataclasses
 
-    from cllm4rec_dist.train.cf_stage import CFStage, CFStageSettings
+    from cllm4rec_dist.baselines.sequential import CFStage, CFStageSettings
 
     names = {f.name for f in dataclasses.fields(CFStageSettings)}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise SettingsError(f"setting(s) {', '.join(unknown)} do not apply to {model}; valid: {', '.join(sorted(names))}")
+        raise SettingsError(f"setting(s) {', '.join(unknown)} do not apply to {model}; "
+                            f"valid: {', '.join(sorted(names))}")
     stage = CFStage(data, CFStageSettings(model=model, **given)).setup()
     result = stage.train()
     if model_out:
@@ -121,7 +122,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="preprocessed dataset directory (output of `cllm4rec preprocess`)")
+    parser.add_argument("--data", required=True,
+                        help="preprocessed dataset directory (output of `cllm4rec preprocess`)")
     parser.add_argument("--model", required=True, choices=sorted(set(MODELS) | set(CANDIDATE_MODELS)),
                         help="which baseline; sasrec and gru4rec need a --split leave-one-out dataset")
     parser.add_argument("--out", default=None, help="result JSON (default: DATA/baselines/<model>.json)")
@@ -130,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training epochs (multivae; default 100) / most epochs (sasrec, gru4rec; default 200)")
     parser.add_argument("--patience", type=int, default=None,
                         help="sasrec, gru4rec: stop after this many validations without a better ndcg@10 (default 20)")
-    parser.add_argument("--model-out", default=None, help="sasrec, gru4rec: save the best model here (safetensors + JSON)")
+    parser.add_argument("--model-out", default=None,
+                        help="sasrec, gru4rec: save the best model here (safetensors + JSON)")
     parser.add_argument(
         "--lambdas", type=_float_list, default=None,
         help="comma-separated L2 grid searched on validation (ease; default 1,10,50,100,200,500,1000,2000)",

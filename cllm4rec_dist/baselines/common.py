@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cllm4rec_dist.eval.metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, evaluate_split
 from cllm4rec_dist.corpus.split import EvalSplit
+from cllm4rec_dist.eval.metrics import DEFAULT_NDCG_KS, DEFAULT_RECALL_KS, evaluate_split
 
 ScoreFn = Callable[[np.ndarray], Any]
-S = TypeVar("S", bound="EvalSettings")
+S = TypeVar("S", bound="BaselineSettings")
 
 
 class SettingsError(TypeError):
@@ -27,7 +27,7 @@ class SettingsError(TypeError):
 
 
 @dataclass
-class EvalSettings:
+class BaselineSettings:
     """Evaluation settings common to every baseline."""
 
     exclude_valid_on_test: bool = True
@@ -62,14 +62,15 @@ def settings_from_kwargs(cls: type[S], model: str, kwargs: dict[str, Any]) -> S:
     given = {k: v for k, v in kwargs.items() if v is not None}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise SettingsError(f"setting(s) {', '.join(unknown)} do not apply to {model}; valid: {', '.join(sorted(names))}")
+        raise SettingsError(f"setting(s) {', '.join(unknown)} do not apply to {model}; "
+                            f"valid: {', '.join(sorted(names))}")
     for key in ("ks", "ndcg_ks"):
         if key in given:
             given[key] = tuple(int(k) for k in given[key])
     return cls(**given)
 
 
-def evaluate(score_fn: ScoreFn, split: EvalSplit, part: str, settings: EvalSettings) -> dict[str, Any]:
+def evaluate(score_fn: ScoreFn, split: EvalSplit, part: str, settings: BaselineSettings) -> dict[str, Any]:
     """Metrics of ``score_fn`` on ``part`` ("valid" / "test") under ``settings``."""
     return evaluate_split(
         score_fn,
@@ -82,7 +83,7 @@ def evaluate(score_fn: ScoreFn, split: EvalSplit, part: str, settings: EvalSetti
     )
 
 
-def selection_value(metrics: dict[str, Any], settings: EvalSettings) -> float:
+def selection_value(metrics: dict[str, Any], settings: BaselineSettings) -> float:
     """The validation number that model selection maximises (-inf when undefined)."""
     if settings.select_metric not in metrics:
         raise KeyError(f"select_metric {settings.select_metric!r} is not computed; have {sorted(metrics)}")
@@ -95,7 +96,7 @@ def make_result(
     valid: dict[str, Any],
     test: dict[str, Any],
     selected: dict[str, Any],
-    settings: EvalSettings,
+    settings: BaselineSettings,
     started: float,
     history: dict[str, list] | None = None,
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result, selection_value
+from cllm4rec_dist.baselines.common import BaselineSettings, evaluate, make_result, selection_value
 from cllm4rec_dist.corpus.split import EvalSplit
 
 DEFAULT_NEIGHBOURS: tuple[int, ...] = (10, 20, 50, 100, 200)
@@ -33,7 +33,7 @@ _BLOCK_ITEMS = 1024  # target items whose similarities to the whole catalogue ar
 
 
 @dataclass
-class ContentKnnSettings(EvalSettings):
+class ContentKnnSettings(BaselineSettings):
     """Content kNN hyperparameters and its text encoder."""
 
     neighbours: tuple[int, ...] = DEFAULT_NEIGHBOURS
@@ -76,7 +76,7 @@ def encode_texts(texts: list[str], settings: ContentKnnSettings) -> np.ndarray:
     """(J, d) float32 unit vectors of ``texts`` from the settings' sentence encoder."""
     import torch
 
-    from cllm4rec_dist.model.allmrec import load_sbert
+    from cllm4rec_dist.model.sbert import load_sbert
 
     threads = torch.get_num_threads()
     if settings.num_threads > 0:

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result, selection_value
+from cllm4rec_dist.baselines.common import BaselineSettings, evaluate, make_result, selection_value
 from cllm4rec_dist.corpus.split import EvalSplit
 
 DEFAULT_LAMBDAS: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 
 
 @dataclass
-class EaseSettings(EvalSettings):
+class EaseSettings(BaselineSettings):
     """EASE hyperparameters."""
 
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS

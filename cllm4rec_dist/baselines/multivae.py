@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result, selection_value
+from cllm4rec_dist.baselines.common import BaselineSettings, evaluate, make_result, selection_value
 from cllm4rec_dist.corpus.split import EvalSplit
 
 
 @dataclass
-class MultiVAESettings(EvalSettings):
+class MultiVAESettings(BaselineSettings):
     """Multi-VAE hyperparameters (defaults follow the paper's released code)."""
 
     epochs: int = 100
@@ -152,7 +152,8 @@ def _train_and_evaluate(split: EvalSplit, settings: MultiVAESettings, device: to
     steps_per_epoch = max(1, math.ceil(len(train_users) / settings.batch_size))
     anneal_steps = settings.total_anneal_steps or max(1, int(0.8 * steps_per_epoch * settings.epochs))
     metric_key = f"valid_{settings.select_metric}"
-    history: dict[str, list] = {"epoch": [], "loss": [], "nll": [], "kl": [], "beta": [], "eval_epoch": [], metric_key: []}
+    history: dict[str, list] = {"epoch": [], "loss": [], "nll": [], "kl": [], "beta": [], "eval_epoch": [],
+                                metric_key: []}
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)

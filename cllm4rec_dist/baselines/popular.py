@@ -13,19 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from cllm4rec_dist.baselines.common import EvalSettings, evaluate, make_result
-from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part
+from cllm4rec_dist.baselines.common import BaselineSettings, evaluate, make_result
 from cllm4rec_dist.corpus.split import EvalSplit
+from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part
 
 
 @dataclass
-class PopularSettings(EvalSettings):
+class PopularSettings(BaselineSettings):
     """Most-popular has only the shared evaluation settings."""
 
 
 def item_counts(split: EvalSplit) -> np.ndarray:
     """Number of train interactions per item (float64, length num_items)."""
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in split.train]) if split.num_users else np.zeros(0, np.int64)
+    flat = (np.concatenate([np.asarray(t, dtype=np.int64) for t in split.train]) if split.num_users
+            else np.zeros(0, np.int64))
     return np.bincount(flat, minlength=split.num_items).astype(np.float64)
 
 

@@ -159,11 +159,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "  cllm4rec preprocess --format table --input raw/ --user-col uid --item-col iid --out s3://bucket/ds"
     )
     p.add_argument("--format", required=True, help=f"input format: {', '.join(READERS)}")
-    p.add_argument("--input", action="append", required=True, help="input file or folder (repeatable; fsspec URLs work)")
+    p.add_argument("--input", action="append", required=True,
+                   help="input file or folder (repeatable; fsspec URLs work)")
     p.add_argument("--meta", action="append", default=[], help="side file, e.g. Amazon item metadata (repeatable)")
     p.add_argument("--out", help="output folder or fsspec URL (default: shards/<input name>)")
     p.add_argument("--backbone", default="tiny-llama",
-                   help=f"tokenizer source: a preset ({', '.join(PRESETS)}), 'smollm2', or a local HF checkpoint folder")
+                   help=f"tokenizer source: a preset ({', '.join(PRESETS)}), 'smollm2', "
+                        "or a local HF checkpoint folder")
     g = p.add_argument_group("protocol (paper defaults)")
     g.add_argument("--min-rating", type=float, default=ProtocolConfig.min_rating, help="keep rating > this")
     g.add_argument("--no-binarize", action="store_true", help="keep every rating")

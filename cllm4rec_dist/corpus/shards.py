@@ -27,9 +27,10 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.writer import TarWriter
 
-from cllm4rec_dist.atomic import atomic_write, url_to_fs as _fs
-from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.atomic import atomic_write
+from cllm4rec_dist.atomic import url_to_fs as _fs
 from cllm4rec_dist.corpus.split import EvalSplit
+from cllm4rec_dist.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "cllm4rec-shards"
@@ -66,7 +67,8 @@ def shard_bytes(name: str, start: int, docs: list[dict]) -> bytes:
 
 @dataclass
 class ShardPlan:
-    """How many documents go into one shard: at least ``min_shards`` shards (for many workers), at most ``max_docs`` per shard."""
+    """How many documents go into one shard: at least ``min_shards`` shards (for many workers), at most ``max_docs``
+    per shard."""
 
     min_shards: int = 8
     max_docs_per_shard: int = 5000
@@ -245,7 +247,7 @@ class ShardedDataset:
             raise ShardError(f"{where}: holds {count} documents but the manifest records num_docs="
                              f"{entry['num_docs']}; the manifest was edited. Re-run `cllm4rec preprocess`.")
 
-    def iter_part(self, corpus: str, part: "ShardPart", skip: int = 0):
+    def iter_part(self, corpus: str, part: ShardPart, skip: int = 0):
         """(partition position, document) of the documents a rank takes from one shard (``part``), from the
         ``skip``-th on. The whole shard is always read to its end, so its count check runs."""
         entry = self.corpus_entry(corpus)["shards"][part.shard]
@@ -277,7 +279,7 @@ class ShardedDataset:
                 return f"{key} holds a token id outside [0, {tokens})"
         return None
 
-    def verify(self) -> "ShardedDataset":
+    def verify(self) -> ShardedDataset:
         """Read every shard once (checksums, document counts, id ranges): for a driver before workers start."""
         for name in self.manifest["corpora"]:
             for shard in self.corpus_entry(name)["shards"]:

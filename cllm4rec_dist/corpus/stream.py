@@ -35,8 +35,9 @@ import numpy as np
 
 from cllm4rec_dist.corpus.shards import ShardError, ShardPart, partition_parts
 
-# Generator streams (the last seed word; train/loader.py uses 1 and 2 per document): the document order is 3, as
-# before streaming, so a buffer covering the partition reproduces that order; the per-epoch shard order is 4.
+# Generator streams (the last seed word; recommenders/cllm4rec/batches.py uses 1 and 2 per document): the document
+# order is 3, as before streaming, so a buffer covering the partition reproduces that order; the per-epoch shard order
+# is 4.
 _DOC_ORDER = 3
 _SHARD_ORDER = 4
 
@@ -144,7 +145,7 @@ class PartitionReader:
         self.docs[position] = doc
         self.high_water = max(self.high_water, len(self.docs))
 
-    def verify(self) -> "PartitionReader":
+    def verify(self) -> PartitionReader:
         """Read the whole partition once (sha256, counts, ids: errors before any step). The in-memory case
         keeps what it read; a streaming reader keeps nothing."""
         for part in self.parts:

@@ -106,7 +106,8 @@ def generate(cfg: DemoConfig) -> tuple[list[tuple], list[tuple], list[tuple]]:
         topic = topic_names[item_topic[i]]
         words = rng.choice(TOPICS[topic], size=3, replace=False)
         title = item_title(topic, str(item_noun[i]), words[0], titles_seen)
-        items.append((f"i{i:04d}", title, f"A {topic} {item_noun[i]} about the {words[0]}, the {words[1]} and the {words[2]}."))
+        items.append((f"i{i:04d}", title,
+                      f"A {topic} {item_noun[i]} about the {words[0]}, the {words[1]} and the {words[2]}."))
     return interactions, users, items
 
 
@@ -136,14 +137,16 @@ def _write_csv(path: str, header: list[str], rows: list[tuple]) -> None:
 def write(out_dir: str, cfg: DemoConfig) -> dict:
     interactions, users, items = generate(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(os.path.join(out_dir, "interactions.csv"), ["user", "item", "rating", "timestamp", "review"], interactions)
+    _write_csv(os.path.join(out_dir, "interactions.csv"), ["user", "item", "rating", "timestamp", "review"],
+               interactions)
     _write_csv(os.path.join(out_dir, "users.csv"), ["user", "user_text"], users)
     _write_csv(os.path.join(out_dir, "items.csv"), ["item", "item_title", "item_text"], items)
     return {"interactions": len(interactions), "users": len(users), "items": len(items)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder to write interactions.csv, users.csv, items.csv (with item titles) into")
+    p.add_argument("--out", required=True,
+                   help="folder to write interactions.csv, users.csv, items.csv (with item titles) into")
     p.add_argument("--num-users", type=int, default=DemoConfig.num_users)
     p.add_argument("--num-items", type=int, default=DemoConfig.num_items)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)

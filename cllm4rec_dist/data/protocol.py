@@ -184,7 +184,8 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
     if len(df) == 0:
         raise InputError(
             f"{raw.name}: no interactions left after the protocol "
-            f"({stats['raw_interactions']} read, {stats.get('binarize_dropped', 0)} dropped by rating > {cfg.min_rating}, "
+            f"({stats['raw_interactions']} read, "
+            f"{stats.get('binarize_dropped', 0)} dropped by rating > {cfg.min_rating}, "
             f"{stats['kcore_dropped']} by the {cfg.kcore}-core filter). "
             "Lower --kcore, pass --no-binarize, or check the input."
         )

@@ -180,7 +180,7 @@ def decoded_lines(binary, encoding: str = "utf-8"):
             yield lineno, None, f"not {encoding} at byte {err.start}"
 
 
-def text_lines(binary, path: str, report: "InputReport", encoding: str = "utf-8"):
+def text_lines(binary, path: str, report: InputReport, encoding: str = "utf-8"):
     """(line number, decoded line) for each line of a binary file.
 
     A line that is not valid ``encoding`` is a bad line (``invalid_encoding``): skipped and counted, or an

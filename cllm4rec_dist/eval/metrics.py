@@ -348,7 +348,8 @@ def all_reduce_sums(sums: Mapping[str, float], group: Any = None) -> dict[str, f
     if not (dist.is_available() and dist.is_initialized()):
         return dict(sums)
     keys = sorted(sums)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
     t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return dict(zip(keys, t.tolist()))
@@ -389,7 +390,7 @@ def evaluate_topk(
 
 
 def split_targets(
-    split: "EvalSplit", part: str, exclude_valid_on_test: bool = True
+    split: EvalSplit, part: str, exclude_valid_on_test: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(held-out items, items to exclude from the ranking) for ``part`` in {"valid", "test"}.
 
@@ -412,7 +413,7 @@ def split_targets(
 
 def split_metric_sums(
     score_fn: Callable[[np.ndarray], Any],
-    split: "EvalSplit",
+    split: EvalSplit,
     part: str,
     *,
     users: np.ndarray | None = None,
@@ -458,7 +459,7 @@ def split_metric_sums(
 
 def evaluate_split(
     score_fn: Callable[[np.ndarray], Any],
-    split: "EvalSplit",
+    split: EvalSplit,
     part: str,
     *,
     exclude_valid_on_test: bool = True,

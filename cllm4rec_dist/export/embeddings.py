@@ -24,7 +24,7 @@ Tables:
 
 * ``collab`` / ``content``: the collaborative (Z^l) and content (Z^c) token embeddings.
 * ``rec`` (users, optional): the finetuned RecLLM's user representation, i.e. the hidden
-  state of the last prompt token over the user's TRAIN items (eval/evaluate.py). It needs
+  state of the last prompt token over the user's TRAIN items (recommenders/cllm4rec/evaluate.py). It needs
   the backbone, so ``user_vectors=False`` skips it.
 * ``head`` (items, only for models with a separate item head, e.g. LLaMA): the item scoring
   vectors. For tied backbones (GPT-2) the scoring vectors ARE ``collab``; export.json says so.
@@ -54,39 +54,19 @@ import hashlib
 import io
 import json
 import posixpath
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from cllm4rec_dist.atomic import atomic_write, url_to_fs
-from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.data.records import InputError
-from cllm4rec_dist.train.checkpoint import (
-    BEST,
-    SHARDED_DIR,
-    TRAINABLE,
-    TRAINER_FILE,
-    load_trainable,
-    read_saved_weights,
-    resolve_checkpoint,
-    sharded_keys,
-    sharded_parts,
-)
-from cllm4rec_dist.train.config import TrainConfig, config_from_dict
 
 FORMAT = "cllm4rec-export"
 VERSION = 1
 EXPORT_FILE = "export.json"
 PROJECTION_FILE = "projection.npz"
 
-# (entity, table) -> parameter name in the checkpoint's trainable state
-PARAMS = {
-    ("users", "collab"): "collab_user_table.weight",
-    ("users", "content"): "content_user_table.weight",
-    ("items", "collab"): "collab_item_table.weight",
-    ("items", "content"): "content_item_table.weight",
-    ("items", "head"): "item_head.weight",
-}
 ID_COLUMN = {"users": "user_id", "items": "item_id"}
 INDEX_COLUMN = {"users": "user_index", "items": "item_index"}
 
@@ -130,45 +110,16 @@ def project(table: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.n
     return ((np.asarray(table, dtype=np.float64) - mean) @ components).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- the finetuned user vectors
-
-
-def rec_user_vectors(cfg: TrainConfig, data: ShardedDataset, state: dict[str, torch.Tensor],
-                     device: str | None = None) -> tuple[torch.Tensor, str]:
-    """(I, d) user representations of the model with ``state`` loaded, and the prompt style used.
-
-    Built exactly as the trainer evaluates (same backbone, precision, prompts, max length,
-    seed), so these are the vectors that scored the items in metrics.json.
-    """
-    from cllm4rec_dist.corpus.ids import TokenSpace
-    from cllm4rec_dist.eval.evaluate import user_representations
-    from cllm4rec_dist.train.recipe import build_model
-
-    model = build_model(cfg, data, device or ("cuda" if torch.cuda.is_available() else "cpu"), loads_weights=True)
-    load_trainable(model, state, "the checkpoint's weights (for the user vectors; --no-user-vectors skips them)")
-    docs = sorted(data.read_corpus("eval"), key=lambda d: int(d["user"]))
-    if [int(d["user"]) for d in docs] != list(range(data.num_users)):
-        raise ShardError(f"{data.url}: the eval corpus does not hold exactly one document per user; "
-                         "re-run `cllm4rec preprocess`.")
-    style = cfg.prediction_style
-    space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-    # The trainer's prompts exactly (order seeded by batch.seed, stored order for LLM-FixOrd), so these
-    # vectors scored metrics.json.
-    vectors = user_representations(model, docs, space, style, cfg.eval.batch_size, cfg.batch.max_length,
-                                   cfg.batch.seed, reorder=cfg.reorder)
-    return vectors.cpu(), style
-
-
 # --------------------------------------------------------------------------- writing
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def _parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray], first_index: int = 0) -> bytes:
+def parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray], first_index: int = 0) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -183,7 +134,7 @@ def _parquet_bytes(entity: str, ids: list[str], tables: dict[str, np.ndarray], f
     return buf.getvalue()
 
 
-class _Writer:
+class ExportWriter:
     """Atomic writes into the export folder, recording each file's size and checksum."""
 
     def __init__(self, out_dir: str):
@@ -212,77 +163,34 @@ class _Writer:
         self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-# --------------------------------------------------------------------------- the export
+@dataclass
+class ExportedTables:
+    """What a recommender's export hook gives (recommenders/<name>/export.py): entity ("users" / "items") -> table
+    name -> (rows, dim) float32 in id_maps.json order, what each table is, and which item table scores items."""
+
+    tables: dict[str, dict[str, np.ndarray]]
+    origin: dict[str, dict[str, str]]
+    item_scoring: str
+    extra: dict = field(default_factory=dict)
+    """Recommender-specific keys added to export.json (e.g. the prompt style of CLLM4Rec's user vectors)."""
 
 
-def _cllm4rec_tables(ckpt_path: str, data_url: str, ids: dict, state: dict, weights: str):
-    """CLLM4Rec's exported tables (entity -> name -> matrix) and where each came from."""
-    tables: dict[str, dict[str, np.ndarray]] = {"users": {}, "items": {}}
-    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
-    for (entity, table), param in PARAMS.items():
-        if param not in state:
-            if table == "head":
-                continue
-            raise ExportError(f"{ckpt_path}: the {weights} weights have no {param!r}; "
-                              f"they hold {', '.join(sorted(state)[:8])}. Not a CLLM4Rec checkpoint?")
-        tables[entity][table] = state[param].detach().float().cpu().numpy()
-        origin[entity][table] = param
-    return tables, origin
-
-
-def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_best: bool = True,
-                      user_vectors: bool = True, data_dir: str | None = None, device: str | None = None) -> dict:
-    """Export a run's (or checkpoint's) embeddings to ``out_dir``; returns the export.json content.
-
-    source:       run folder, checkpoint folder, or a trainer.pt (see ``resolve_checkpoint``).
-    dim:          PCA-project every table to this many dimensions (paper: 128); None keeps them.
-    use_best:     the best-validation weights when the checkpoint has them, else the last state.
-    user_vectors: also export the finetuned model's user representations (loads the backbone).
-    data_dir:     the preprocessed dataset, when the one in the checkpoint's config has moved.
-    device:       where to run the backbone for ``user_vectors`` (default: CUDA if present).
-    """
-    if dim is not None and dim < 1:
-        raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
-    saved = read_saved_weights(source, use_best)
-    folder, ckpt_path, state, weights = saved.folder, saved.path, saved.tensors, saved.weights
-    cfg = config_from_dict(saved.snapshot["config"], f"{ckpt_path} (snapshot config)")
-    state_record = saved.snapshot["state"]
-    if saved.sharded:
-        if dim is not None:
-            raise ExportError(f"{folder}: a row-sharded checkpoint is exported part by part, and a PCA (--dim) needs "
-                              "whole tables; export without --dim.")
-        return _export_sharded(source, folder, out_dir, cfg, state_record, state, weights, data_dir)
-
-    data_url = data_dir or cfg.data
-    try:
-        data = ShardedDataset(data_url)
-    except ShardError as e:
-        raise ExportError(f"{ckpt_path} was trained on dataset {cfg.data!r}, which cannot be opened ({e}). "
-                          "Pass the dataset folder with --data (data_dir=...).") from None
-    id_maps = data.read_json("id_maps.json")
-    ids = {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
-
-    rec_style = None
-    if cfg.recommender == "allmrec":
-        from cllm4rec_dist.train.allmrec import export_tables
-
-        tables, origin = export_tables(cfg, data, state, device)
-    else:
-        tables, origin = _cllm4rec_tables(ckpt_path, data_url, ids, state, weights)
-        if user_vectors:
-            vectors, rec_style = rec_user_vectors(cfg, data, state, device)
-            tables["users"]["rec"] = vectors.numpy().astype(np.float32)
-            origin["users"]["rec"] = f"finetuned model: last-token hidden state of the {rec_style!r} prompt"
+def write_export(out_dir: str, ids: dict[str, list[str]], exported: ExportedTables, dim: int | None,
+                 record: dict, where: str) -> dict:
+    """Write every table (optionally PCA-projected to ``dim``) with its original ids, then export.json LAST; returns
+    export.json's content. ``record``: what export.json says of the source (source, weights, best, ...);
+    ``where`` names the checkpoint and dataset in errors."""
+    tables, origin = exported.tables, exported.origin
     for entity, by_name in tables.items():
         for name, matrix in by_name.items():
             if matrix.shape[0] != len(ids[entity]):
-                raise ExportError(f"{ckpt_path}: {entity} table {name} has {matrix.shape[0]} rows but "
-                                  f"{data_url}/id_maps.json lists {len(ids[entity])} {entity}: the checkpoint was "
-                                  "trained on another dataset. Pass the right one with --data.")
+                raise ExportError(f"{where}: {entity} table {name} has {matrix.shape[0]} rows but id_maps.json lists "
+                                  f"{len(ids[entity])} {entity}: the checkpoint was trained on another dataset. Pass "
+                                  "the right one with --data.")
     hidden = min(m.shape[1] for by_name in tables.values() for m in by_name.values())
     if dim is not None and dim > hidden:
-        raise ExportError(f"dim={dim} is larger than the embedding size {hidden} (the smallest exported table) of {ckpt_path}; "
-                          f"pass --dim <= {hidden} (or none).")
+        raise ExportError(f"dim={dim} is larger than the embedding size {hidden} (the smallest exported table) of "
+                          f"{where}; pass --dim <= {hidden} (or none).")
     projection: dict[str, np.ndarray] = {}
     variance_kept: dict[str, float] = {}
     if dim is not None:
@@ -296,118 +204,42 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
                 variance_kept[key] = round(float(variance.sum()) / total, 6) if total > 0 else 1.0
                 by_name[name] = project(matrix, mean, components)
 
-    writer = _Writer(out_dir)
+    writer = ExportWriter(out_dir)
     for entity in ("users", "items"):
-        writer.write(f"{entity[:-1]}_ids.npy", _npy_bytes(np.asarray(ids[entity], dtype=str)))
+        writer.write(f"{entity[:-1]}_ids.npy", npy_bytes(np.asarray(ids[entity], dtype=str)))
         for name, matrix in tables[entity].items():
-            writer.write(f"{entity}_{name}.npy", _npy_bytes(np.ascontiguousarray(matrix, dtype=np.float32)))
-        writer.write(f"{entity}.parquet", _parquet_bytes(entity, ids[entity], tables[entity]))
+            writer.write(f"{entity}_{name}.npy", npy_bytes(np.ascontiguousarray(matrix, dtype=np.float32)))
+        writer.write(f"{entity}.parquet", parquet_bytes(entity, ids[entity], tables[entity]))
     if projection:
         buf = io.BytesIO()
         np.savez(buf, **projection)
         writer.write(PROJECTION_FILE, buf.getvalue())
 
-    has_head = "head" in tables["items"]
     manifest = {
-        "format": FORMAT, "version": VERSION,
-        "source": {"input": source, "checkpoint": ckpt_path, "global_step": state_record.get("global_step"),
-                   "recommender": cfg.recommender, "ablation": cfg.ablation, "data": data_url, "backbone": cfg.backbone or data.manifest["backbone"]["path"]},
-        "weights": weights,
-        "weights_note": ("best-validation weights" if weights == "best" else
-                         "last trained state" + (" (asked for)" if not use_best else
-                                                 " (the checkpoint has no best-validation copy yet)")),
-        "best": state_record.get("best") or None,
+        "format": FORMAT, "version": VERSION, **record,
         "num_users": len(ids["users"]), "num_items": len(ids["items"]),
         "hidden_size": hidden, "dim": dim if dim is not None else hidden,
         "tables": {entity: {name: {"dim": int(m.shape[1]), "from": origin[entity][name]} for name, m in by.items()}
                    for entity, by in tables.items()},
-        "item_scoring": ("projected" if cfg.recommender == "allmrec" else "head" if has_head else "collab"),
-        "rec_style": rec_style,
+        "item_scoring": exported.item_scoring,
+        **exported.extra,
         "projection": None if dim is None else {
             "method": "pca", "file": PROJECTION_FILE, "dim": dim,
             "formula": "projected = (original - <table>_mean) @ <table>_components",
             "explained_variance_ratio": variance_kept},
         "layout": {"ids": "user_ids.npy / item_ids.npy: row k of every users_*/items_* array",
-                   "parquet": "users.parquet (user_id, user_index, tables...), items.parquet (item_id, item_index, ...)"},
+                   "parquet": "users.parquet (user_id, user_index, tables...), "
+                              "items.parquet (item_id, item_index, ...)"},
         "files": writer.files,
     }
-    atomic_write(writer.fs, posixpath.join(writer.root, EXPORT_FILE),
-                 json.dumps(manifest, indent=1, sort_keys=False, default=str).encode("utf-8"))
+    write_manifest(writer, manifest)
     return manifest
 
 
-def _export_sharded(source: str, folder: str, out_dir: str, cfg: TrainConfig, state_record: dict,
-                    replicated: dict, weights: str, data_dir: str | None) -> dict:
-    """The per-part export of a row-sharded checkpoint (module docstring): one Parquet file per saved row range."""
-    if "://" in folder and not folder.startswith("file://"):
-        raise ExportError(f"{folder}: sharded checkpoints are exported from a local folder; copy it here first.")
-    data = ShardedDataset(data_dir or cfg.data)
-    id_maps = data.read_json("id_maps.json")
-    ids = {"users": [str(x) for x in id_maps["users"]], "items": [str(x) for x in id_maps["items"]]}
-    sharded = posixpath.join(folder, SHARDED_DIR)
-    prefix = BEST if weights == "best" else TRAINABLE
-    saved = sharded_keys(sharded)
-    writer = _Writer(out_dir)
-    parts: dict[str, list[dict]] = {"users": [], "items": []}
-    origin: dict[str, dict[str, str]] = {"users": {}, "items": {}}
-    hidden = None
-    for entity in ("users", "items"):
-        params, readers = {}, {}
-        for (e, table), param in PARAMS.items():
-            if e != entity:
-                continue
-            if param in replicated:  # a replicated table beside sharded ones: sliced per part
-                readers[table] = None
-            elif f"{prefix}.{param}" in saved:
-                readers[table] = sharded_parts(sharded, f"{prefix}.{param}")
-            elif table == "head":  # a tied backbone has no separate head
-                continue
-            else:
-                raise ExportError(f"{folder}: the {weights} weights have no {param!r}. Not a CLLM4Rec checkpoint?")
-            params[table] = origin[entity][table] = param
-        lead = next(t for t, r in readers.items() if r is not None)
-        for number, (first, rows) in enumerate(readers[lead]):
-            columns = {lead: rows.float().numpy()}
-            for table, reader in readers.items():
-                if table == lead:
-                    continue
-                if reader is None:
-                    columns[table] = replicated[params[table]][first:first + rows.shape[0]].float().numpy()
-                    continue
-                other_first, other = next(reader)
-                if other_first != first or other.shape[0] != rows.shape[0]:
-                    raise ExportError(f"{folder}: {params[table]} was saved in other row ranges than {params[lead]}; "
-                                      "export it from a checkpoint written with one sharding.")
-                columns[table] = other.float().numpy()
-            hidden = rows.shape[1]
-            name = f"{entity}-part-{number:05d}.parquet"
-            part_ids = ids[entity][first:first + rows.shape[0]]
-            if len(part_ids) != rows.shape[0]:
-                raise ExportError(f"{folder}: {entity} rows {first}..{first + rows.shape[0] - 1} but "
-                                  f"{data.url}/id_maps.json lists {len(ids[entity])} {entity}: another dataset? "
-                                  "Pass the right one with --data.")
-            writer.write(name, _parquet_bytes(entity, part_ids, columns, first))
-            parts[entity].append({"file": name, "first_index": first, "rows": int(rows.shape[0])})
-    manifest = {
-        "format": FORMAT, "version": VERSION,
-        "source": {"input": source, "checkpoint": posixpath.join(folder, TRAINER_FILE),
-                   "global_step": state_record.get("global_step"), "recommender": cfg.recommender,
-                   "ablation": cfg.ablation, "data": data.url},
-        "weights": weights, "best": state_record.get("best") or None,
-        "num_users": len(ids["users"]), "num_items": len(ids["items"]), "hidden_size": hidden, "dim": hidden,
-        "tables": {entity: {name: {"dim": hidden, "from": param} for name, param in by.items()}
-                   for entity, by in origin.items()},
-        "item_scoring": "head" if "head" in origin["items"] else "collab",
-        "rec_style": None, "projection": None,
-        "user_vectors": "not exported: the checkpoint's tables are row-sharded (each needs a whole forward pass)",
-        "layout": {"sharded": True, "parts": parts,
-                   "parquet": "<entity>-part-NNNNN.parquet: the rows first_index.. of every table of the entity, "
-                              "with the original ids"},
-        "files": writer.files,
-    }
+def write_manifest(writer: ExportWriter, manifest: dict) -> None:
+    """export.json, written last: a folder that has it holds a whole export."""
     atomic_write(writer.fs, posixpath.join(writer.root, EXPORT_FILE),
                  json.dumps(manifest, indent=1, sort_keys=False, default=str).encode("utf-8"))
-    return manifest
 
 
 def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, dict[str, np.ndarray]]]:
@@ -441,4 +273,4 @@ def read_export(export_dir: str) -> tuple[dict, dict[str, list[str]], dict[str, 
     return manifest, ids, tables
 
 
-__all__ = ["ExportError", "export_checkpoint", "fit_pca", "project", "read_export", "resolve_checkpoint"]
+__all__ = ["ExportError", "ExportWriter", "ExportedTables", "fit_pca", "project", "read_export", "write_export"]

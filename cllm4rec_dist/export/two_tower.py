@@ -41,8 +41,8 @@ from torch import nn
 
 from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.eval.metrics import evaluate_split
 from cllm4rec_dist.corpus.split import EvalSplit
+from cllm4rec_dist.eval.metrics import evaluate_split
 from cllm4rec_dist.export.embeddings import ExportError, read_export
 
 
@@ -227,13 +227,16 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Train a two-tower retriever without and with the exported CLLM4Rec embeddings as "
                           "frozen features (the paper's CLLM4Rec-Emb); print and write both results as JSON.")
-    parser.add_argument("--export", required=True, help="export folder (output of `cllm4rec export`, e.g. with --dim 128)")
+    parser.add_argument("--export", required=True,
+                        help="export folder (output of `cllm4rec export`, e.g. with --dim 128)")
     parser.add_argument("--data", default=None, help="preprocessed dataset (default: the one the export came from)")
     parser.add_argument("--out", default=None, help="result JSON (default: EXPORT/two_tower.json)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--user-features", type=_names, default=None, help="exported user tables to use (default collab,content)")
-    parser.add_argument("--item-features", type=_names, default=None, help="exported item tables to use (default collab,content)")
+    parser.add_argument("--user-features", type=_names, default=None,
+                        help="exported user tables to use (default collab,content)")
+    parser.add_argument("--item-features", type=_names, default=None,
+                        help="exported item tables to use (default collab,content)")
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
 
 
@@ -245,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     write_json_atomic(out, result)
-    brief = {name: {"valid": r["valid"], "test": r["test"], "best_epoch": r["best_epoch"]} for name, r in result.items()}
+    brief = {name: {"valid": r["valid"], "test": r["test"], "best_epoch": r["best_epoch"]}
+             for name, r in result.items()}
     print(json.dumps(brief, indent=1, default=float))
     print(f"[two-tower] full results in {out}")
     return 0

@@ -19,8 +19,14 @@ import torch
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import torch.nn.functional as F  # noqa: E402
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig,  # noqa: E402
-                          GgufConfig, PreTrainedModel)
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GgufConfig,
+    PreTrainedModel,
+)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
@@ -129,9 +135,9 @@ def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
        has (block-diagonal causal), and its backward sums the copies back (SmolLM2: 9 heads, 3 kv heads).
     2. With a mask and a gradient to compute, attention runs as two batched GEMMs
        (``_masked_gemm_attention``) when the scores fit ``GEMM_ATTENTION_MAX_SCORES``: the CPU flash
-       kernel's masked backward ran at a few GFLOP/s on SmolLM2 rows of ~300 tokens, a third of the step
-       (docs/RESULTS.md §5). Otherwise (no mask: plain causal; no gradient: scoring; dropout; large
-       batches) SDPA with ``enable_gqa``.
+       kernel's masked backward is far slower on CPU for packed rows
+       (docs/experiments/2026-11-30-smollm2-cpu-steps.md). Otherwise (no mask: plain causal; no gradient: scoring;
+       dropout; large batches) SDPA with ``enable_gqa``.
     """
     if kwargs.get("output_attentions"):
         raise ValueError("the GQA SDPA attention does not return attention weights; load with "

@@ -23,7 +23,7 @@ PAD_ID = 0
 
 
 class _DocumentLayout:
-    """Shared by RowLayout, LMBatch and RecBatch (fields input_ids, lengths, position_ids, doc_rows, doc_starts)."""
+    """Shared by PackedRows, LMBatch and RecBatch (fields input_ids, lengths, position_ids, doc_rows, doc_starts)."""
 
     def __post_init__(self):
         # a batch built by hand (tests, benchmarks): one document per row, starting at column 0
@@ -50,7 +50,7 @@ class _DocumentLayout:
 
 
 @dataclass
-class RowLayout(_DocumentLayout):
+class PackedRows(_DocumentLayout):
     """Where each document lies: rows of token ids, real-token mask, positions, and document spans."""
 
     input_ids: torch.Tensor       # (R, T) int64
@@ -61,7 +61,7 @@ class RowLayout(_DocumentLayout):
     lengths: torch.Tensor         # (B,) int64 tokens of document k
 
 
-def pack_rows(rows: list[list[int]], pack: bool = True) -> RowLayout:
+def pack_rows(rows: list[list[int]], pack: bool = True) -> PackedRows:
     """Lay token rows out for one forward pass.
 
     pack=False: one right-padded row per document. pack=True: first-fit decreasing bin packing into
@@ -98,7 +98,7 @@ def pack_rows(rows: list[list[int]], pack: bool = True) -> RowLayout:
         used[r] = max(used[r], s + n)
     for r, end in enumerate(used):  # a row's padding tail is one more "document": it sees nothing real
         positions[r, end:] = torch.arange(width - end)
-    return RowLayout(ids, mask, positions, torch.tensor(doc_rows, dtype=torch.long),
+    return PackedRows(ids, mask, positions, torch.tensor(doc_rows, dtype=torch.long),
                      torch.tensor(doc_starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long))
 
 
@@ -121,7 +121,7 @@ class LMBatch(_DocumentLayout):
     doc_starts: torch.Tensor | None = None    # (B,) int64
 
     @classmethod
-    def from_rows(cls, rows: list[list[int]], prompt_lengths: list[int], pack: bool = True) -> "LMBatch":
+    def from_rows(cls, rows: list[list[int]], prompt_lengths: list[int], pack: bool = True) -> LMBatch:
         layout = pack_rows(rows, pack)
         return cls(layout.input_ids, layout.attention_mask, torch.tensor(prompt_lengths, dtype=torch.long),
                    layout.lengths, layout.position_ids, layout.doc_rows, layout.doc_starts)
@@ -151,7 +151,7 @@ class RecBatch(_DocumentLayout):
 
     @classmethod
     def from_rows(cls, rows: list[list[int]], users: list[int], target_rows: list[int], target_items: list[int],
-                  pack: bool = True) -> "RecBatch":
+                  pack: bool = True) -> RecBatch:
         layout = pack_rows(rows, pack)
         as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return cls(layout.input_ids, layout.attention_mask, layout.lengths, as_long(users), as_long(target_rows),

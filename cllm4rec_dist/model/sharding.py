@@ -37,8 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .item_softmax import (DEFAULT_MAX_LOGIT_ELEMENTS, chunk_sizes, chunked_lse, chunked_topk, softmax_gradients,
-                           sparse_softmax_nll)
+from .item_softmax import (
+    DEFAULT_MAX_LOGIT_ELEMENTS,
+    chunk_sizes,
+    chunked_lse,
+    chunked_topk,
+    softmax_gradients,
+    sparse_softmax_nll,
+)
 
 TABLE_SHARDINGS = ("replicated", "row")
 """replicated: every rank holds every row (DeepSpeed ZeRO partitions only gradients and Adam state);

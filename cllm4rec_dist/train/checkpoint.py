@@ -15,7 +15,8 @@ A checkpoint folder holds
   ``reshardable`` unless an engine wrote per-rank state of its own (DeepSpeed's ZeRO partitions);
 * ``reader-rank<r>.pt`` (every rank, CLLM4Rec's trainer): ``{READER: {kind: [stream state]}}``, where each of the
   rank's data streams was (epoch, emission index, buffer digest, shards read) and what fixes its order; a resume
-  seeks the streams there and checks that the state is reproduced (``train/loader.py`` ``restore_reader``);
+  seeks the streams there and checks that the state is reproduced (``recommenders/cllm4rec/batches.py``
+  ``restore_reader``);
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
   file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
 
@@ -54,7 +55,9 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import fsspec
 import numpy as np
@@ -67,6 +70,7 @@ from safetensors.torch import save as save_safetensors
 from cllm4rec_dist.atomic import atomic_write, write_text_atomic
 from cllm4rec_dist.corpus.shards import canonical_json
 from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.train.rank import Rank
 
 TRAINER_FILE = "trainer.pt"
 LATEST = "latest"
@@ -235,9 +239,9 @@ def _sharded_metadata(directory: str):
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: missing; this checkpoint has no sharded part but the model has row-sharded "
-                              "tables (model.table_sharding / model.item_head_sharding). Resume with the sharding it "
-                              "was written with.")
+        raise CheckpointError(f"{directory}: missing; this checkpoint has no sharded part but the model has "
+                              "row-sharded tables (model.table_sharding / model.item_head_sharding). Resume with the "
+                              "sharding it was written with.")
     return HuggingFaceStorageReader(directory).read_metadata()
 
 
@@ -250,7 +254,8 @@ def read_sharded(directory: str, targets: dict[str, tuple[torch.Tensor, object]]
 
     saved = _sharded_metadata(directory).state_dict_metadata
     require_keys(directory, saved, required)
-    wrong = [f"{key} {tuple(saved[key].size)} (model: {(layout.num_rows, *local.shape[1:]) if layout else tuple(local.shape)})"
+    wrong = [f"{key} {tuple(saved[key].size)} "
+             f"(model: {(layout.num_rows, *local.shape[1:]) if layout else tuple(local.shape)})"
              for key, (local, layout) in targets.items() if key in saved and tuple(saved[key].size) !=
              ((layout.num_rows, *local.shape[1:]) if layout else tuple(local.shape))]
     if wrong:
@@ -291,7 +296,8 @@ def load_state(path: str, required: tuple[str, ...] = (), fs=None) -> dict:
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. Pass a complete checkpoint folder.") from None
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. "
+                              "Pass a complete checkpoint folder.") from None
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
@@ -314,7 +320,8 @@ def require_keys(source: str, mapping: dict, required) -> None:
     missing = [k for k in required if k not in mapping]
     if missing:
         raise CheckpointError(f"{source}: missing {', '.join(map(repr, missing))} (it has "
-                              f"{', '.join(map(repr, list(mapping)[:12])) or 'nothing'}); not a checkpoint of this kind.")
+                              f"{', '.join(map(repr, list(mapping)[:12])) or 'nothing'}); "
+                              "not a checkpoint of this kind.")
 
 
 def check_tensors(source: str, tensors, expected: dict[str, tuple]) -> None:
@@ -341,9 +348,9 @@ def check_optimizer_state(source: str, state: dict, param_groups: list[list[torc
     if sizes != [len(g) for g in param_groups]:
         raise CheckpointError(f"{source}: optimizer state for parameter groups of sizes {sizes}, this model has "
                               f"{[len(g) for g in param_groups]}; it belongs to another model or world size, or to "
-                              "another optim.user_lr_scale or item_head_lr_scale (at 1 the user tables or the item head "
-                              "share their group's Adam param group, at any other value they have their own): resume "
-                              "with the run's own values.")
+                              "another optim.user_lr_scale or item_head_lr_scale (at 1 the user tables or the item "
+                              "head share their group's Adam param group, at any other value they have their own): "
+                              "resume with the run's own values.")
     params = {}
     for saved, live in zip(groups, param_groups):
         params.update(zip(saved["params"], live))
@@ -487,9 +494,60 @@ def trainable_shapes(model) -> dict[str, tuple]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _row_shards(model) -> dict:
-    """{parameter name: RowLayout} of a model's row-sharded parameters (none for models without them)."""
-    return model.row_shards() if hasattr(model, "row_shards") else {}
+class Engine(Protocol):
+    """What checkpoints need of an optimizer engine (train/engines.py): its state written and read per rank, and
+    the row-sharded part of it located for the DCP reader."""
+
+    def save(self, writer: CheckpointWriter) -> None: ...
+
+    def load(self, directory: str, rank: int = 0) -> None: ...
+
+    def sharded_targets(self) -> dict[str, tuple[torch.Tensor, object]]: ...
+
+    def restore_sharded(self, loaded: dict[str, torch.Tensor]) -> None: ...
+
+
+class CheckpointedModel(Protocol):
+    """What checkpoints need of a model: its parameters and which of them are row-sharded across ranks."""
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def row_shards(self) -> dict[str, object]:
+        """{parameter name: RowLayout} of the row-sharded parameters ({} when every tensor is whole on each rank)."""
+        ...
+
+
+class Coordinator(Protocol):
+    """What the checkpoint sinks need of a recommender's trainer (both models' trainers implement it); the sinks
+    write and read it, the trainer decides what its snapshot holds."""
+
+    r: Rank
+    engines: dict[str, Engine]
+    model: CheckpointedModel
+    best_weights: dict[str, torch.Tensor] | None
+    """The best-validation copy of the trainable tensors (None: none kept, e.g. a schedule without selection)."""
+
+    @property
+    def state(self) -> Any:
+        """The position: a dataclass with at least ``global_step`` and ``block`` (reported with Ray checkpoints)."""
+        ...
+
+    def snapshot(self) -> dict:
+        """The coordinator's part of a checkpoint: state, config and RNG as plain data (weights_only-safe)."""
+        ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+
+    def restore(self, snapshot: dict, trainable: dict[str, torch.Tensor], best: dict | None) -> None: ...
+
+    def reader_state(self) -> dict | None:
+        """This rank's data-stream positions for its own checkpoint file; None when the data is a pure function
+        of (seed, epoch, step) and nothing needs saving."""
+        ...
+
+    def restore_readers(self, saved: dict, source: str) -> None:
+        """Seek the data streams to the restored position (``saved``: what ``reader_state`` wrote, or {})."""
+        ...
 
 
 def read_trainer_file(folder: str, fs=None, model=None) -> dict:
@@ -500,7 +558,7 @@ def read_trainer_file(folder: str, fs=None, model=None) -> dict:
     blob = load_state(path, (SNAPSHOT, TRAINABLE, BEST), fs)
     require_keys(f"{path} [{SNAPSHOT}]", blob[SNAPSHOT], SNAPSHOT_KEYS)
     if model is not None:
-        shards = _row_shards(model)
+        shards = model.row_shards()
         expected = {n: shape for n, shape in trainable_shapes(model).items() if n not in shards}
         check_tensors(f"{path} [{TRAINABLE}]", blob[TRAINABLE], expected)
         if blob[BEST] is not None:
@@ -536,25 +594,25 @@ def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
     """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
     checkpoint), checked against ``model`` (e.g. for init_from)."""
     fs, folder = resolve_checkpoint(source)
-    if _row_shards(model) or fs.exists(posixpath.join(folder, SHARDED_DIR)):
+    if model.row_shards() or fs.exists(posixpath.join(folder, SHARDED_DIR)):
         raise CheckpointError(f"{folder}: initialising from a checkpoint is for replicated tables; with row-sharded "
                               "tables resume the run itself (--resume, any number of ranks) instead.")
     return read_trainer_file(folder, fs, model)[TRAINABLE]
 
 
-def write_checkpoint(trainer, directory: str) -> None:
+def write_checkpoint(trainer: Coordinator, directory: str) -> None:
     """Every rank calls this: engines save their (partitioned) optimizer state, rank 0 the rest; records last."""
     writer = CheckpointWriter(directory, trainer.r.rank, trainer.r.world_size)
     for engine in trainer.engines.values():
         engine.save(writer)
-    shards = _row_shards(trainer.model)
+    shards = trainer.model.row_shards()
     params = dict(trainer.model.named_parameters())
     best = trainer.best_weights
     for name, layout in shards.items():  # each rank its own rows
         writer.add_sharded(f"{TRAINABLE}.{name}", params[name], layout)
         if best is not None:
             writer.add_sharded(f"{BEST}.{name}", best[name], layout)
-    readers = trainer.reader_state() if hasattr(trainer, "reader_state") else None
+    readers = trainer.reader_state()
     if readers is not None:
         writer.save(READER_FILE.format(rank=trainer.r.rank), {READER: readers})
     if trainer.r.is_main:
@@ -564,10 +622,10 @@ def write_checkpoint(trainer, directory: str) -> None:
     writer.finish(trainer.state.global_step)
 
 
-def read_checkpoint(trainer, directory: str) -> None:
+def read_checkpoint(trainer: Coordinator, directory: str) -> None:
     """Restore a trainer (and its engines) from a verified checkpoint folder."""
     blob = read_trainer_file(directory, model=trainer.model)
-    shards = _row_shards(trainer.model)
+    shards = trainer.model.row_shards()
     trainable, best = dict(blob[TRAINABLE]), None if blob[BEST] is None else dict(blob[BEST])
     if shards:  # this rank's rows, from whatever rows each saved rank held
         params = dict(trainer.model.named_parameters())
@@ -576,21 +634,19 @@ def read_checkpoint(trainer, directory: str) -> None:
             targets |= {f"{BEST}.{n}": (torch.empty_like(params[n].detach()), layout) for n, layout in shards.items()}
         engine_targets = {}
         for engine in trainer.engines.values():
-            engine_targets |= getattr(engine, "sharded_targets", dict)()
+            engine_targets |= engine.sharded_targets()
         loaded = read_sharded(os.path.join(directory, SHARDED_DIR), targets | engine_targets, required=list(targets))
         trainable |= {n: loaded[f"{TRAINABLE}.{n}"] for n in shards}
         if best is not None:
             best |= {n: loaded[f"{BEST}.{n}"] for n in shards}
         for engine in trainer.engines.values():
-            if hasattr(engine, "restore_sharded"):
-                engine.restore_sharded(loaded)
+            engine.restore_sharded(loaded)
     trainer.restore(blob[SNAPSHOT], trainable, best)
     for engine in trainer.engines.values():  # after the weights: a ZeRO engine refreshes its fp32 master from them
         engine.load(directory, trainer.r.rank)
-    if hasattr(trainer, "restore_readers"):
-        path = os.path.join(directory, READER_FILE.format(rank=trainer.r.rank))
-        saved = load_state(path, (READER,))[READER] if os.path.exists(path) else {}
-        trainer.restore_readers(saved, path)
+    path = os.path.join(directory, READER_FILE.format(rank=trainer.r.rank))
+    saved = load_state(path, (READER,))[READER] if os.path.exists(path) else {}
+    trainer.restore_readers(saved, path)
 
 
 def _load_first_complete(trainer, candidates, describe) -> bool:
@@ -635,7 +691,8 @@ class LocalSink:
         if not os.path.isdir(self.root):
             return []
         names = [d for d in os.listdir(self.root) if re.fullmatch(rf"{STEP_PREFIX}\d+", d)]
-        return [os.path.join(self.root, d) for d in sorted(names, key=lambda d: int(d[len(STEP_PREFIX):]), reverse=True)]
+        return [os.path.join(self.root, d)
+                for d in sorted(names, key=lambda d: int(d[len(STEP_PREFIX):]), reverse=True)]
 
     def pointer(self) -> str | None:
         path = os.path.join(self.root, LATEST)
@@ -649,7 +706,7 @@ class LocalSink:
         """The newest complete checkpoint folder (what a resume loads), or None."""
         return next((p for p in self.steps() if incomplete_reason(p) is None), None)
 
-    def save(self, trainer) -> str:
+    def save(self, trainer: Coordinator) -> str:
         name = f"{STEP_PREFIX}{trainer.state.global_step:08d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, f"{name}.tmp")
         if trainer.r.is_main:
@@ -679,7 +736,7 @@ class LocalSink:
     def has_checkpoint(self) -> bool:
         return bool(self.steps()) or self.pointer() is not None
 
-    def load_latest(self, trainer) -> bool:
+    def load_latest(self, trainer: Coordinator) -> bool:
         pointer = self.pointer()
         steps = self.steps()
         if pointer is not None and os.path.join(self.root, pointer) not in steps and trainer.r.is_main:
@@ -694,7 +751,7 @@ class RaySink:
     def __init__(self, keep: int = 2):
         self.keep = keep
 
-    def save(self, trainer) -> None:
+    def save(self, trainer: Coordinator) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="cllm4rec-ckpt-") as tmp:
@@ -724,7 +781,7 @@ class RaySink:
         for name in names:
             yield ray.train.Checkpoint(posixpath.join(parent, name), filesystem=checkpoint.filesystem).as_directory()
 
-    def load_latest(self, trainer) -> bool:
+    def load_latest(self, trainer: Coordinator) -> bool:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -779,7 +836,8 @@ def resolve_checkpoint(source: str) -> tuple[object, str]:
                                   "run folder to use its newest complete one.")
         return fs, root
 
-    folders = [posixpath.dirname(p) for p in fs.glob(posixpath.join(root, "checkpoints", f"{STEP_PREFIX}*", TRAINER_FILE))
+    folders = [posixpath.dirname(p)
+               for p in fs.glob(posixpath.join(root, "checkpoints", f"{STEP_PREFIX}*", TRAINER_FILE))
                if ".tmp" not in p]
     found = _newest_complete(fs, folders, posixpath.join(root, "checkpoints"))
     if found is not None:

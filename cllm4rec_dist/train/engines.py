@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from cllm4rec_dist.resources import packaged
+from cllm4rec_dist.settings import ConfigError
 from cllm4rec_dist.train.checkpoint import CheckpointWriter, check_optimizer_state, load_state
-from cllm4rec_dist.train.config import ConfigError
-
 
 LR_SCALE = "lr_scale"
 """The key of a torch param group holding its learning-rate multiplier: the group steps at base lr x scale."""
@@ -110,6 +109,13 @@ class TorchEngine:
     def save(self, writer: CheckpointWriter) -> None:
         if writer.rank == 0:
             writer.save(self.state_file(writer.rank), self.optimizer.state_dict())
+
+    def sharded_targets(self) -> dict[str, tuple[torch.Tensor, object]]:
+        """Row-sharded optimizer tensors to read back from a checkpoint: none (only ShardedEngine has them)."""
+        return {}
+
+    def restore_sharded(self, loaded: dict[str, torch.Tensor]) -> None:
+        """Take this engine's row-sharded tensors from what the checkpoint read: none here."""
 
     def load(self, directory: str, rank: int = 0) -> None:
         path = os.path.join(directory, self.state_file(rank))
@@ -216,8 +222,8 @@ class DeepSpeedEngine(TorchEngine):
     def lr(self) -> float:
         return base_lr(self._inner.param_groups)
 
-    # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with the unsafe (code-running) torch.load,
-    # so a crafted file would run code on resume. Each rank instead saves the torch Adam state of its ZeRO
+    # DeepSpeed's own save/load_checkpoint pickle whole objects and read them back with the unsafe (code-running)
+    # torch.load, so a crafted file would run code on resume. Each rank instead saves the torch Adam state of its ZeRO
     # partition (tensors and plain data) through train/checkpoint.py; the fp32 master partition is rebuilt
     # from the restored weights (fp32 tables: exact).
 

@@ -44,9 +44,10 @@ class PendingSteps:
         return len(self.steps)
 
     def add(self, facts: tuple, values) -> None:
-        """``facts``: what the monitor needs about the step (plain data); ``values``: its scalars (tensors or floats)."""
-        self.steps.append((facts, torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(self.device)
-                                               for v in values])))
+        """``facts``: what the monitor needs about the step (plain data); ``values``: its scalars (tensors or
+        floats)."""
+        self.steps.append((facts, torch.stack([
+            torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(self.device) for v in values])))
 
     def reduce(self, mean) -> list[tuple[tuple, list[float]]]:
         """(facts, rank-averaged values) of every pending step, oldest first; ``mean``: one all-reduce over a 1-D

@@ -38,6 +38,11 @@ NEUTRAL = frozenset({
 })
 
 
+def default_run_dir() -> str:
+    """runs/<timestamp>: where a run without `out` goes."""
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
 class RunFolderError(UserError):
     """The run folder is held by another run, or a resume would change the run's trajectory."""
 
@@ -77,7 +82,7 @@ class RunLock:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
         return f"pid {holder.get('pid')} on {holder.get('host')} (since {since}, {holder.get('command', '?')})"
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         os.makedirs(self.run_dir, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
               "since": time.time(), "command": " ".join(sys.argv)[:200]}
@@ -134,7 +139,7 @@ class RunLock:
                 os.unlink(self.path)
             self.held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -200,7 +205,7 @@ def settle_run_config(restored_config: dict | None, cfg, is_main: bool, content_
     was), warn about an allowed one, then record the config the run continues with as ``<out>/config.yaml`` and the
     dataset's content hash as ``<out>/dataset.json`` (rank 0)."""
     from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
-    from cllm4rec_dist.train.config import to_yaml
+    from cllm4rec_dist.settings import to_yaml
 
     if restored_config is not None:
         changes = check_resume_config(restored_config, cfg, f"the checkpoint in {cfg.out}")

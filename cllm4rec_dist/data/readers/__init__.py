@@ -14,11 +14,15 @@ from cllm4rec_dist.data.records import InputError, InputReport, RawDataset
 
 # name -> (module under cllm4rec_dist.data.readers, one-line help)
 READERS: dict[str, tuple[str, str]] = {
-    "amazon": ("amazon", "Amazon review JSON-lines (.json/.json.gz, 2014 or 2018 fields); --meta adds item title/description"),
+    "amazon": ("amazon",
+               "Amazon review JSON-lines (.json/.json.gz, 2014 or 2018 fields); --meta adds item title/description"),
     "yelp": ("yelp", "Yelp review JSON-lines (user_id, business_id, stars, text)"),
-    "movielens": ("movielens", "MovieLens 100K folder (u.data/u.item/u.user) or latest zip/folder (ratings.csv, movies.csv, tags.csv)"),
+    "movielens": ("movielens",
+                  "MovieLens 100K folder (u.data/u.item/u.user) or latest zip/folder "
+                  "(ratings.csv, movies.csv, tags.csv)"),
     "s3rec": ("s3rec", "S3-Rec sequence file: 'user item item ...' per line, no ratings, no text"),
-    "recbole": ("recbole", "RecBole atomic files: <name>.inter [+ .item, .user] with typed headers (user_id:token ...)"),
+    "recbole": ("recbole",
+                "RecBole atomic files: <name>.inter [+ .item, .user] with typed headers (user_id:token ...)"),
     "table": ("table", "generic CSV/TSV/Parquet with named columns (--user-col, --item-col, ...)"),
 }
 

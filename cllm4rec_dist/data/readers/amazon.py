@@ -94,7 +94,8 @@ def parse_meta_line(line: str):
 def _read_meta(path: str, items: set[str], report: InputReport) -> tuple[dict[str, str], dict[str, str]]:
     """(item texts, item titles) of the metadata lines whose asin is in ``items``."""
     texts, titles = {}, {}
-    for lineno, obj in json_records(path, report, parse_meta_line, (ValueError, SyntaxError, MemoryError, RecursionError)):
+    for lineno, obj in json_records(path, report, parse_meta_line,
+                                    (ValueError, SyntaxError, MemoryError, RecursionError)):
         asin = clean_text(obj.get("asin"))
         if not asin:
             report.bad(path, lineno, "missing_field:asin")

@@ -74,7 +74,8 @@ OCCUPATION_PHRASES = {
 
 def read(options, report: InputReport) -> RawDataset:
     if len(options.inputs) != 1:
-        raise InputError(f"--format movielens reads one --input (a folder or .zip), got {len(options.inputs)}: {options.inputs}")
+        raise InputError(f"--format movielens reads one --input (a folder or .zip), "
+                         f"got {len(options.inputs)}: {options.inputs}")
     path = options.inputs[0]
     with MovieLensSource(path) as source:
         if source.has("u.data"):
@@ -197,7 +198,8 @@ def _read_100k(source: MovieLensSource, report: InputReport):
         with _lines(source, "u.user", report) as (label, lines):
             for lineno, fields in lines:
                 if len(fields) != 5:
-                    report.bad(label, lineno, "wrong_field_count", f"{len(fields)} fields, expected 5 (id|age|gender|occupation|zip)")
+                    report.bad(label, lineno, "wrong_field_count",
+                               f"{len(fields)} fields, expected 5 (id|age|gender|occupation|zip)")
                     continue
                 user_texts[fields[0].strip()] = report.text(user_bio(fields[1], fields[2], fields[3]))
     return rows, user_texts, item_texts, item_titles
@@ -206,7 +208,8 @@ def _read_100k(source: MovieLensSource, report: InputReport):
 def _rating_row(fields, width: int, label: str, lineno: int, report: InputReport):
     """(user, item, rating, timestamp, '') from ``user item rating timestamp`` fields, or None for a bad line."""
     if len(fields) != width:
-        report.bad(label, lineno, "wrong_field_count", f"{len(fields)} fields, expected {width} (user, item, rating, timestamp)")
+        report.bad(label, lineno, "wrong_field_count",
+                   f"{len(fields)} fields, expected {width} (user, item, rating, timestamp)")
         return None
     user, item = fields[0].strip(), fields[1].strip()
     if not user or not item:

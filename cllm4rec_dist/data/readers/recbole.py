@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cllm4rec_dist.data.readers.table import _first_non_empty as first_non_empty
+from cllm4rec_dist.data.readers.table import ident, open_table
 from cllm4rec_dist.data.records import (
     InputError,
     InputReport,
@@ -38,8 +40,6 @@ from cllm4rec_dist.data.records import (
     join_path,
     to_number,
 )
-from cllm4rec_dist.data.readers.table import _first_non_empty as first_non_empty
-from cllm4rec_dist.data.readers.table import ident, open_table
 
 TYPES = ("token", "token_seq", "float", "float_seq")
 TEXT_TYPES = ("token", "token_seq")
@@ -58,7 +58,7 @@ class Header:
     types: list[str]
 
     @classmethod
-    def parse(cls, path: str, header: list[str]) -> "Header":
+    def parse(cls, path: str, header: list[str]) -> Header:
         names, types = [], []
         for column in header:
             name, sep, type_ = column.rpartition(":")
@@ -181,7 +181,8 @@ def _read_side(path: str, id_field: str, text_field: str, report: InputReport, t
         title = header.first_text(TITLE_FIELDS) if titles is not None else None
         text = header.index(text_field, TEXT_TYPES)
         parts = [text] if text is not None else (
-            ([title] if title is not None else []) + header.seq_columns({key} | ({title} if title is not None else set())))
+            ([title] if title is not None else [])
+            + header.seq_columns({key} | ({title} if title is not None else set())))
         for lineno, row in lines:
             ident_ = ident(row[key])
             if not ident_:

@@ -30,4 +30,5 @@ def read(options, report: InputReport) -> RawDataset:
                 user = fields[0]
                 rows.extend((user, item, math.nan, float(pos), "") for pos, item in enumerate(fields[1:]))
         report.finish_file(path)
-    return RawDataset(name=base_name(options.inputs[0]), interactions=RawDataset.frame(rows), has_ratings=False, report=report)
+    return RawDataset(name=base_name(options.inputs[0]), interactions=RawDataset.frame(rows), has_ratings=False,
+                      report=report)

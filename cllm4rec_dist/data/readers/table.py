@@ -12,7 +12,8 @@ not (no rating column -> ``has_ratings=False``). A timestamp is unix seconds or
 a date string (parsed with pandas, naive = UTC); an empty one is NaN.
 
 ``user_text``/``item_text``/``item_title`` hold a per-user / per-item text repeated on each of
-its rows (the title is the item's short name, the text its description); when rows disagree the FIRST NON-EMPTY value in file order wins.
+its rows (the title is the item's short name, the text its description); when rows disagree the FIRST NON-EMPTY
+value in file order wins.
 
 Folder layout (what ``cllm4rec demo-data`` writes)::
 
@@ -136,7 +137,8 @@ def set_flag(key: str) -> str:
 def _read_interactions(path, options, report, rows, user_texts, item_texts, item_titles) -> bool:
     """Append the file's rows to ``rows``; returns whether it has a rating column."""
     with open_table(path, report) as (header, lines):
-        idx = {key: column_index(header, getattr(options, key), path, set_flag(key)) for key in ("user_col", "item_col")}
+        idx = {key: column_index(header, getattr(options, key), path, set_flag(key))
+               for key in ("user_col", "item_col")}
         for key in ("rating_col", "timestamp_col", "review_col", "user_text_col", "item_text_col", "item_title_col"):
             name = getattr(options, key)
             if name and name in header:
@@ -196,7 +198,8 @@ def _first_non_empty(texts: dict[str, str], key: str, text: str) -> None:
 
 
 def ident(value) -> str:
-    """An id as a string exactly as in the file, stripped; '' when missing (Parquet ints that became floats lose the .0)."""
+    """An id as a string exactly as in the file, stripped; '' when missing (Parquet ints that became floats lose
+    the .0)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float) and value.is_integer():
@@ -236,7 +239,8 @@ def _parse_dates(parsed: list[tuple], path: str, report: InputReport) -> list[tu
 
 @contextmanager
 def open_table(path: str, report: InputReport, encoding: str = "utf-8", delimiter: str | None = None, opener=None):
-    """``with open_table(path, report) as (header, lines)``: the header and (lineno, row) pairs of a CSV/TSV/Parquet file.
+    """``with open_table(path, report) as (header, lines)``: the header and (lineno, row) pairs of a
+    CSV/TSV/Parquet file.
 
     ``report.line`` is called for each data row. A CSV row whose field count
     differs from the header's is reported (``wrong_field_count``) and skipped;

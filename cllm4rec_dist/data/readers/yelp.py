@@ -9,7 +9,6 @@ unparseable or missing date gives timestamp NaN rather than dropping the review.
 
 from __future__ import annotations
 
-
 from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, dates_to_seconds, json_records, to_number
 
 
@@ -17,7 +16,8 @@ def read(options, report: InputReport) -> RawDataset:
     rows: list[tuple] = []
     for path in options.inputs:
         rows.extend(_read_file(path, report))
-    return RawDataset(name=base_name(options.inputs[0]), interactions=RawDataset.frame(rows), has_ratings=True, report=report)
+    return RawDataset(name=base_name(options.inputs[0]), interactions=RawDataset.frame(rows), has_ratings=True,
+                      report=report)
 
 
 def _read_file(path: str, report: InputReport) -> list[tuple]:

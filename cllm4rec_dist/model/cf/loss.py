@@ -24,7 +24,8 @@ def next_item_bce(model: SequentialCF, inputs: torch.Tensor, positives: torch.Te
     pos_logits = (out * items[positives[real]]).sum(-1)
     neg_logits = (out * items[negatives[real]]).sum(-1)
     return (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits), reduction="sum")
-            + F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits), reduction="sum")) / real.sum()
+            + F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits),
+                                                 reduction="sum")) / real.sum()
 
 
 def draw_training_negatives(histories: list[list[int]], targets: torch.Tensor, num_items: int,

@@ -102,7 +102,7 @@ class SASRec(SequentialCF):
         self.embedding_dropout = nn.Dropout(s.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(s.dim, s.num_heads, s.dropout) for _ in range(s.num_blocks))
         self.final_norm = nn.LayerNorm(s.dim, eps=1e-8)
-        for name, param in self.named_parameters():  # the authors' code: Xavier-normal, skipping 1-d params
+        for _name, param in self.named_parameters():  # the authors' code: Xavier-normal, skipping 1-d params
             if param.dim() > 1:
                 nn.init.xavier_normal_(param)
         with torch.no_grad():

@@ -1,0 +1,305 @@
+"""Distributed training: Ray Train starts N workers; each runs the recipe with DeepSpeed ZeRO engines.
+
+Two ways in, one worker function:
+* `launch_ray(cfg)`: a Ray Train `TorchTrainer` (local Ray started in-process when there is
+  no cluster; `ray job submit` runs it on a cluster). Checkpoints go to Ray's storage path
+  and a restarted worker resumes from the latest one (``FailureConfig``).
+* `run_torch_distributed(cfg)`: a process of the `deepspeed` / `torchrun` launchers
+  (RANK / WORLD_SIZE / MASTER_ADDR in the environment); checkpoints in <run>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+
+import fsspec
+import torch
+import torch.distributed as dist
+
+from cllm4rec_dist.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
+from cllm4rec_dist.corpus.preprocess import demo_dataset
+from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.recommenders import recommender
+from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
+from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
+from cllm4rec_dist.train.monitor import CONSOLE_FILE
+from cllm4rec_dist.train.rank import Rank
+from cllm4rec_dist.train.run_folder import (
+    RunFolderError,
+    RunLock,
+    check_resume_config,
+    check_resume_dataset,
+    default_run_dir,
+)
+from cllm4rec_dist.train.timing import PhaseTimer
+
+# Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
+KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"
+
+
+def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
+    """Refuse DeepSpeed setups known not to work with this model, saying what to use instead."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(
+            f"{cfg.dist.ds_config}: ZeRO stage 3 is not supported. It partitions the tables' WEIGHTS, which every "
+            "step reads in full (any user or item can be in a batch; the item softmax spans the catalogue), and it "
+            "cannot hold a bitsandbytes int8/4-bit backbone either. Use ds_configs/zero2.json (gradients and Adam "
+            "state partitioned, the frozen backbone replicated) or ds_configs/zero1.json.")
+
+
+def build_worker_recipe(cfg: TrainConfig, sink, timer: PhaseTimer | None = None):
+    """Recipe for this process's rank, with DeepSpeed engines from cfg.dist.ds_config."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config = load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, world, cfg.optim.grad_clip)
+    check_combination(cfg, ds_config)
+
+    def engine_factory(name, params, lr):
+        return DeepSpeedEngine(name, params, lr, ds_config, cfg.optim.weight_decay)
+
+    return recommender(cfg.recommender).recipe_class()(cfg, Rank(rank, world), engine_factory, sink, timer)
+
+
+def _install_kill_hook(recipe) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    marker = os.path.join(recipe.cfg.out, f".killed-rank{kill_rank}-step{kill_step}")
+    if recipe.rank.rank != kill_rank or os.path.exists(marker):
+        return
+    trainer = recipe.trainer
+    original = trainer.train_step
+
+    def train_step(kind, **kwargs):
+        if trainer.state.global_step + 1 == kill_step:
+            open(marker, "w").close()
+            line = f"[train] rank {kill_rank}: killed at step {kill_step} (test hook)"
+            print(line, flush=True)
+            with open(os.path.join(recipe.cfg.out, CONSOLE_FILE), "a", encoding="utf-8") as f:
+                f.write(line + "\n")  # what the Ray driver relays to its console
+            os._exit(1)
+        return original(kind, **kwargs)
+
+    trainer.train_step = train_step
+
+
+def ray_worker_loop(config: dict) -> None:
+    """Runs in every Ray Train worker (torch.distributed is already initialised by Ray)."""
+    timer = PhaseTimer()
+    timer.mark("worker_started")
+    with timer.phase("worker_imports"):
+        import deepspeed  # noqa: F401
+        import ray.train
+    with timer.phase("init_distributed"):
+        init_distributed()
+    cfg = config_from_dict(config, "ray train_loop_config")
+    recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints), timer).setup()
+    _install_kill_hook(recipe)
+    result = recipe.train()
+    final = {"final": True, **{f"{part}/{k}": v for part in ("valid", "test") for k, v in result.get(part, {}).items()},
+             "global_step": result.get("global_step", 0)}
+    ray.train.report(final)
+
+
+def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
+    """Train with Ray Train; joins a running cluster if there is one, else starts a local one.
+
+    The console gets the rank-0 progress lines (relayed from <run>/console.log) and nothing of the
+    libraries' own logging; Ray's logs of a local cluster are copied to <run>/logs/ray at the end."""
+
+    timer = timer or PhaseTimer()
+    cfg.out = os.path.abspath(cfg.out or default_run_dir())
+    cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+    cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
+    # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
+    recommender(cfg.recommender).recipe_class().check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
+    check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
+                                          cfg.optim.grad_clip))
+    data = ShardedDataset(cfg.data)
+    data.verify()
+    storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
+    name = os.path.basename(cfg.out.rstrip("/"))
+    with RunLock(cfg.out):
+        _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
+        return _fit_ray(cfg, storage, name, timer)
+
+
+def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: str | None) -> None:
+    """On the driver, before any worker starts: a resume must keep the saved config's trajectory and data."""
+    saved = os.path.join(cfg.out, "config.yaml")
+    if not cfg.resume or not os.path.exists(saved):
+        return
+    fs, root = fsspec.core.url_to_fs(storage)
+    if fs.glob(f"{root.rstrip('/')}/{name}/checkpoint_*"):
+        check_resume_config(read_yaml_settings(saved), cfg, saved)
+        check_resume_dataset(cfg.out, cfg.data, content_hash, cfg.allow_config_change)
+
+
+def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started_here = False
+    with timer.phase("ray_start"):
+        if not ray.is_initialized():
+            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # as start_local_ray's console
+            address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+            if address:
+                # `ray job submit` sets RAY_ADDRESS; the job's runtime env (working dir first on PYTHONPATH)
+                # reaches the workers.
+                print(f"[launch] joining the Ray cluster at {address} (cllm4rec_dist from "
+                      f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
+                ray.init(address=address, **quiet)
+            else:
+                env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+                # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
+                # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
+                env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                               os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
+                start_local_ray(max(cfg.dist.num_workers * cfg.dist.cpus_per_worker, os.cpu_count() or 1), env)
+                started_here = True
+    trainer = TorchTrainer(
+        ray_worker_loop,
+        train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                     resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    timer.mark("fit_started")
+    try:
+        with ConsoleRelay(os.path.join(cfg.out, CONSOLE_FILE)), timer.phase("fit"):
+            result = trainer.fit()
+    finally:
+        timer.mark("fit_finished")
+        if started_here:
+            copy_ray_logs(os.path.join(cfg.out, "logs", "ray"))
+            with timer.phase("ray_stop"):
+                ray.shutdown()
+    with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
+    """A Ray cluster inside this process, for a machine where none runs (`cllm4rec train`, `cllm4rec tune`).
+
+    Its workers run at the niceness of the command that started it. Ray's default would start them at nice 15,
+    to keep a core for its own daemons. Then a training or a search yields to every plain process on the machine:
+    a second job started beside a `cllm4rec tune` takes the cores, and the trials stop. Run `nice -n 10 cllm4rec
+    tune ...` for the whole job in the background. A cluster started with `ray start` keeps its own setting.
+    """
+    import ray
+
+    # Ray turns token authentication on for a new local cluster and says so on the console each time
+    # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token instead stops Ray
+    # from creating the cluster's token: the workers then cannot connect.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
+    # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env_vars}},
+             _system_config={"worker_niceness": 0})
+
+
+class ConsoleRelay:
+    """Prints the lines appended to a file while the block runs (rank 0's console.log on the driver)."""
+
+    def __init__(self, path: str, interval: float = 0.5):
+        self.path, self.interval = path, interval
+        self.stop = threading.Event()
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0  # a resumed run's old lines stay out
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, name="console-relay", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._print_new()
+
+    def _run(self):
+        while not self.stop.wait(self.interval):
+            self._print_new()
+
+    def _print_new(self):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next round
+        self.offset += len(complete.encode("utf-8"))
+        if complete:
+            print(complete, end="", flush=True)
+
+
+def copy_ray_logs(destination: str) -> None:
+    """Copy the log folder of the Ray session this process started (workers' stdout/stderr included)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the session's log dir
+    source = node.get_logs_dir_path() if node is not None else None
+    if source and os.path.isdir(source):
+        shutil.copytree(source, destination, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock", "*.lock", "old"))
+
+
+def _paths_from_rank0(cfg: TrainConfig) -> tuple[str, str]:
+    """The dataset and run folder every rank uses, as rank 0 decides them. A default run folder is named by the
+    clock, which ranks started a second apart read differently; the embedded demo dataset is built once, not by
+    every rank at the same time. A failure on rank 0 reaches the other ranks as an error, not a hang."""
+    decided: list = [None, None, None]  # data, out, rank 0's error
+    if dist.get_rank() == 0:
+        try:
+            decided[:2] = demo_dataset(cfg.data), cfg.out or default_run_dir()
+        except Exception as err:  # every rank has to leave the broadcast below
+            decided[2] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(decided, src=0)
+            raise
+    dist.broadcast_object_list(decided, src=0)
+    if decided[2] is not None:
+        raise ConfigError(f"rank 0 could not prepare the run: {decided[2]}")
+    return decided[0], decided[1]
+
+
+def run_torch_distributed(cfg: TrainConfig) -> dict:
+    """One process of `deepspeed launchers/finetune.py` / torchrun (env:// rendezvous)."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ConfigError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "
+                               "(or torchrun), or use `cllm4rec train` for one process.")
+    init_distributed()
+    cfg.data, cfg.out = _paths_from_rank0(cfg)
+    lock = RunLock(cfg.out)
+    refusal = None
+    if dist.get_rank() == 0:  # rank 0 holds the run folder for all ranks
+        try:
+            lock.acquire()
+        except RunFolderError as err:
+            refusal = err
+    flag = torch.tensor([0 if refusal else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if refusal is not None:
+        raise refusal
+    if not flag.item():
+        raise RunFolderError(f"{cfg.out}: in use by another run (rank 0 says why).")
+    try:
+        recipe = build_worker_recipe(cfg, LocalSink(cfg.out, cfg.keep_checkpoints)).setup()
+        _install_kill_hook(recipe)
+        result = recipe.train()
+        dist.barrier()
+        return result
+    finally:
+        lock.release()
+
+
+

@@ -1,0 +1,330 @@
+"""A-LLMRec (Kim et al., KDD'24): stage 1 (collaborative-text alignment) and stage 2 (alignment with the LLM).
+
+Stage 0 is a frozen sequential CF model (model/cf: ``SequentialCF``) giving item embeddings E_i and
+user representations x_u. Stage 1 (``CollabTextAlignment``) encodes each item's text with
+Sentence-BERT (Q_i) and trains item/text encoders and decoders so that f_enc^I(E_i) and
+f_enc^T(Q_i) match, both reconstruct their input, and the decoded item embedding still
+recommends; the joint embedding e_i is f_enc^I(E_i), or f_enc^T(Q_i) for items the CF model
+never saw in training (cold). Stage 2 (``LLMAlignment``) projects x_u and e_i into the frozen
+LLM's token-embedding space (F_U, F_I), writes them into the soft-token slots of the prompt
+(prompts.py) and trains F_U, F_I alone on the next-token loss of the answer title.
+
+The backbone is loaded exactly as CLLM4Rec loads it (model/backbone.py: fp32/bf16/int8/nf4,
+frozen); the trainable parts stay fp32 and their outputs are cast to the backbone's compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cllm4rec_dist.model import backbone as bb
+from cllm4rec_dist.recommenders.allmrec.prompts import SoftPrompt
+
+IGNORE = -100
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """Q_i = SBERT(text of item i). Fine-tuned (gradients flow into SBERT) or frozen (encoded once, cached)."""
+
+    def __init__(self, sbert, texts: list[str], trainable: bool, batch_size: int = 64):
+        super().__init__()
+        self.sbert = sbert
+        self.texts = list(texts)
+        self.trainable = trainable
+        self.dim = int(sbert.get_embedding_dimension())
+        for p in sbert.parameters():
+            p.requires_grad_(trainable)
+        self.cache: torch.Tensor | None = None
+        self.batch_size = batch_size
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        features = self.sbert.preprocess(texts)
+        device = next(self.sbert.parameters()).device
+        features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
+        return self.sbert(features)["sentence_embedding"].float()
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """``[N, dim]`` text embeddings of the given item indices."""
+        if self.trainable and self.training:
+            return self._forward([self.texts[i] for i in items.tolist()])
+        return self.all()[items.to(self.all().device)]
+
+    @torch.no_grad()
+    def all(self) -> torch.Tensor:
+        """``[J, dim]`` every item's embedding without gradient (cached until SBERT changes)."""
+        if self.cache is None:
+            was = self.sbert.training
+            self.sbert.eval()
+            self.cache = torch.cat([self._forward(self.texts[k:k + self.batch_size])
+                                    for k in range(0, len(self.texts), self.batch_size)])
+            self.sbert.train(was)
+        return self.cache
+
+    def invalidate(self) -> None:
+        """SBERT's weights changed (a training step, a checkpoint load): re-encode on next use."""
+        if self.trainable:
+            self.cache = None
+
+
+def item_text(title: str, description: str) -> str:
+    """The paper's SBERT input for an item."""
+    return f"Title: {title}, Description: {description}" if description else f"Title: {title}"
+
+
+class CollabTextAlignment(nn.Module):
+    """Stage 1: item encoder/decoder over E_i, text encoder/decoder over Q_i (1-layer MLPs, width d')."""
+
+    def __init__(self, cf_dim: int, text_dim: int, joint_dim: int = 128):
+        super().__init__()
+        self.item_encoder = nn.Linear(cf_dim, joint_dim)
+        self.item_decoder = nn.Linear(joint_dim, cf_dim)
+        self.text_encoder = nn.Linear(text_dim, joint_dim)
+        self.text_decoder = nn.Linear(joint_dim, text_dim)
+
+    def losses(self, user: torch.Tensor, item_pos: torch.Tensor, item_neg: torch.Tensor, text_pos: torch.Tensor,
+               text_neg: torch.Tensor, alpha: float, beta: float) -> dict[str, torch.Tensor]:
+        """The paper's stage-1 objective for a batch of (user x_u, next item, sampled negative).
+
+        matching = MSE(f_enc^I(E), f_enc^T(Q)); reconstruction of E (weight alpha) and of Q (weight
+        beta); recommendation = BCE of x_u . f_dec^I(f_enc^I(E)) for the next item (1) and the negative (0).
+        """
+        items = torch.cat([item_pos, item_neg])
+        texts = torch.cat([text_pos, text_neg])
+        z_item, z_text = self.item_encoder(items), self.text_encoder(texts)
+        matching = F.mse_loss(z_item, z_text)
+        decoded_items = self.item_decoder(z_item)
+        recon_item = F.mse_loss(decoded_items, items)
+        recon_text = F.mse_loss(self.text_decoder(z_text), texts)
+        n = item_pos.shape[0]
+        logits = (user.repeat(2, 1) * decoded_items).sum(-1)
+        labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(logits)
+        rec = F.binary_cross_entropy_with_logits(logits, labels)
+        loss = matching + alpha * recon_item + beta * recon_text + rec
+        return {"loss": loss, "matching": matching, "recon_item": recon_item, "recon_text": recon_text, "rec": rec}
+
+    @torch.no_grad()
+    def joint_embeddings(self, item_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                         cold: torch.Tensor) -> torch.Tensor:
+        """``[J, d']`` e_i: f_enc^I(E_i) for items seen in training, f_enc^T(Q_i) for cold ones (``cold`` mask)."""
+        from_items = self.item_encoder(item_embeddings)
+        from_texts = self.text_encoder(text_embeddings.to(from_items))
+        return torch.where(cold.to(from_items.device)[:, None], from_texts, from_items)
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------
+
+
+def projection(in_dim: int, out_dim: int) -> nn.Sequential:
+    """A 2-layer MLP into the LLM's token-embedding space (LayerNorm keeps its scale near the vocab's)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+@dataclass
+class SoftBatch:
+    """Padded prompts (+ answers) with their soft-token slots, ready for ``LLMAlignment``.
+
+    Right-padded for training and scoring, left-padded for generation (``left=True``).
+    """
+
+    input_ids: torch.Tensor        # [B, T]
+    attention_mask: torch.Tensor   # [B, T]
+    labels: torch.Tensor           # [B, T], IGNORE except answer tokens (the target AT that position)
+    user_slots: torch.Tensor       # [S_u, 2] (row, position)
+    user_rows: torch.Tensor        # [S_u] index into the user-vector batch
+    item_slots: torch.Tensor       # [S_i, 2]
+    item_ids: torch.Tensor         # [S_i] item index
+
+    @classmethod
+    def collate(cls, prompts: list[SoftPrompt], answers: list[list[int]] | None = None, fill_id: int = 0,
+                left: bool = False) -> SoftBatch:
+        answers = answers or [[] for _ in prompts]
+        width = max(len(p.ids) + len(a) for p, a in zip(prompts, answers))
+        ids = torch.full((len(prompts), width), fill_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        labels = torch.full((len(prompts), width), IGNORE, dtype=torch.long)
+        user_slots, user_rows, item_slots, item_ids = [], [], [], []
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            n = len(p.ids) + len(a)
+            start = width - n if left else 0
+            ids[row, start:start + n] = torch.tensor(p.ids + a, dtype=torch.long)
+            mask[row, start:start + n] = 1
+            if a:
+                labels[row, start + len(p.ids):start + n] = torch.tensor(a, dtype=torch.long)
+            user_slots += [(row, start + t) for t in p.user_slots]
+            user_rows += [row] * len(p.user_slots)
+            item_slots += [(row, start + t) for t, _ in p.item_slots]
+            item_ids += [i for _, i in p.item_slots]
+
+        def pairs(xs):
+            return torch.tensor(xs, dtype=torch.long).reshape(-1, 2)
+
+        return cls(ids, mask, labels, pairs(user_slots), torch.tensor(user_rows, dtype=torch.long),
+                   pairs(item_slots), torch.tensor(item_ids, dtype=torch.long))
+
+
+class LLMAlignment(nn.Module):
+    """Stage 2: F_U, F_I (trainable, fp32) around a frozen causal LM loaded as CLLM4Rec loads it."""
+
+    def __init__(self, backbone, user_dim: int, item_dim: int):
+        super().__init__()
+        self.backbone = bb.freeze(backbone)
+        self.hidden_size = bb.hidden_size(backbone)
+        device = backbone.get_input_embeddings().weight.device
+        self.user_projection = projection(user_dim, self.hidden_size).to(device)
+        self.item_projection = projection(item_dim, self.hidden_size).to(device)
+
+    @classmethod
+    def load(cls, location: dict, precision: str, user_dim: int, item_dim: int, device: str | None = None):
+        backbone = bb.load_backbone(location["path"], precision, gguf_file=location.get("gguf_file"), device=device)
+        return cls(backbone, user_dim, item_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: never dropout
+        return self
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        return [*self.user_projection.parameters(), *self.item_projection.parameters()]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    def inputs_embeds(self, batch: SoftBatch, user_vectors: torch.Tensor | None,
+                      item_vectors: torch.Tensor | None) -> torch.Tensor:
+        """Vocabulary embeddings of the prompt with F_U(x_u) / F_I(e_i) written into the slots.
+
+        user_vectors: ``[B, d_u]`` x_u per row; item_vectors: ``[J, d']`` e_i of every item.
+        """
+        dtype = bb.compute_dtype(self.backbone)
+        embeds = self.backbone.get_input_embeddings()(batch.input_ids.to(self.device)).to(dtype)
+        if len(batch.user_slots):
+            values = self.user_projection(user_vectors[batch.user_rows.to(user_vectors.device)].float())
+            embeds = embeds.index_put(tuple(batch.user_slots.to(self.device).T), values.to(dtype))
+        if len(batch.item_slots):
+            values = self.item_projection(item_vectors[batch.item_ids.to(item_vectors.device)].float())
+            embeds = embeds.index_put(tuple(batch.item_slots.to(self.device).T), values.to(dtype))
+        return embeds
+
+    def _hidden(self, batch: SoftBatch, user_vectors, item_vectors) -> torch.Tensor:
+        embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
+        return self.backbone.base_model(inputs_embeds=embeds,
+                                        attention_mask=batch.attention_mask.to(self.device)).last_hidden_state
+
+    def _answer_logprobs(self, batch: SoftBatch, user_vectors, item_vectors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each answer token [N], its row [N]): the LM head only at answer positions."""
+        hidden = self._hidden(batch, user_vectors, item_vectors)
+        labels = batch.labels.to(self.device)
+        rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
+        head = self.backbone.get_output_embeddings()
+        logits = head(hidden[rows, cols].to(head.weight.dtype)).float()
+        targets = labels[rows, cols + 1]
+        return -F.cross_entropy(logits, targets, reduction="none"), rows
+
+    def answer_loss(self, batch: SoftBatch, user_vectors, item_vectors) -> dict[str, torch.Tensor]:
+        """Next-token loss on the answer title tokens only (mean over answer tokens)."""
+        logprobs, _ = self._answer_logprobs(batch, user_vectors, item_vectors)
+        return {"loss": -logprobs.mean(), "tokens": torch.tensor(float(logprobs.numel()))}
+
+    def _prompt_pass(self, batch: SoftBatch, user_vectors, item_vectors):
+        """Forward over left-padded prompts with a KV cache: (outputs, attention mask, last position ids)."""
+        embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
+        mask = batch.attention_mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out, mask, positions[:, -1]
+
+    @torch.no_grad()
+    def candidate_scores(self, batch: SoftBatch, user_vectors, item_vectors,
+                         answers: list[list[list[int]]]) -> torch.Tensor:
+        """``[B, C]`` length-normalised log-likelihood (mean log-probability per token) of each row's C answers.
+
+        ``batch``: left-padded prompts; ``answers[b][c]``: token ids of candidate c's answer for row b.
+        The prompt runs once; its KV cache is repeated for the C answers, which run as one batch.
+        """
+        out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
+        c = len(answers[0])
+        flat = [a for row in answers for a in row]
+        width = max(len(a) for a in flat)
+        ids = torch.full((len(flat), width), batch.input_ids[0, 0].item(), dtype=torch.long, device=self.device)
+        answer_mask = torch.zeros((len(flat), width), dtype=mask.dtype, device=self.device)
+        for k, a in enumerate(flat):
+            ids[k, :len(a)] = torch.tensor(a, dtype=torch.long)
+            answer_mask[k, :len(a)] = 1
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(c)
+        first = F.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(c, 0)  # predicts answer token 0
+        embeds = self.backbone.get_input_embeddings()(ids).to(bb.compute_dtype(self.backbone))
+        positions = last.repeat_interleave(c)[:, None] + 1 + torch.arange(width, device=self.device)[None, :]
+        rest = self.backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.repeat_interleave(c, 0),
+                                                                             answer_mask], 1),
+                             position_ids=positions, past_key_values=cache, use_cache=True).logits
+        logprobs = torch.cat([first[:, None], F.log_softmax(rest[:, :-1].float(), -1)], 1)
+        token = logprobs.gather(2, ids[:, :, None])[:, :, 0] * answer_mask
+        scores = token.sum(1) / answer_mask.sum(1).clamp(min=1)
+        return scores.reshape(-1, c).cpu()
+
+    @torch.no_grad()
+    def generate(self, batch: SoftBatch, user_vectors, item_vectors, max_new_tokens: int, eos: int) -> list[list[int]]:
+        """Greedy decoding after left-padded prompts (KV cache); returns each row's new ids up to EOS."""
+        out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
+        embedding = self.backbone.get_input_embeddings()
+        dtype = bb.compute_dtype(self.backbone)
+        n = mask.shape[0]
+        generated = [[] for _ in range(n)]
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            for row in (~done).nonzero().flatten().tolist():
+                generated[row].append(int(token[row]))
+            done |= token == eos
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            last = last + 1
+            out = self.backbone(inputs_embeds=embedding(token[:, None]).to(dtype), attention_mask=mask,
+                                position_ids=last[:, None], past_key_values=out.past_key_values, use_cache=True)
+        return generated
+
+
+# ---- the whole model ---------------------------------------------------------------------------
+
+
+class ALLMRec(nn.Module):
+    """The pieces of A-LLMRec under one module, so that checkpoints name them: ``cf.*`` (stage 0, frozen
+    after it), ``text.sbert.*`` (fine-tuned in stage 1 unless frozen), ``align.*`` (stage 1) and
+    ``llm.user_projection.*`` / ``llm.item_projection.*`` (stage 2). The LLM backbone is never saved."""
+
+    def __init__(self, cf: nn.Module, text: TextEncoder, align: CollabTextAlignment, llm: LLMAlignment):
+        super().__init__()
+        self.cf, self.text, self.align, self.llm = cf, text, align, llm
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cf.eval()  # frozen after stage 0 (trained by baselines/sequential.py into a copy): x_u without dropout
+        return self
+
+    def row_shards(self) -> dict:
+        """No A-LLMRec tensor is row-sharded: every rank holds them whole (the checkpoint interface)."""
+        return {}
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint holds: all parameters except the frozen LLM (and a frozen SBERT)."""
+        skip = ["llm.backbone."] + ([] if self.text.trainable else ["text.sbert."])
+        return {n: p.detach().clone() for n, p in self.named_parameters() if not any(n.startswith(s) for s in skip)}
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """The parameters a stage trains ("align": encoders/decoders + SBERT unless frozen; "llm": F_U, F_I)."""
+        if stage == "align":
+            sbert = list(self.text.sbert.parameters()) if self.text.trainable else []
+            return [*self.align.parameters(), *sbert]
+        if stage == "llm":
+            return self.llm.projection_parameters()
+        raise ValueError(f"no trainable parameters for stage {stage!r}")

@@ -1,0 +1,130 @@
+"""A-LLMRec's prompts: items named by their TITLES, each followed by a SOFT-TOKEN SLOT.
+
+Built online from the dataset's titles: (history, candidates) become token ids plus the positions of the slots (a
+projected vector, not a vocabulary id); model.py writes the projected vectors into those positions.
+
+The paper's A-LLMRec prompt: the user's soft token; each history item's title followed by its item soft token;
+each candidate's title followed by its soft token; the answer is the true next item's title. Without soft tokens
+(``soft=False``) the same words and titles remain: the titles-only LLM baseline.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SLOT = re.compile(r"(\{user\}|\{item\}|\{title\})")
+
+
+@dataclass
+class ALLMRecTemplates:
+    """The English wording of the A-LLMRec prompt. ``{user}`` / ``{item}`` are soft-token slots,
+    ``{title}`` the item's title; the answer is ``item`` of the true next item, then EOS."""
+
+    intro: str = "A user{user} has watched"
+    item: str = ' "{title}"{item}'
+    separator: str = ","
+    question: str = ". From the following items:"
+    outro: str = ". The next item this user will watch is"
+
+
+@dataclass
+class SoftPrompt:
+    """One prompt: ``ids`` (slots hold ``fill_id``), user-slot positions, (position, item) of item slots."""
+
+    ids: list[int]
+    user_slots: list[int] = field(default_factory=list)
+    item_slots: list[tuple[int, int]] = field(default_factory=list)
+
+
+def normalise_title(text: str) -> str:
+    """The form generated answers and titles are compared in: first quoted span if any, lower case,
+    single spaces, no surrounding quotes or punctuation."""
+    text = text.strip()
+    if text.startswith('"'):
+        end = text.find('"', 1)
+        text = text[1:end] if end > 0 else text[1:]
+    return " ".join(text.lower().split()).strip(" .,;:'\"")
+
+
+class ALLMRecPrompts:
+    """Builds A-LLMRec prompts for one tokenizer and one dataset's titles (titles tokenised once)."""
+
+    def __init__(self, tokenizer, titles: list[str], templates: ALLMRecTemplates | None = None,
+                 max_title_tokens: int = 24):
+        self.tokenizer = tokenizer
+        self.templates = templates or ALLMRecTemplates()
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the backbone's tokenizer has no EOS token; A-LLMRec answers end with EOS")
+        self.eos = tokenizer.eos_token_id
+        self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self._pieces: dict[str, list] = {}
+        # Each item's rendered title piece (e.g. ' "Toy Story"'), the answer the LLM is trained to produce.
+        self.title_ids = [self._encode(self._title_text(t))[:max_title_tokens] for t in titles]
+        self.titles = list(titles)
+
+    def _title_text(self, title: str) -> str:
+        before, _, after = self.templates.item.partition("{item}")[0].partition("{title}")
+        return f"{before}{title}{after}"
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _template(self, name: str) -> list:
+        """A template split into text token ids and slot names (cached)."""
+        if name not in self._pieces:
+            parts = []
+            for part in _SLOT.split(getattr(self.templates, name)):
+                if part in ("{user}", "{item}", "{title}"):
+                    parts.append(part[1:-1])
+                elif part:
+                    parts.append(self._encode(part))
+            self._pieces[name] = parts
+        return self._pieces[name]
+
+    def _emit(self, prompt: SoftPrompt, name: str, soft: bool, item: int | None = None) -> None:
+        for part in self._template(name):
+            if part == "title":
+                continue  # the title is emitted with its quotes as one piece, below
+            if isinstance(part, list):
+                prompt.ids += part
+            elif soft and part == "user":
+                prompt.user_slots.append(len(prompt.ids))
+                prompt.ids.append(self.fill_id)
+            elif soft and part == "item":
+                prompt.item_slots.append((len(prompt.ids), item))
+                prompt.ids.append(self.fill_id)
+
+    def _emit_item(self, prompt: SoftPrompt, item: int, soft: bool) -> None:
+        prompt.ids += self.title_ids[item]
+        if soft and "{item}" in self.templates.item:
+            prompt.item_slots.append((len(prompt.ids), item))
+            prompt.ids.append(self.fill_id)
+
+    def prompt(self, history: list[int], candidates: list[int], soft: bool = True) -> SoftPrompt:
+        """The question for one user: the history (oldest first) and the candidates, as token ids + slots."""
+        out = SoftPrompt(ids=list(self.bos))
+        self._emit(out, "intro", soft)
+        sep = self._encode(self.templates.separator)
+        for k, item in enumerate(history):
+            if k:
+                out.ids += sep
+            self._emit_item(out, item, soft)
+        out.ids += self._encode(self.templates.question)
+        for k, item in enumerate(candidates):
+            if k:
+                out.ids += sep
+            self._emit_item(out, item, soft)
+        out.ids += self._encode(self.templates.outro)
+        return out
+
+    def answer(self, item: int) -> list[int]:
+        """Token ids the LLM should produce after the prompt: the item's title piece, then EOS."""
+        return self.title_ids[item] + [self.eos]
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """Generated ids (up to EOS) as a normalised title."""
+        if self.eos in ids:
+            ids = ids[: ids.index(self.eos)]
+        return normalise_title(self.tokenizer.decode(ids, skip_special_tokens=True))
