@@ -3,15 +3,20 @@ summaries, tuning results, the demo tables) appears whole or not at all.
 
 The bytes go to a uniquely named temporary file beside the target, which is then renamed over it: a killed
 writer leaves a ``*.tmp-<hex>`` file that no reader opens, never a truncated target. Local paths and any fsspec
-URL (``s3://``, ``gs://``, ``memory://``) alike.
+URL (``s3://``, ``gs://``, ``memory://``) alike. A write that fails (a full disk above all) removes its temporary
+file and leaves the target as it was; a full disk (ENOSPC / EDQUOT) is a ``DiskFullError`` naming the file and its
+size, one line at the command boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
 import fsspec
+
+from cllm4rec_dist.errors import DiskFullError, format_bytes, is_disk_full
 
 
 def url_to_fs(url: str):
@@ -24,8 +29,23 @@ def url_to_fs(url: str):
 def atomic_write(fs, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` on ``fs`` so that it appears whole or not at all (temp name, then rename)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    except BaseException as err:
+        remove_quietly(fs, tmp)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(f"{path}: no space left on device while writing {format_bytes(len(data))}; the file "
+                                "was left as it was. Free space on that disk (or write elsewhere) and run the command "
+                                "again.", path) from err
+        raise
+
+
+def remove_quietly(fs, path: str) -> None:
+    """Remove the file ``path`` on ``fs`` if it is there (cleaning up after a failed write: never raises)."""
+    with contextlib.suppress(Exception):
+        if fs.exists(path):
+            fs.rm_file(path)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -1,6 +1,8 @@
 """`cllm4rec`: one command line for every stage. Each subcommand lives in its stage's home.
 
-A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``. The commands in
+``INTERRUPTIBLE`` end on Ctrl-C / SIGTERM with one line naming the run folder and the command that resumes it,
+exit status 130 / 143 (launch.py ``interruptible``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+INTERRUPTIBLE = frozenset({"train"})  # runs that hold a run folder and resume from it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=COMMAND,
@@ -53,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
     quiet_libraries()
-    return run_command(importlib.import_module(COMMANDS[args.command][0]).run, args)
+    run = importlib.import_module(COMMANDS[args.command][0]).run
+    if args.command in INTERRUPTIBLE:
+        from cllm4rec_dist.launch import interruptible
+
+        return interruptible(run_command, run, args, command=[COMMAND, *argv])
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.settings import ConfigError, read_yaml_settings, require, to_yaml
 from cllm4rec_dist.train.settings import BatchSettings, DistSettings, OptimSettings, ScheduleSettings
 
+SEED_LIMIT = 2**32
+"""Seeds (``seed``, ``batch.seed``) are below this, 32 bits: torch.manual_seed takes 64 bits at most, and seeds
+derived from them (per epoch, per stream, e.g. stage 0's ``seed * 100_003 + epoch``) must fit it too."""
+
 __all__ = ["ConfigError", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_dict",
            "load_config", "read_yaml_settings", "to_yaml"]
 
@@ -129,6 +133,9 @@ class RunSettings:
             require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         for name in ("keep_checkpoints", "log_every", "simulate_ranks"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.projector_sample >= 0, "projector_sample", self.projector_sample, ">= 0 (0 = no projector)")
+        for name, value in (("seed", self.seed), ("batch.seed", self.batch.seed)):
+            require(0 <= value < SEED_LIMIT, name, value, "in [0, 2**32): a seed the random number generators take")
         require(bool(self.data), "data", self.data, "a preprocessed dataset folder or URL")
         self.dist.ds_config = resolve_path(self.dist.ds_config)
         return self

@@ -6,6 +6,11 @@ Two ways in, one worker function:
   and a restarted worker resumes from the latest one (``FailureConfig``).
 * `run_torch_distributed(cfg)`: a process of the `deepspeed` / `torchrun` launchers
   (RANK / WORLD_SIZE / MASTER_ADDR in the environment); checkpoints in <run>/checkpoints.
+
+A local Ray cluster is the size of the machine (`machine_cpus`: the CPUs this process may use, a container's
+CPU quota included); a job that needs more CPUs (or GPUs) than it has is refused before Ray starts
+(`local_ray_cpus`), since Ray would wait forever for the workers that do not fit. Ray's logs are copied into
+the run folder private to the user (`copy_private`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
+import signal
+import sys
 import threading
 
 import fsspec
@@ -24,6 +32,7 @@ import torch.distributed as dist
 from cllm4rec_dist.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.recommenders import recommender
 from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
 from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
@@ -113,6 +122,8 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
     libraries' own logging; Ray's logs of a local cluster are copied to <run>/logs/ray at the end."""
 
     timer = timer or PhaseTimer()
+    local_cpus = None if _joins_cluster(cfg) else local_ray_cpus(cfg.dist.num_workers, cfg.dist.cpus_per_worker,
+                                                                  cfg.dist.use_gpu)
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
@@ -126,7 +137,75 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
     name = os.path.basename(cfg.out.rstrip("/"))
     with RunLock(cfg.out):
         _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
-        return _fit_ray(cfg, storage, name, timer)
+        return _fit_ray(cfg, storage, name, timer, local_cpus)
+
+
+def _joins_cluster(cfg: TrainConfig) -> bool:
+    """Whether launch_ray uses a Ray that is already there (initialised here, or an address) or starts one."""
+    if cfg.dist.ray_address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # not imported: not initialised either
+    return ray is not None and ray.is_initialized()
+
+
+def _cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (cgroup v2 cpu.max, v1 cfs quota/period), or None."""
+    try:
+        with open(os.path.join(root, "cpu.max"), encoding="utf-8") as f:
+            quota, period = (f.read().split() + ["100000"])[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="utf-8") as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="utf-8") as f:
+            period = int(f.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def machine_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: its affinity mask (os.cpu_count() where there is none), capped by its
+    cgroup's CPU quota rounded up (a container started with --cpus 1.5 runs 2 workers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return max(1, cpus)
+
+
+def local_ray_cpus(num_workers: int, cpus_per_worker: int, use_gpu: bool = False, cpus: int | None = None,
+                   gpus: int | None = None) -> int:
+    """The CPUs of the local Ray cluster (this machine's: ``cpus``, default `machine_cpus`) for a job of
+    ``num_workers`` x ``cpus_per_worker``; a job that needs more CPUs, or more GPUs than ``gpus`` (default: the
+    visible CUDA devices) with ``use_gpu``, is refused (ConfigError, exit status 2) before Ray starts. Ray would
+    start the workers that fit (each loading the backbone) and wait forever for the others; a cluster sized to
+    the request instead runs every worker on too few cores, each as slow as the machine divided by the count."""
+    cpus = machine_cpus() if cpus is None else cpus
+    need = num_workers * cpus_per_worker
+    elsewhere = "join a Ray cluster that has them: --dist.ray_address HOST:PORT (or submit with `ray job submit`)."
+    if need > cpus:
+        most = cpus // cpus_per_worker
+        here = (f"At most {most} run here (--dist.num_workers {most})" if most else
+                f"One worker needs more than the machine has: --dist.cpus_per_worker {cpus} or fewer runs here")
+        raise ConfigError(
+            f"dist.num_workers {num_workers} x dist.cpus_per_worker {cpus_per_worker} = {need} CPUs, but this machine "
+            f"has {cpus}: a local Ray cluster would start {most} worker(s) and wait forever for the other "
+            f"{num_workers - most}. {here}; for more, {elsewhere}")
+    if use_gpu:
+        gpus = torch.cuda.device_count() if gpus is None else gpus
+        if num_workers > gpus:
+            raise ConfigError(
+                f"dist.num_workers {num_workers} with dist.use_gpu true needs {num_workers} GPUs, but this machine "
+                f"has {gpus}: a local Ray cluster would start {gpus} worker(s) and wait forever for the other "
+                f"{num_workers - gpus}. At most {gpus} run here (--dist.num_workers {gpus}"
+                f"{'' if gpus else ', or --dist.use_gpu false'}); for more, {elsewhere}")
+    return cpus
 
 
 def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: str | None) -> None:
@@ -140,43 +219,55 @@ def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: s
         check_resume_dataset(cfg.out, cfg.data, content_hash, cfg.allow_config_change)
 
 
-def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> dict:
+def _user_error_in(err: BaseException) -> UserError | None:
+    """The project's UserError a failed Ray Train run carries from a worker (through Ray's wrappers), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UserError):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local_cpus: int | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started_here = False
     with timer.phase("ray_start"):
-        if not ray.is_initialized():
-            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # as start_local_ray's console
-            address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
-            if address:
-                # `ray job submit` sets RAY_ADDRESS; the job's runtime env (working dir first on PYTHONPATH)
-                # reaches the workers.
-                print(f"[launch] joining the Ray cluster at {address} (cllm4rec_dist from "
-                      f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
-                ray.init(address=address, **quiet)
-            else:
-                env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
-                # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
-                # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
-                env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                               os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
-                start_local_ray(max(cfg.dist.num_workers * cfg.dist.cpus_per_worker, os.cpu_count() or 1), env)
-                started_here = True
-    trainer = TorchTrainer(
-        ray_worker_loop,
-        train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
-                                     resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
-    timer.mark("fit_started")
+        started_here = _start_ray(cfg, local_cpus)
+    controllers = []
     try:
+        trainer = TorchTrainer(
+            ray_worker_loop,
+            train_loop_config=dataclasses.asdict(cfg),
+            scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                         resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        )
+        # Ray Train's fit() replaces the SIGINT handler with its own, which aborts the run, then exits the driver
+        # with status 0 or 1 and no word. The caller's is kept (a KeyboardInterrupt; in the launchers, one line and
+        # status 130), and the run's controller is aborted on the way out.
+        if hasattr(trainer, "_register_sigint_handler"):
+            trainer._register_sigint_handler = controllers.append
+        timer.mark("fit_started")
         with ConsoleRelay(os.path.join(cfg.out, CONSOLE_FILE)), timer.phase("fit"):
             result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        user_error = _user_error_in(err)
+        if user_error is not None:  # a worker's one-line error (a diverged loss, a full disk): the driver's too
+            raise user_error from None
+        raise
+    except KeyboardInterrupt:
+        for controller in controllers:  # stop the workers now (on a joined cluster too), best effort
+            try:
+                ray.get(controller.abort.remote(), timeout=30)
+            except Exception:  # abort ends the controller actor: the call reports it dead
+                pass
+        raise
     finally:
         timer.mark("fit_finished")
         if started_here:
@@ -185,6 +276,45 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer) -> di
                 ray.shutdown()
     with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
         return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
+    """Join the cluster cfg names, or start a local one (True) where none is initialised yet.
+
+    ray.init makes SIGTERM a sys.exit in the driver, which then aborts with a C++ stack dump: the caller's
+    handler (the launchers': launch.py `interruptible`) is put back after it, and a SIGTERM during it goes to
+    that handler too."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # as start_local_ray's console
+        address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            # `ray job submit` sets RAY_ADDRESS; the job's runtime env (working dir first on PYTHONPATH)
+            # reaches the workers.
+            print(f"[launch] joining the Ray cluster at {address} (cllm4rec_dist from "
+                  f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
+            ray.init(address=address, **quiet)
+            return False
+        env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+        # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
+        # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
+        env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                       os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
+        start_local_ray(local_cpus or local_ray_cpus(cfg.dist.num_workers, cfg.dist.cpus_per_worker,
+                                                     cfg.dist.use_gpu), env)
+        return True
+    except SystemExit as exit_:  # Ray's SIGTERM handler ran before ours was back
+        if exit_.code == signal.SIGTERM and callable(on_sigterm):
+            on_sigterm(signal.SIGTERM, None)
+        raise
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
@@ -249,8 +379,31 @@ def copy_ray_logs(destination: str) -> None:
     node = getattr(ray._private.worker, "_global_node", None)  # no public API names the session's log dir
     source = node.get_logs_dir_path() if node is not None else None
     if source and os.path.isdir(source):
-        shutil.copytree(source, destination, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.sock", "*.lock", "old"))
+        copy_private(source, destination, shutil.ignore_patterns("*.sock", "*.lock", "old"))
+
+
+def copy_private(source: str, destination: str, ignore=None) -> None:
+    """Copy the regular files of a folder tree into ``destination`` private to the user: folders 0o700, files
+    0o600, whatever the source's modes (Ray's session folder is world-writable) or the umask. Sockets, pipes and
+    files that vanish while being copied (a log rotated meanwhile) are left out; symbolic links are followed."""
+    for root, dirs, files in os.walk(source):
+        skipped = ignore(root, dirs + files) if ignore else set()
+        dirs[:] = [d for d in dirs if d not in skipped]
+        target = os.path.normpath(os.path.join(destination, os.path.relpath(root, source)))
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)
+        for name in files:
+            path, copy = os.path.join(root, name), os.path.join(target, name)
+            if name in skipped or not os.path.isfile(path):
+                continue
+            try:
+                with open(path, "rb") as src:
+                    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.fchmod(fd, 0o600)  # the file may be there already, with other modes
+                    with os.fdopen(fd, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            except FileNotFoundError:
+                continue
 
 
 def _paths_from_rank0(cfg: TrainConfig) -> tuple[str, str]:

@@ -2,6 +2,13 @@
 
 `launchers/pretrain_llama.py` (Ray) and `launchers/finetune.py` (DeepSpeed launcher or Ray)
 are thin wrappers around this module.
+
+Interruption (`interruptible`, used by the launchers and `cllm4rec train`): Ctrl-C (SIGINT) and SIGTERM stop a run
+the same way. The training unwinds as from a KeyboardInterrupt (Ray's workers are aborted and its local cluster
+stopped, the run folder's lock released), and the command ends with one line on stderr naming the run folder and
+the command that resumes it, with exit status 130 for SIGINT and 143 for SIGTERM (128 + the signal's number, as a
+shell reports a process the signal killed): no traceback. A second signal during that cleanup ends the process
+at once, with the same line and status.
 """
 
 from __future__ import annotations
@@ -9,10 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
+import sys
+import threading
 
 from cllm4rec_dist.config import TrainConfig, add_config_arguments, config_from_args
 from cllm4rec_dist.quiet import quiet_libraries
 from cllm4rec_dist.resources import packaged, resolve_path
+from cllm4rec_dist.train.run_folder import locked_run_dirs
 from cllm4rec_dist.train.timing import PhaseTimer, read_timing, write_timing
 
 DEFAULT_CONFIG = packaged(os.path.join("configs", "demo.yaml"))
@@ -81,3 +93,103 @@ def wall_time_line(timing: dict) -> str:
     parts = [f"{k.replace('_', ' ')} {v:.0f}s" + (f" ({counts[k]}x)" if counts.get(k, 1) > 1 else "")
              for k, v in split.items() if k != "total" and abs(v) >= 0.5]
     return f"{split.get('total', 0):.0f}s = " + ", ".join(parts)
+
+
+INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""Exit status of a command stopped by a signal: 128 + its number, as a shell reports a process the signal killed;
+distinct from a failure (1) and a user error (2)."""
+
+
+def resume_command(command: list[str], run_dir: str) -> list[str]:
+    """``command`` (the words as typed) made to continue the run in ``run_dir``: its --out (added when the run
+    folder was the default runs/<time>), and no `--resume false`."""
+    words, has_out, i = [], False, 0
+    resume_off = False
+    while i < len(command):
+        word = command[i]
+        if word == "--resume" and i + 1 < len(command):
+            resume_off = command[i + 1].strip().lower() in ("false", "0", "no", "off")
+            i += 2
+            continue
+        if word.startswith("--resume="):
+            resume_off = word.split("=", 1)[1].strip().lower() in ("false", "0", "no", "off")
+            i += 1
+            continue
+        has_out = has_out or word == "--out" or word.startswith("--out=")
+        words.append(word)
+        i += 1
+    return words + ([] if has_out else ["--out", run_dir]) + (["--resume", "true"] if resume_off else [])
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint in a run folder (<run>/checkpoints, or Ray's <run>/ray/<name>), or None."""
+    try:
+        from cllm4rec_dist.train.checkpoint import LocalSink
+
+        local = LocalSink(run_dir).latest()
+        if local:
+            return local
+        ray_dir = os.path.join(run_dir, "ray")
+        found = sorted(os.path.join(ray_dir, name, c) for name in os.listdir(ray_dir)
+                       if os.path.isdir(os.path.join(ray_dir, name))
+                       for c in os.listdir(os.path.join(ray_dir, name)) if c.startswith("checkpoint_"))
+        return found[-1] if found else None
+    except (OSError, ImportError):
+        return None
+
+
+def interrupted_line(signum: int, command: list[str], run_dir: str | None, look: bool = True) -> str:
+    """The one line an interrupted command ends with: which signal, the run folder, how to resume it."""
+    name = signal.Signals(signum).name
+    if run_dir is None:
+        return f"interrupted ({name}) before the run took its run folder: nothing to resume."
+    checkpoint = newest_checkpoint(run_dir) if look else None
+    start = (f"from {os.path.relpath(checkpoint, run_dir)}" if checkpoint
+             else "from its newest checkpoint (none in the run folder yet)" if look else "from its newest checkpoint")
+    return (f"interrupted ({name}): the run in {run_dir} stopped; resume it {start} with: "
+            f"{shlex.join(resume_command(command, run_dir))}")
+
+
+class _Interruption:
+    """The signals `interruptible` received, and the one line it prints for them."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+        self.first_lock = len(locked_run_dirs())
+        self.signals: list[int] = []
+        self.reported = False
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            raise KeyboardInterrupt  # Ray's ray.get re-raises this one (any other exception becomes its own)
+        # A second one while the first one's cleanup runs: leave now (a stale lock is taken over by the next run).
+        os._exit(self.report(look=False))
+
+    def run_dir(self) -> str | None:
+        mine = locked_run_dirs()[self.first_lock:]
+        return mine[-1] if mine else None
+
+    def report(self, look: bool = True) -> int:
+        signum = self.signals[0] if self.signals else signal.SIGINT
+        if not self.reported:
+            self.reported = True
+            sys.stdout.flush()
+            print(interrupted_line(signum, self.command, self.run_dir(), look), file=sys.stderr, flush=True)
+        return INTERRUPT_EXIT[signum]
+
+
+def interruptible(fn, *args, command: list[str]) -> int:
+    """``fn(*args)``, a command's whole run, ended by Ctrl-C or SIGTERM as the module doc says; ``command``: the
+    words that started it (for the resume line)."""
+    state = _Interruption(command)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, state.on_signal) for signum in INTERRUPT_EXIT}
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        return state.report()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

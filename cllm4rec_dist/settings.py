@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
 import yaml
 
 from cllm4rec_dist.errors import UserError
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (1 MiB): a config is a few dozen settings; a larger file is a mistake (a data file
+passed as --config), refused before it is parsed."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of mappings and lists a config file may have (a config is two or three levels deep); checked
+on the parser's events, before the file is built into objects (which recurses once per level)."""
+INT_RANGE = (-(2**63), 2**63 - 1)
+"""Every whole-number setting fits a signed 64-bit integer (what torch, numpy and the RNGs take); the sections
+check their own tighter ranges (a seed: 0 <= seed < 2**32)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -109,19 +120,35 @@ def _set(cfg, dotted: str, value, source: str):
         for k, v in value.items():
             _set(cfg, f"{dotted}.{k}", v, source)
         return
+    given = value
     if isinstance(value, str) and tp is not str:
         try:
             value = _convert(value, tp, optional)
         except ValueError:
-            raise ConfigError(f"{source}: {dotted}={value!r}: expected {_kind(tp, optional)}.") from None
+            raise ConfigError(f"{source}: {dotted}={_shown(value)}: expected {_kind(tp, optional)}.") from None
     elif value is None:
         if not optional:
             raise ConfigError(f"{source}: {dotted} is empty; expected {_kind(tp, optional)}.")
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond any float
+            value = math.inf
     elif not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
-        raise ConfigError(f"{source}: {dotted}={value!r}: expected {_kind(tp, optional)}, got {type(value).__name__}.")
+        raise ConfigError(f"{source}: {dotted}={_shown(value)}: expected {_kind(tp, optional)}, "
+                          f"got {type(value).__name__}.")
+    if tp is float and value is not None and not math.isfinite(value):
+        raise ConfigError(f"{source}: {dotted}={_shown(given)}: expected a finite number (not infinite or NaN).")
+    if tp is int and value is not None and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ConfigError(f"{source}: {dotted}={_shown(value)}: out of range; a whole-number setting is between "
+                          "-2**63 and 2**63-1 (and its own range, see --help).")
     setattr(obj, leaf, value)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``value``'s repr, shortened for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _kind(tp, optional: bool) -> str:
@@ -130,21 +157,52 @@ def _kind(tp, optional: bool) -> str:
 
 
 def read_yaml_settings(path: str) -> dict:
-    """The mapping of settings in a YAML file; a syntax error or a non-mapping names the file (and line)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            loaded = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else path
-            problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(f"{where}: not valid YAML ({' '.join(str(problem).split())}); fix the file.") from None
+    """The mapping of settings in a YAML file. Every problem is a ``ConfigError`` naming the file: larger than
+    ``MAX_CONFIG_BYTES``, not UTF-8 (the byte offset and line), nested deeper than ``MAX_CONFIG_DEPTH``, a syntax
+    error (the line), or not a mapping."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, the most a config file may hold (a "
+                          "config is a few dozen settings); pass the YAML file of settings.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}, line {line}: 0x{raw[err.start]:02x}, "
+                          f"{err.reason}); save the file as UTF-8.") from None
+    try:
+        _check_depth(path, text)
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(problem).split())}); fix the file.") from None
+    except RecursionError:  # not reached below MAX_CONFIG_DEPTH; kept as the last guard
+        raise ConfigError(f"{path}: nested deeper than the YAML reader can build; a config is a mapping of "
+                          "sections two or three levels deep.") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: holds a YAML {type(loaded).__name__}, but a config is a mapping of settings "
                           "(e.g. 'batch:' then '  batch_size: 16').")
     return loaded
+
+
+def _check_depth(path: str, text: str) -> None:
+    """Refuse ``text`` nested deeper than ``MAX_CONFIG_DEPTH`` from the parser's events (built iteratively:
+    nothing recurses per level), stopping at the first level too deep."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+                raise ConfigError(f"{path}:{line}: nested deeper than {MAX_CONFIG_DEPTH} levels of mappings and "
+                                  "lists; a config is a mapping of sections two or three levels deep.")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def config_from_args(args: argparse.Namespace, cls):

@@ -30,12 +30,28 @@ Outputs in ``--out DIR``: ``best.yaml`` (CLLM4Rec variants: a complete training 
 --config` and `python launchers/pretrain_llama.py --config` take as is; baselines: ``baseline`` + ``settings``,
 which `cllm4rec report --model-config NAME=best.yaml` takes), ``tune.json`` (spec, budget, every trial: its
 values, validation curve, epochs run, whether ASHA stopped it, seconds), ``curves.png`` (validation Recall@20
-per epoch of every trial) and Ray's own experiment folder ``ray/``.
+per epoch of every trial), ``trials/<trial id>`` (each trial's run folder: its checkpoints, its best weights for
+`cllm4rec evaluate`) and Ray's own experiment folders ``ray/search`` (and ``ray/search-2``, ... for the runs that
+resumed it).
 
-An interrupted search (killed, or Ctrl-C / SIGUSR1) is resumed by the same command: ``search.json`` (what it
-started with: another spec, dataset content or training trajectory is refused), ``ray/search`` (Tune's
-experiment state: trials and searcher) and ``asha.json`` (the scheduler's rungs, `tune_scheduler.py`); an
-unfinished trial resumes from its own checkpoint.
+An interrupted search (killed, or Ctrl-C / SIGUSR1) is resumed by the same command, from files of our own:
+``search.json`` (what it started with: another spec, dataset content or training trajectory is refused),
+``trials.json`` (the trials planned when the search started, their ids and sampled values, each one's results so
+far, whether it finished and its error), ``asha.json`` (the scheduler's rungs and stop decisions) and
+``clock.json`` (`tune_scheduler.py`). The finished trials are kept; the others run again, each resuming from its
+own checkpoint folder.
+
+Trust (issue 32): nothing in the output folder is unpickled or otherwise executed, however it was changed between
+the runs. Of the two ways to that, rebuilding the search from files of our own or verifying Ray's pickles before a
+restore, this is the first: no key to keep, nothing of Ray's to trust. Ray Tune's own experiment state is made of
+pickles (``tuner.pkl``, the searcher's state, the trials' states inside ``experiment_state-*.json``, ``params.pkl``,
+``error.pkl``) and ``Tuner.restore`` would unpickle them, so a search is never restored: each run of it is a new
+Tune experiment in a folder that the run creates (it may not exist before), rebuilt from the JSON files above
+(``PlannedTrials`` gives Tune the planned trials, ids and values as they were; ``TrialRecorder`` records their
+results), and no earlier experiment folder is read. Within a run, Tune's error pickles are not read back either
+(``TrialRecorder`` keeps the error text); the one pickle Tune may read is the experiment state of a run interrupted
+before its first trial started, which that same run has just written into its own new folder. The trials'
+checkpoints are read by the training path's loaders, which refuse pickled code (`train/checkpoint.py`, issue 13).
 """
 
 from __future__ import annotations
@@ -79,6 +95,8 @@ SEARCH_NAME = "search"       # Ray Tune's experiment: OUT/ray/search
 SEARCH_FILE = "search.json"  # the spec and base config the search in OUT started with (a re-run resumes it)
 ASHA_FILE = "asha.json"      # ASHA's rungs and stop decisions (tune_scheduler.py)
 CLOCK_FILE = "clock.json"    # the search's wall time over its runs (tune_scheduler.py SearchClock)
+TRIALS_FILE = "trials.json"  # the planned trials and their results (tune_scheduler.py TrialRecorder)
+TRIALS_VERSION = 1
 PAUSE_ENV = "CLLM4REC_TUNE_PAUSE_AT_EPOCH"  # test hook: _pause_hook
 REPORTED = ("recall@20", "recall@40", "ndcg@100")
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
@@ -350,17 +368,19 @@ def start_local_ray(num_cpus: int) -> None:
     distributed.start_local_ray(num_cpus, threads)
 
 
-def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False):
-    """Ray Tune over ``spec.space`` with ASHA on validation Recall@20; returns Tune's ResultGrid.
+def run_search(spec: TuneSpec, base: TrainConfig, out: str, record: dict) -> None:
+    """Ray Tune over the planned trials of ``record`` (OUT/trials.json) with ASHA on validation Recall@20; the
+    results go to that file.
 
-    ``resume``: continue the interrupted search whose experiment state is in OUT/ray/search: finished trials
-    keep their results, unfinished ones restart and resume from their own checkpoints, the searcher's next
-    values and ASHA's rungs (OUT/asha.json) are those of the interrupted search."""
+    A new Tune experiment in every run of the search (OUT/ray/search, then search-2, ...: never an existing
+    folder, never restored): the trials that finished in an earlier run are skipped, the others run (again) and
+    resume from their own checkpoints; ASHA's rungs (OUT/asha.json) are those of the interrupted search."""
+    if all(t["finished"] for t in record["trials"]):
+        return  # killed after its last trial finished, before tune.json: nothing left to run
     import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cllm4rec_dist.tune_scheduler import ResumableASHA, SearchClock
+    from cllm4rec_dist.tune_scheduler import PlannedTrials, ResumableASHA, SearchClock, TrialRecorder
 
     b = spec.budget
     if spec.model in VARIANTS:
@@ -375,20 +395,19 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False
     if started_here:
         start_local_ray(b.concurrent)
     try:
-        if resume:
-            tuner = tune.Tuner.restore(search_state_dir(out), trainable, resume_unfinished=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=ray_space(spec.space),
-                tune_config=tune.TuneConfig(
-                    metric=OBJECTIVE, mode="max", num_samples=b.trials,
-                    scheduler=ResumableASHA(os.path.join(out, ASHA_FILE), time_attr="epoch", max_t=b.max_epochs,
-                                            grace_period=b.grace_epochs, reduction_factor=b.reduction_factor),
-                    search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=b.concurrent)),
-                run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=os.path.join(out, "ray"), verbose=0,
-                                          callbacks=[SearchClock(os.path.join(out, CLOCK_FILE))]))
-        return tuner.fit()
+        recorder = TrialRecorder(os.path.join(out, TRIALS_FILE), record, time_attr="epoch",
+                                 metrics=tuple(f"valid_{m}" for m in REPORTED))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=ray_space(spec.space),
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=b.trials,
+                scheduler=ResumableASHA(os.path.join(out, ASHA_FILE), time_attr="epoch", max_t=b.max_epochs,
+                                        grace_period=b.grace_epochs, reduction_factor=b.reduction_factor),
+                search_alg=PlannedTrials(record, max_concurrent=b.concurrent)),
+            run_config=tune.RunConfig(name=new_experiment_folder(out), storage_path=os.path.join(out, "ray"),
+                                      verbose=0, callbacks=[SearchClock(os.path.join(out, CLOCK_FILE)), recorder]))
+        tuner.fit()  # its ResultGrid is not used: the results are in OUT/trials.json
     finally:
         if started_here:
             ray.shutdown()
@@ -396,6 +415,105 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, resume: bool = False
 
 def search_state_dir(out: str) -> str:
     return os.path.join(out, "ray", SEARCH_NAME)
+
+
+def new_experiment_folder(out: str) -> str:
+    """The name of a new folder in OUT/ray for this run's Tune experiment, created here: ``search`` for the first
+    run, then ``search-2``, ... (an existing folder, and whatever it holds, is never used)."""
+    root = os.path.join(out, "ray")
+    os.makedirs(root, exist_ok=True)
+    k = 1
+    while True:
+        name = SEARCH_NAME if k == 1 else f"{SEARCH_NAME}-{k}"
+        try:
+            os.mkdir(os.path.join(root, name))
+            return name
+        except FileExistsError:
+            k += 1
+
+
+# ---- the trial record (OUT/trials.json): what a resumed search is rebuilt from ------------------------------
+
+
+def plan_trials(spec: TuneSpec) -> list[dict]:
+    """The values of the ``spec.budget.trials`` trials, sampled with ``spec.seed`` by Tune's own variant generation
+    (the values Tune's BasicVariantGenerator(random_state=seed) gives the trials, in their order)."""
+    from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = _BackwardsCompatibleNumpyRng(spec.seed)
+    planned = []
+    for _ in range(spec.budget.trials):
+        _, resolved = next(generate_variants({"config": ray_space(spec.space)}, random_state=rng))
+        planned.append({key: _number(resolved["config"][key]) for key in spec.space})
+    return planned
+
+
+def new_trial_record(spec: TuneSpec, out: str) -> dict:
+    """Plan a new search's trials and write OUT/trials.json: ids ``PREFIX_00000``, ... (Tune's form; PREFIX is new,
+    unlike any trial folder in OUT/trials), values, no results yet."""
+    import uuid
+
+    trials_dir = os.path.join(out, "trials")
+    taken = {name.split("_")[0] for name in os.listdir(trials_dir)} if os.path.isdir(trials_dir) else set()
+    prefix = next(p for p in iter(lambda: uuid.uuid4().hex[:5], None) if p not in taken)
+    record = {"version": TRIALS_VERSION, "prefix": prefix, "trials": [
+        {"trial_id": f"{prefix}_{i:05d}", "params": params, "results": [], "finished": False, "error": None,
+         "seconds": None} for i, params in enumerate(plan_trials(spec))]}
+    write_json_atomic(os.path.join(out, TRIALS_FILE), record)
+    return record
+
+
+def load_trial_record(spec: TuneSpec, out: str) -> dict:
+    """OUT/trials.json, checked against the spec (its trials, their ids, values from the space, results); an error
+    names the file and what is wrong with it."""
+    path = os.path.join(out, TRIALS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        problem = _record_problem(spec, record)
+    except (OSError, ValueError) as err:
+        problem = " ".join(str(err).split())
+    if problem:
+        raise ConfigError(f"{path}: not the trial record of this search ({problem}). Restore the file the search "
+                          "wrote, or start the search again in another --out.")
+    return record
+
+
+def _record_problem(spec: TuneSpec, record) -> str | None:
+    import re
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(record, dict) or record.get("version") != TRIALS_VERSION:
+        return f"expected an object with version {TRIALS_VERSION}"
+    prefix, trials = record.get("prefix"), record.get("trials")
+    if not (isinstance(prefix, str) and re.fullmatch(r"[0-9a-f]{5}", prefix)):
+        return f"prefix {prefix!r}: expected 5 hexadecimal digits"
+    if not (isinstance(trials, list) and len(trials) == spec.budget.trials):
+        return f"trials: expected a list of budget.trials = {spec.budget.trials} trials"
+    for i, t in enumerate(trials):
+        where = f"trials[{i}]"
+        if not isinstance(t, dict) or t.get("trial_id") != f"{prefix}_{i:05d}":
+            return f"{where}.trial_id: expected {prefix}_{i:05d}"
+        params = t.get("params")
+        if not isinstance(params, dict) or set(params) != set(spec.space):
+            return f"{where}.params: expected the settings {', '.join(spec.space)}"
+        for key, value in params.items():
+            (kind, args), = spec.space[key].items()
+            if not (value in args if kind == "choice" else number(value) and args[0] <= value <= args[1]
+                    and (kind != "randint" or isinstance(value, int))):
+                return f"{where}.params.{key}: {value!r} is not a value of {kind} {args}"
+        if not isinstance(t.get("finished"), bool) or not (t.get("error") is None or isinstance(t["error"], str)) \
+                or not (t.get("seconds") is None or number(t["seconds"])):
+            return f"{where}: expected finished (true/false), error (text or null), seconds (a number or null)"
+        results = t.get("results")
+        if not isinstance(results, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("epoch"), int) and not isinstance(r["epoch"], bool)
+                and all(r.get(f"valid_{m}") is None or number(r[f"valid_{m}"]) for m in REPORTED) for r in results):
+            return f"{where}.results: expected a list of {{epoch: integer, valid_<metric>: number or null}}"
+    return None
 
 
 def _search_record(spec: TuneSpec, base: TrainConfig) -> dict:
@@ -406,9 +524,9 @@ def _search_record(spec: TuneSpec, base: TrainConfig) -> dict:
 
 
 def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
-    """Whether ``out`` holds an interrupted search of this spec and base config (True: resume it); a new search
-    records what it was started with in OUT/search.json. Errors before Ray starts: a finished search, or an
-    interrupted one with other settings."""
+    """Whether ``out`` holds an interrupted search of this spec and base config (True: resume it from its trial
+    record, OUT/trials.json); a new search records what it was started with in OUT/search.json. Errors before Ray
+    starts: a finished search, or an interrupted one with other settings."""
     record_path = os.path.join(out, SEARCH_FILE)
     if os.path.exists(os.path.join(out, "tune.json")):
         raise ConfigError(f"{out}: holds a finished search (tune.json, best.yaml). Use another --out for a new "
@@ -436,12 +554,13 @@ def begin_or_resume(spec: TuneSpec, base: TrainConfig, out: str) -> bool:
         raise ConfigError(f"{out}: an interrupted search started with other settings than {record_path} "
                           f"records ({'; '.join(changed)}). Resume it with the spec and flags it started with, "
                           "or use another --out for a new search.")
-    from ray import tune
-
-    if tune.Tuner.can_restore(search_state_dir(out)):
+    if os.path.exists(os.path.join(out, TRIALS_FILE)):
         return True
-    # Killed before Tune saved any state: the search starts again, with new trial ids, so the rungs that ASHA
-    # recorded for the old ones must not count (nor the clock of a run whose work is redone).
+    # Killed before its trials were planned: the search starts again, with new trial ids, so rungs that ASHA
+    # recorded for other ones must not count (nor the clock of a run whose work is redone).
+    if os.path.exists(search_state_dir(out)):
+        print(f"[tune] {out} has no {TRIALS_FILE} (a search started by an older cllm4rec, whose state is in Ray's "
+              "pickles, which are never read): starting the search again", flush=True)
     for name in (ASHA_FILE, CLOCK_FILE):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
@@ -465,33 +584,28 @@ def planned_epochs(spec: TuneSpec, params: dict) -> int:
     return int(params.get("schedule.finetune_epochs", spec.budget.max_epochs))
 
 
-def summarize_trials(spec: TuneSpec, grid) -> list[dict]:
-    """Per trial: its values, validation curve, epochs run, whether it finished and whether ASHA stopped it
-    early, seconds, error."""
+def summarize_trials(spec: TuneSpec, record: dict) -> list[dict]:
+    """Per trial of the trial record: its values, validation curve, epochs run, whether it finished and whether
+    ASHA stopped it early, seconds, error."""
     trials = []
-    for result in grid:
-        frame = result.metrics_dataframe
-        rows = [] if frame is None else frame.to_dict("records")
+    for t in record["trials"]:
         # A trial resumed after an interrupted search reports again the epochs since its last checkpoint (the
-        # same values: the replay is exact); its curve keeps one point per epoch.
-        by_epoch = {int(r["epoch"]): r for r in rows if _number(r.get("epoch")) is not None}
+        # same values: the replay is exact); the record and the curve keep one point per epoch.
+        by_epoch = {int(r["epoch"]): r for r in t["results"]}
         curve = [{"epoch": epoch, **{f"valid_{m}": _number(r.get(f"valid_{m}")) for m in REPORTED}}
                  for epoch, r in sorted(by_epoch.items())]
-        params = {k: _number(v) for k, v in result.config.items()}
+        params = dict(t["params"])
         planned = planned_epochs(spec, params)
         run = max((c["epoch"] for c in curve), default=0)
         best = max(curve, key=lambda c: c[OBJECTIVE] if c[OBJECTIVE] is not None else -math.inf, default=None)
-        last = result.metrics or {}
         trials.append({
-            "trial_id": last.get("trial_id"),
+            "trial_id": t["trial_id"],
             "params": params, "curve": curve, "epochs_run": run, "epochs_planned": planned,
-            # Tune marks the last result "done" when the trial returns or the scheduler stops it, not when a
-            # signal interrupts the search
-            "finished": result.error is not None or bool(last.get("done")),
-            "stopped_early": result.error is None and run < planned,
+            # returned, stopped by ASHA or failed; not interrupted by a signal or a kill (TrialRecorder)
+            "finished": t["finished"],
+            "stopped_early": t["error"] is None and run < planned,
             "best_epoch": best["epoch"] if best else None, OBJECTIVE: best[OBJECTIVE] if best else None,
-            "seconds": _number(rows[-1].get("time_total_s")) if rows else None,
-            "error": None if result.error is None else " ".join(str(result.error).split())[:500]})
+            "seconds": t["seconds"], "error": t["error"]})
     return trials
 
 
@@ -567,9 +681,12 @@ def tune_model(spec: TuneSpec, base: TrainConfig, out: str, command: str = "") -
 def _search_and_write(spec: TuneSpec, base: TrainConfig, out: str, command: str) -> dict:
     resume = begin_or_resume(spec, base, out)
     if resume:
+        record = load_trial_record(spec, out)  # checked before Ray starts
         print(f"[tune] resuming the interrupted search in {out}", flush=True)
-    grid = run_search(spec, base, out, resume=resume)
-    trials = summarize_trials(spec, grid)
+    else:
+        record = new_trial_record(spec, out)
+    run_search(spec, base, out, record)
+    trials = summarize_trials(spec, load_trial_record(spec, out))
     finished = sum(t["finished"] for t in trials)
     if finished < spec.budget.trials:  # Ctrl-C / SIGUSR1: Tune stopped the trials and saved its state
         raise SearchInterrupted(f"the search in {out} was interrupted with {finished} of {spec.budget.trials} "

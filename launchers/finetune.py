@@ -9,6 +9,9 @@ Warm-up and pretraining are skipped (their epochs are set to 0); validation runs
 every finetuning epoch and the best model is tested once. Without --init_from the tables start from their
 initialisation. Without --out the ranks share one run folder, runs/<time>, named by rank 0.
 
+With --ray, Ctrl-C or SIGTERM stops the run with one line naming its folder and the command that resumes it
+(exit status 130 / 143); under the DeepSpeed launcher, the launcher stops its ranks.
+
 With ``recommender: allmrec`` the same launchers run A-LLMRec's stages (the CLLM4Rec schedule does not
 apply): stages 0 and 1 replicated on every rank, stage 2 data-parallel with DeepSpeed ZeRO over F_U/F_I.
 """
@@ -17,7 +20,7 @@ import os
 import sys
 
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, parse
+from cllm4rec_dist.launch import finish, interruptible, parse
 
 
 def main(argv=None) -> int:
@@ -44,4 +47,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--ray" in sys.argv[1:]:  # the DeepSpeed launcher stops its ranks itself (SIGTERM, SIGKILL after 30 s)
+        sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))
     sys.exit(run_command(main))

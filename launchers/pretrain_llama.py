@@ -3,8 +3,10 @@
     python launchers/pretrain_llama.py                       # the embedded default: demo data, local Ray, CPU
     ray job submit -- python launchers/pretrain_llama.py --config configs/my_cluster.yaml
 
-With no running cluster a local Ray is started in-process. Every setting is a
-key of the --config YAML or a `--section.field VALUE` flag (see --help).
+With no running cluster a local Ray is started in-process, sized to this machine's CPUs (more workers than
+fit are refused: join a cluster with --dist.ray_address). Every setting is a key of the --config YAML or a
+`--section.field VALUE` flag (see --help). Ctrl-C or SIGTERM stops the run with one line naming its folder and
+the command that resumes it (exit status 130 / 143).
 """
 
 import sys
@@ -12,7 +14,7 @@ import sys
 from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.distributed import launch_ray
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, parse
+from cllm4rec_dist.launch import finish, interruptible, parse
 from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
 
@@ -27,4 +29,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))

@@ -126,9 +126,10 @@ def test_interrupted_write_leaves_no_readable_partial_shard(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         writer.write_corpus("collab", iter(_docs(10)), 10, lambda d: 1)
     names = os.listdir(url)
-    # One whole shard, one temp file, no manifest: the folder is not a dataset.
+    # One whole shard, the interrupted one under no name (atomic_write removes its temp file), no manifest: the
+    # folder is not a dataset.
     assert "collab-000000.tar" in names and "collab-000001.tar" not in names
-    assert any(".tmp-" in n for n in names)
+    assert not any(".tmp-" in n for n in names)
     with pytest.raises(ShardError, match="no manifest.json"):
         ShardedDataset(url)
 

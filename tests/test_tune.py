@@ -193,7 +193,8 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
                                                                            capsys, stop):
     """The search of `tuned`, interrupted after its first trial finished, while the second hangs between the
     checkpoint of its epoch 1 and its report: killed whole (CLI, Ray, trials, as a lost node), or stopped by
-    Ctrl-C (Tune saves its state and the command says how to resume). The same command then resumes it: the
+    Ctrl-C (Tune stops the trials and the command says how to resume). The same command then resumes it from
+    the search's own records (OUT/trials.json, asha.json, clock.json; Ray's pickled state is never read): the
     finished trial is kept; the second resumes from its checkpoint and reports epoch 1 again; ASHA, which kept
     the first trial's rungs, stops it there as before. Every trial's curve, epochs and stop equal those of the
     search that was never interrupted."""

@@ -14,6 +14,12 @@ Checkpoint (``save_cf_model`` / ``load_cf_model``): a standalone-model folder of
                                 "best_epoch", "valid", "test", "history", "dataset": {...}}
     OUT/files-rank0.json       sizes and sha256 of both
 
+Reading never trusts the JSON: before any tensor of the model is allocated, ``check_cf_info`` checks every field
+of ``cf_model.json`` (types, ranges, sane bounds on the sizes) and that the model it describes, built on the
+``meta`` device (no memory), has exactly the tensor shapes recorded in the safetensors header (read without its
+data; the header's offsets must cover the file's bytes exactly, so the sizes are backed by the file). A bad field
+is one line naming the file and the field.
+
 Training is a single process: the CF models are small (ML-100K: ~60k parameters at dim 50) and an
 epoch over 1k users takes about a second on one core.
 """
@@ -21,6 +27,10 @@ epoch over 1k users takes about a second on one core.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import math
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,16 +38,35 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from cllm4rec_dist.atomic import url_to_fs
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.eval.candidates import CandidateEvalSettings, evaluate_part, metric_names
 from cllm4rec_dist.model.cf import CF_MODELS, SequentialCF, build_cf_model, pad_histories
 from cllm4rec_dist.model.cf.gru4rec import GRU4RecSettings
 from cllm4rec_dist.model.cf.loss import draw_training_negatives, next_item_bce
 from cllm4rec_dist.model.cf.sasrec import SASRecSettings
-from cllm4rec_dist.train.checkpoint import MODEL_CONFIG, CheckpointError, check_tensors, read_model, write_model
+from cllm4rec_dist.train.checkpoint import (
+    INFO_SUFFIX,
+    MODEL_CONFIG,
+    WEIGHTS_SUFFIX,
+    CheckpointError,
+    check_tensors,
+    incomplete_reason,
+    read_model,
+    write_model,
+)
 
 CF_CHECKPOINT = "cf_model"  # the file stem of the stage-0 model in its folder
 PARTS = ("valid", "test")
+# Sane bounds on what a cf_model.json may describe (far above any CF model of the papers: d = 50, n <= 200, 2 blocks).
+MAX_NUM_ITEMS = (1 << 31) - 1
+SETTING_BOUNDS = {"dim": 1 << 14, "max_len": 1 << 16}
+"""Largest value of these integer settings; every other integer setting (blocks, heads, layers) at most
+``MAX_SMALL_SETTING``."""
+MAX_SMALL_SETTING = 256
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on its JSON header
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+                "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -231,8 +260,147 @@ def save_cf_model(model: SequentialCF, out: str, info: dict | None = None) -> No
     write_model(out, CF_CHECKPOINT, model.state_dict(), {MODEL_CONFIG: model.config(), **(info or {})})
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def safetensors_shapes(fs, path: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a safetensors file's JSON header, without reading (or allocating) its tensors.
+
+    The header must be well formed and its data offsets must tile the rest of the file exactly, each tensor's byte
+    range matching its dtype and shape: the shapes are then backed by bytes that exist."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; not a safetensors file written by this project. Save the model "
+                               "again.")
+
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"a header length of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise bad(f"its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    shapes, ranges = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (entry.get("dtype") if isinstance(entry, dict) else None) not in _DTYPE_BYTES \
+                or not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+            raise bad(f"tensor {name!r} has no valid dtype / shape / data_offsets")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {entry['dtype']}")
+        shapes[name] = tuple(shape)
+        ranges.append(tuple(offsets))
+    position = 0
+    for start, end in sorted(ranges):
+        if start != position:
+            raise bad("its tensors' byte ranges overlap or leave gaps")
+        position = end
+    if position != size - 8 - length:
+        raise bad(f"its tensors take {position} bytes, the file holds {size - 8 - length} after the header")
+    return shapes
+
+
+def _check_settings(bad, model: str, settings) -> None:
+    """Every field of ``config.settings``: known to the model's Settings, of its type, within sane bounds."""
+    if not isinstance(settings, dict):
+        raise bad("config.settings", f"is {settings!r}, not an object")
+    fields = {f.name: f for f in dataclasses.fields(CF_MODELS[model].Settings)}
+    for key, value in settings.items():
+        where = f"config.settings.{key}"
+        if key not in fields:
+            raise bad(where, f"is not a setting of {model} (its settings: {', '.join(fields)})")
+        default = fields[key].default
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            bound = SETTING_BOUNDS.get(key, MAX_SMALL_SETTING)
+            ok, kind = _whole(value) and 1 <= value <= bound, f"a whole number in [1, {bound}]"
+        elif isinstance(default, float):
+            ok, kind = _number(value), "a finite number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            ok, kind = True, ""
+        if not ok:
+            raise bad(where, f"is {value!r}, not {kind}")
+    try:
+        CF_MODELS[model].Settings(**settings).validate()
+    except ValueError as err:
+        raise bad("config.settings", str(err)) from None
+
+
+def check_cf_info(info_path: str, info: dict, shapes: dict[str, tuple[int, ...]], weights_path: str) -> dict:
+    """The ``MODEL_CONFIG`` of a ``cf_model.json`` (``info``) after checking every field, and that the model it
+    describes has exactly the tensor ``shapes`` of ``weights_path`` (from its header); nothing is allocated."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{info_path}: {key} {what}; the file was edited or is damaged. Save the model again "
+                               "(`cllm4rec baselines --model sasrec --data DATA --model-out DIR`).")
+
+    config = info.get(MODEL_CONFIG)
+    if not isinstance(config, dict):
+        raise bad(MODEL_CONFIG, f"is {config!r}, not an object with model, num_items and settings")
+    extra = sorted(set(config) - {"model", "num_items", "settings"})
+    if extra:
+        raise bad(f"{MODEL_CONFIG}.{extra[0]}", "is not a field of a CF model's config (model, num_items, settings)")
+    model = config.get("model")
+    if not isinstance(model, str) or model not in CF_MODELS:
+        raise bad(f"{MODEL_CONFIG}.model", f"is {model!r}, not one of {', '.join(sorted(CF_MODELS))}")
+    num_items = config.get("num_items")
+    if not (_whole(num_items) and 1 <= num_items <= MAX_NUM_ITEMS):
+        raise bad(f"{MODEL_CONFIG}.num_items", f"is {num_items!r}, not a whole number in [1, {MAX_NUM_ITEMS}]")
+    _check_settings(bad, model, config.get("settings", {}))
+    checks = {"best_epoch": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0 or null"),
+              "seconds": (lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 or null"),
+              "valid": (lambda v: v is None or isinstance(v, dict), "an object of metrics or null"),
+              "test": (lambda v: v is None or isinstance(v, dict), "an object of metrics or null"),
+              "history": (lambda v: isinstance(v, list), "a list"),
+              "stage": (lambda v: isinstance(v, dict), "an object (the stage-0 settings)"),
+              "dataset": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), (str, type(None)))
+                                                                for k in ("name", "content_hash")),
+                          "an object with the name and content_hash (strings) of the dataset")}
+    for key, (ok, kind) in checks.items():
+        if key in info and not ok(info[key]):
+            raise bad(key, f"is {info[key]!r}, not {kind}")
+    with torch.device("meta"):  # the shapes the config implies, at no memory cost
+        expected = {k: tuple(v.shape) for k, v in build_cf_model(config).state_dict().items()}
+    check_tensors(f"{weights_path} (shapes) with the config of {info_path}",
+                  {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, expected)
+    return config
+
+
+def _check_before_loading(path: str) -> None:
+    """``check_cf_info`` on a complete folder, before its tensors are read; anything else is left to
+    ``read_model``, which names what is missing or incomplete."""
+    fs, root = url_to_fs(path)
+    weights = posixpath.join(root, CF_CHECKPOINT + WEIGHTS_SUFFIX)
+    info_path = posixpath.join(root, CF_CHECKPOINT + INFO_SUFFIX)
+    if not (fs.exists(weights) and fs.exists(info_path)) or incomplete_reason(root, fs=fs) is not None:
+        return
+    try:
+        info = json.loads(fs.cat_file(info_path))
+    except (ValueError, UnicodeDecodeError):
+        return
+    if isinstance(info, dict) and MODEL_CONFIG in info:
+        check_cf_info(info_path, info, safetensors_shapes(fs, weights), weights)
+
+
 def load_cf_model(path: str) -> tuple[SequentialCF, dict]:
-    """(model in eval mode, the JSON info) from a complete folder written by ``save_cf_model``; no code runs."""
+    """(model in eval mode, the JSON info) from a complete folder written by ``save_cf_model``; no code runs, and
+    every field of the JSON is checked against the weights' header before the model is built (``check_cf_info``)."""
+    _check_before_loading(path)
     try:
         tensors, info = read_model(path, CF_CHECKPOINT)
     except CheckpointError as err:
@@ -252,5 +420,5 @@ def history_tensor(histories: list[list[int]], model: SequentialCF) -> torch.Ten
     return pad_histories(histories, model.settings.max_len)
 
 
-__all__ = ["CFStage", "CFStageSettings", "evaluate_candidates", "history_tensor", "load_cf_model",
-           "save_cf_model", "training_examples"]
+__all__ = ["CFStage", "CFStageSettings", "check_cf_info", "evaluate_candidates", "history_tensor", "load_cf_model",
+           "safetensors_shapes", "save_cf_model", "training_examples"]

@@ -184,11 +184,54 @@ class ShardedDataset:
             if entry.get("num_docs") != sum(s["num_docs"] for s in shards):
                 raise bad(f"corpus {name!r}: num_docs={entry.get('num_docs')!r} but its shards' num_docs add up to "
                           f"{sum(s['num_docs'] for s in shards)}")
+        for name, entry in m["files"].items():
+            ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("bytes"), int)
+                  and entry["bytes"] >= 0 and isinstance(entry.get("sha256"), str))
+            if not ok:
+                raise bad(f"file entry {name!r} ({entry!r}) lacks path / bytes / sha256")
+        self._check_fields(bad)
         if "id_maps.json" in m["files"]:
             id_maps = self.read_json("id_maps.json")
+            if not isinstance(id_maps, dict):
+                raise bad(f"id_maps.json holds a {type(id_maps).__name__}, not an object with users and items")
             for key, size in (("users", "num_users"), ("items", "num_items")):
                 if len(id_maps.get(key, [])) != m[size]:
                     raise bad(f"{size}={m[size]} but id_maps.json lists {len(id_maps.get(key, []))} {key}")
+
+    def _check_fields(self, bad) -> None:
+        """The manifest fields the trainers, the evaluation and the baselines read, when present (``bad(what)``
+        makes the error): ``cold_items`` unique item indices in range, ``protocol`` an object with a known split
+        and a positive ``num_negatives``, ``backbone`` an object with a path, ``name`` / ``content_hash`` strings."""
+        from cllm4rec_dist.data.protocol import SPLITS
+
+        m = self.manifest
+
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        cold = m.get("cold_items", [])
+        if not isinstance(cold, list) or not all(whole(i) for i in cold):
+            wrong = cold if not isinstance(cold, list) else next(i for i in cold if not whole(i))
+            raise bad(f"cold_items must be a list of item indices (whole numbers), it holds {wrong!r}")
+        outside = next((i for i in cold if not 0 <= i < m["num_items"]), None)
+        if outside is not None:
+            raise bad(f"cold_items holds item {outside}, outside [0, num_items={m['num_items']})")
+        if len(set(cold)) != len(cold):
+            seen: set[int] = set()
+            raise bad(f"cold_items repeats item {next(i for i in cold if i in seen or seen.add(i))}")
+        protocol = m.get("protocol", {})
+        if not isinstance(protocol, dict):
+            raise bad(f"protocol is {protocol!r}, not an object (the protocol settings of `cllm4rec preprocess`)")
+        if "split" in protocol and protocol["split"] not in SPLITS:
+            raise bad(f"protocol.split is {protocol['split']!r}, not one of {', '.join(SPLITS)}")
+        if "num_negatives" in protocol and not (whole(protocol["num_negatives"]) and protocol["num_negatives"] >= 1):
+            raise bad(f"protocol.num_negatives is {protocol['num_negatives']!r}, not a whole number >= 1")
+        backbone = m.get("backbone", {"path": ""})
+        if not isinstance(backbone, dict) or not isinstance(backbone.get("path"), str):
+            raise bad(f"backbone is {backbone!r}, not an object with the backbone's path")
+        for key in ("name", "content_hash"):
+            if key in m and not isinstance(m[key], str):
+                raise bad(f"{key} is {m[key]!r}, not a string")
 
     @property
     def num_users(self) -> int:
@@ -298,7 +341,14 @@ class ShardedDataset:
         return docs
 
     def read_json(self, name: str):
-        return json.loads(self._verified(self.manifest["files"][name]))
+        if name not in self.manifest["files"]:
+            raise ShardError(f"{self.url}: no {name} in the manifest's files; the dataset is from an older version or "
+                             "was edited. Re-run `cllm4rec preprocess`.")
+        try:
+            return json.loads(self._verified(self.manifest["files"][name]))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ShardError(f"{posixpath.join(self.root, name)}: not valid JSON ({err}); re-run "
+                             "`cllm4rec preprocess`.") from None
 
     def eval_split(self) -> EvalSplit:
         docs = self.read_corpus("eval")

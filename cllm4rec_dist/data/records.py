@@ -14,6 +14,9 @@ The bad-input rule (one rule for every reader, documented in docs/DATA.md):
   counted under ``empty_text``.
 * Duplicate (user, item) pairs are merged by the protocol (the latest by
   timestamp, else the last in file order, wins) and counted there.
+* A side table (a user's or item's text and title, e.g. ``items.csv``) holds one
+  row per id: a later row that gives an id ANOTHER non-empty value is a bad line
+  (``conflicting_duplicate``; the first row is kept), like an unparseable one.
 """
 
 from __future__ import annotations

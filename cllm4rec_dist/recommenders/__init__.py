@@ -34,6 +34,9 @@ class Variant:
 
     title: str
     settings: dict
+    default: bool = True
+    """Run by `cllm4rec report` when --models does not name models (False: only when named, e.g. the ablations
+    that train the backbone itself)."""
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ OPTIONS = ("multivae_epochs", "model_configs")
 """The protocol-specific flags of `cllm4rec report` (argparse dests) this protocol reads."""
 BASELINES = ("popular", "ease", "multivae", "content-knn")
 BASELINE_NAMES = {"popular": "Most-popular", "ease": "EASE", "multivae": "Multi-VAE", "content-knn": "Content kNN"}
-NOT_BY_DEFAULT = ("content-knn", "ftall", "scratch")
-"""Models run only when --models names them (content kNN; the variants that train the backbone itself)."""
+BASELINES_NOT_BY_DEFAULT = ("content-knn",)
+"""Baselines run only when --models names them (the recommender's variants say it themselves: Variant.default)."""
 METRICS = ("recall@20", "recall@40", "ndcg@100")
 # the cold-item slices (eval.metrics.COLD_SLICES), present on a dataset with cold items
 COLD_METRICS = ("cold/recall@20", "cold_only/recall@20", "cold_only_random/recall@20")
@@ -76,7 +76,9 @@ def known_models(rec) -> list[str]:
 
 
 def default_models(rec) -> list[str]:
-    return [m for m in known_models(rec) if m not in NOT_BY_DEFAULT]
+    variants = rec.named_variants()
+    return [m for m in known_models(rec)
+            if m not in BASELINES_NOT_BY_DEFAULT and (m not in variants or variants[m].default)]
 
 
 def models_note(rec) -> str:

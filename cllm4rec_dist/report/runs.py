@@ -11,6 +11,7 @@ import os
 import shutil
 
 from cllm4rec_dist.settings import _set
+from cllm4rec_dist.train.run_folder import PATH_SETTINGS, absolute_path
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -57,6 +58,8 @@ def settings_key(cfg, unused=(), tuned: dict | None = None) -> str:
     ``unused`` (section, field) settings the model does not read (+ a baseline's tuned settings)."""
     values = dataclasses.asdict(cfg)
     values.pop("out")
+    for name in PATH_SETTINGS:  # a run folder's config.yaml holds them absolute (train/run_folder.py)
+        values[name] = absolute_path(values[name])
     for section, key in unused:
         values[section].pop(key)
     if tuned:

@@ -18,7 +18,9 @@ A checkpoint folder holds
   seeks the streams there and checks that the state is reproduced (``recommenders/cllm4rec/batches.py``
   ``restore_reader``);
 * ``files-rank<r>.json``, written LAST by each rank: the step, the world size, and the size and sha256 of every
-  file that rank wrote. A checkpoint is complete when every rank's record is there and every file matches it.
+  file that rank wrote. A checkpoint is complete when every rank's record is there, every field of it has its type
+  and range, every recorded path lies inside the folder (relative, no ``..``, no symlink leaving it) and every
+  file matches its record.
 
 A STANDALONE MODEL (``write_model`` / ``read_model``: e.g. A-LLMRec's stage-0 CF model, saved by
 ``cllm4rec baselines --model sasrec --model-out DIR``) is a folder of the same kind: ``<name>.safetensors``
@@ -31,27 +33,38 @@ reloaded from its own checkpoint.
 Reading never runs code: every file is loaded with ``torch.load(weights_only=True)`` (tensors and plain
 containers/numbers/strings only), and what was read is checked against what the caller needs
 (``require_keys``, ``check_tensors``, ``check_optimizer_state``), with errors that name the file and the
-missing, extra or misshapen entries. Nothing here knows a particular model: a model's recipe says which
-tensors it expects (``{name: shape}``).
+missing, extra or misshapen entries. Safetensors files are read only after their header is checked
+(``safetensors_header``: size, JSON, dtypes, shapes, offsets inside the file) and, in a sharded part, only when
+every file is recorded and DCP's ``DCP_SHARDING_INFO`` offsets tile each tensor (``check_sharded_part``): a bad
+header is a one-line CheckpointError naming the file and the field, never a traceback or an allocation the header
+asks for. Nothing here knows a particular model: a model's recipe says which tensors it expects (``{name: shape}``).
 
 Sinks: ``LocalSink`` writes ``<run>/checkpoints/step-<N>`` under a temporary name, renames it when every rank
 is done, then writes the ``latest`` pointer (atomically) and only then prunes older checkpoints. Resume takes
 the newest COMPLETE checkpoint: a dangling or stale pointer, or a truncated newest checkpoint, is skipped with a
 warning naming it. ``RaySink`` hands per-worker folders to Ray Train, which persists them under the run's
-storage path; a restarted worker verifies the checkpoint Ray hands back and falls back to older ones the same way.
+storage path (data files first, records last; a failed upload removes its partial copy); a restarted worker
+verifies the checkpoint Ray hands back, falls back to older ones the same way and removes the ``checkpoint_*``
+folders an upload cut short left behind. A disk that fills up while a checkpoint is written is a ``DiskFullError``
+(one line, exit status 2) on every rank: the unfinished folder is removed and the previous checkpoints stay intact,
+so the same command resumes once there is room.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import io
 import json
+import math
 import os
 import pickle
 import posixpath
 import random
 import re
 import shutil
+import struct
 import tempfile
 import time
 import zipfile
@@ -67,9 +80,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from cllm4rec_dist.atomic import atomic_write, write_text_atomic
+from cllm4rec_dist.atomic import atomic_write, remove_quietly, write_text_atomic
 from cllm4rec_dist.corpus.shards import canonical_json
-from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.errors import DiskFullError, UserError, find_cause, format_bytes, is_disk_full, one_line
 from cllm4rec_dist.train.rank import Rank
 
 TRAINER_FILE = "trainer.pt"
@@ -91,6 +104,9 @@ INFO_SUFFIX = ".json"
 MODEL_CONFIG = "config"
 _RECORD = "files-rank{rank}.json"
 _RECORD_RE = re.compile(r"files-rank(\d+)\.json$")
+# What a fix for a broken checkpoint says (resume, export and evaluate all read through here)
+BROKEN_FIX = ("Resume from an earlier checkpoint (remove this one) or start over (--resume false, or another --out); "
+              "to export or evaluate, pass another checkpoint.")
 
 
 class CheckpointError(UserError):
@@ -102,11 +118,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _flag_device():
+    """Where a small all-reduced flag lives: the current GPU under NCCL (which reduces no CPU tensors), else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
 def _all_ranks_agree(ok: bool) -> bool:
     """True on every rank only if ``ok`` is true on every rank (so all ranks pick the same checkpoint)."""
     if not (dist.is_available() and dist.is_initialized()):
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_flag_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -144,8 +165,7 @@ class CheckpointClock:
         due = self.interval_s == 0 or time.monotonic() - self.last >= self.interval_s
         if not (dist.is_available() and dist.is_initialized()):
             return due
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([int(due) if dist.get_rank() == 0 else 0], dtype=torch.int32, device=device)
+        flag = torch.tensor([int(due) if dist.get_rank() == 0 else 0], dtype=torch.int32, device=_flag_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -155,7 +175,8 @@ class CheckpointClock:
 
 class CheckpointWriter:
     """One rank's writes into a checkpoint folder (local, or any fsspec filesystem ``fs``): each file
-    atomically, the rank's record last."""
+    atomically, the rank's record last. A full disk is a ``DiskFullError`` naming the file (its temporary file
+    removed); the sinks remove the whole unfinished folder."""
 
     def __init__(self, directory: str, rank: int, world_size: int, fs=None):
         self.directory, self.rank, self.world_size = directory, rank, world_size
@@ -172,9 +193,15 @@ class CheckpointWriter:
         number of ranks."""
         path = posixpath.join(self.directory, name)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with self.fs.open(tmp, "wb") as f:
-            torch.save(state, f)
-        self.fs.mv(tmp, path)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                torch.save(state, f)
+            self.fs.mv(tmp, path)
+        except BaseException as err:
+            remove_quietly(self.fs, tmp)
+            if is_disk_full(err) and not isinstance(err, DiskFullError):
+                raise DiskFullError(f"{path}: no space left on device", path) from err
+            raise
         self._record(name)
         self.per_rank_state |= per_rank
 
@@ -196,7 +223,14 @@ class CheckpointWriter:
         """Write the sharded part (a collective: every rank calls it; DCP writes to a local folder), then this
         rank's record."""
         if self.sharded:
-            for name in write_sharded(os.path.join(self.directory, SHARDED_DIR), self.sharded, self.rank):
+            directory = os.path.join(self.directory, SHARDED_DIR)
+            try:
+                names = write_sharded(directory, self.sharded, self.rank)
+            except BaseException as err:  # DCP's CheckpointException is a BaseException
+                if is_disk_full(err):
+                    raise DiskFullError(f"{directory}: no space left on device", directory) from None
+                raise
+            for name in names:
                 self._record(posixpath.join(SHARDED_DIR, name))
         record = {"step": step, "rank": self.rank, "world_size": self.world_size, "files": self.files,
                   "reshardable": bool(self.sharded) and not self.per_rank_state}
@@ -236,13 +270,179 @@ def write_sharded(directory: str, tensors: dict[str, tuple[torch.Tensor, object]
 
 
 def _sharded_metadata(directory: str):
+    """DCP's metadata of a sharded part, built from its safetensors headers once every file there is recorded and
+    its header checked (``check_sharded_part``)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: missing; this checkpoint has no sharded part but the model has "
                               "row-sharded tables (model.table_sharding / model.item_head_sharding). Resume with the "
                               "sharding it was written with.")
-    return HuggingFaceStorageReader(directory).read_metadata()
+    check_sharded_part(directory)
+    try:
+        return HuggingFaceStorageReader(directory).read_metadata()
+    except (SafetensorError, OSError) as err:  # a file changed after the checks
+        raise CheckpointError(f"{directory}: cannot be read ({type(err).__name__}: {one_line(err)[:200]}). "
+                              f"{BROKEN_FIX}") from None
+
+
+def _read_failure(err: BaseException) -> BaseException | None:
+    """The safetensors or OS error behind a failed read (DCP wraps each rank's in a CheckpointException)."""
+    return find_cause(err, lambda e: isinstance(e, (SafetensorError, OSError)))
+
+
+# --------------------------------------------------------------------------- safetensors headers
+
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+METADATA = "__metadata__"
+DCP_SHARDING_INFO = "DCP_SHARDING_INFO"  # DCP's key in a safetensors __metadata__: {tensor: {SAVED_OFFSETS: [...]}}
+SAVED_OFFSETS = "saved_offsets"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def safetensors_header(path: str, fs=None, data: bytes | None = None, fix: str = BROKEN_FIX) -> dict:
+    """The JSON header of a safetensors file, checked before any loader sees the file: the header size within the
+    file (and safetensors' 100 MB limit), valid JSON, ``__metadata__`` an object of strings, and for each tensor a
+    known dtype, a shape of non-negative integers and data offsets inside the file holding exactly that shape.
+    Reads the first 8 bytes and the header only (``data``: the file's bytes, already read). A problem is a
+    CheckpointError naming the file and the field, ending with ``fix``. Returns ``{name: entry}`` with
+    ``METADATA``: ``{str: str}`` ({} when the file has none)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is corrupt or was not written by this project. {fix}")
+
+    fs = fs or _local_fs()
+    try:
+        with (io.BytesIO(data) if data is not None else fs.open(path, "rb")) as f:
+            total = len(data) if data is not None else fs.size(path)
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{total} bytes, too short for a safetensors header")
+            size = struct.unpack("<Q", prefix)[0]
+            if size > min(total - 8, _MAX_HEADER):
+                raise bad(f"the header size field says {size} bytes, the file has {total - 8} after it"
+                          f"{' (and safetensors allows 100 MB)' if size > _MAX_HEADER else ''}")
+            raw = f.read(size)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete. {fix}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise bad(f"the header is not valid JSON ({one_line(err)[:120]})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.setdefault(METADATA, {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad(f"the header's {METADATA} is {_short(metadata)}, not an object of strings")
+    data_bytes = total - 8 - size
+    for name, entry in header.items():
+        if name == METADATA:
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {name!r} is {_short(entry)}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+            raise bad(f"tensor {name!r}: dtype {_short(dtype)} is not one of {', '.join(_ITEMSIZE)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise bad(f"tensor {name!r}: data_offsets {_short(offsets)} are not [begin, end] within the file's "
+                      f"{data_bytes} data bytes")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"tensor {name!r}: shape {_short(shape)} of {dtype} takes {nbytes} bytes, its data_offsets "
+                      f"{offsets} hold {offsets[1] - offsets[0]}")
+    return header
+
+
+def _saved_offsets(path: str, header: dict) -> dict[str, list[int]]:
+    """{tensor: offsets of its saved piece} from the header's DCP_SHARDING_INFO (zeros without one, as DCP reads
+    it), each checked: one non-negative integer per dimension."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {METADATA} {DCP_SHARDING_INFO} {what}; the file is corrupt or was not "
+                               f"written by this project. {BROKEN_FIX}")
+
+    tensors = {name: entry for name, entry in header.items() if name != METADATA}
+    raw = header[METADATA].get(DCP_SHARDING_INFO)
+    if raw is None:
+        return {name: [0] * len(entry["shape"]) for name, entry in tensors.items()}
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise bad(f"is not valid JSON ({one_line(err)[:120]})") from None
+    if not isinstance(info, dict):
+        raise bad(f"is a JSON {type(info).__name__}, not an object")
+    offsets = {}
+    for name, entry in tensors.items():
+        if name not in info:
+            raise bad(f"has no entry for tensor {name!r}")
+        value = info[name].get(SAVED_OFFSETS) if isinstance(info[name], dict) else None
+        ndim = len(entry["shape"])
+        if not (isinstance(value, list) and len(value) == ndim and all(_is_int(o) and o >= 0 for o in value)):
+            raise bad(f"{name!r} {SAVED_OFFSETS} is {_short(value)}, expected {ndim} non-negative integers (where "
+                      "the saved piece starts in each dimension)")
+        offsets[name] = value
+    return offsets
+
+
+def _check_tiling(key: str, pieces: list[tuple[str, str, list[int], list[int]]]) -> None:
+    """The saved pieces (file, dtype, offsets, shape) of one tensor cover it exactly: same dtype and rank, no
+    overlap, no gap (what DCP does not check: a gap would leave rows uninitialised)."""
+    files = ", ".join(sorted({file for file, *_ in pieces}))
+    if len({dtype for _, dtype, _, _ in pieces}) > 1 or len({len(shape) for *_, shape in pieces}) > 1:
+        raise CheckpointError(f"{files}: tensor {key!r} is saved with different dtypes or numbers of dimensions "
+                              f"in different files. {BROKEN_FIX}")
+    ndim = len(pieces[0][3])
+    size = [max(offsets[i] + shape[i] for _, _, offsets, shape in pieces) for i in range(ndim)]
+    covered = sum(math.prod(shape) for *_, shape in pieces)
+    overlap = any(math.prod(a[3]) and math.prod(b[3]) and all(
+        a[2][i] < b[2][i] + b[3][i] and b[2][i] < a[2][i] + a[3][i] for i in range(ndim))
+        for k, a in enumerate(pieces) for b in pieces[k + 1:])
+    if overlap or covered != math.prod(size):
+        where = "; ".join(f"{_short(offsets)} + {_short(shape)}" for _, _, offsets, shape in pieces[:8])
+        raise CheckpointError(f"{files}: {METADATA} {DCP_SHARDING_INFO} {SAVED_OFFSETS} of {key!r} ({where}) do not "
+                              f"tile its {_short(size)} shape: the saved pieces "
+                              f"{'overlap' if overlap else f'cover {covered} of its {math.prod(size)} elements'}; "
+                              f"the file is corrupt or was not written by this project. {BROKEN_FIX}")
+
+
+def check_sharded_part(directory: str) -> None:
+    """Every safetensors file of a checkpoint's sharded part (DCP reads them all) is named in one of the
+    checkpoint's records, has a sound header (``safetensors_header``) and DCP_SHARDING_INFO, and the saved pieces
+    of each tensor tile it. A problem is a CheckpointError naming the file and the field."""
+    checkpoint = os.path.dirname(os.path.normpath(directory))
+    fs = _local_fs()
+    recorded = set()
+    for name in os.listdir(checkpoint):
+        found = _RECORD_RE.fullmatch(name)
+        record = _read_record(fs, checkpoint, int(found.group(1)))[0] if found else None
+        recorded |= set(record["files"]) if record else set()
+    pieces: dict[str, list] = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(WEIGHTS_SUFFIX):
+            continue
+        path = os.path.join(directory, name)
+        if posixpath.join(SHARDED_DIR, name) not in recorded:
+            raise CheckpointError(f"{path}: not named in any {_RECORD.format(rank='<r>')} record of {checkpoint}, "
+                                  f"yet the sharded part would be read with it. Remove it if it does not belong "
+                                  f"there; otherwise: {BROKEN_FIX}")
+        header = safetensors_header(path, fs)
+        offsets = _saved_offsets(path, header)
+        for key, entry in header.items():
+            if key != METADATA:
+                pieces.setdefault(key, []).append((path, entry["dtype"], offsets[key], entry["shape"]))
+    for key, saved in pieces.items():
+        _check_tiling(key, saved)
 
 
 def read_sharded(directory: str, targets: dict[str, tuple[torch.Tensor, object]], required=()) -> dict:
@@ -263,7 +463,14 @@ def read_sharded(directory: str, targets: dict[str, tuple[torch.Tensor, object]]
                               "with another dataset, backbone or model settings?")
     present = {key: value for key, value in targets.items() if key in saved}
     state = {key: _as_dtensor(local, layout) for key, (local, layout) in present.items()}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(directory))
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(directory))
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        failure = _read_failure(err)
+        if failure is None:
+            raise
+        raise CheckpointError(f"{directory}: cannot be read ({type(failure).__name__}: {one_line(failure)[:200]}). "
+                              f"{BROKEN_FIX}") from None
     return {key: local for key, (local, _) in present.items()}
 
 
@@ -282,8 +489,14 @@ def sharded_parts(directory: str, key: str):
     parts = sorted(((index.offset[0], info.relative_path) for index, info in meta.storage_data.items()
                     if index.fqn == key))
     for first_row, path in parts:
-        with safe_open(os.path.join(directory, os.path.basename(path)), framework="pt") as f:
-            yield first_row, f.get_tensor(key)
+        path = os.path.join(directory, os.path.basename(path))
+        try:
+            with safe_open(path, framework="pt") as f:
+                rows = f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {one_line(err)[:200]}). "
+                                  f"{BROKEN_FIX}") from None
+        yield first_row, rows
 
 
 # --------------------------------------------------------------------------- safe reading
@@ -407,8 +620,10 @@ def read_model(source: str, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(info, dict):
         raise CheckpointError(f"{info_path}: holds a {type(info).__name__}, not a JSON object; save the model again.")
     require_keys(info_path, info, (MODEL_CONFIG,))
+    data = fs.cat_file(weights)
+    safetensors_header(weights, data=data, fix="Save the model again.")
     try:
-        tensors = load_safetensors(fs.cat_file(weights))
+        tensors = load_safetensors(data)
     except (SafetensorError, ValueError) as err:
         raise CheckpointError(f"{weights}: cannot be read as safetensors ({err}); save the model again.") from None
     return tensors, info
@@ -439,31 +654,107 @@ def restore_rng(state: dict) -> None:
 # --------------------------------------------------------------------------- completeness
 
 
-def _read_record(fs, directory: str, rank: int) -> dict | None:
-    path = posixpath.join(directory, _RECORD.format(rank=rank))
+_MAX_WORLD = 1 << 16
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _unsafe_path(name: str) -> str | None:
+    """Why a recorded file name could name something outside its checkpoint folder, or None: it must be a plain
+    relative path (``/``-separated parts, none empty, ``.`` or ``..``; no backslash, drive or NUL)."""
+    if not name or name.startswith("/") or "\\" in name or "\0" in name or re.match(r"[A-Za-z]:", name):
+        return "is outside the checkpoint folder (an absolute or malformed path)"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "is outside the checkpoint folder or not a plain relative path (a '..', '.' or empty part)"
+    return None
+
+
+def _record_problem(record, rank: int) -> str | None:
+    """What is wrong with a parsed files record of ``rank``, naming the field; None when every field has its type
+    and range."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [key for key in ("step", "world_size", "files") if key not in record]
+    if missing:
+        return f"field {missing[0]!r} is missing"
+    step, world, files = record["step"], record["world_size"], record["files"]
+    if not _is_int(step) or step < 0:
+        return f"field 'step' is {_short(step)}, expected an integer >= 0"
+    if not _is_int(world) or not 1 <= world <= _MAX_WORLD:
+        return f"field 'world_size' is {_short(world)}, expected an integer from 1 to {_MAX_WORLD}"
+    if "rank" in record and (not _is_int(record["rank"]) or record["rank"] != rank):
+        return f"field 'rank' is {_short(record['rank'])}, expected {rank} (the rank in the file's name)"
+    if rank >= world:
+        return f"the record of rank {rank}, but field 'world_size' is {world}"
+    if not isinstance(record.get("reshardable", False), bool):
+        return f"field 'reshardable' is {_short(record['reshardable'])}, expected true or false"
+    if not isinstance(files, dict):
+        return f"field 'files' is {_short(files)}, expected an object {{path: {{\"bytes\": ..., \"sha256\": ...}}}}"
+    for name, meta in files.items():
+        unsafe = _unsafe_path(name)
+        if unsafe:
+            return f"field 'files': {name!r} {unsafe}"
+        if not isinstance(meta, dict):
+            return f"field files[{name!r}] is {_short(meta)}, expected {{\"bytes\": ..., \"sha256\": ...}}"
+        if not _is_int(meta.get("bytes")) or meta["bytes"] < 0:
+            return f"field files[{name!r}].bytes is {_short(meta.get('bytes'))}, expected an integer >= 0"
+        if not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+            return f"field files[{name!r}].sha256 is {_short(meta.get('sha256'))}, expected 64 hex digits"
+    return None
+
+
+def _read_record(fs, directory: str, rank: int) -> tuple[dict | None, str | None]:
+    """(rank's files record, None), every field checked for type and range, or (None, why not: naming the file
+    and the field)."""
+    name = _RECORD.format(rank=rank)
+    path = posixpath.join(directory, name)
     try:
         record = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+    except FileNotFoundError:
+        return None, f"no readable {name} (interrupted while saving, or not a checkpoint folder)"
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, f"no readable {name} (not valid JSON: truncated or changed)"
+    problem = _record_problem(record, rank)
+    if problem:
+        return None, f"{path}: {problem}; the record is corrupt or was not written by this project"
+    return record, None
 
 
 def checkpoint_step(directory: str, fs=None) -> int | None:
-    """The global step a checkpoint was written at (from rank 0's record), None if it has no record."""
-    record = _read_record(fs or _local_fs(), directory, 0)
-    return record.get("step") if record else None
+    """The global step a checkpoint was written at (from rank 0's record), None if it has no usable record."""
+    record, _ = _read_record(fs or _local_fs(), directory, 0)
+    return record["step"] if record else None
+
+
+def _is_local(fs) -> bool:
+    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
+
+
+def _leaves_folder(fs, directory: str, name: str) -> str | None:
+    """Why the recorded ``name`` (a safe relative path) resolves outside ``directory`` or to something other than a
+    plain file on a local filesystem (a symlink leaving it, a FIFO), else None."""
+    if not _is_local(fs):
+        return None  # object stores have no links
+    root = os.path.realpath(directory)
+    real = os.path.realpath(os.path.join(directory, name))
+    if os.path.commonpath([root, real]) != root:
+        return f"resolves to {real}, outside the checkpoint folder (a symlink)"
+    if os.path.exists(real) and not os.path.isfile(real):
+        return "is not a regular file"
+    return None
 
 
 def incomplete_reason(directory: str, ranks=None, fs=None, world_size: int | None = None) -> str | None:
     """Why ``directory`` is not a complete checkpoint for ``ranks`` (default: every rank that wrote it), or None.
 
-    ``world_size``: the world that will load it; a different saved world size is an error, not a skip.
+    Every record's fields are checked for type and range and every recorded file must lie inside ``directory``
+    (no absolute path, no ``..``, no symlink leaving it); a record that fails is a reason naming the file and the
+    field. ``world_size``: the world that will load it; a different saved world size is an error, not a skip.
     """
     fs = fs or _local_fs()
-    head = _read_record(fs, directory, 0)
+    head, reason = _read_record(fs, directory, 0)
     if head is None:
-        return f"no readable {_RECORD.format(rank=0)} (interrupted while saving, or not a checkpoint folder)"
-    saved_world = int(head.get("world_size", 1))
+        return reason
+    saved_world = head["world_size"]
     if world_size is not None and saved_world != world_size and head.get("reshardable"):
         ranks = None  # every saved rank's rows are read
     elif world_size is not None and saved_world != world_size:
@@ -471,17 +762,28 @@ def incomplete_reason(directory: str, ranks=None, fs=None, world_size: int | Non
                               f"the same number of workers (dist.num_workers / simulate_ranks); only checkpoints whose "
                               "trainable state is all row-sharded (model.table_sharding and model.item_head_sharding "
                               "row, or a tied head) move between numbers of ranks.")
-    for rank in sorted({0, *(range(saved_world) if ranks is None else ranks)}):
-        record = head if rank == 0 else _read_record(fs, directory, rank)
-        if record is None:
-            return f"no readable {_RECORD.format(rank=rank)}"
+    for rank in (range(saved_world) if ranks is None else sorted({0, *ranks})):
+        record_path = posixpath.join(directory, _RECORD.format(rank=rank))
+        if rank == 0:
+            record = head
+        else:
+            record, reason = _read_record(fs, directory, rank)
+            if record is None:
+                return reason
+            if (record["step"], record["world_size"]) != (head["step"], saved_world):
+                return (f"{record_path}: step {record['step']} of {record['world_size']} ranks, but "
+                        f"{_RECORD.format(rank=0)} says step {head['step']} of {saved_world}: records of different "
+                        "checkpoints")
         for name, meta in record["files"].items():
+            leaves = _leaves_folder(fs, directory, name)
+            if leaves:
+                return f"{record_path}: files entry {name!r} {leaves}; refused"
             path = posixpath.join(directory, name)
             try:
                 size = fs.size(path)
             except FileNotFoundError:
                 return f"{name} is missing"
-            if size != meta.get("bytes") or sha256_file(fs, path) != meta.get("sha256"):
+            if size != meta["bytes"] or sha256_file(fs, path) != meta["sha256"]:
                 return f"{name} has {size} bytes or a checksum that differ from its record (truncated or changed)"
     return None
 
@@ -668,6 +970,34 @@ def _load_first_complete(trainer, candidates, describe) -> bool:
     return False
 
 
+def _write_or_disk_full(trainer: Coordinator, directory: str) -> BaseException | None:
+    """``write_checkpoint``; a full disk is returned (every rank must learn of it before any raises, so that no rank
+    waits in a collective for one that gave up), anything else raised."""
+    try:
+        write_checkpoint(trainer, directory)
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        if not is_disk_full(err):
+            raise
+        return err
+    return None
+
+
+def _folder_bytes(path: str) -> int:
+    """Bytes of the files under a local folder (what a failed save had written)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def _where(failure: BaseException | None) -> str:
+    """Which file of the checkpoint the disk filled on (this rank's ``DiskFullError`` knows it)."""
+    path = getattr(find_cause(failure, lambda e: isinstance(e, DiskFullError)), "path", None)
+    return f" (writing {os.path.basename(path)})" if path else " (on another rank)" if failure is None else ""
+
+
 class _Local:
     def __init__(self, path: str):
         self.path = path
@@ -712,15 +1042,43 @@ class LocalSink:
         if trainer.r.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
         _barrier()
-        write_checkpoint(trainer, tmp)
-        _barrier()
+        failure = _write_or_disk_full(trainer, tmp)
+        if not _all_ranks_agree(failure is None):  # a full disk on any rank: remove the unfinished folder
+            written = _folder_bytes(tmp)
+            _barrier()
+            if trainer.r.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._disk_full(final, failure, written)
+        pointer = os.path.join(self.root, LATEST)
+        pointer_failure = None
         if trainer.r.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            write_text_atomic(os.path.join(self.root, LATEST), name)  # the pointer last, then pruning
-            self._prune(trainer.state.global_step)
-        _barrier()
+            try:
+                write_text_atomic(pointer, name)  # the pointer last, then pruning
+            except DiskFullError as err:
+                pointer_failure = err
+            else:
+                self._prune(trainer.state.global_step)
+        if not _all_ranks_agree(pointer_failure is None):
+            raise DiskFullError(f"{pointer}: no space left on device to update the pointer to checkpoint {final}, "
+                                "which was written whole (a resume takes the newest complete checkpoint whatever the "
+                                "pointer says). Free space on that disk (or lower --keep_checkpoints) and run the same "
+                                "command again to resume.", pointer)
         return final
+
+    def _disk_full(self, final: str, failure: BaseException | None, written: int) -> DiskFullError:
+        """The one-line error of a checkpoint the disk had no room for: where, how much, and what is kept."""
+        previous = self.latest()
+        size = _folder_bytes(previous) if previous else 0
+        estimate = f" of about {format_bytes(size)} (the size of the previous checkpoint)" if size else ""
+        kept = (f"The previous checkpoint {previous} is intact: free space on that disk (or lower --keep_checkpoints) "
+                "and run the same command again to resume from it." if previous else
+                "No earlier checkpoint of this run is complete: free space on that disk and run the same command "
+                "again.")
+        return DiskFullError(f"no space left on device writing checkpoint {final}{_where(failure)}: "
+                             f"{format_bytes(written)} written{estimate} when the disk filled; the unfinished folder "
+                             f"was removed. {kept}", final)
 
     def _prune(self, newest: int) -> None:
         """Keep the ``keep`` newest complete checkpoints up to ``newest``; drop anything older than the kept ones."""
@@ -752,12 +1110,47 @@ class RaySink:
         self.keep = keep
 
     def save(self, trainer: Coordinator) -> None:
+        """Write the checkpoint to a local temporary folder and hand Ray a complete one. Ray v2 uploads it with
+        ``_upload`` (data files first, each rank's record last; a failed upload removes what it copied), so a
+        storage path that fills up leaves no half-written ``checkpoint_*`` folder; a full disk is a
+        ``DiskFullError``."""
         import ray.train
 
+        step = trainer.state.global_step
         with tempfile.TemporaryDirectory(prefix="cllm4rec-ckpt-") as tmp:
-            write_checkpoint(trainer, tmp)
-            metrics = {"global_step": trainer.state.global_step, "block": trainer.state.block}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            failure = _write_or_disk_full(trainer, tmp)
+            if not _all_ranks_agree(failure is None):
+                raise DiskFullError(f"no space left on device writing the checkpoint of step {step} to the local "
+                                    f"temporary folder {tmp}{_where(failure)}: {format_bytes(_folder_bytes(tmp))} "
+                                    "written; it was removed, and the checkpoints already under the Ray storage path "
+                                    "are intact. Free space there (or point TMPDIR at a disk with room) and run the "
+                                    "same command again to resume.", tmp)
+            metrics = {"global_step": step, "block": trainer.state.block}
+            upload = ({"checkpoint_upload_fn": self._upload}
+                      if "checkpoint_upload_fn" in inspect.signature(ray.train.report).parameters else {})
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), **upload)
+            except BaseException as err:
+                if isinstance(err, DiskFullError) or not is_disk_full(err):
+                    raise
+                raise DiskFullError(f"no space left on device persisting the checkpoint of step {step} "
+                                    f"({format_bytes(_folder_bytes(tmp))}) to the Ray storage path; the checkpoints "
+                                    "persisted before are intact. Free space there (RunConfig storage_path / "
+                                    "dist.storage_path) and run the same command again to resume.") from None
+
+    @staticmethod
+    def _upload(checkpoint, dir_name: str):
+        """Ray v2's ``checkpoint_upload_fn``: this worker's folder into ``<experiment>/<dir_name>`` on the storage
+        filesystem, records last (``upload_records_last``)."""
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        check = getattr(storage, "_check_validation_file", None)
+        if check is not None:  # what Ray's own upload checks first: this worker sees the storage path
+            check()
+        dest = posixpath.join(storage.experiment_fs_path, dir_name)
+        upload_records_last(checkpoint.path, storage.storage_filesystem, dest)
+        return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
 
     def has_checkpoint(self) -> bool:
         import ray.train
@@ -787,7 +1180,97 @@ class RaySink:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return False
-        return _load_first_complete(trainer, self._candidates(checkpoint), lambda d: d)
+        loaded = _load_first_complete(trainer, self._candidates(checkpoint), lambda d: d)
+        if loaded and trainer.r.is_main:
+            remove_unfinished_uploads(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")))
+        return loaded
+
+
+# Files a checkpoint folder of this project holds (and their temporary names), and Ray's hidden markers at its top:
+# what an unfinished upload may leave, and nothing else is ever removed
+_OWN_FILE = re.compile(r"(trainer\.pt|optim-[\w.-]+\.pt|reader-rank\d+\.pt|files-rank\d+\.json|"
+                       r"sharded/[\w.-]+\.safetensors|\.[\w.-]+)(\.tmp-\w+)?")
+
+
+def upload_records_last(local: str, fs, dest: str) -> str:
+    """Copy the local checkpoint folder ``local`` to ``dest`` on the pyarrow filesystem ``fs``: the data files
+    first, the record (``files-rank<r>.json``) last, so that a copy cut short has no record and is never taken for
+    a checkpoint. A failed copy removes the files it copied (and ``dest`` when nothing else is left there: the other
+    ranks upload into the same folder) and a full disk is a ``DiskFullError``. Returns ``dest``."""
+    names = sorted(os.path.relpath(os.path.join(root, name), local).replace(os.sep, "/")
+                   for root, _, files in os.walk(local) for name in files)
+    names = [n for n in names if not _RECORD_RE.fullmatch(n)] + [n for n in names if _RECORD_RE.fullmatch(n)]
+    total = sum(os.path.getsize(os.path.join(local, n)) for n in names)
+    copied: list[str] = []
+    done = 0
+    try:
+        fs.create_dir(dest, recursive=True)
+        for name in names:
+            target = posixpath.join(dest, name)
+            if "/" in name:
+                fs.create_dir(posixpath.dirname(target), recursive=True)
+            copied.append(target)
+            with open(os.path.join(local, name), "rb") as src, fs.open_output_stream(target) as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+            done += os.path.getsize(os.path.join(local, name))
+    except BaseException as err:
+        for target in reversed(copied):
+            with contextlib.suppress(Exception):
+                fs.delete_file(target)
+        _remove_empty_dirs(fs, dest)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(f"{dest}: no space left on device uploading a checkpoint to the Ray storage path "
+                                f"({format_bytes(done)} of {format_bytes(total)} copied; the partial copy was "
+                                "removed). The checkpoints persisted before are intact: free space there and run the "
+                                "same command again to resume.", dest) from err
+        raise
+    return dest
+
+
+def _remove_empty_dirs(fs, folder: str) -> None:
+    """Remove ``folder`` and its subfolders on the pyarrow filesystem ``fs`` where they hold no file."""
+    from pyarrow.fs import FileSelector, FileType
+
+    with contextlib.suppress(Exception):
+        infos = fs.get_file_info(FileSelector(folder, recursive=True))
+        if not any(i.type == FileType.File for i in infos):
+            fs.delete_dir(folder)
+
+
+def remove_unfinished_uploads(fs, parent: str) -> None:
+    """Remove the ``checkpoint_*`` folders under ``parent`` (a Ray experiment folder, pyarrow filesystem ``fs``)
+    that an upload cut short left: no rank-0 record (written last) and only files this project writes. A folder
+    with a record is never removed (complete, or damaged: the resume's fallback warns about it); one holding other
+    files is left with a warning."""
+    from pyarrow.fs import FileSelector, FileType
+
+    try:
+        infos = fs.get_file_info(FileSelector(parent))
+    except OSError:
+        return
+    for info in infos:
+        if info.type != FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        folder = info.path.rstrip("/")
+        try:
+            inside = fs.get_file_info(FileSelector(folder, recursive=True))
+        except OSError:
+            continue
+        names = [i.path[len(folder) + 1:] for i in inside if i.type == FileType.File]
+        if _RECORD.format(rank=0) in names:
+            continue
+        strange = [n for n in names if not _OWN_FILE.fullmatch(n)]
+        if strange:
+            _warn(f"left {folder}: no {_RECORD.format(rank=0)} (an unfinished checkpoint), but it holds "
+                  f"{', '.join(strange[:3])}, which this project does not write; remove it if it is not needed")
+            continue
+        try:
+            fs.delete_dir(folder)
+        except OSError as err:
+            _warn(f"could not remove {folder}, an unfinished checkpoint upload ({one_line(err)[:120]})")
+            continue
+        _warn(f"removed {folder}: an unfinished checkpoint upload (no {_RECORD.format(rank=0)}), left by an earlier "
+              "attempt of this run")
 
 
 # --------------------------------------------------------------------------- finding a run's checkpoint (export)

@@ -5,12 +5,40 @@ what each step logs, and the schedule; this loop owns when the log is flushed (e
 at block ends), when a checkpoint is saved (every ``checkpoint_every`` steps, else at block ends as
 ``checkpoint_interval_s`` says) and the ``max_steps`` stop. Every rank runs the same loop in lockstep, so the
 collective flushes and checkpoints happen at the same steps on all of them.
+
+A diverged run stops: each flush hands every logged loss (averaged over the ranks: the same numbers on every rank)
+to ``check_loss``, which raises ``NonFiniteLossError`` at the first NaN or infinite one, on every rank at the same
+step, before anything of the step is logged, checkpointed or validated. No device sync is added: the losses are
+read where the log reads them anyway (every ``log_every`` steps, at block ends and before each checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Protocol
+
+from cllm4rec_dist.errors import UserError
+
+
+class NonFiniteLossError(UserError):
+    """A step's loss is NaN or infinite: the run diverged (a learning rate too large, broken data); it stops with
+    one line naming the step, its kind, the loss and what to do, and writes no metrics."""
+
+
+def check_loss(loss: float, step: int, kind: str, lr: float | None = None, lr_setting: str = "",
+               unit: str = "step", what: str = "averaged over the ranks") -> None:
+    """Raise ``NonFiniteLossError`` when ``loss`` is NaN or infinite: the loss of ``unit`` ``step`` of ``kind``
+    (``what`` it is: by default a step's loss averaged over the ranks); ``lr`` / ``lr_setting``: its learning rate
+    and the setting that sets it, named in the message."""
+    if math.isfinite(loss):
+        return
+    at = f" at lr {lr:g}" if lr is not None else ""
+    setting = f" ({lr_setting})" if lr_setting else ""
+    raise NonFiniteLossError(
+        f"{unit} {step} ({kind} {unit}{at}): the loss is {loss} ({what}): training diverged and stopped there "
+        f"without writing metrics; lower the learning rate{setting} or check the data (NaN or infinite values), "
+        "then start over with another --out (or resume with --allow_config_change true).")
 
 
 class StepRunner(Protocol):

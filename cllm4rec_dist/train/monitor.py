@@ -34,7 +34,8 @@ class PendingSteps:
     """Per-step scalars kept as device tensors until the next flush, then averaged over ranks in ONE all-reduce
     (so a step never waits for the device or the network to log). Every rank must flush at the same steps (every
     ``log_every`` steps, at block/stage ends and before checkpoints); steps may carry different numbers of values.
-    Shared by every recipe's coordinator."""
+    Shared by every recipe's coordinator, whose ``flush_log`` checks each reduced loss (train/loop.py ``check_loss``:
+    a NaN or infinite one stops the run, on every rank at the same step, the reduced values being the same)."""
 
     def __init__(self, device="cpu"):
         self.device = device  # where the values wait and are reduced: the model's device (NCCL reduces on the GPU)

@@ -4,7 +4,9 @@
   (written under a temporary name, then hard-linked into place: it exists whole or not at all). A second
   run on the folder is refused naming the holder. A lock whose process is gone (same host, no such pid or
   a pid reused by a newer process) is stale: it is taken over with a warning. A lock from another host
-  cannot be checked from here: the message says to delete it if that run is over.
+  cannot be checked from here: the message says to delete it if that run is over. The folder is created without
+  the world-write bit whatever the umask (``RUN_DIR_MODE``), and the process remembers every folder it locked
+  (``locked_run_dirs``: what an interrupted command names as the run to resume).
 * ``check_resume_config``: the config a checkpoint was written with against the new one. A difference in a
   setting that changes the training trajectory (seed, learning rates, batch, schedule, ablation, model,
   world size...) is refused, naming the settings, unless ``allow_config_change`` is set. Settings that
@@ -26,6 +28,7 @@ import time
 from cllm4rec_dist.errors import UserError
 
 LOCK_FILE = ".lock"
+RUN_DIR_MODE = 0o775  # what os.makedirs asks for a new run folder (the umask may take more away): never world-writable
 DATASET_FILE = "dataset.json"  # {"data": where it was read from, "content_hash": the manifest's}
 # Settings a resume may change: locations, logging and checkpoint cadence, how long to run, evaluation batching.
 NEUTRAL = frozenset({
@@ -38,9 +41,46 @@ NEUTRAL = frozenset({
 })
 
 
+PATH_SETTINGS = ("data", "backbone", "init_from")
+"""Settings that name a local folder or a URL: stored absolute in the run's config (``absolute_paths``), so the
+run is evaluated, exported and resumed from any folder; compared as resolved paths on resume (a run folder written
+before stored them as given, relative to where it was started)."""
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path that exists, made absolute; a URL ("s3://..."), an absolute path, None or a name that is no
+    local path (a backbone given by another name) as given."""
+    if not path or "://" in path or os.path.isabs(path) or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
+def absolute_paths(cfg) -> None:
+    """Make ``cfg``'s ``PATH_SETTINGS`` absolute (``absolute_path``), in place."""
+    for name in PATH_SETTINGS:
+        setattr(cfg, name, absolute_path(getattr(cfg, name)))
+
+
+def _same_setting(name: str, before, after) -> bool:
+    """Whether a setting is unchanged; a path setting compares resolved (relative to this working directory)."""
+    if before == after:
+        return True
+    if name in PATH_SETTINGS and isinstance(before, str) and isinstance(after, str) and "://" not in before + after:
+        return os.path.abspath(before) == os.path.abspath(after)
+    return False
+
+
 def default_run_dir() -> str:
     """runs/<timestamp>: where a run without `out` goes."""
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+_locked: list[str] = []  # run folders this process has locked, oldest first (absolute paths)
+
+
+def locked_run_dirs() -> list[str]:
+    """The run folders this process has held, oldest first, released ones included."""
+    return list(_locked)
 
 
 class RunFolderError(UserError):
@@ -83,7 +123,7 @@ class RunLock:
         return f"pid {holder.get('pid')} on {holder.get('host')} (since {since}, {holder.get('command', '?')})"
 
     def acquire(self) -> RunLock:
-        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(self.run_dir, mode=RUN_DIR_MODE, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
               "since": time.time(), "command": " ".join(sys.argv)[:200]}
         tmp = f"{self.path}.{me['host']}.{me['pid']}"
@@ -94,6 +134,7 @@ class RunLock:
                 try:
                     os.link(tmp, self.path)
                     self.held = True
+                    _locked.append(os.path.abspath(self.run_dir))
                     return self
                 except FileExistsError:
                     pass
@@ -162,7 +203,7 @@ def config_changes(saved: dict, new) -> list[str]:
     before = flatten_settings(saved)
     after = flatten_settings(dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new)
     return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before.keys() & after.keys())
-            if k not in NEUTRAL and before[k] != after[k]]
+            if k not in NEUTRAL and not _same_setting(k, before[k], after[k])]
 
 
 def check_resume_config(saved: dict, new, source: str) -> list[str]:
@@ -203,10 +244,13 @@ def settle_run_config(restored_config: dict | None, cfg, is_main: bool, content_
     """After a recipe's resume attempt and before anything is written: refuse a trajectory-changing config
     (``check_resume_config``) or other data (``check_resume_dataset``; a refused resume leaves the run folder as it
     was), warn about an allowed one, then record the config the run continues with as ``<out>/config.yaml`` and the
-    dataset's content hash as ``<out>/dataset.json`` (rank 0)."""
+    dataset's content hash as ``<out>/dataset.json`` (rank 0). Local paths (``PATH_SETTINGS``: the dataset, the
+    backbone, init_from) are made absolute in ``cfg`` first, so the saved config and every checkpoint's copy of it
+    name them from any folder (`cllm4rec evaluate --checkpoint RUN` run elsewhere); URLs stay as given."""
     from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
     from cllm4rec_dist.settings import to_yaml
 
+    absolute_paths(cfg)
     if restored_config is not None:
         changes = check_resume_config(restored_config, cfg, f"the checkpoint in {cfg.out}")
         changes += check_resume_dataset(cfg.out, cfg.data, content_hash, cfg.allow_config_change)

@@ -24,7 +24,9 @@ Folder layout (what ``cllm4rec demo-data`` writes)::
 
 users.csv/items.csv (or .parquet) always use those fixed column names (``item_title`` optional); their
 texts fill in after any text columns of the interactions file (first non-empty
-wins again).
+wins again). They hold one row per id: a second row for an id that gives it ANOTHER non-empty text or title is
+a bad line (``conflicting_duplicate``: skipped and counted, the first row kept; with --strict an error naming
+file and line), a repeated row that agrees is taken.
 
 Line numbers in messages are file line numbers (the header is line 1); for
 Parquet they are 1-based row numbers.
@@ -176,19 +178,35 @@ def _read_interactions(path, options, report, rows, user_texts, item_texts, item
 
 def _read_side_texts(path: str, key: str, value: str, report: InputReport, texts: dict[str, str],
                      titles: dict[str, str] | None = None) -> None:
-    """Texts (and, for items, titles from an optional ``item_title`` column) of a users/items side file."""
+    """Texts (and, for items, titles from an optional ``item_title`` column) of a users/items side file.
+
+    One row per id: a later row for the same id that gives another non-empty text or title than the earlier
+    row(s) is a bad line (``conflicting_duplicate``, the earlier value is kept; an error with --strict). A repeated
+    row that agrees, or only fills in a value the earlier row left empty, is taken."""
     with open_table(path, report) as (header, lines):
         fix = f"This side file needs the columns {key},{value} (see the folder layout of --format table)."
         k, v = column_index(header, key, path, fix), column_index(header, value, path, fix)
         t = header.index("item_title") if titles is not None and "item_title" in header else None
+        seen: dict[str, tuple[int, str, str]] = {}  # id -> (its first line, text, title) of this file
         for lineno, row in lines:
             ident_ = ident(row[k])
             if not ident_:
                 report.bad(path, lineno, "empty_id", key)
                 continue
-            _first_non_empty(texts, ident_, clean_text(row[v]))
+            text, title = clean_text(row[v]), clean_text(row[t]) if t is not None else ""
+            first = seen.get(ident_)
+            if first is not None:
+                clash = next((column for column, old, new in ((value, first[1], text), ("item_title", first[2], title))
+                              if old and new and old != new), None)
+                if clash is not None:
+                    report.bad(path, lineno, "conflicting_duplicate",
+                               f"{key} {ident_!r} has another {clash} on line {first[0]}; keep one row per {key}")
+                    continue
+                text, title = first[1] or text, first[2] or title
+            seen[ident_] = (first[0] if first else lineno, text, title)
+            _first_non_empty(texts, ident_, text)
             if t is not None:
-                _first_non_empty(titles, ident_, clean_text(row[t]))
+                _first_non_empty(titles, ident_, title)
     report.finish_file(path)
 
 

@@ -92,6 +92,15 @@ class ALLMRecSettings:
                 self.cold_item_max_count, f"below allmrec.warm_item_min_count ({self.warm_item_min_count})")
         require(self.alpha >= 0, "allmrec.alpha", self.alpha, ">= 0 (a loss weight)")
         require(self.beta >= 0, "allmrec.beta", self.beta, ">= 0 (a loss weight)")
+        for name in ("cf_lr", "stage1_lr", "stage2_lr"):
+            require(getattr(self, name) > 0, f"allmrec.{name}", getattr(self, name), "> 0 (a learning rate)")
+        for name in ("cf_epochs", "cf_patience"):
+            require(getattr(self, name) >= 1, f"allmrec.{name}", getattr(self, name), ">= 1")
+        for name in ("stage1_epochs", "stage2_epochs", "cold_item_max_count", "cold_user_max_history"):
+            require(getattr(self, name) >= 0, f"allmrec.{name}", getattr(self, name), ">= 0")
+        from cllm4rec_dist.model.cf import CF_MODELS
+
+        require(self.cf_model in CF_MODELS, "allmrec.cf_model", self.cf_model, ", ".join(sorted(CF_MODELS)))
         return self
 
     def candidate_settings(self):

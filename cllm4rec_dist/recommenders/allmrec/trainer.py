@@ -36,7 +36,7 @@ from cllm4rec_dist.recommenders.allmrec.model import (
 )
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
-from cllm4rec_dist.train.loop import block_end_checkpoint_due, run_block_steps
+from cllm4rec_dist.train.loop import block_end_checkpoint_due, check_loss, run_block_steps
 from cllm4rec_dist.train.monitor import Monitor, PendingSteps
 from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.timing import PhaseTimer
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 STAGES = ("cf", "align", "llm", "eval", "done")
 _STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14}
+LR_SETTING = {"align": "allmrec.stage1_lr", "llm": "allmrec.stage2_lr"}  # named when a stage's loss diverges
 
 
 @dataclass
@@ -258,17 +259,25 @@ class ALLMRecTrainer:
         return self.result()
 
     def _cf_log(self, tag: str, value: float, step: int) -> None:
+        """Stage 0's log (baselines/sequential.py ``CFStage``: ``cf/loss`` per epoch, ``cf/valid/...``); a NaN or
+        infinite epoch loss stops the run (stage 0 runs identically on every rank: all of them stop there)."""
+        if tag == "cf/loss":
+            check_loss(value, step, f"stage-0 {self.a.cf_model}", self.a.cf_lr, "allmrec.cf_lr", unit="epoch",
+                       what="the mean of the epoch's steps")
         if self.log is not None and self.log.writer is not None:
             self.log.writer.add_scalar(tag, value, step)  # tags come as cf/...
 
     def flush_log(self) -> None:
         """The pending steps to the monitor, averaged over ranks in ONE all-reduce (train/monitor.py
-        ``PendingSteps``, as CLLM4Rec's Trainer does); every rank calls this at the same steps."""
+        ``PendingSteps``, as CLLM4Rec's Trainer does); every rank calls this at the same steps. A NaN or infinite
+        loss stops the run here (train/loop.py ``check_loss``), on every rank at the same step."""
         if not self.unlogged:
             return
         with self.timer.phase("log_reduce"):
             for (stage, epoch, global_step, seconds, total, lr, keys), values in self.unlogged.reduce(self.r.mean):
                 out = dict(zip(keys, values))
+                if not math.isfinite(out["loss"]):
+                    check_loss(out["loss"], global_step, stage, lr, self._diverged_setting(stage))
                 # The Monitor's step record: (loss, lm, mr, tokens, grad_norm); A-LLMRec has no MR term.
                 self.log.step(global_step, _Phase(stage, epoch), stage, seconds, total, lr,
                               [out["loss"], out["loss"], 0.0, out.get("tokens", 0.0), out["grad_norm"]])
@@ -276,6 +285,19 @@ class ALLMRecTrainer:
                     for key in keys:
                         if key not in ("loss", "tokens", "grad_norm"):
                             self.log.writer.add_scalar(f"{stage}/{key}", out[key], global_step)
+
+    def _diverged_setting(self, stage: str) -> str:
+        """The learning rate to blame for stage ``stage``'s non-finite loss: the stage's own, or stage 0's when the
+        frozen CF model it reads gives non-finite vectors (its epoch losses can look fine while its last step
+        diverged). Only called once a loss is NaN or infinite, so it costs the training nothing."""
+        users = [self.data.histories[u][:-1] for u in self.train_users]
+        with torch.no_grad():
+            finite = bool(torch.isfinite(self.model.cf.item_embeddings()).all()) and all(
+                bool(torch.isfinite(self.user_vectors(users[k:k + 256])).all()) for k in range(0, len(users), 256))
+        if finite:
+            return LR_SETTING[stage]
+        return (f"allmrec.cf_lr: the stage-0 {self.a.cf_model} model this stage reads gives NaN or infinite "
+                "vectors; retrain stage 0")
 
     def joint_embeddings(self) -> torch.Tensor:
         """e_i for every item (frozen after stage 1): item path for trained items, text path for cold ones."""

@@ -13,6 +13,6 @@ RECOMMENDER = Recommender(
         "cf": Variant("LLM-CF", {"ablation": "cf"}),
         "prerec": Variant("LLM-PreRec", {"ablation": "prerec"}),
         "fixord": Variant("LLM-FixOrd", {"ablation": "fixord"}),
-        "ftall": Variant("LLM-FtAll", {"ablation": "ftall"}),
-        "scratch": Variant("LLM-Scratch", {"ablation": "scratch"}),
+        "ftall": Variant("LLM-FtAll", {"ablation": "ftall"}, default=False),
+        "scratch": Variant("LLM-Scratch", {"ablation": "scratch"}, default=False),
     })

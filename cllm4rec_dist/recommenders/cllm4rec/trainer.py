@@ -20,7 +20,7 @@ from cllm4rec_dist.recommenders.cllm4rec.evaluate import evaluate_model
 from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss, l_step_loss, rec_step_loss
 from cllm4rec_dist.recommenders.cllm4rec.schedule import Block
 from cllm4rec_dist.train.checkpoint import CheckpointClock, CheckpointError, capture_rng, load_trainable, restore_rng
-from cllm4rec_dist.train.loop import block_end_checkpoint_due, run_block_steps
+from cllm4rec_dist.train.loop import block_end_checkpoint_due, check_loss, run_block_steps
 from cllm4rec_dist.train.monitor import PendingSteps
 from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.timing import PhaseTimer
@@ -147,10 +147,15 @@ class Trainer:
     def flush_log(self) -> None:
         """Hand the steps not yet logged to the monitor, averaged over ranks in ONE all-reduce.
 
-        Every rank calls this at the same steps (every log_every steps, block ends, checkpoints)."""
+        Every rank calls this at the same steps (every log_every steps, block ends, checkpoints). A NaN or
+        infinite loss stops the run here (train/loop.py ``check_loss``), on every rank at the same step (the values
+        are the same all-reduced numbers), before the step is logged, validated or checkpointed."""
         if self.unlogged:
             with self.timer.phase("log_reduce"):
                 for facts, row in self.unlogged.reduce(self.r.mean):
+                    global_step, block, kind, _, _, lr = facts
+                    setting = "optim.finetune_lr" if block.phase == "finetune" else "optim.pretrain_lr"
+                    check_loss(row[LOGGED.index("loss")], global_step, kind, lr, setting)
                     self.log.step(*facts, row)
 
     # ---- evaluation and model selection --------------------------------------------------------
