@@ -15,20 +15,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 SHARED_DATA_ENV = "CLLM4REC_SHARED_DATA"
 
 
-CLUSTER_MODULES = ("test_distributed", "test_ray_job", "test_allmrec_train", "test_tune", "test_trust_tune",
-                   "test_trust_launch")
-"""Test modules that start a Ray cluster, Ray Tune or the `deepspeed` launcher (fixed default ports such as
-torch.distributed's 29500 and Ray's dashboard agent, and each one sized to the whole machine). Under pytest-xdist
-(`-n 2 --dist loadgroup`, the default in pyproject.toml) they share one worker, one at a time, while the other
-worker runs the single-process tests."""
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in CLUSTER_MODULES:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data folder; the tests that need it skip, saying how to point at it, where it is absent."""

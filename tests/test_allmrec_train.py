@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ranks import free_port  # noqa: E402
 
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.corpus.sequences import SequentialData
@@ -165,7 +166,8 @@ def test_deepspeed_launcher_runs_allmrec_like_the_single_process_run(run, config
     logged scalars all-reduced once per epoch (log_every 1000), and the launcher's export at the end."""
     out = tmp_path / "deepspeed"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner",
+                           "--master_port", str(free_port()), "--num_gpus", "2",
                            "launchers/finetune.py",
                            "--config", str(config), "--out", str(out), "--allmrec.generate", "false",
                            "--allmrec.titles_only_baseline", "false", "--allmrec.eval_max_users", "10"],

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from ranks import free_port  # noqa: E402
 
 from cllm4rec_dist.config import load_config
 from cllm4rec_dist.distributed import KILL_ENV
@@ -162,7 +163,8 @@ def test_deepspeed_launcher_finetunes_an_int8_backbone_from_a_pretraining_checkp
     out, _ = ray_run
     checkpoint = max((out / "ray").rglob("trainer.pt"), key=os.path.getmtime).parent
     ft = tmp_path / "ft"
-    output = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launchers/finetune.py",
+    output = launch([sys.executable, "-m", "deepspeed.launcher.runner",
+                     "--master_port", str(free_port()), "--num_gpus", "2", "launchers/finetune.py",
                      "--config", str(config_file), "--init_from", str(checkpoint), "--dist.ds_config",
                      "ds_configs/zero1.json", "--model.precision", "int8", "--no-export"], ft)
     assert "(int8)" in output  # the frozen backbone really is bitsandbytes int8 on every rank
@@ -178,7 +180,8 @@ def test_deepspeed_launcher_with_no_flags_runs_the_embedded_default_in_one_run_f
     """`deepspeed launchers/finetune.py` with no --config, --data or --out: the demo config and dataset, and one
     runs/<time> folder that rank 0 names for both ranks (each rank reading the clock could name its own)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner",
+                           "--master_port", str(free_port()), "--num_gpus", "2",
                            str(REPO / "launchers" / "finetune.py"), "--schedule.finetune_epochs", "1", "--no-export"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     output = proc.stdout + proc.stderr
