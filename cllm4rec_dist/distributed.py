@@ -220,13 +220,21 @@ def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: s
 
 
 def _user_error_in(err: BaseException) -> UserError | None:
-    """The project's UserError a failed Ray Train run carries from a worker (through Ray's wrappers), if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
+    """The project's UserError a failed Ray Train run carries from a worker, if any: Ray Train 2 keeps each
+    worker's exception in ``worker_failures`` (rank -> exception) and wraps others in ``cause`` / the chain."""
+    pending, seen = [err], set()
+    while pending:
+        err = pending.pop(0)
+        if err is None or id(err) in seen:
+            continue
         seen.add(id(err))
         if isinstance(err, UserError):
             return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            pending += [failures[rank] for rank in sorted(failures)]
+        pending += [getattr(err, "controller_failure", None), getattr(err, "cause", None), err.__cause__,
+                    err.__context__]
     return None
 
 

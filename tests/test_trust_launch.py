@@ -220,3 +220,21 @@ def test_the_ray_launcher_stops_cleanly_on_sigterm(demo_data, tmp_path):
     while ray_processes_of(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_processes_of(proc.pid) == []
+
+
+def test_the_ray_driver_finds_a_workers_one_line_error_in_rays_failure():
+    """A worker's UserError (a diverged loss, a full disk) reaches the driver inside Ray Train's WorkerGroupError;
+    the driver re-raises it so the launcher prints its one line (distributed._user_error_in)."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from cllm4rec_dist.train.loop import NonFiniteLossError
+
+    diverged = NonFiniteLossError("step 3 (L step): the loss is nan")
+    failed = WorkerGroupError("training failed", {1: diverged, 0: RuntimeError("rank 0 saw rank 1 die")})
+    assert distributed._user_error_in(failed) is diverged
+    assert distributed._user_error_in(ControllerError(failed)) is diverged
+    chained = RuntimeError("wrapper")
+    chained.__cause__ = diverged
+    assert distributed._user_error_in(chained) is diverged
+    assert distributed._user_error_in(WorkerGroupError("bug", {0: ValueError("a bug keeps its traceback")})) is None
+
