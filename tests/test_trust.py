@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import one_line_error  # noqa: E402
 
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.data.readers import ReaderOptions, read_dataset
@@ -29,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1",
         "--schedule.finetune_epochs", "1",
         "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64", "--log_every", "1000"]
-
-
-def one_line_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of model loading
-    assert err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

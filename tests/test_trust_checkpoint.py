@@ -24,6 +24,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from checks import one_line_error  # noqa: E402
 from fsspec.implementations.local import LocalFileOpener
 
 from cllm4rec_dist.cli import main as cli
@@ -36,16 +37,6 @@ TINY = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrai
 EVERY = ["--checkpoint_every", "4", "--keep_checkpoints", "3"]
 ROW = ["--model.table_sharding", "row", "--model.item_head_sharding", "row"]
 RESULT_KEYS = ("valid", "test", "best", "global_step")
-
-
-def one_line_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "nothing on stderr"
-    assert err[-1].startswith("error: "), err[-1]
-    assert not any(line.startswith("Traceback") for line in err), "\n".join(err)
-    for needle in needles:
-        assert needle in err[-1], err[-1]
-    return err[-1]
 
 
 def results(run: Path) -> dict:

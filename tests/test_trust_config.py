@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import one_line_error  # noqa: E402
 
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.train.checkpoint import TRAINER_FILE, LocalSink, sha256_file
@@ -39,14 +40,6 @@ allmrec:
   titles_only_baseline: false
 log_every: 1000
 """
-
-
-def one_line_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of model loading
-    assert err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def written(path: Path, text: str | bytes) -> Path:

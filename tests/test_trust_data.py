@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from checks import one_line_error  # noqa: E402
 
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.corpus.sequences import SEQ_CORPUS, SequentialData
@@ -44,14 +45,6 @@ allmrec:
   titles_only_baseline: false
 log_every: 1000
 """
-
-
-def one_line_error(capsys, *needles) -> str:
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of model loading
-    assert err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def allmrec_config(tmp_path: Path, data: str, cf_from: Path | None = None) -> Path:
