@@ -47,12 +47,14 @@ from cllm4rec_dist.model.cf.loss import draw_training_negatives, next_item_bce
 from cllm4rec_dist.model.cf.sasrec import SASRecSettings
 from cllm4rec_dist.train.checkpoint import (
     INFO_SUFFIX,
+    METADATA,
     MODEL_CONFIG,
     WEIGHTS_SUFFIX,
     CheckpointError,
     check_tensors,
     incomplete_reason,
     read_model,
+    safetensors_header,
     write_model,
 )
 
@@ -64,9 +66,6 @@ SETTING_BOUNDS = {"dim": 1 << 14, "max_len": 1 << 16}
 """Largest value of these integer settings; every other integer setting (blocks, heads, layers) at most
 ``MAX_SMALL_SETTING``."""
 MAX_SMALL_SETTING = 256
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on its JSON header
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
-                "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -271,46 +270,22 @@ def _number(value) -> bool:
 def safetensors_shapes(fs, path: str) -> dict[str, tuple[int, ...]]:
     """{name: shape} from a safetensors file's JSON header, without reading (or allocating) its tensors.
 
-    The header must be well formed and its data offsets must tile the rest of the file exactly, each tensor's byte
-    range matching its dtype and shape: the shapes are then backed by bytes that exist."""
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {what}; not a safetensors file written by this project. Save the model "
-                               "again.")
-
-    size = fs.size(path)
-    with fs.open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
-            raise bad(f"a header length of {length} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise bad(f"its header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-    shapes, ranges = {}, []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (entry.get("dtype") if isinstance(entry, dict) else None) not in _DTYPE_BYTES \
-                or not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape) \
-                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
-            raise bad(f"tensor {name!r} has no valid dtype / shape / data_offsets")
-        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
-            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {entry['dtype']}")
-        shapes[name] = tuple(shape)
-        ranges.append(tuple(offsets))
+    The header is checked by train/checkpoint.py ``safetensors_header`` (size, JSON, dtypes, shapes, each tensor's
+    data offsets inside the file and matching its shape); here its tensors must also tile the data exactly, so
+    every shape is backed by bytes that exist and nothing else hides in the file."""
+    header = safetensors_header(path, fs=fs, fix="Save the model again.")
+    ranges = sorted(tuple(entry["data_offsets"]) for name, entry in header.items() if name != METADATA)
     position = 0
-    for start, end in sorted(ranges):
+    for start, end in ranges:
         if start != position:
-            raise bad("its tensors' byte ranges overlap or leave gaps")
+            raise CheckpointError(f"{path}: its tensors' byte ranges overlap or leave gaps; not a safetensors file "
+                                  "written by this project. Save the model again.")
         position = end
-    if position != size - 8 - length:
-        raise bad(f"its tensors take {position} bytes, the file holds {size - 8 - length} after the header")
-    return shapes
+    data_bytes = fs.size(path) - 8 - int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+    if position != data_bytes:
+        raise CheckpointError(f"{path}: its tensors take {position} bytes, the file holds {data_bytes} after the "
+                              "header; not a safetensors file written by this project. Save the model again.")
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != METADATA}
 
 
 def _check_settings(bad, model: str, settings) -> None:
