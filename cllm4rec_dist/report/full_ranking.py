@@ -45,6 +45,7 @@ from cllm4rec_dist.report.stats import (
     fmt_stat,
     machine_info,
     mean_std,
+    write_report,
     yaml_text,
 )
 
@@ -434,13 +435,7 @@ def build_report(cfg: TrainConfig, models: list[str], report_dir: str, command: 
     report["differences"] = differences(report["models"], DIFFERENCE_COLUMNS)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     report["seconds"] = round(time.time() - t0, 2)
-    report["files"] = {name: os.path.join(report_dir, name) for name in ("report.md", "recall20.png", "report.json")}
-    plot(report, report["files"]["recall20.png"])
-    with open(report["files"]["report.md"], "w", encoding="utf-8") as f:
-        f.write(markdown(report))
-    with open(report["files"]["report.json"], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, default=str)
-    return report
+    return write_report(report, report_dir, markdown, {"recall20.png": plot})
 
 
 def report_from_args(cfg: TrainConfig, models: list[str], command: str, args) -> dict:

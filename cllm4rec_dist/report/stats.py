@@ -15,6 +15,7 @@ Knows no protocol and no model: imports neither protocol module (``full_ranking`
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import platform
@@ -148,3 +149,19 @@ def difference_lines(report: dict, columns, display=None) -> list[str]:
             shown.append(f"**{text}**" if d is not None and d["exceeds"] else text)
         lines.append(f"| {display(a)} | {display(b)} | " + " | ".join(shown) + " |")
     return lines + [""]
+
+
+def write_report(report: dict, report_dir: str, markdown, plots: dict | None = None) -> dict:
+    """Record the report's files in ``report["files"]`` (report.md, each plot, report.json), draw each plot
+    (``plots``: file name -> ``draw(report, path)``), then write report.md (``markdown(report)``) and report.json
+    last; returns ``report``."""
+    plots = plots or {}
+    report["files"] = {name: os.path.join(report_dir, name) for name in ("report.md", *plots, "report.json")}
+    for name, draw in plots.items():
+        draw(report, report["files"][name])
+    with open(report["files"]["report.md"], "w", encoding="utf-8") as f:
+        f.write(markdown(report))
+    with open(report["files"]["report.json"], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=str)
+    return report
+
