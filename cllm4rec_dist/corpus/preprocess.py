@@ -7,14 +7,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cllm4rec_dist.corpus.documents import CORPORA, DocumentBuilder, Templates, num_tokens
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.presets import PRESETS, load_config, load_tokenizer, resolve_backbone
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE, SEQ_CORPUS, items_table, sequence_documents, sequence_length
 from cllm4rec_dist.corpus.shards import DatasetWriter, ShardPlan
-from cllm4rec_dist.data.protocol import SPLITS, ProtocolConfig, Split, apply_protocol
+from cllm4rec_dist.data.protocol import GIVEN, SPLITS, ProtocolConfig, Split, apply_protocol
 from cllm4rec_dist.data.readers import READERS, ReaderOptions, read_dataset
 from cllm4rec_dist.data.records import InputError, InputReport
 from cllm4rec_dist.resources import DEMO_DATASETS, demo_data_dir
@@ -76,6 +76,19 @@ def demo_dataset(data: str) -> str:
     return data
 
 
+def given_protocol(cfg: PreprocessConfig, given_split: str | None) -> ProtocolConfig:
+    """The protocol a dataset is processed with: ``cfg.protocol``, or for a reader whose data holds the split
+    (``RawDataset.given_split``) the same settings with the data's split kind and no binarising and no k-core, so
+    the manifest says what was done. ``--split leave-one-out`` on a given full-ranking split is refused there
+    (``apply_given_split``): that would be a re-split."""
+    if given_split is None:
+        return cfg.protocol
+    split = given_split if cfg.protocol.split == ProtocolConfig.split else cfg.protocol.split
+    _log(f"--format {cfg.format} holds its own {given_split} split: used as given (no binarising, no k-core, "
+         "no re-split; --min-rating, --kcore, --valid/--test-fraction and --seed's split do not apply)")
+    return replace(cfg.protocol, split=split, binarize=False, kcore=0)
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole pipeline; returns the statistics (also written to OUT/stats.json)."""
     t0 = time.time()
@@ -86,7 +99,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     for example in report.examples:
         _log(f"  skipped: {example}")
 
-    split = apply_protocol(raw, cfg.protocol)
+    protocol = given_protocol(cfg, raw.given_split)
+    split = apply_protocol(raw, protocol)
     _log(f"protocol: {split.num_users} users, {split.num_items} items, {split.stats['num_interactions']} interactions "
          f"(train {split.stats['num_train']} / valid {split.stats['num_valid']} / test {split.stats['num_test']})")
 
@@ -106,7 +120,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     writer.write_json("id_maps.json", {"users": split.user_ids, "items": split.item_ids})
     writer.write_json(ITEMS_FILE, items_table(split))
     corpora = [(name, builder.corpus(name, split), num_tokens) for name in CORPORA]
-    if cfg.protocol.split == "leave-one-out":
+    if protocol.split == "leave-one-out":
         corpora.append((SEQ_CORPUS, sequence_documents(split), sequence_length))
     for name, docs, count_tokens in corpora:
         entry = writer.write_corpus(name, docs, count_docs(name, split), count_tokens)
@@ -134,7 +148,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "backbone": {"spec": cfg.backbone, "path": location["path"], "gguf_file": location["gguf_file"],
                      "tokenizer_sha256": tokenizer_identity(tokenizer),
                      "model_type": getattr(backbone_config, "model_type", None)},
-        "protocol": asdict(cfg.protocol),
+        "protocol": asdict(protocol),
+        **({"split_source": GIVEN} if raw.given_split else {}),
         "cold_items": split.stats["cold_items"],
         "templates": asdict(cfg.templates),
         "max_text_tokens": cfg.max_text_tokens,
@@ -156,12 +171,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --out shards/ml-100k\n"
         "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --split leave-one-out\n"
         "  cllm4rec preprocess --format amazon --input All_Beauty_5.json.gz --meta meta_All_Beauty.json.gz\n"
-        "  cllm4rec preprocess --format table --input raw/ --user-col uid --item-col iid --out s3://bucket/ds"
+        "  cllm4rec preprocess --format table --input raw/ --user-col uid --item-col iid --out s3://bucket/ds\n"
+        "  cllm4rec preprocess --format split-npz --input ../shared/data/amazon-cllm4rec-split/beauty "
+        "--out shards/beauty-split\n"
+        "  cllm4rec preprocess --format sequences-json --input ../shared/data/amazon-2014-titles/games "
+        "--out shards/games\n"
+        "  cllm4rec preprocess --format s3rec --input ../shared/data/amazon-5core-seq-s3rec/Beauty.txt "
+        "--item-titles ../shared/data/amazon-2014-titles/beauty_items.json --split leave-one-out"
     )
     p.add_argument("--format", required=True, help=f"input format: {', '.join(READERS)}")
     p.add_argument("--input", action="append", required=True,
                    help="input file or folder (repeatable; fsspec URLs work)")
     p.add_argument("--meta", action="append", default=[], help="side file, e.g. Amazon item metadata (repeatable)")
+    p.add_argument("--item-titles", help="--format s3rec: JSON map item id -> title (or {\"asin\", \"title\"}), "
+                                         "e.g. amazon-2014-titles/beauty_items.json")
     p.add_argument("--out", help="output folder or fsspec URL (default: shards/<input name>)")
     p.add_argument("--backbone", default="tiny-llama",
                    help=f"tokenizer source: a preset ({', '.join(PRESETS)}), 'smollm2', "
@@ -175,7 +198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=ProtocolConfig.seed, help="seed of the random split")
     g.add_argument("--split", choices=SPLITS, default=ProtocolConfig.split,
                    help="random: per-user seeded valid/test fractions (CLLM4Rec); leave-one-out: per user in time "
-                        "order, last = test, second last = valid, with stored candidates (A-LLMRec, SASRec)")
+                        "order, last = test, second last = valid, with stored candidates (A-LLMRec, SASRec). "
+                        "split-npz / sequences-json hold their own split, used as given")
     g.add_argument("--num-negatives", type=int, default=ProtocolConfig.num_negatives,
                    help="leave-one-out: never-interacted items sampled next to each valid/test positive")
     g.add_argument("--candidate-seed", type=int, default=ProtocolConfig.candidate_seed,
@@ -205,6 +229,7 @@ def config_from_args(args) -> PreprocessConfig:
         inputs=args.input, meta=args.meta, user_col=args.user_col, item_col=args.item_col,
         rating_col=args.rating_col, timestamp_col=args.timestamp_col, review_col=args.review_col,
         user_text_col=args.user_text_col, item_text_col=args.item_text_col, item_title_col=args.item_title_col,
+        item_titles=args.item_titles,
     )
     protocol = ProtocolConfig(binarize=not args.no_binarize, min_rating=args.min_rating, kcore=args.kcore,
                               valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,

@@ -19,6 +19,10 @@ from cllm4rec_dist.data.candidates import sample_candidates
 from cllm4rec_dist.data.records import InputError, RawDataset
 
 SPLITS = ("random", "leave-one-out")
+GIVEN = "as given"
+"""``stats.json`` ``split`` of a dataset whose reader supplied the split (``RawDataset.given_split``)."""
+GIVEN_PARTS = ("train", "valid", "test")
+"""The values of the ``part`` column of such a reader's interactions."""
 
 
 @dataclass
@@ -156,18 +160,24 @@ def heldout_masks(n: int, user: int, cfg: ProtocolConfig) -> tuple[np.ndarray, n
     return is_valid, is_test
 
 
-def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
-    """Run duplicates merge, binarisation, k-core, id mapping and the per-user split."""
-    cfg.validate()
-    df = raw.interactions.copy()
-    stats: dict = {"raw_interactions": int(len(df))}
-
-    # Duplicate (user, item): the latest by timestamp wins, ties and missing timestamps by file order.
+def merge_duplicates(df: pd.DataFrame, stats: dict) -> pd.DataFrame:
+    """Duplicate (user, item): the latest by timestamp wins, ties and missing timestamps by file order."""
     df["_order"] = np.arange(len(df))
     df = df.sort_values(["timestamp", "_order"], kind="stable", na_position="first")
     before = len(df)
     df = df.drop_duplicates(["user", "item"], keep="last").sort_values("_order", kind="stable")
     stats["duplicates_merged"] = int(before - len(df))
+    return df
+
+
+def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
+    """Run duplicates merge, binarisation, k-core, id mapping and the per-user split."""
+    cfg.validate()
+    if raw.given_split is not None:
+        return apply_given_split(raw, cfg)
+    df = raw.interactions.copy()
+    stats: dict = {"raw_interactions": int(len(df))}
+    df = merge_duplicates(df, stats)
     every_pair = df[["user", "item"]]  # before binarising: a low rating is still an interaction (candidates)
 
     binarized = cfg.binarize and raw.has_ratings
@@ -189,9 +199,53 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
             f"{stats['kcore_dropped']} by the {cfg.kcore}-core filter). "
             "Lower --kcore, pass --no-binarize, or check the input."
         )
+    return _assemble(raw, cfg, df, every_pair, stats, lambda user, n, _: heldout_masks(n, user, cfg))
 
+
+def apply_given_split(raw: RawDataset, cfg: ProtocolConfig) -> Split:
+    """The split of a reader whose data already holds one (``raw.given_split``; the ``part`` column): used AS GIVEN.
+
+    No binarising, no k-core, no re-split; duplicates are merged as always (the latest wins, so a pair both in
+    train and held out stays held out), and the regimes of ``restrict_train`` still apply to the train lists.
+    ``cfg.split`` must be the data's kind (``preprocess`` sets it): ``leave-one-out`` data holds at most one
+    valid and one test item per user and gets stored candidates; ``random`` data any number (full ranking).
+    """
+    if cfg.split != raw.given_split:
+        raise InputError(f"{raw.name}: the data holds a {raw.given_split} split, used as given; --split {cfg.split} "
+                         f"would need a re-split. Leave --split out (or pass --split {raw.given_split}).")
+    df = raw.interactions.copy()
+    parts = df.get("part")
+    if parts is None or not parts.isin(GIVEN_PARTS).all():
+        raise ValueError(f"{raw.name}: a given split needs a 'part' column of {', '.join(GIVEN_PARTS)}")
+    stats: dict = {"raw_interactions": int(len(df)), "split": GIVEN}
+    df = merge_duplicates(df, stats)
+    every_pair = df[["user", "item"]]
+    stats.update(binarized=False, kcore_dropped=0, kcore_iterations=0)
+    if len(df) == 0:
+        raise InputError(f"{raw.name}: the given split holds no interactions; check the input.")
+    if cfg.split == "leave-one-out":
+        per_user = df[df["part"] != "train"].groupby(["user", "part"]).size()
+        if len(per_user) and per_user.max() > 1:
+            user, part = per_user.idxmax()
+            raise InputError(f"{raw.name}: user {user!r} holds {per_user.max()} {part} items; a leave-one-out split "
+                             "holds one per user. Fix the input or read it with a format for full held-out sets.")
+
+    def given(user: int, n: int, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return part == "valid", part == "test"
+
+    return _assemble(raw, cfg, df, every_pair, stats, given)
+
+
+def _assemble(raw: RawDataset, cfg: ProtocolConfig, df: pd.DataFrame, every_pair: pd.DataFrame, stats: dict,
+              holdout) -> Split:
+    """Ids, per-user lists, the train regimes, reviews, texts, statistics (+ candidates): the protocol's tail.
+
+    ``holdout(user, n, part)`` gives the (is_valid, is_test) masks over a user's ``n`` time-ordered rows (``part``:
+    their ``part`` column when the reader gave the split, else None)."""
     user_ids = _natural_order(df["user"])
-    item_ids = _natural_order(df["item"])
+    catalogue = df["item"] if raw.item_catalogue is None else pd.concat([df["item"], pd.Series(raw.item_catalogue,
+                                                                                              dtype=str)])
+    item_ids = _natural_order(catalogue)
     uidx = pd.Series(np.arange(len(user_ids)), index=user_ids)
     iidx = pd.Series(np.arange(len(item_ids)), index=item_ids)
     df = df.assign(u=uidx.loc[df["user"]].to_numpy(), i=iidx.loc[df["item"]].to_numpy())
@@ -201,10 +255,14 @@ def apply_protocol(raw: RawDataset, cfg: ProtocolConfig) -> Split:
     train, valid, test = [], [], []
     train_pairs: set[tuple[int, int]] = set()
     users_train_only = 0
-    for u, items in df.groupby("u", sort=True)["i"]:
-        items = items.to_numpy(dtype=np.int64)
-        is_valid, is_test = heldout_masks(len(items), int(u), cfg)
-        if not is_valid.any():
+    all_items = df["i"].to_numpy(dtype=np.int64)
+    all_parts = df["part"].to_numpy() if "part" in df else None
+    bounds = np.searchsorted(df["u"].to_numpy(), np.arange(len(user_ids) + 1))
+    for u in range(len(user_ids)):
+        rows = slice(int(bounds[u]), int(bounds[u + 1]))
+        items = all_items[rows]
+        is_valid, is_test = holdout(u, len(items), None if all_parts is None else all_parts[rows])
+        if not (is_valid.any() or is_test.any()):
             users_train_only += 1
         is_train = ~(is_valid | is_test)
         train.append(items[is_train])

@@ -17,6 +17,9 @@ The bad-input rule (one rule for every reader, documented in docs/DATA.md):
 * A side table (a user's or item's text and title, e.g. ``items.csv``) holds one
   row per id: a later row that gives an id ANOTHER non-empty value is a bad line
   (``conflicting_duplicate``; the first row is kept), like an unparseable one.
+* A JSON map (``--item-titles``, ``titles.json``, ``item_tags.json``, a user of
+  ``sequences.json``) counts each entry as a line; a bad entry is named by its
+  key (``file item '7': reason``) instead of a line number, under the same rule.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class InputReport:
     skipped: Counter = field(default_factory=Counter)
     empty_text: int = 0
     examples: list[str] = field(default_factory=list)
+    counted: Counter = field(default_factory=Counter)
+    """What a reader dropped or noted that is not a bad line (e.g. ``users_without_interactions`` of a given
+    split); in ``stats.json`` under ``input.counted`` when any."""
     _bad_in_file: Counter = field(default_factory=Counter)
     _lines_in_file: Counter = field(default_factory=Counter)
 
@@ -62,11 +68,15 @@ class InputReport:
         self.lines_read += 1
         self._lines_in_file[path] += 1
 
-    def bad(self, path: str, lineno: int, reason: str, detail: str = "") -> None:
-        """Record a bad line: raise in strict mode, else skip and count it."""
-        where = f"{path}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
+    def bad(self, path: str, lineno: int | str, reason: str, detail: str = "") -> None:
+        """Record a bad line: raise in strict mode, else skip and count it.
+
+        ``lineno``: the line number, or for an entry of a JSON map the words that name it (``item '7'``)."""
+        line = isinstance(lineno, int)
+        where = (f"{path}:{lineno}: " if line else f"{path} {lineno}: ") + reason + (f" ({detail})" if detail else "")
         if self.strict:
-            raise InputError(f"{where}. Fix or delete the line, or run without --strict to skip such lines.")
+            what = "line" if line else "entry"
+            raise InputError(f"{where}. Fix or delete the {what}, or run without --strict to skip such {what}s.")
         self.skipped[reason] += 1
         self._bad_in_file[path] += 1
         if len(self.examples) < MAX_EXAMPLES:
@@ -86,20 +96,23 @@ class InputReport:
         if total == 0:
             raise InputError(f"{path}: no data lines. Check the path and --format.")
         if bad / total > self.max_bad_fraction:
-            first = next((e for e in self.examples if e.startswith(f"{path}:")), "")
+            first = next((e for e in self.examples if e.startswith((f"{path}:", f"{path} "))), "")
             raise InputError(
                 f"{path}: {bad} of {total} lines are bad (more than {self.max_bad_fraction:.0%}); "
                 f"first: {first}. This is usually the wrong --format or column names."
             )
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "lines_read": self.lines_read,
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_total": int(sum(self.skipped.values())),
             "empty_text": self.empty_text,
             "examples": list(self.examples),
         }
+        if self.counted:
+            out["counted"] = dict(sorted(self.counted.items()))
+        return out
 
 
 _WS = re.compile(r"\s+")
@@ -132,6 +145,11 @@ class RawDataset:
     ``item_texts`` is the longer description. Items without a title fall back to their original id later."""
     has_ratings: bool = True
     report: InputReport = field(default_factory=InputReport)
+    given_split: str | None = None
+    """None: the protocol splits. ``"random"`` / ``"leave-one-out"``: the data already holds a split of that kind
+    (the papers' released splits), in an extra ``part`` column (train / valid / test), used as given."""
+    item_catalogue: list[str] | None = None
+    """Every item id of a given catalogue, those without any interaction too (None: the items that occur)."""
 
     @staticmethod
     def frame(rows: list[tuple]) -> pd.DataFrame:
@@ -272,3 +290,46 @@ def dates_to_seconds(values: list[str]) -> list[float]:
         parsed[missing] = retry
     seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
     return seconds.astype(float).tolist()
+
+
+def read_json_file(path: str, what: str):
+    """A whole JSON file (local path or URL, optionally compressed); bad JSON is an ``InputError`` naming it."""
+    with open_binary(path) as raw:
+        blob = raw.read()
+    try:
+        return json.loads(blob)
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); {what}.") from None
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """``read_json_file`` that must hold an object."""
+    value = read_json_file(path, what)
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: holds a JSON {type(value).__name__}, not an object; {what}.")
+    return value
+
+
+def read_title_map(path: str, known_items: set[str], report: InputReport) -> dict[str, str]:
+    """Item titles from a JSON object ``{item id: title}``: a string, or an object with ``"title"`` (A-LLMRec's
+    ``{"asin", "title"}`` records). A null or empty title leaves the item untitled (shown by its id later,
+    ``items_without_title``). Each entry is a line of the bad-input rule: a value of another type
+    (``bad_title``) or an id the interactions do not hold (``unknown_item``: the map belongs to another dataset
+    or id space) is skipped and counted, more than 10% of them rejects the file."""
+    entries = read_json_object(path, "--item-titles is a JSON object {item id: title or {\"title\": ...}}")
+    titles: dict[str, str] = {}
+    for key, value in entries.items():
+        report.line(path)
+        title = value.get("title") if isinstance(value, dict) else value
+        if not (title is None or isinstance(title, str)):
+            report.bad(path, f"item {key!r}", "bad_title",
+                       f"{type(value).__name__} value; expected a string or an object with a string 'title'")
+            continue
+        if key not in known_items:
+            report.bad(path, f"item {key!r}", "unknown_item", "no interaction of the input holds this item id")
+            continue
+        title = clean_text(title)
+        if title:
+            titles[key] = title
+    report.finish_file(path)
+    return titles

@@ -6,13 +6,17 @@ the protocol does not binarise) and no text. The timestamp of an interaction is
 its position in the user's sequence (0, 1, 2, ...), which keeps the
 chronological order through the protocol's sort. A line with fewer than two
 fields (a user without items) is a bad line (``wrong_field_count``).
+
+``--item-titles FILE`` adds item titles from a JSON map keyed by the file's item ids (values: a title, or an
+object with ``"title"``, e.g. ``amazon-2014-titles/beauty_items.json``; ``records.read_title_map`` has the
+rules), so a leave-one-out S3-Rec dataset shows titled candidates to the LLM.
 """
 
 from __future__ import annotations
 
 import math
 
-from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, open_binary, text_lines
+from cllm4rec_dist.data.records import InputReport, RawDataset, base_name, open_binary, read_title_map, text_lines
 
 
 def read(options, report: InputReport) -> RawDataset:
@@ -30,5 +34,7 @@ def read(options, report: InputReport) -> RawDataset:
                 user = fields[0]
                 rows.extend((user, item, math.nan, float(pos), "") for pos, item in enumerate(fields[1:]))
         report.finish_file(path)
-    return RawDataset(name=base_name(options.inputs[0]), interactions=RawDataset.frame(rows), has_ratings=False,
-                      report=report)
+    interactions = RawDataset.frame(rows)
+    titles = read_title_map(options.item_titles, set(interactions["item"]), report) if options.item_titles else {}
+    return RawDataset(name=base_name(options.inputs[0]), interactions=interactions, item_titles=titles,
+                      has_ratings=False, report=report)
