@@ -1,6 +1,7 @@
 """The papers' own data: split-npz (the CLLM4Rec authors' Beauty/Sports split), sequences-json (A-LLMRec's Video
 Games), and S3-Rec sequences with --item-titles. Each through `cllm4rec preprocess`, its stats, a bad input's one
-error line, and training on the output."""
+error line, and training on the output (CLLM4Rec on split-npz, A-LLMRec on sequences-json, the latter marked slow:
+about 15 s of CPU, SBERT and the tiny backbone loaded)."""
 
 from __future__ import annotations
 
@@ -287,3 +288,22 @@ def test_the_papers_counts_on_the_real_data(shared_data):
     titled = read_real("s3rec", shared_data / "amazon-5core-seq-s3rec" / "Beauty.txt",
                        item_titles=str(shared_data / "amazon-2014-titles" / "beauty_items.json"))
     assert len(titled.item_titles) == 12_086 and not titled.report.skipped
+
+
+@pytest.mark.slow
+def test_allmrec_trains_on_a_sequences_json_dataset_with_its_titles(tmp_path):
+    """Every A-LLMRec stage on the given leave-one-out split: the candidates are the stored ones, the titles the
+    file's."""
+    sequences_folder(tmp_path / "games", users=30, items=40)
+    data = tmp_path / "ds"
+    assert preprocess("--format", "sequences-json", "--input", str(tmp_path / "games"), "--out", str(data)) == 0
+    config = tmp_path / "allmrec.yaml"
+    config.write_text(f"data: {data}\nrecommender: allmrec\nallmrec:\n  cf_epochs: 1\n  cf_dim: 16\n  cf_max_len: 8\n"
+                      "  stage1_epochs: 1\n  stage2_epochs: 1\n  prompt_history: 3\n  num_candidates: 5\n"
+                      "  max_new_tokens: 8\n  eval_batch_size: 30\nlog_every: 1000\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for model in ("allmrec", "titles_only"):  # ranked among the 20 stored candidates of every user
+        for part in ("valid", "test"):
+            assert metrics["stages"]["llm"][model][part]["users"] == 30
+            assert 0 <= metrics["stages"]["llm"][model][part]["hit@10"] <= 1
