@@ -166,7 +166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "80/10/10 split, or --split leave-one-out with stored candidates), build the collaborative, content, "
         "rec and eval documents as token ids (and, for leave-one-out, the seq corpus), and write them as "
         "webdataset shards with a manifest.\n\nformats:\n"
-        + "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in READERS.items())
+        + "\n".join(f"  {name:15s} {help_}" for name, (_, help_) in READERS.items())
         + "\n\nexamples:\n"
         "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --out shards/ml-100k\n"
         "  cllm4rec preprocess --format movielens --input ../shared/data/movielens-100k --split leave-one-out\n"

@@ -4,6 +4,9 @@ Two per-user splits (``ProtocolConfig.split``): ``random`` (CLLM4Rec's seeded 80
 ``leave-one-out`` (A-LLMRec and sequential recommenders: in time order, last = test, second
 last = valid, the rest train; plus stored candidates, see ``data/candidates.py``).
 
+A reader whose data already holds a split (the papers' released splits: ``RawDataset.given_split``) skips
+binarising, k-core and the split: ``apply_given_split`` uses it as given.
+
 Everything here is a pure function of (RawDataset, ProtocolConfig): the same
 inputs and seeds give the same Split, byte for byte.
 """
