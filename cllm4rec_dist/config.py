@@ -126,6 +126,8 @@ class RunSettings:
                  "> 0 (1 = the user tables at the phase's lr)")
         require(self.optim.item_head_lr_scale > 0, "optim.item_head_lr_scale", self.optim.item_head_lr_scale,
                  "> 0 (1 = the item head at the phase's lr)")
+        require(self.optim.adapter_lr_scale > 0, "optim.adapter_lr_scale", self.optim.adapter_lr_scale,
+                 "> 0 (1 = the adapters at the phase's lr)")
         for name in ("num_workers", "cpus_per_worker"):
             require(getattr(self.dist, name) >= 1, f"dist.{name}", getattr(self.dist, name), ">= 1")
         require(self.dist.max_failures >= -1, "dist.max_failures", self.dist.max_failures, ">= -1 (-1: no limit)")

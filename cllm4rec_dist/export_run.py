@@ -10,12 +10,17 @@ import argparse
 import json
 
 from cllm4rec_dist.config import config_from_dict
+from cllm4rec_dist.corpus.presets import resolve_backbone
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.export.embeddings import ExportError, write_export
+from cllm4rec_dist.model.adapter import peft_adapter_files
 from cllm4rec_dist.recommenders import recommender
 from cllm4rec_dist.train.checkpoint import read_saved_weights
 
 __all__ = ["ExportError", "add_arguments", "export_checkpoint", "run"]
+
+ADAPTER_FOLDER = "adapter"
+"""Where an export puts the backbone's LoRA adapter in PEFT's format (model.adapter lora)."""
 
 
 def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_best: bool = True,
@@ -60,7 +65,28 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
                                                  " (the checkpoint has no best-validation copy yet)")),
         "best": state_record.get("best") or None,
     }
-    return write_export(out_dir, ids, exported, dim, record, f"{saved.path} on {data_url}")
+    adapter_files = {}
+    if cfg.model.uses_adapter:
+        # the backbone's LoRA adapter, also in PEFT's own format: PeftModel.from_pretrained(base, <out>/adapter)
+        location = _backbone_location(cfg, data.manifest)
+        files = peft_adapter_files(cfg.model.backbone_settings(), location["path"], location.get("gguf_file"),
+                                   saved.tensors)
+        adapter_files = {f"{ADAPTER_FOLDER}/{name}": data for name, data in files.items()}
+        record["adapter"] = {"format": "peft", "folder": ADAPTER_FOLDER, "base_model": location["path"],
+                             "load": f"peft.PeftModel.from_pretrained(<base backbone>, '<export>/{ADAPTER_FOLDER}')"}
+    return write_export(out_dir, ids, exported, dim, record, f"{saved.path} on {data_url}", adapter_files)
+
+
+def _backbone_location(cfg, manifest: dict) -> dict:
+    """The backbone the run trained on: cfg.backbone (a folder or a preset-free spec), else the dataset's."""
+    if cfg.backbone is None:
+        recorded = manifest["backbone"]
+        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
+    try:
+        return resolve_backbone(cfg.backbone)
+    except ValueError as err:
+        raise ExportError(f"the run's backbone {cfg.backbone!r} cannot be found for its adapter's export ({err})") \
+            from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -155,10 +155,12 @@ class ExportWriter:
         self.fs.rm(path)
         for name in previous:
             target = posixpath.join(self.root, name)
-            if "/" not in name and self.fs.exists(target):
+            if ".." not in name.split("/") and not name.startswith("/") and self.fs.exists(target):
                 self.fs.rm(target)
 
     def write(self, name: str, data: bytes) -> None:
+        if "/" in name:  # a file of a subfolder (the PEFT adapter's)
+            self.fs.makedirs(posixpath.join(self.root, posixpath.dirname(name)), exist_ok=True)
         atomic_write(self.fs, posixpath.join(self.root, name), data)
         self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -176,10 +178,11 @@ class ExportedTables:
 
 
 def write_export(out_dir: str, ids: dict[str, list[str]], exported: ExportedTables, dim: int | None,
-                 record: dict, where: str) -> dict:
+                 record: dict, where: str, extra_files: dict[str, bytes] | None = None) -> dict:
     """Write every table (optionally PCA-projected to ``dim``) with its original ids, then export.json LAST; returns
     export.json's content. ``record``: what export.json says of the source (source, weights, best, ...);
-    ``where`` names the checkpoint and dataset in errors."""
+    ``where`` names the checkpoint and dataset in errors; ``extra_files``: more files by relative name (e.g. the
+    backbone adapter in PEFT's format, ``adapter/...``), written before export.json and listed in it."""
     tables, origin = exported.tables, exported.origin
     for entity, by_name in tables.items():
         for name, matrix in by_name.items():
@@ -210,6 +213,8 @@ def write_export(out_dir: str, ids: dict[str, list[str]], exported: ExportedTabl
         for name, matrix in tables[entity].items():
             writer.write(f"{entity}_{name}.npy", npy_bytes(np.ascontiguousarray(matrix, dtype=np.float32)))
         writer.write(f"{entity}.parquet", parquet_bytes(entity, ids[entity], tables[entity]))
+    for name, data in (extra_files or {}).items():
+        writer.write(name, data)
     if projection:
         buf = io.BytesIO()
         np.savez(buf, **projection)

@@ -1,4 +1,4 @@
-"""One optimizer engine per trainable parameter group: 'collab', 'content' (and 'backbone' for FtAll).
+"""One optimizer engine per trainable parameter group: 'collab', 'content' (and 'backbone': FtAll, or LoRA adapters).
 
 The paper trains the collaborative and the content side with separate Adam
 optimizers; a C-step must never touch collaborative Adam state and vice versa.
@@ -122,6 +122,31 @@ class TorchEngine:
         state = load_state(path)
         check_optimizer_state(path, state, [g["params"] for g in self.optimizer.param_groups])
         self.optimizer.load_state_dict(state)
+
+
+class DataParallelEngine(TorchEngine):
+    """Torch Adam over a small group whose backward ANOTHER engine runs: a group stepped in every step kind beside
+    that kind's own engine (e.g. the backbone's LoRA adapters, shared by the collaborative and the content LLM). A
+    DeepSpeed engine cannot serve it: ZeRO reduces the gradients in its own ``backward``, which the step never calls
+    for this group. Here each rank's gradients are averaged over the ranks with one all-reduce of one flat buffer,
+    then every rank takes the same Adam step (the update of DeepSpeed's averaged gradients); the optimizer state is
+    the same on every rank, so rank 0 alone writes it (``TorchEngine``). A parameter no rank has a gradient for
+    keeps none (Adam skips it, as in one process)."""
+
+    def step(self) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params]
+            has_grad = torch.tensor([float(p.grad is not None) for p in self.params], device=self.params[0].device)
+            flat = torch.cat([*pieces, has_grad])
+            dist.all_reduce(flat)
+            counts = flat[-len(self.params):].tolist()
+            averaged = flat[:-len(self.params)].split([p.numel() for p in self.params])
+            for param, piece, count in zip(self.params, averaged, counts):
+                param.grad = (piece / world).view_as(param).to(param.dtype) if count > 0 else None
+        return super().step()
 
 
 class _ParamGroup(nn.Module):

@@ -69,6 +69,10 @@ class OptimSettings:
     phase's lr). Adam moves an entry by about lr per step, so at 1e-4 a head drawn at 0.02 moves little in a short
     schedule. A tied head is the
     collaborative item table: a model with one refuses any value other than 1 at setup."""
+    adapter_lr_scale: float = 1.0
+    """Learning-rate multiplier of the backbone's LoRA adapters (model.adapter lora), in every phase or stage: they
+    step at the lr of the parameters they train with (CLLM4Rec: the phase's pretrain/finetune lr; A-LLMRec: stage
+    2's lr) times this. LoRA is often run at a larger lr than the tables' 1e-4."""
     grad_clip: float = 0.0
     """Max gradient norm per step (0 = off)."""
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cllm4rec_dist.model import adapter as lora
 from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.recommenders.allmrec.prompts import SoftPrompt
 
@@ -181,14 +182,28 @@ class LLMAlignment(nn.Module):
         self.item_projection = projection(item_dim, self.hidden_size).to(device)
 
     @classmethod
-    def load(cls, location: dict, precision: str, user_dim: int, item_dim: int, device: str | None = None):
-        backbone = bb.load_backbone(location["path"], precision, gguf_file=location.get("gguf_file"), device=device)
-        return cls(backbone, user_dim, item_dim)
+    def load(cls, location: dict, settings: lora.BackboneSettings | str, user_dim: int, item_dim: int,
+             device: str | None = None):
+        """The frozen backbone in ``settings.precision`` with the adapter ``settings.adapter`` asks for (LoRA: trained
+        in stage 2 with F_U, F_I; ``adapter_parameters``), and fresh projections. A string: the precision alone."""
+        if isinstance(settings, str):
+            settings = lora.BackboneSettings(precision=settings)
+        backbone = bb.load_backbone(location["path"], settings.precision, gguf_file=location.get("gguf_file"),
+                                    device=device)
+        module = cls(backbone, user_dim, item_dim)
+        lora.apply_adapter(module.backbone, settings)
+        lora.set_adapter_training(module.backbone, module.training)
+        return module
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen: never dropout
+        lora.set_adapter_training(self.backbone, mode)  # a LoRA adapter's own dropout (model.lora_dropout) does
         return self
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The backbone's LoRA parameters (model.adapter lora; none otherwise)."""
+        return lora.adapter_parameters(self.backbone)
 
     def projection_parameters(self) -> list[nn.Parameter]:
         return [*self.user_projection.parameters(), *self.item_projection.parameters()]
@@ -300,7 +315,8 @@ class LLMAlignment(nn.Module):
 class ALLMRec(nn.Module):
     """The pieces of A-LLMRec under one module, so that checkpoints name them: ``cf.*`` (stage 0, frozen
     after it), ``text.sbert.*`` (fine-tuned in stage 1 unless frozen), ``align.*`` (stage 1) and
-    ``llm.user_projection.*`` / ``llm.item_projection.*`` (stage 2). The LLM backbone is never saved."""
+    ``llm.user_projection.*`` / ``llm.item_projection.*`` (stage 2). The LLM backbone is never saved, only its LoRA
+    adapter (``llm.backbone.*lora_*``, model.adapter lora: trained in stage 2)."""
 
     def __init__(self, cf: nn.Module, text: TextEncoder, align: CollabTextAlignment, llm: LLMAlignment):
         super().__init__()
@@ -318,7 +334,8 @@ class ALLMRec(nn.Module):
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Everything a checkpoint holds: all parameters except the frozen LLM (and a frozen SBERT)."""
         skip = ["llm.backbone."] + ([] if self.text.trainable else ["text.sbert."])
-        return {n: p.detach().clone() for n, p in self.named_parameters() if not any(n.startswith(s) for s in skip)}
+        return {n: p.detach().clone() for n, p in self.named_parameters()
+                if not any(n.startswith(s) for s in skip) or (n.startswith("llm.backbone.") and p.requires_grad)}
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """The parameters a stage trains ("align": encoders/decoders + SBERT unless frozen; "llm": F_U, F_I)."""
@@ -326,5 +343,5 @@ class ALLMRec(nn.Module):
             sbert = list(self.text.sbert.parameters()) if self.text.trainable else []
             return [*self.align.parameters(), *sbert]
         if stage == "llm":
-            return self.llm.projection_parameters()
+            return [*self.llm.projection_parameters(), *self.llm.adapter_parameters()]
         raise ValueError(f"no trainable parameters for stage {stage!r}")

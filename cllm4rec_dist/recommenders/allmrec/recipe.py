@@ -22,7 +22,7 @@ from cllm4rec_dist.recommenders.allmrec.model import (
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts
 from cllm4rec_dist.recommenders.allmrec.trainer import ALLMRecTrainer
 from cllm4rec_dist.settings import ConfigError
-from cllm4rec_dist.train.engines import TorchEngine
+from cllm4rec_dist.train.engines import TorchEngine, scaled_groups
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.run_folder import default_run_dir, settle_run_config
@@ -50,9 +50,15 @@ def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: 
     text = TextEncoder(sbert, [item_text(t, d) for t, d in zip(data.titles, data.descriptions)], a.finetune_sbert)
     align = CollabTextAlignment(cf.dim, text.dim, a.text_dim).to(device)
     location = backbone_for(cfg, manifest)
-    llm = LLMAlignment.load(location, cfg.model.precision, cf.dim, a.text_dim, device=device)
+    llm = LLMAlignment.load(location, cfg.model.backbone_settings(), cf.dim, a.text_dim, device=device)
     prompts = ALLMRecPrompts(load_tokenizer(location), data.titles)
     return ALLMRec(cf, text, align, llm), prompts
+
+
+def stage2_parameters(cfg: TrainConfig, model: ALLMRec) -> list:
+    """What stage 2 trains: F_U, F_I and the LLM's adapter (if any); the adapter alone on titles-only prompts
+    (allmrec.stage2_soft_tokens false: no soft token, so the projections would get no gradient)."""
+    return model.stage_parameters("llm") if cfg.allmrec.stage2_soft_tokens else model.llm.adapter_parameters()
 
 
 def build_cf(cfg: TrainConfig, num_items: int):
@@ -119,7 +125,9 @@ class ALLMRecRecipe:
         self.model = model
         engines = {"align": TorchEngine("align", model.stage_parameters("align"), cfg.allmrec.stage1_lr,
                                              cfg.optim.weight_decay, cfg.optim.grad_clip),
-                   "llm": self.engine_factory("llm", model.stage_parameters("llm"), cfg.allmrec.stage2_lr)}
+                   "llm": self.engine_factory("llm", scaled_groups(stage2_parameters(cfg, model), {
+                       id(p): cfg.optim.adapter_lr_scale for p in model.llm.adapter_parameters()}),
+                       cfg.allmrec.stage2_lr)}
         self.trainer = ALLMRecTrainer(cfg, data, model, prompts, engines, rank, self.sink, train_cf_stage, self.timer)
         self.trainer.restored_config = None
         resumed = cfg.resume and self.sink.has_checkpoint() and self.sink.load_latest(self.trainer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cllm4rec_dist.settings import require
+from cllm4rec_dist.settings import ConfigError, require
 
 
 @dataclass
@@ -55,6 +55,10 @@ class ALLMRecSettings:
     """Stage 2: prompts per step per rank (paper: 4)."""
     stage2_lr: float = 1e-4
     """Stage 2: Adam learning rate of the projections F_U, F_I (paper: 1e-4)."""
+    stage2_soft_tokens: bool = True
+    """Stage 2 trains on the prompt with the soft tokens F_U(x_u), F_I(e_i) (A-LLMRec); false = on the titles-only
+    prompt, training only the LLM's LoRA adapter (model.adapter lora): TALLRec-style, the variant 'tallrec', whose
+    trained model is the 'titles_only' row of the evaluation."""
     prompt_history: int = 10
     """Most recent history items named in the stage-2 prompt (title + soft token each)."""
     num_candidates: int = 20
@@ -98,6 +102,9 @@ class ALLMRecSettings:
             require(getattr(self, name) >= 1, f"allmrec.{name}", getattr(self, name), ">= 1")
         for name in ("stage1_epochs", "stage2_epochs", "cold_item_max_count", "cold_user_max_history"):
             require(getattr(self, name) >= 0, f"allmrec.{name}", getattr(self, name), ">= 0")
+        if not self.stage2_soft_tokens and not cfg.model.uses_adapter:
+            raise ConfigError("allmrec.stage2_soft_tokens false trains the LLM's adapter alone on the titles-only "
+                              "prompt: set model.adapter lora (the 'tallrec' variant), or leave the soft tokens on")
         from cllm4rec_dist.model.cf import CF_MODELS
 
         require(self.cf_model in CF_MODELS, "allmrec.cf_model", self.cf_model, ", ".join(sorted(CF_MODELS)))

@@ -154,7 +154,8 @@ class ALLMRecTrainer:
         candidates = [target, *sample_unseen(g, self.data.num_items, set(self.data.histories[user]),
                                              self.a.num_candidates - 1)]
         candidates = [candidates[k] for k in g.permutation(len(candidates))]
-        return self.prompts.prompt(history[-self.a.prompt_history:], candidates), self.prompts.answer(target)
+        prompt = self.prompts.prompt(history[-self.a.prompt_history:], candidates, soft=self.a.stage2_soft_tokens)
+        return prompt, self.prompts.answer(target)
 
     # ---- steps ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from cllm4rec_dist.model import adapter as lora
 from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.model.sharding import (
     RowLayout,
@@ -98,11 +99,17 @@ class CLLM4Rec(nn.Module):
         if config.gqa_attention:
             bb.use_gqa_sdpa(backbone)
         if self.backbone_trainable:
+            if config.uses_adapter:
+                raise ValueError("ft_all/from_scratch train the whole backbone; an adapter (model.adapter) adapts a "
+                                 "frozen one: use one or the other")
             for param in backbone.parameters():
                 param.requires_grad_(param.is_floating_point())
             backbone.train(self.training)
         else:
             bb.freeze(backbone)
+            if not lora.has_adapter(backbone):
+                lora.apply_adapter(backbone, config)  # model.adapter lora: the adapters are its only trainable part
+            lora.set_adapter_training(backbone, self.training)
 
         self.num_users, self.num_items = config.num_users, config.num_items
         self.vocab_size = bb.vocab_size(backbone)
@@ -202,6 +209,7 @@ class CLLM4Rec(nn.Module):
         super().train(mode)
         if not self.backbone_trainable:
             self.backbone.eval()  # a frozen backbone never runs dropout
+            lora.set_adapter_training(self.backbone, mode)  # its adapters' own dropout does (model.lora_dropout)
         return self
 
     # ---- weights -----------------------------------------------------------------------------
@@ -256,7 +264,8 @@ class CLLM4Rec(nn.Module):
         return tables
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by step kind: "collab" (L- and rec-steps), "content" (C-steps), "backbone"."""
+        """Trainable parameters by step kind: "collab" (L- and rec-steps), "content" (C-steps), "backbone" (stepped
+        in every step: the whole backbone for ft_all/from_scratch, its LoRA adapters for model.adapter lora)."""
         groups = {
             "collab": [self.collab_user_table.weight, self.collab_item_table.weight],
             "content": [self.content_user_table.weight, self.content_item_table.weight],
@@ -266,6 +275,10 @@ class CLLM4Rec(nn.Module):
             groups["collab"].append(self.item_head.weight)
         groups = {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
         return {name: params for name, params in groups.items() if params}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The backbone's LoRA adapter parameters (model.adapter lora; none otherwise)."""
+        return lora.adapter_parameters(self.backbone)
 
     def user_table_parameters(self) -> list[nn.Parameter]:
         """The collaborative and content user tables: one row per user, each row in few steps an epoch."""

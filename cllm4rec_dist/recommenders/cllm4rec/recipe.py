@@ -17,13 +17,14 @@ from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.model.adapter import check_adapter_targets
 from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches, read_partition
-from cllm4rec_dist.recommenders.cllm4rec.builder import build_model, check_item_texts
+from cllm4rec_dist.recommenders.cllm4rec.builder import backbone_location, build_model, check_item_texts
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
 from cllm4rec_dist.recommenders.cllm4rec.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.recommenders.cllm4rec.trainer import Trainer
 from cllm4rec_dist.train.checkpoint import load_trainable, read_trainable
-from cllm4rec_dist.train.engines import ShardedEngine, scaled_groups
+from cllm4rec_dist.train.engines import DataParallelEngine, ShardedEngine, scaled_groups
 from cllm4rec_dist.train.monitor import Monitor
 from cllm4rec_dist.train.projector import EmbeddingProjector
 from cllm4rec_dist.train.rank import Rank
@@ -48,8 +49,15 @@ def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg:
     scale_of = {id(p): cfg.optim.user_lr_scale for p in model.user_table_parameters()}
     if model.item_head is not None:
         scale_of[id(model.item_head.weight)] = cfg.optim.item_head_lr_scale
+    scale_of |= {id(p): cfg.optim.adapter_lr_scale for p in model.adapter_parameters()}
     engines = {}
+    adapter = {id(p) for p in model.adapter_parameters()}
     for name, params in groups.items():
+        if adapter and {id(p) for p in params} == adapter:
+            # stepped in every step kind, its backward run by that kind's engine: data-parallel torch Adam
+            engines[name] = DataParallelEngine(name, scaled_groups(params, scale_of), lr, cfg.optim.weight_decay,
+                                               cfg.optim.grad_clip)
+            continue
         own = {names[id(p)]: (p, shards[names[id(p)]]) for p in params if names[id(p)] in shards}
         rest = [p for p in params if names[id(p)] not in shards]
         if not own:
@@ -69,9 +77,13 @@ class CLLM4RecRecipe:
 
     @staticmethod
     def check_data(cfg: TrainConfig) -> None:
-        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks."""
+        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks or
+        name adapter target modules the backbone does not have."""
         if cfg.model.reads_item_texts():
             check_item_texts(ShardedDataset(cfg.data))
+        if cfg.model.uses_adapter:
+            location = backbone_location(cfg, ShardedDataset(cfg.data).manifest)
+            check_adapter_targets(cfg.model, location["path"], location["gguf_file"])
 
     def setup(self) -> CLLM4RecRecipe:
         cfg, rank = self.cfg, self.rank
@@ -136,9 +148,10 @@ class CLLM4RecRecipe:
                                      f"step {state.step})")
         if rank.is_main:
             trainable = sum(p.numel() for ps in groups.values() for p in ps)
+            adapter = f", LoRA r={cfg.model.lora_rank}" if cfg.model.uses_adapter else ""
             self.trainer.log.console(
                 f"[train] {data.num_users} users, {data.num_items} items, backbone {model.config.backbone} "
-                f"({cfg.model.precision}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
+                f"({cfg.model.precision}{adapter}), {trainable:,} trainable parameters, {len(blocks)} blocks, "
                 f"{total_steps(blocks)} steps, world {rank.world_size}")
         return self
 

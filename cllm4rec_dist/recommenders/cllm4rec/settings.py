@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cllm4rec_dist.model.backbone import PRECISIONS
+from cllm4rec_dist.model.adapter import BackboneSettings
 from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
 from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
 from cllm4rec_dist.settings import ConfigError, require
@@ -24,13 +24,12 @@ COLD_ITEM_SOURCES = ("content_rows", "text_hidden")
 
 
 @dataclass
-class CLLM4RecSettings:
-    """The `model` section: the backbone's precision and CLLM4Rec's token tables, item head and mutual
-    regularisation. It validates itself (``check``) and, with a dataset's sizes, gives the model's config
-    (``model_config``); the model (model.py) takes a ``ModelConfig``, this class plus what the run knows."""
+class CLLM4RecSettings(BackboneSettings):
+    """The `model` section: the backbone's precision and adapter (model/adapter.py ``BackboneSettings``, shared with
+    every recommender) and CLLM4Rec's token tables, item head and mutual regularisation. It validates itself
+    (``check``) and, with a dataset's sizes, gives the model's config (``model_config``); the model (model.py) takes
+    a ``ModelConfig``, this class plus what the run knows."""
 
-    precision: str = "fp32"
-    """Backbone precision: fp32, bf16, int8 or nf4 (int8/nf4: bitsandbytes; the tables stay fp32)."""
     lambda_c: float = 1.0
     """Mutual-regularisation weight (the paper's prior precision lambda_c). Its strength depends on
     mr_reduction: with 'paper' ~1 is the paper's recommended start; with 'authors' it is their lambda (their runs
@@ -85,7 +84,7 @@ class CLLM4RecSettings:
 
     def check(self) -> CLLM4RecSettings:
         """Every rule of this section (ConfigError naming the setting); the model's constructor calls it too."""
-        require(self.precision in PRECISIONS, "model.precision", self.precision, ", ".join(PRECISIONS))
+        self.check_backbone()
         require(self.mr_reduction in MR_REDUCTIONS, "model.mr_reduction", self.mr_reduction, ", ".join(MR_REDUCTIONS))
         for name in ("table_sharding", "item_head_sharding"):
             require(getattr(self, name) in TABLE_SHARDINGS, f"model.{name}", getattr(self, name),
@@ -107,6 +106,8 @@ class CLLM4RecSettings:
         if cfg.ablation in ("ftall", "scratch") and self.precision in ("int8", "nf4"):
             raise ConfigError(f"ablation={cfg.ablation} trains the backbone; a quantised ({self.precision}) "
                               "backbone cannot be trained: use model.precision=fp32 or bf16")
+        if cfg.ablation in ("ftall", "scratch"):
+            self.check_trainable_backbone(f"ablation={cfg.ablation}")
         if "row" in (self.table_sharding, self.item_head_sharding):
             require(cfg.init_from is None, "init_from", cfg.init_from,
                     "unset with row-sharded tables (resume the run instead: its checkpoints load on any number of "
