@@ -11,7 +11,6 @@ the command that resumes it (exit status 130 / 143).
 
 import sys
 
-from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.distributed import launch_ray
 from cllm4rec_dist.errors import run_command
 from cllm4rec_dist.launch import finish, interruptible, parse
@@ -23,8 +22,6 @@ def main(argv=None) -> int:
     timer.mark("process_started", process_started_at())
     timer.mark("started")
     cfg, args = parse(__doc__, argv)
-    with timer.phase("demo_data"):
-        cfg.data = demo_dataset(cfg.data)
     return finish(cfg, args, launch_ray(cfg, timer), timer)
 
 
