@@ -443,14 +443,24 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Started from RayStart's thread, ray.init warns that it set no SIGTERM handler: the caller keeps its own.
     logging.getLogger("ray._private.worker").addFilter(_DropMessage("SIGTERM handler is not set"))
-    # The variables go to this process's environment, which the cluster's processes inherit, rather than to a
-    # runtime_env: Ray starts idle worker processes with ray.init, and a job with a runtime_env cannot use them
-    # (each of Ray Train's actors then waits for a fresh process that imports Ray).
-    os.environ.update({"TOKENIZERS_PARALLELISM": "false", **env_vars})
-    # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
-    # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             _system_config={"worker_niceness": 0})
+    # The variables reach the cluster's processes through the environment they inherit (the GCS server and the
+    # raylet start inside ray.init; the raylet starts every worker), set for the duration of ray.init only, rather
+    # than through a runtime_env, which has the raylet ask its runtime-env agent to set up every worker process it
+    # starts (Ray Train starts 4 of its own before the training workers).
+    env = {"TOKENIZERS_PARALLELISM": "false", **env_vars}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
+        # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 _system_config={"worker_niceness": 0})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class ConsoleRelay:

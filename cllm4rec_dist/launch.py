@@ -109,6 +109,24 @@ def wall_time_line(timing: dict) -> str:
     return f"{split.get('total', 0):.1f}s{share} = " + ", ".join(parts)
 
 
+def exit_now(status: int) -> None:
+    """End a launcher's process with ``status`` once its command has returned, without the interpreter's teardown.
+
+    By then everything the run writes is complete (files are written atomically, the run folder's lock is
+    released, the local Ray is shut down); what is left is finalising torch, Ray and the other loaded modules,
+    measured 0.9-6 s after the last line on a 2-core machine (more under load), which no timing line can show.
+    The console's buffers and logging's handlers are flushed first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing left to write to
+            pass
+    os._exit(status)
+
+
 INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """Exit status of a command stopped by a signal: 128 + its number, as a shell reports a process the signal killed;
 distinct from a failure (1) and a user error (2)."""

@@ -20,7 +20,7 @@ import os
 import sys
 
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, interruptible, parse
+from cllm4rec_dist.launch import exit_now, finish, interruptible, parse
 from cllm4rec_dist.train.timing import PhaseTimer, job_started_at
 
 
@@ -50,5 +50,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if "--ray" in sys.argv[1:]:  # the DeepSpeed launcher stops its ranks itself (SIGTERM, SIGKILL after 30 s)
-        sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))
-    sys.exit(run_command(main))
+        exit_now(interruptible(run_command, main, command=["python", *sys.argv]))
+    exit_now(run_command(main))

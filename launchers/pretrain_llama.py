@@ -13,7 +13,7 @@ import sys
 
 from cllm4rec_dist.distributed import launch_ray
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, interruptible, parse
+from cllm4rec_dist.launch import exit_now, finish, interruptible, parse
 from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
 
@@ -26,4 +26,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))
+    exit_now(interruptible(run_command, main, command=["python", *sys.argv]))
