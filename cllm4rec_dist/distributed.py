@@ -133,7 +133,7 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
                                                                   cfg.dist.use_gpu)
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
-    starting = RayStart(local_cpus, _local_ray_env()) if local_cpus else None
+    starting = RayStart(cfg, local_cpus, _local_ray_env()) if local_cpus else None
     try:
         with timer.phase("driver_imports"):
             from cllm4rec_dist.corpus.preprocess import demo_dataset
@@ -289,7 +289,7 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
         from ray.train.torch import TorchTrainer
 
     with timer.phase("ray_start"):  # what is left of it: it started in the background (RayStart)
-        started_here = starting.wait() if starting is not None else _start_ray(cfg, local_cpus)
+        started_here = _background_or_retry(starting) if starting is not None else _start_ray(cfg, local_cpus)
     controllers = []
     try:
         trainer = TorchTrainer(
@@ -329,6 +329,19 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
                 ray.shutdown()
     with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
         return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _background_or_retry(starting: RayStart) -> bool:
+    """The local Ray that `RayStart` started, or, where that failed, one started now in the foreground. Ray gives
+    its raylet 30 s to register, a bound a heavily loaded machine can exceed while this driver competes for the
+    cores with its imports; the second try has the cores to itself."""
+    try:
+        return starting.wait()
+    except Exception as err:  # any failure of the background start gets the foreground retry
+        starting.stop()  # its half-started processes end with its thread
+        print(f"[launch] the local Ray did not start in the background ({str(err).splitlines()[0][:200]}); "
+              "starting it again", flush=True)
+        return _start_ray(starting.cfg, starting.num_cpus)
 
 
 def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
@@ -387,7 +400,8 @@ class RayStart:
     installs no SIGTERM handler off the main thread, so the caller's (the launchers' one-line interruption)
     stays in place throughout."""
 
-    def __init__(self, num_cpus: int, env_vars: dict[str, str]):
+    def __init__(self, cfg: TrainConfig, num_cpus: int, env_vars: dict[str, str]):
+        self.cfg, self.num_cpus = cfg, num_cpus
         self.error: BaseException | None = None
         self.ready, self.release = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, args=(num_cpus, env_vars), name="ray-start", daemon=True)

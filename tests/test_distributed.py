@@ -209,7 +209,9 @@ def test_deepspeed_launcher_with_no_flags_runs_the_embedded_default_in_one_run_f
     assert proc.returncode == 0, output[-6000:]
     [run] = list((tmp_path / "runs").iterdir())
     # The wall time is the `deepspeed` command's, from its launcher's start (it once said "wall time: 0s").
-    assert_honest_timing(run, spawned, exited)
+    # After rank 0's last line the launcher notices (it polls its ranks every second) and its two processes (the
+    # runner and launch.py) exit: seconds no rank can time (8.7 s on a 2-core machine at load 20).
+    assert_honest_timing(run, spawned, exited, slack=20.0)
     assert json.loads((run / "timing.json").read_text())["wall_time"]["total"] > 5
     [checkpoint] = list((run / "checkpoints").glob("step-*"))
     assert {p.name for p in checkpoint.glob("files-rank*.json")} == {"files-rank0.json", "files-rank1.json"}
