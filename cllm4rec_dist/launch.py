@@ -110,12 +110,16 @@ def wall_time_line(timing: dict) -> str:
 
 
 def exit_now(status: int) -> None:
-    """End a launcher's process with ``status`` once its command has returned, without the interpreter's teardown.
+    """End a command's process with ``status`` once it has returned; after a success, without the interpreter's
+    teardown.
 
-    By then everything the run writes is complete (files are written atomically, the run folder's lock is
-    released, the local Ray is shut down); what is left is finalising torch, Ray and the other loaded modules,
-    measured 0.9-6 s after the last line on a 2-core machine (more under load), which no timing line can show.
-    The console's buffers and logging's handlers are flushed first."""
+    By then everything the run writes is complete and closed (files are written atomically, TensorBoard's writer
+    is closed, the run folder's lock is released, a local Ray is shut down); what is left is finalising torch,
+    Ray and the other loaded modules: 0.9-6 s after the last line on a 2-core machine (measured; more under
+    load), which no timing line can show. The console's buffers and logging's handlers are flushed first. A
+    failure or an interruption exits the ordinary way (its cleanup may still have work to do)."""
+    if status != 0:
+        sys.exit(status)
     import logging
 
     logging.shutdown()
@@ -124,7 +128,7 @@ def exit_now(status: int) -> None:
             stream.flush()
         except (OSError, ValueError):  # closed or a broken pipe: nothing left to write to
             pass
-    os._exit(status)
+    os._exit(0)
 
 
 INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
