@@ -29,6 +29,8 @@ What runs, on the same documents (``--data``, default: a small synthetic demo, 8
 | pretraining | ``training.py``: iterative epoch 1 (collaborative + content epoch) | ``pretrain`` epoch (L + C epochs) |
 | finetuning | ``finetuning.py``: epoch 1 (rec, validation, content) | ``finetune`` epoch (rec + C, validation) |
 
+``end_to_end``: the wall time of the whole commands, theirs from each script's start to the line that ends its measured
+epoch (training.py, then finetuning.py), ours the whole `cllm4rec train` (which also tests and saves).
 Their epochs are timed from their own progress lines (each stamped when it reaches us; their scripts are stopped
 once the first epoch of the measured phase has printed), ours from ``train_log.jsonl`` (per-step seconds: batch,
 forward, backward, update) and ``timing.json`` (validation). Both sides also include their per-step data work:
@@ -148,7 +150,8 @@ def prepare_authors_code(checkout: str, work: str, schedule_patch: bool) -> str:
 
 
 def run_marked(cmd: list[str], cwd: str, env: dict, marks: list[tuple[str, str]], timeout: float, log: str) -> dict:
-    """Run ``cmd``, stamp each of ``marks`` (in order) when its line arrives, stop the process after the last."""
+    """Run ``cmd``, stamp each of ``marks`` (in order) when its line arrives, stop the process after the last.
+    The stamps are seconds after the process was started (``wall_s``: when the last mark arrived)."""
     stamps, pending = {}, list(marks)
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
@@ -171,7 +174,7 @@ def run_marked(cmd: list[str], cwd: str, env: dict, marks: list[tuple[str, str]]
         json.dump(stamps, f)
     if pending:
         raise SystemExit(f"{' '.join(cmd)}: stopped before {pending[0][1]!r} (see {log})")
-    return stamps
+    return stamps | {"wall_s": stamps[marks[-1][0]]}
 
 
 def run_authors(src: str, root: str, python: str, env: dict, args, work: str) -> dict:
@@ -184,6 +187,9 @@ def run_authors(src: str, root: str, python: str, env: dict, args, work: str) ->
     f = run_marked([python, "-u", "finetuning.py", *common], src, env, FINETUNING_MARKS, args.timeout,
                    os.path.join(work, "authors-finetuning.log"))
     return {
+        # End to end: each script from its start (interpreter, imports, data, model) to the line that ends the
+        # measured epoch of its last phase (it is stopped there: no test, no saving).
+        "end_to_end_s": t["wall_s"] + f["wall_s"],
         "warmup": {"epoch_s": t["warmup_epoch1"] - t["warmup_start"]},
         "pretrain": {"epoch_s": t["pretrain_epoch1"] - t["pretrain_start"],
                      "L_s": t["pretrain_collab_done"] - t["pretrain_start"],
@@ -204,7 +210,9 @@ def run_ours(data: str, env: dict, args, work: str) -> dict:
            "--batch.batch_size", "20", "--model.mr_reduction", "authors", "--model.lambda_c", str(args.lambda_v),
            "--eval.select_on", "authors", "--log_every", "1000000"]
     with open(os.path.join(work, "ours.log"), "w", encoding="utf-8") as log:
+        started = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"our run failed (see {os.path.join(work, 'ours.log')})")
     from cllm4rec_dist.train.monitor import read_train_log
@@ -220,6 +228,8 @@ def run_ours(data: str, env: dict, args, work: str) -> dict:
     validations = section["seconds"].get("validation", 0.0) / max(section.get("counts", {}).get("validation", 1), 1)
     s = lambda phase, kind: spent.get((phase, kind), (0.0, 0.0))[0]  # noqa: E731
     return {
+        # End to end: the whole command (more work than theirs: it also tests the best model and saves the run).
+        "end_to_end_s": wall,
         "warmup": {"epoch_s": s("warmup", "C")},
         "pretrain": {"epoch_s": s("pretrain", "L") + s("pretrain", "C"), "L_s": s("pretrain", "L"),
                      "C_s": s("pretrain", "C")},
@@ -270,6 +280,8 @@ def compare(args, work: str, env: dict) -> dict:
               "patches": [os.path.relpath(p, ROOT) for p in [PATCH] + ([] if args.full_schedule else [SCHEDULE_PATCH])],
               "theirs": theirs, "ours": ours,
               "corpus_tokens": tokens}
+    result["end_to_end"] = {"ours_s": round(ours["end_to_end_s"], 2), "theirs_s": round(theirs["end_to_end_s"], 2),
+                            "speedup_ours_vs_theirs": round(theirs["end_to_end_s"] / ours["end_to_end_s"], 2)}
     for phase in ("warmup", "pretrain", "finetune"):
         mine, their = ours[phase]["epoch_s"], theirs[phase]["epoch_s"]
         result[phase] = {"ours_s": round(mine, 2), "theirs_s": round(their, 2),

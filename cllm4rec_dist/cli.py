@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "&& cllm4rec train --data data/ --out run/",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    program = argv is None  # run as `cllm4rec ...` / `python -m cllm4rec_dist.cli ...`
     argv = sys.argv[1:] if argv is None else argv
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
     for name, (module_name, help_text) in COMMANDS.items():
@@ -60,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     run = importlib.import_module(COMMANDS[args.command][0]).run
     if args.command in INTERRUPTIBLE:
-        from cllm4rec_dist.launch import interruptible
+        from cllm4rec_dist.launch import exit_now, interruptible
 
-        return interruptible(run_command, run, args, command=[COMMAND, *argv])
+        status = interruptible(run_command, run, args, command=[COMMAND, *argv])
+        if program:  # the `cllm4rec` program, not a call from Python: skip the interpreter's teardown on success
+            exit_now(status)
+        return status
     return run_command(run, args)
 
 

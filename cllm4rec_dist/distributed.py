@@ -25,19 +25,10 @@ import signal
 import sys
 import threading
 
-import fsspec
-import torch
-import torch.distributed as dist
-
 from cllm4rec_dist.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
-from cllm4rec_dist.corpus.preprocess import demo_dataset
-from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.recommenders import recommender
-from cllm4rec_dist.train.checkpoint import LocalSink, RaySink
-from cllm4rec_dist.train.engines import DeepSpeedEngine, init_distributed, load_ds_config
 from cllm4rec_dist.train.monitor import CONSOLE_FILE
-from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.run_folder import (
     RunFolderError,
     RunLock,
@@ -46,6 +37,10 @@ from cllm4rec_dist.train.run_folder import (
     default_run_dir,
 )
 from cllm4rec_dist.train.timing import PhaseTimer
+
+# torch, DeepSpeed, the recipes and the dataset reader are imported where they are used: a Ray driver needs none
+# of them before its local Ray is starting (it starts in the background while the driver imports them for its
+# checks, `RayStart`), and the workers import them when they run.
 
 # Test hook: "RANK:STEP" makes that rank's process die (SIGKILL-like) once at that global step.
 KILL_ENV = "CLLM4REC_KILL_RANK_AT_STEP"
@@ -63,6 +58,11 @@ def check_combination(cfg: TrainConfig, ds_config: dict) -> None:
 
 def build_worker_recipe(cfg: TrainConfig, sink, timer: PhaseTimer | None = None):
     """Recipe for this process's rank, with DeepSpeed engines from cfg.dist.ds_config."""
+    import torch.distributed as dist
+
+    from cllm4rec_dist.train.engines import DeepSpeedEngine, load_ds_config
+    from cllm4rec_dist.train.rank import Rank
+
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, world, cfg.optim.grad_clip)
     check_combination(cfg, ds_config)
@@ -104,9 +104,14 @@ def ray_worker_loop(config: dict) -> None:
     with timer.phase("worker_imports"):
         import deepspeed  # noqa: F401
         import ray.train
+
+        from cllm4rec_dist.train.checkpoint import RaySink
+        from cllm4rec_dist.train.engines import init_distributed
+
+        cfg = config_from_dict(config, "ray train_loop_config")
+        recommender(cfg.recommender).recipe_class()  # the model's code (transformers...), imported here
     with timer.phase("init_distributed"):
         init_distributed()
-    cfg = config_from_dict(config, "ray train_loop_config")
     recipe = build_worker_recipe(cfg, RaySink(cfg.keep_checkpoints), timer).setup()
     _install_kill_hook(recipe)
     result = recipe.train()
@@ -118,26 +123,59 @@ def ray_worker_loop(config: dict) -> None:
 def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
     """Train with Ray Train; joins a running cluster if there is one, else starts a local one.
 
-    The console gets the rank-0 progress lines (relayed from <run>/console.log) and nothing of the
-    libraries' own logging; Ray's logs of a local cluster are copied to <run>/logs/ray at the end."""
-
+    A local cluster starts in the background (`RayStart`) while the driver builds the demo dataset when the config
+    names it (corpus/preprocess.py ``demo_dataset``) and checks the data and settings; a check that fails stops it
+    before any training worker starts. The console gets the rank-0 progress lines (relayed from <run>/console.log)
+    and nothing of the libraries' own logging; Ray's logs of a local cluster are copied to <run>/logs/ray at the
+    end."""
     timer = timer or PhaseTimer()
     local_cpus = None if _joins_cluster(cfg) else local_ray_cpus(cfg.dist.num_workers, cfg.dist.cpus_per_worker,
                                                                   cfg.dist.use_gpu)
     cfg.out = os.path.abspath(cfg.out or default_run_dir())
-    cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
-    # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-    recommender(cfg.recommender).recipe_class().check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
-    check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
-                                          cfg.optim.grad_clip))
-    data = ShardedDataset(cfg.data)
-    data.verify()
-    storage = cfg.dist.storage_path or os.path.join(cfg.out, "ray")
+    starting = RayStart(cfg, local_cpus, _local_ray_env()) if local_cpus else None
+    try:
+        with timer.phase("driver_imports"):
+            from cllm4rec_dist.corpus.preprocess import demo_dataset
+            from cllm4rec_dist.corpus.shards import ShardedDataset
+            from cllm4rec_dist.train.engines import load_ds_config
+
+            recipe_class = recommender(cfg.recommender).recipe_class()  # the model's code (torch, transformers)
+        with timer.phase("demo_data"):
+            cfg.data = demo_dataset(cfg.data)
+        cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+        with timer.phase("checks"):
+            # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
+            recipe_class.check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
+            check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
+                                                  cfg.optim.grad_clip))
+            data = ShardedDataset(cfg.data)
+            data.verify()
+            storage, name = ray_storage(cfg)
+        with RunLock(cfg.out):
+            with timer.phase("checks"):
+                _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
+            return _fit_ray(cfg, storage, name, timer, local_cpus, starting)
+    finally:
+        if starting is not None:
+            starting.stop()  # after the run (_fit_ray shut Ray down), a failed check or an interruption
+
+
+RAY_FOLDER = "ray"
+"""Where a Ray run keeps its checkpoints: <run>/ray/checkpoint_<time> (Ray Train's storage path is the run folder,
+its experiment name this), or <dist.storage_path>/<run folder's name>/checkpoint_<time>."""
+
+
+def ray_storage(cfg: TrainConfig) -> tuple[str, str]:
+    """(storage path, experiment name) of Ray Train for the run in cfg.out. A run folder written before this layout
+    (<run>/ray/<run folder's name>/checkpoint_*) keeps its own, so that it resumes from its checkpoints."""
     name = os.path.basename(cfg.out.rstrip("/"))
-    with RunLock(cfg.out):
-        _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
-        return _fit_ray(cfg, storage, name, timer, local_cpus)
+    if cfg.dist.storage_path:
+        return cfg.dist.storage_path, name
+    old = os.path.join(cfg.out, RAY_FOLDER, name)
+    if os.path.isdir(old) and any(entry.startswith("checkpoint_") for entry in os.listdir(old)):
+        return os.path.join(cfg.out, RAY_FOLDER), name
+    return cfg.out, RAY_FOLDER
 
 
 def _joins_cluster(cfg: TrainConfig) -> bool:
@@ -198,7 +236,10 @@ def local_ray_cpus(num_workers: int, cpus_per_worker: int, use_gpu: bool = False
             f"has {cpus}: a local Ray cluster would start {most} worker(s) and wait forever for the other "
             f"{num_workers - most}. {here}; for more, {elsewhere}")
     if use_gpu:
-        gpus = torch.cuda.device_count() if gpus is None else gpus
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
         if num_workers > gpus:
             raise ConfigError(
                 f"dist.num_workers {num_workers} with dist.use_gpu true needs {num_workers} GPUs, but this machine "
@@ -213,6 +254,8 @@ def _check_ray_resume(cfg: TrainConfig, storage: str, name: str, content_hash: s
     saved = os.path.join(cfg.out, "config.yaml")
     if not cfg.resume or not os.path.exists(saved):
         return
+    import fsspec
+
     fs, root = fsspec.core.url_to_fs(storage)
     if fs.glob(f"{root.rstrip('/')}/{name}/checkpoint_*"):
         check_resume_config(read_yaml_settings(saved), cfg, saved)
@@ -238,13 +281,15 @@ def _user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
-def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local_cpus: int | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local_cpus: int | None = None,
+             starting: RayStart | None = None) -> dict:
+    with timer.phase("driver_imports"):
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
-    with timer.phase("ray_start"):
-        started_here = _start_ray(cfg, local_cpus)
+    with timer.phase("ray_start"):  # what is left of it: it started in the background (RayStart)
+        started_here = _background_or_retry(starting) if starting is not None else _start_ray(cfg, local_cpus)
     controllers = []
     try:
         trainer = TorchTrainer(
@@ -286,6 +331,19 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
         return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
+def _background_or_retry(starting: RayStart) -> bool:
+    """The local Ray that `RayStart` started, or, where that failed, one started now in the foreground. Ray gives
+    its raylet 30 s to register, a bound a heavily loaded machine can exceed while this driver competes for the
+    cores with its imports; the second try has the cores to itself."""
+    try:
+        return starting.wait()
+    except Exception as err:  # any failure of the background start gets the foreground retry
+        starting.stop()  # its half-started processes end with its thread
+        print(f"[launch] the local Ray did not start in the background ({str(err).splitlines()[0][:200]}); "
+              "starting it again", flush=True)
+        return _start_ray(starting.cfg, starting.num_cpus)
+
+
 def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
     """Join the cluster cfg names, or start a local one (True) where none is initialised yet.
 
@@ -308,13 +366,8 @@ def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
                   f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})", flush=True)
             ray.init(address=address, **quiet)
             return False
-        env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
-        # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
-        # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
-        env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                       os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
         start_local_ray(local_cpus or local_ray_cpus(cfg.dist.num_workers, cfg.dist.cpus_per_worker,
-                                                     cfg.dist.use_gpu), env)
+                                                     cfg.dist.use_gpu), _local_ray_env())
         return True
     except SystemExit as exit_:  # Ray's SIGTERM handler ran before ours was back
         if exit_.code == signal.SIGTERM and callable(on_sigterm):
@@ -323,6 +376,69 @@ def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _local_ray_env() -> dict[str, str]:
+    """Environment of a local Ray cluster's processes for a training run (the caller's settings win)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
+    # Ray Train's controller polls the workers every 2 s by default: up to 2 s from rank 0's last
+    # step to fit() returning, on every run. Polling 2 workers every 0.5 s costs nothing measurable.
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # One node that this process started and stops: no node can be preempted, so no watcher actor (one more Python
+    # process importing Ray Train while the workers start, on a machine with a few cores).
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return env
+
+
+class RayStart:
+    """A local Ray cluster starting in a background thread (``start_local_ray``), so that its 2-3 s of start-up
+    overlap the driver's own work (imports, the demo dataset, the checks) instead of following it.
+
+    ``wait()`` returns True once it is up (or raises what ray.init raised); ``stop()`` shuts it down if it is
+    still up and ends the thread. The thread lives until then: Ray starts its GCS server and raylet with a
+    parent-death signal, which Linux sends when the THREAD that started them ends, not the process. ray.init
+    installs no SIGTERM handler off the main thread, so the caller's (the launchers' one-line interruption)
+    stays in place throughout."""
+
+    def __init__(self, cfg: TrainConfig, num_cpus: int, env_vars: dict[str, str]):
+        self.cfg, self.num_cpus = cfg, num_cpus
+        self.error: BaseException | None = None
+        self.ready, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(num_cpus, env_vars), name="ray-start", daemon=True)
+        self.thread.start()
+
+    def _run(self, num_cpus: int, env_vars: dict[str, str]) -> None:
+        try:
+            start_local_ray(num_cpus, env_vars)
+        except BaseException as err:  # re-raised in the main thread by wait()
+            self.error = err
+        finally:
+            self.ready.set()
+        self.release.wait()
+
+    def wait(self) -> bool:
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def stop(self) -> None:
+        self.ready.wait()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self.release.set()
+        self.thread.join()
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
@@ -339,11 +455,26 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
     # ("Token authentication is enabled ..."): nothing to act on. (Setting RAY_AUTH_MODE=token instead stops Ray
     # from creating the cluster's token: the workers then cannot connect.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
-    # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **env_vars}},
-             _system_config={"worker_niceness": 0})
+    # Started from RayStart's thread, ray.init warns that it set no SIGTERM handler: the caller keeps its own.
+    logging.getLogger("ray._private.worker").addFilter(_DropMessage("SIGTERM handler is not set"))
+    # The variables reach the cluster's processes through the environment they inherit (the GCS server and the
+    # raylet start inside ray.init; the raylet starts every worker), set for the duration of ray.init only, rather
+    # than through a runtime_env, which has the raylet ask its runtime-env agent to set up every worker process it
+    # starts (Ray Train starts 4 of its own before the training workers).
+    env = {"TOKENIZERS_PARALLELISM": "false", **env_vars}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
+        # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 _system_config={"worker_niceness": 0})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class ConsoleRelay:
@@ -418,6 +549,10 @@ def _paths_from_rank0(cfg: TrainConfig) -> tuple[str, str]:
     """The dataset and run folder every rank uses, as rank 0 decides them. A default run folder is named by the
     clock, which ranks started a second apart read differently; the embedded demo dataset is built once, not by
     every rank at the same time. A failure on rank 0 reaches the other ranks as an error, not a hang."""
+    import torch.distributed as dist
+
+    from cllm4rec_dist.corpus.preprocess import demo_dataset
+
     decided: list = [None, None, None]  # data, out, rank 0's error
     if dist.get_rank() == 0:
         try:
@@ -434,6 +569,12 @@ def _paths_from_rank0(cfg: TrainConfig) -> tuple[str, str]:
 
 def run_torch_distributed(cfg: TrainConfig) -> dict:
     """One process of `deepspeed launchers/finetune.py` / torchrun (env:// rendezvous)."""
+    import torch
+    import torch.distributed as dist
+
+    from cllm4rec_dist.train.checkpoint import LocalSink
+    from cllm4rec_dist.train.engines import init_distributed
+
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ConfigError(f"{var} is not set: start this with `deepspeed --num_gpus N launchers/finetune.py` "

@@ -20,9 +20,16 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    import torch
-
-    if not torch.cuda.is_available():
+    if not _has_gpu():
         # Otherwise DeepSpeed's accelerator probe warns "Setting accelerator to CPU. If you have GPU ..." in
         # every process that imports it; CPU is what this machine has. An explicit choice is kept.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_gpu() -> bool:
+    """Whether torch would find a CUDA (or ROCm) device. Asked of torch only where it is imported already: a Ray
+    driver starts its cluster before it imports torch (1-2 s), so the kernel drivers' device files answer."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    nvidia = "/proc/driver/nvidia/gpus"
+    return (os.path.isdir(nvidia) and bool(os.listdir(nvidia))) or os.path.exists("/dev/kfd")

@@ -20,10 +20,14 @@ import os
 import sys
 
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, interruptible, parse
+from cllm4rec_dist.launch import exit_now, finish, interruptible, parse
+from cllm4rec_dist.train.timing import PhaseTimer, job_started_at
 
 
 def main(argv=None) -> int:
+    timer = PhaseTimer()
+    timer.mark("process_started", job_started_at())  # under `deepspeed`: when that command started
+    timer.mark("started")
     argv = list(sys.argv[1:] if argv is None else argv)
     use_ray = "--ray" in argv
     if use_ray:
@@ -32,21 +36,19 @@ def main(argv=None) -> int:
     cfg.schedule.warmup_epochs = 0
     cfg.schedule.pretrain_epochs = 0
     if use_ray:
-        from cllm4rec_dist.corpus.preprocess import demo_dataset
         from cllm4rec_dist.distributed import launch_ray
 
-        cfg.data = demo_dataset(cfg.data)
-        result = launch_ray(cfg)
+        result = launch_ray(cfg, timer)  # builds the demo dataset if cfg.data names it
     else:
         from cllm4rec_dist.distributed import run_torch_distributed
 
         result = run_torch_distributed(cfg)  # rank 0 builds the demo dataset if cfg.data names it
         if "stopped" in result or os.environ.get("RANK", "0") != "0":
             return 0  # only rank 0 of a finished run exports and prints
-    return finish(cfg, args, result)
+    return finish(cfg, args, result, timer)
 
 
 if __name__ == "__main__":
     if "--ray" in sys.argv[1:]:  # the DeepSpeed launcher stops its ranks itself (SIGTERM, SIGKILL after 30 s)
-        sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))
-    sys.exit(run_command(main))
+        exit_now(interruptible(run_command, main, command=["python", *sys.argv]))
+    exit_now(run_command(main))

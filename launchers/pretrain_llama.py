@@ -11,10 +11,9 @@ the command that resumes it (exit status 130 / 143).
 
 import sys
 
-from cllm4rec_dist.corpus.preprocess import demo_dataset
 from cllm4rec_dist.distributed import launch_ray
 from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import finish, interruptible, parse
+from cllm4rec_dist.launch import exit_now, finish, interruptible, parse
 from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
 
 
@@ -23,10 +22,8 @@ def main(argv=None) -> int:
     timer.mark("process_started", process_started_at())
     timer.mark("started")
     cfg, args = parse(__doc__, argv)
-    with timer.phase("demo_data"):
-        cfg.data = demo_dataset(cfg.data)
     return finish(cfg, args, launch_ray(cfg, timer), timer)
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(run_command, main, command=["python", *sys.argv]))
+    exit_now(interruptible(run_command, main, command=["python", *sys.argv]))

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,8 +87,24 @@ def reference_log(config_file, tmp_path_factory) -> list[dict]:
 @pytest.fixture(scope="module")
 def ray_run(config_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray") / "run"
+    before = time.time()
     output = launch([sys.executable, "launchers/pretrain_llama.py", "--config", str(config_file)], out)
+    ray_run_stopwatch[:] = [before, time.time()]
     return out, output
+
+
+ray_run_stopwatch: list[float] = []  # [spawned, exited] of the ray_run fixture's launcher (time.time())
+
+
+def assert_honest_timing(out: Path, spawned: float, exited: float, slack: float = 5.0) -> None:
+    """timing.json's split of a command against a stopwatch around it: the parts add up to the total, the start is
+    not before the command was spawned, the total is what the stopwatch saw less the exit (the line is printed
+    last; the interpreter's exit and the subprocess's reaping follow it)."""
+    timing = json.loads((out / "timing.json").read_text())
+    split = timing["wall_time"]
+    assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], abs=0.05), split
+    assert timing["driver"]["marks"]["process_started"] >= spawned - 0.02
+    assert exited - spawned - slack <= split["total"] <= exited - spawned, (split, exited - spawned)
 
 
 def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
@@ -120,13 +137,15 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     assert sum(" epoch " in line and "ETA" in line for line in output.splitlines()) == 4  # 1 + 1 + 2 blocks
     timing = json.loads((out / "timing.json").read_text())
     assert {"ray_start", "fit", "export", "ray_stop"} <= set(timing["driver"]["seconds"])
+    assert_honest_timing(out, *ray_run_stopwatch)
+    assert f"[result] wall time: {timing['wall_time']['total']:.1f}s" in output
     assert timing["rank0"]["counts"]["validation"] == 2 and "worker_started" in timing["rank0"]["marks"]
     assert list((out / "logs" / "ray").glob("worker-*.out")) and (out / "progress.log").exists()
     # DeepSpeed's inference-only shared-memory op was neither built nor loaded (its JIT compile cost 20-95 s).
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "logs" / "ray").glob("worker-*"))
     assert "shm_comm" not in worker_logs
-    # Ray persisted the checkpoints under the run's storage path; the resolved config was saved.
-    assert list((out / "ray").rglob("trainer.pt"))
+    # Ray persisted the checkpoints in <run>/ray/checkpoint_<time> (no ray/<name>/ below); the config was saved.
+    assert list((out / "ray").glob("checkpoint_*/trainer.pt")) and not (out / "ray" / out.name).exists()
     assert load_config(str(out / "config.yaml")).dist.num_workers == 2
     # The export round-trips the original ids.
     import pandas as pd
@@ -180,13 +199,20 @@ def test_deepspeed_launcher_with_no_flags_runs_the_embedded_default_in_one_run_f
     """`deepspeed launchers/finetune.py` with no --config, --data or --out: the demo config and dataset, and one
     runs/<time> folder that rank 0 names for both ranks (each rank reading the clock could name its own)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    spawned = time.time()
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner",
                            "--master_port", str(free_port()), "--num_gpus", "2",
                            str(REPO / "launchers" / "finetune.py"), "--schedule.finetune_epochs", "1", "--no-export"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    exited = time.time()
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     [run] = list((tmp_path / "runs").iterdir())
+    # The wall time is the `deepspeed` command's, from its launcher's start (it once said "wall time: 0s").
+    # After rank 0's last line the launcher notices (it polls its ranks every second) and its two processes (the
+    # runner and launch.py) exit: seconds no rank can time (8.7 s on a 2-core machine at load 20).
+    assert_honest_timing(run, spawned, exited, slack=20.0)
+    assert json.loads((run / "timing.json").read_text())["wall_time"]["total"] > 5
     [checkpoint] = list((run / "checkpoints").glob("step-*"))
     assert {p.name for p in checkpoint.glob("files-rank*.json")} == {"files-rank0.json", "files-rank1.json"}
     metrics = json.loads((run / "metrics.json").read_text())

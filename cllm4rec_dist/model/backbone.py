@@ -29,10 +29,10 @@ from transformers import (  # noqa: E402
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+from cllm4rec_dist.model.options import PRECISIONS, QUANTISED  # noqa: E402, F401 (re-exported)
+
 GQA_SDPA = "cllm4rec_gqa_sdpa"
 """Name of the attention implementation ``use_gqa_sdpa`` registers with transformers."""
-QUANTISED = ("int8", "nf4")
 
 
 def _default_device() -> torch.device:

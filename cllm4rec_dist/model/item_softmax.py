@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_MAX_LOGIT_ELEMENTS = 2**24  # 16M float32 logits = 64 MiB per chunk
+from cllm4rec_dist.model.options import DEFAULT_MAX_LOGIT_ELEMENTS  # noqa: E402, F401 (re-exported)
 
 
 def chunk_sizes(num_rows: int, num_classes: int, max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS,

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cllm4rec_dist.model.options import TABLE_SHARDINGS  # noqa: F401 (re-exported)
+
 from .item_softmax import (
     DEFAULT_MAX_LOGIT_ELEMENTS,
     chunk_sizes,
@@ -45,10 +47,6 @@ from .item_softmax import (
     softmax_gradients,
     sparse_softmax_nll,
 )
-
-TABLE_SHARDINGS = ("replicated", "row")
-"""replicated: every rank holds every row (DeepSpeed ZeRO partitions only gradients and Adam state);
-row: every rank holds 1/W of the rows and the Adam state of those rows only."""
 
 INIT_BLOCK_ROWS = 8192
 """Row sharded tables are initialised block by block, each block from its own seed, so the values do not

@@ -1301,7 +1301,8 @@ def resolve_checkpoint(source: str) -> tuple[object, str]:
     """(filesystem, complete checkpoint folder) for a checkpoint folder, its trainer.pt, or a run folder.
 
     A run folder's checkpoint is the newest complete one of: ``RUN/checkpoints/step-*`` (single-process and
-    DeepSpeed runs), ``RUN/ray/<name>/checkpoint_*`` or ``<dist.storage_path>/<name>/checkpoint_*`` (Ray runs).
+    DeepSpeed runs), ``RUN/ray/checkpoint_*`` (``RUN/ray/<name>/checkpoint_*`` as Ray runs wrote them before) or
+    ``<dist.storage_path>/<name>/checkpoint_*`` (Ray runs).
     """
     fs, root = _fs(source)
     if not fs.exists(root):
@@ -1325,7 +1326,7 @@ def resolve_checkpoint(source: str) -> tuple[object, str]:
     found = _newest_complete(fs, folders, posixpath.join(root, "checkpoints"))
     if found is not None:
         return fs, found
-    ray_roots = [(fs, posixpath.join(root, "ray", "*"))]
+    ray_roots = [(fs, posixpath.join(root, "ray")), (fs, posixpath.join(root, "ray", "*"))]  # now; before
     config_path = posixpath.join(root, "config.yaml")
     if fs.exists(config_path):
         import yaml
@@ -1341,4 +1342,4 @@ def resolve_checkpoint(source: str) -> tuple[object, str]:
             return rfs, found
     raise CheckpointError(f"{source}: no checkpoint found. Looked for {root}/{TRAINER_FILE} (a checkpoint folder), "
                           f"{root}/checkpoints/{STEP_PREFIX}* (single-process / DeepSpeed run) and "
-                          f"{root}/ray/*/checkpoint_*/{TRAINER_FILE} (Ray run). Has the run saved a checkpoint yet?")
+                          f"{root}/ray/checkpoint_*/{TRAINER_FILE} (Ray run). Has the run saved a checkpoint yet?")

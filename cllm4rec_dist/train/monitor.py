@@ -16,9 +16,12 @@ import json
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported where a value is made: a Ray driver imports this module for CONSOLE_FILE before it needs torch.
 CONSOLE_FILE = "console.log"  # the lines meant for the user's console, relayed by the Ray driver
 TRAIN_LOG = "train_log.jsonl"
 """One JSON record per optimizer step (global_step, phase, epoch, kind, loss, lm, mr, tokens, ...) in the run folder."""
@@ -47,6 +50,8 @@ class PendingSteps:
     def add(self, facts: tuple, values) -> None:
         """``facts``: what the monitor needs about the step (plain data); ``values``: its scalars (tensors or
         floats)."""
+        import torch
+
         self.steps.append((facts, torch.stack([
             torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(self.device) for v in values])))
 
@@ -55,6 +60,8 @@ class PendingSteps:
         tensor (``Rank.mean``). Empties the buffer; nothing pending: no all-reduce."""
         if not self.steps:
             return []
+        import torch
+
         sizes = [v.numel() for _, v in self.steps]
         flat = mean(torch.cat([v for _, v in self.steps])).tolist()
         out, start = [], 0
@@ -153,6 +160,8 @@ class Monitor:
             w.add_scalar(f"{kind}/{key}", record[key], gs)
         w.add_scalar(f"{kind}/tokens_per_s", tokens / max(seconds, 1e-9), gs)
         if gs % self.log_every == 0 or gs == total_steps:
+            import torch
+
             rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             w.add_scalar("memory/rss_mb", rss_mb, gs)
             if torch.cuda.is_available():

@@ -56,13 +56,65 @@ def read_timing(run_dir: str) -> dict:
         return json.load(f)
 
 
-def process_started_at() -> float | None:
-    """Wall-clock time this process started (Linux /proc), so that interpreter start and imports count too."""
+def _start_ticks(stat: str) -> int:
+    """Field 22 of a /proc/<pid>/stat line: the process's start, in clock ticks after boot (the command name, field
+    2, is in parentheses and may hold spaces, so the fields are counted after its closing one)."""
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _parent_pid(stat: str) -> int:
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def started_at(stat: str, boottime_now: float, wall_now: float, ticks_per_s: int) -> float:
+    """Wall-clock time (``time.time()`` scale) at which the process of the /proc ``stat`` line started.
+
+    The start in /proc is in ticks of the boot clock (CLOCK_BOOTTIME): the process's age is the boot clock now
+    minus that, and its start is the wall clock now minus its age. /proc/stat's ``btime`` (the wall-clock time
+    of boot) is NOT used: it is whole seconds, and on a VM restored from a snapshot or after the wall clock is
+    stepped it is off by minutes (a timing line once put 145 s on "python start").
+    """
+    return wall_now - (boottime_now - _start_ticks(stat) / ticks_per_s)
+
+
+def _read_stat(pid: int | str) -> str:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        return f.read()
+
+
+def process_started_at(pid: int | str = "self") -> float | None:
+    """Wall-clock time at which process ``pid`` (default: this one) started, so that interpreter start and
+    imports count too; None where /proc is not there (not Linux)."""
     try:
-        with open("/proc/self/stat", encoding="utf-8") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="utf-8") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        stat = _read_stat(pid)
+        boottime_now, wall_now = time.clock_gettime(time.CLOCK_BOOTTIME), time.time()
+        return started_at(stat, boottime_now, wall_now, os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [w.decode("utf-8", "replace") for w in f.read().split(b"\0") if w]
+
+
+def _names_launcher(word: str, launcher_word: str) -> bool:
+    """Whether a command-line word is the launcher's program (``.../bin/deepspeed``) or one of its modules
+    (``-m deepspeed.launcher.runner``, ``deepspeed.launcher.launch``), not just any word that mentions it."""
+    return os.path.basename(word) == launcher_word or word.startswith(f"{launcher_word}.launcher")
+
+
+def job_started_at(launcher_word: str = "deepspeed") -> float | None:
+    """When the command the user typed started: this process's start, or, for a rank that a launcher started
+    (``deepspeed`` runs its runner, which runs launch.py, which runs the ranks), the start of its oldest ancestor
+    whose command line names ``launcher_word`` (the stopwatch around ``deepspeed ...`` starts there)."""
+    try:
+        pid, oldest = os.getpid(), None
+        while True:
+            parent = _parent_pid(_read_stat(pid))
+            if parent <= 1 or not any(_names_launcher(w, launcher_word) for w in _cmdline(parent)):
+                break
+            pid = oldest = parent
+        return process_started_at(oldest if oldest is not None else "self")
+    except (OSError, ValueError, IndexError):
+        return process_started_at()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cllm4rec_dist.model.adapter import BackboneSettings
-from cllm4rec_dist.model.item_softmax import DEFAULT_MAX_LOGIT_ELEMENTS
-from cllm4rec_dist.model.sharding import TABLE_SHARDINGS
+from cllm4rec_dist.model.backbone_settings import BackboneSettings
+from cllm4rec_dist.model.options import DEFAULT_MAX_LOGIT_ELEMENTS, TABLE_SHARDINGS
 from cllm4rec_dist.settings import ConfigError, require
 
 ABLATIONS = ("none", "cf", "fixord", "prerec", "ftall", "scratch")
