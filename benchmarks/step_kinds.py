@@ -5,7 +5,8 @@ Used by ``bench_model.py --part steps`` (the default when --backbone names a pre
 one JSON line:
 
     backbone, precision, step (L, C, rec, score), pack, tokens_per_s (REAL input tokens per second),
-    processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds, ...
+    processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds,
+    rows_per_step and row_width (the layout model/batch.py chose, averaged over the timed steps), ...
 
 Batches are the loader's own (``CorpusBatches`` over preprocessed shards: ``--data DIR``, or the synthetic
 demo dataset preprocessed with the backbone's tokenizer into a temporary folder). L-, C- and rec-steps are
@@ -207,6 +208,8 @@ def time_step(run, batches, steps: int) -> dict:
     return {"tokens_per_s": round(real / seconds, 1), "processed_tokens_per_s": round(processed / seconds, 1),
             "real_token_fraction": round(real / processed, 3),
             "matmul_rate_fraction": round(gemm_seconds / seconds, 3),
+            "rows_per_step": round(sum(b.input_ids.shape[0] for b in chosen) / len(chosen), 1),
+            "row_width": round(sum(b.input_ids.shape[1] for b in chosen) / len(chosen), 1),
             "step_seconds": round(seconds / len(chosen), 3), "steps_timed": len(chosen),
             "gemm_gflop_per_step": round(flops / len(chosen) / 1e9, 2),
             "machine_gemm_gflops": round(flops / max(gemm_seconds, 1e-12) / 1e9, 1),
