@@ -8,6 +8,10 @@ one JSON line:
     processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds,
     rows_per_step and row_width (the layout model/batch.py chose, averaged over the timed steps), ...
 
+``--pack``: on = the packed layout (model/batch.py ``plan_rows``), longest = the former packed layout (rows as
+wide as the longest document of the batch: ``rows_as_wide_as_the_longest``, the same documents re-laid out), off =
+one right-padded row per document.
+
 Batches are the loader's own (``CorpusBatches`` over preprocessed shards: ``--data DIR``, or the synthetic
 demo dataset preprocessed with the backbone's tokenizer into a temporary folder). L-, C- and rec-steps are
 forward + backward + Adam on the trained group; ``score`` is the evaluation forward (prediction prompts,
@@ -166,6 +170,7 @@ def step_functions(model, data, space, settings, eval_batch_size: int):
 def bench_steps(args, out=sys.stdout) -> list[dict]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset
+    from cllm4rec_dist.model.batch import rows_as_wide_as_the_longest
     from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings
 
     records = []
@@ -174,19 +179,33 @@ def bench_steps(args, out=sys.stdout) -> list[dict]:
         space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
         for precision in args.precision.split(","):
             model = load_model(data, precision, args.backbone)
-            for pack in [p == "on" for p in args.pack.split(",")]:
-                settings = BatchSettings(batch_size=args.docs_per_step, max_length=args.max_length, pack=pack)
+            for layout in args.pack.split(","):
+                settings = BatchSettings(batch_size=args.docs_per_step, max_length=args.max_length,
+                                         pack=layout != "off")
                 for kind, (batches, run) in step_functions(model, data, space, settings, args.eval_batch).items():
                     if args.kinds and kind not in args.kinds.split(","):
                         continue
+                    if layout == "longest":
+                        batches = [relayout(batch, rows_as_wide_as_the_longest) for batch in batches]
                     record = time_step(run, batches, args.steps)
                     records.append({"backbone": args.backbone or data.manifest["backbone"]["path"],
-                                    "precision": precision, "step": kind, "pack": pack,
+                                    "precision": precision, "step": kind, "pack": layout,
                                     "docs_per_step": args.docs_per_step if kind != "score" else args.eval_batch,
                                     **record})
                     print(json.dumps(records[-1]), file=out, flush=True)
             del model
     return records
+
+
+def relayout(batch, plan):
+    """The same documents of ``batch`` laid out by ``plan`` (model/batch.py ``pack_rows``)."""
+    from dataclasses import replace
+
+    from cllm4rec_dist.model.batch import pack_rows
+
+    layout = pack_rows([batch.document(k).tolist() for k in range(len(batch.lengths))], plan=plan)
+    return replace(batch, input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                   position_ids=layout.position_ids, doc_rows=layout.doc_rows, doc_starts=layout.doc_starts)
 
 
 def time_step(run, batches, steps: int) -> dict:

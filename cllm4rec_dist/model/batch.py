@@ -125,11 +125,18 @@ def plan_rows(lengths: list[int], attention_tokens: int = ATTENTION_TOKENS) -> t
     return min(plans, key=cost)
 
 
-def pack_rows(rows: list[list[int]], pack: bool = True) -> PackedRows:
+def rows_as_wide_as_the_longest(lengths: list[int]) -> tuple[list[int], list[int], int]:
+    """The former layout (a ``plan`` for ``pack_rows``): first-fit decreasing into rows as wide as the longest
+    document. Kept for benchmarks/step_kinds.py's before/after comparison."""
+    return _first_fit(sorted(range(len(lengths)), key=lambda k: -lengths[k]), lengths, max(lengths))
+
+
+def pack_rows(rows: list[list[int]], pack: bool = True, plan=plan_rows) -> PackedRows:
     """Lay token rows out for one forward pass.
 
-    pack=False: one right-padded row per document. pack=True: several documents to a row as ``plan_rows``
-    lays them out, so that a batch of mixed lengths costs about sum(lengths) tokens instead of B * max(lengths).
+    pack=False: one right-padded row per document. pack=True: several documents to a row as ``plan`` (lengths ->
+    (row of each document, its first column, the width); default ``plan_rows``) lays them out, so that a batch of
+    mixed lengths costs about sum(lengths) tokens instead of B * max(lengths).
     """
     if not rows:
         raise ValueError("pack_rows needs at least one document")
@@ -137,7 +144,7 @@ def pack_rows(rows: list[list[int]], pack: bool = True) -> PackedRows:
     if min(lengths) < 1:
         raise ValueError("every document needs at least one token")
     if pack:
-        doc_rows, doc_starts, width = plan_rows(lengths)
+        doc_rows, doc_starts, width = plan(lengths)
         num_rows = max(doc_rows) + 1
     else:
         doc_rows, doc_starts, num_rows, width = list(range(len(rows))), [0] * len(rows), len(rows), max(lengths)
