@@ -25,7 +25,7 @@
 
 (c) per step kind on real batches (benchmarks/step_kinds.py): one JSON line per (precision, layout, step)
     with tokens/s, the real-token fraction and the fraction of the machine's matmul rate:
-    python benchmarks/bench_model.py --backbone smollm2 --precision fp32,bf16 [--data SHARDS] [--pack on,off]
+    python benchmarks/bench_model.py --backbone smollm2 --precision fp32,bf16 [--data SHARDS] [--pack on,longest,off]
     python benchmarks/bench_model.py --backbone tiny --precision fp32,bf16,int8
 """
 
@@ -95,6 +95,9 @@ def parse_args(argv=None):
     for precision in args.precision.split(","):
         if precision not in ("fp32", "bf16", "int8", "nf4"):
             p.error(f"--precision {precision!r}: choose from fp32, bf16, int8, nf4")
+    for layout in args.pack.split(","):
+        if layout not in ("on", "longest", "off"):
+            p.error(f"--pack {layout!r}: choose from on, longest, off")
     if args.part == "auto":
         named = args.backbone in step_kinds.BACKBONE_NAMES
         args.part = "steps" if named or "," in args.precision else "all"
@@ -106,7 +109,9 @@ def add_step_arguments(p):
     g = p.add_argument_group("steps part")
     g.add_argument("--data", default=None,
                    help="preprocessed shards; default: the demo dataset tokenised for --backbone")
-    g.add_argument("--pack", default="on", help="on, off or on,off: packed rows vs one right-padded row per document")
+    g.add_argument("--pack", default="on",
+                   help="comma-separated layouts: on (packed rows sized by the batch's total length), longest (the "
+                        "former packed rows, as wide as the longest document), off (one right-padded row per document)")
     g.add_argument("--docs-per-step", type=int, default=16, help="documents per L/C/rec step (batch.batch_size)")
     g.add_argument("--eval-batch", type=int, default=64, help="users per scoring batch (eval.batch_size)")
     g.add_argument("--max-length", type=int, default=1024)

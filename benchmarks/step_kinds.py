@@ -5,7 +5,12 @@ Used by ``bench_model.py --part steps`` (the default when --backbone names a pre
 one JSON line:
 
     backbone, precision, step (L, C, rec, score), pack, tokens_per_s (REAL input tokens per second),
-    processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds, ...
+    processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds,
+    rows_per_step and row_width (the layout model/batch.py chose, averaged over the timed steps), ...
+
+``--pack``: on = the packed layout (model/batch.py ``plan_rows``), longest = the former packed layout (rows as
+wide as the longest document of the batch: ``rows_as_wide_as_the_longest``, the same documents re-laid out), off =
+one right-padded row per document.
 
 Batches are the loader's own (``CorpusBatches`` over preprocessed shards: ``--data DIR``, or the synthetic
 demo dataset preprocessed with the backbone's tokenizer into a temporary folder). L-, C- and rec-steps are
@@ -165,6 +170,7 @@ def step_functions(model, data, space, settings, eval_batch_size: int):
 def bench_steps(args, out=sys.stdout) -> list[dict]:
     from cllm4rec_dist.corpus.ids import TokenSpace
     from cllm4rec_dist.corpus.shards import ShardedDataset
+    from cllm4rec_dist.model.batch import rows_as_wide_as_the_longest
     from cllm4rec_dist.recommenders.cllm4rec.batches import BatchSettings
 
     records = []
@@ -173,19 +179,33 @@ def bench_steps(args, out=sys.stdout) -> list[dict]:
         space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
         for precision in args.precision.split(","):
             model = load_model(data, precision, args.backbone)
-            for pack in [p == "on" for p in args.pack.split(",")]:
-                settings = BatchSettings(batch_size=args.docs_per_step, max_length=args.max_length, pack=pack)
+            for layout in args.pack.split(","):
+                settings = BatchSettings(batch_size=args.docs_per_step, max_length=args.max_length,
+                                         pack=layout != "off")
                 for kind, (batches, run) in step_functions(model, data, space, settings, args.eval_batch).items():
                     if args.kinds and kind not in args.kinds.split(","):
                         continue
+                    if layout == "longest":
+                        batches = [relayout(batch, rows_as_wide_as_the_longest) for batch in batches]
                     record = time_step(run, batches, args.steps)
                     records.append({"backbone": args.backbone or data.manifest["backbone"]["path"],
-                                    "precision": precision, "step": kind, "pack": pack,
+                                    "precision": precision, "step": kind, "pack": layout,
                                     "docs_per_step": args.docs_per_step if kind != "score" else args.eval_batch,
                                     **record})
                     print(json.dumps(records[-1]), file=out, flush=True)
             del model
     return records
+
+
+def relayout(batch, plan):
+    """The same documents of ``batch`` laid out by ``plan`` (model/batch.py ``pack_rows``)."""
+    from dataclasses import replace
+
+    from cllm4rec_dist.model.batch import pack_rows
+
+    layout = pack_rows([batch.document(k).tolist() for k in range(len(batch.lengths))], plan=plan)
+    return replace(batch, input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                   position_ids=layout.position_ids, doc_rows=layout.doc_rows, doc_starts=layout.doc_starts)
 
 
 def time_step(run, batches, steps: int) -> dict:
@@ -207,6 +227,8 @@ def time_step(run, batches, steps: int) -> dict:
     return {"tokens_per_s": round(real / seconds, 1), "processed_tokens_per_s": round(processed / seconds, 1),
             "real_token_fraction": round(real / processed, 3),
             "matmul_rate_fraction": round(gemm_seconds / seconds, 3),
+            "rows_per_step": round(sum(b.input_ids.shape[0] for b in chosen) / len(chosen), 1),
+            "row_width": round(sum(b.input_ids.shape[1] for b in chosen) / len(chosen), 1),
             "step_seconds": round(seconds / len(chosen), 3), "steps_timed": len(chosen),
             "gemm_gflop_per_step": round(flops / len(chosen) / 1e9, 2),
             "machine_gemm_gflops": round(flops / max(gemm_seconds, 1e-12) / 1e9, 1),

@@ -15,6 +15,7 @@ used to skip pads when counting id tokens); they are never a target.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, fields
 
 import torch
@@ -61,11 +62,80 @@ class PackedRows(_DocumentLayout):
     lengths: torch.Tensor         # (B,) int64 tokens of document k
 
 
-def pack_rows(rows: list[list[int]], pack: bool = True) -> PackedRows:
+ATTENTION_TOKENS = 2048
+"""The packer's cost model: a row of width W costs W x (1 + W / ATTENTION_TOKENS) token-units. The linear layers
+cost ~2 x (a layer's weights) FLOPs per token, the attention GEMMs ~4 x d x W per token, since they run over the
+whole W x W square of a row, masked blocks (other documents, padding) included: 2 x 3.54M / (4 x 576) = 3072 for
+SmolLM2-135M, 4,608 for GPT-2; taken lower to count the element-wise work on the scores (mask, softmax) too."""
+
+_ALL_ROW_COUNTS = 64  # row counts tried one by one up to here, then in steps of ~5% (large scoring batches)
+
+
+def _first_fit(order: list[int], lengths: list[int], width: int) -> tuple[list[int], list[int], int]:
+    """First-fit decreasing into rows of ``width``: (row of each document, its first column, the width)."""
+    bins: list[int] = []  # used width of each row
+    doc_rows, doc_starts = [0] * len(lengths), [0] * len(lengths)
+    for k in order:
+        row = next((r for r, used in enumerate(bins) if used + lengths[k] <= width), len(bins))
+        if row == len(bins):
+            bins.append(0)
+        doc_rows[k], doc_starts[k] = row, bins[row]
+        bins[row] += lengths[k]
+    return doc_rows, doc_starts, width
+
+
+def _balanced(order: list[int], lengths: list[int], num_rows: int) -> tuple[list[int], list[int], int]:
+    """Each document, longest first, into the least-filled of ``num_rows`` rows (ties: the lowest row), the width
+    being the fullest row's: (row of each document, its first column, the width). Every row gets a document
+    when ``num_rows <= len(lengths)``."""
+    heap = [(0, r) for r in range(num_rows)]
+    doc_rows, doc_starts = [0] * len(lengths), [0] * len(lengths)
+    for k in order:
+        used, row = heapq.heappop(heap)
+        doc_rows[k], doc_starts[k] = row, used
+        heapq.heappush(heap, (used + lengths[k], row))
+    return doc_rows, doc_starts, max(used for used, _ in heap)
+
+
+def plan_rows(lengths: list[int], attention_tokens: int = ATTENTION_TOKENS) -> tuple[list[int], list[int], int]:
+    """Where each document of a packed batch goes: (row of each document, its first column, the row width).
+
+    Rows need not be as wide as the longest document: for each row count R (1 .. the count at which rows are
+    about one longest document wide) the documents are balanced over R rows (longest first, each into the
+    least-filled row: the width is then about sum(lengths) / R, and the rows nearly full whenever documents are
+    short against it); first-fit decreasing into rows as wide as the longest document (the former layout) is
+    one more candidate. The cheapest under ``ATTENTION_TOKENS``'s cost model wins (ties: fewer rows): wide
+    rows waste attention on masked blocks, narrow ones padding. A document is never split across rows (each
+    loss needs every earlier token of its document in the same attention context). Pure function of the
+    lengths (ties keep input order), so a batch's layout never depends on anything else.
+    """
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    total, longest = sum(lengths), max(lengths)
+    most = min(len(lengths), -(-total // longest))
+    counts, count = [], 1
+    while count <= most:
+        counts.append(count)
+        count = count + 1 if count < _ALL_ROW_COUNTS else max(count + 1, int(count * 1.05))
+    plans = [_balanced(order, lengths, r) for r in counts] + [_first_fit(order, lengths, longest)]
+
+    def cost(plan):
+        rows, width = max(plan[0]) + 1, plan[2]
+        return rows * width * (1 + width / attention_tokens), rows
+
+    return min(plans, key=cost)
+
+
+def rows_as_wide_as_the_longest(lengths: list[int]) -> tuple[list[int], list[int], int]:
+    """The former layout (a ``plan`` for ``pack_rows``): first-fit decreasing into rows as wide as the longest
+    document. Kept for benchmarks/step_kinds.py's before/after comparison."""
+    return _first_fit(sorted(range(len(lengths)), key=lambda k: -lengths[k]), lengths, max(lengths))
+
+
+def pack_rows(rows: list[list[int]], pack: bool = True, plan=plan_rows) -> PackedRows:
     """Lay token rows out for one forward pass.
 
-    pack=False: one right-padded row per document. pack=True: first-fit decreasing bin packing into
-    rows as wide as the longest document (deterministic: ties keep input order), so that a batch of
+    pack=False: one right-padded row per document. pack=True: several documents to a row as ``plan`` (lengths ->
+    (row of each document, its first column, the width); default ``plan_rows``) lays them out, so that a batch of
     mixed lengths costs about sum(lengths) tokens instead of B * max(lengths).
     """
     if not rows:
@@ -73,19 +143,11 @@ def pack_rows(rows: list[list[int]], pack: bool = True) -> PackedRows:
     lengths = [len(r) for r in rows]
     if min(lengths) < 1:
         raise ValueError("every document needs at least one token")
-    width = max(lengths)
     if pack:
-        bins: list[int] = []  # used width of each row
-        doc_rows, doc_starts = [0] * len(rows), [0] * len(rows)
-        for k in sorted(range(len(rows)), key=lambda k: -lengths[k]):
-            row = next((r for r, used in enumerate(bins) if used + lengths[k] <= width), len(bins))
-            if row == len(bins):
-                bins.append(0)
-            doc_rows[k], doc_starts[k] = row, bins[row]
-            bins[row] += lengths[k]
-        num_rows = len(bins)
+        doc_rows, doc_starts, width = plan(lengths)
+        num_rows = max(doc_rows) + 1
     else:
-        doc_rows, doc_starts, num_rows = list(range(len(rows))), [0] * len(rows), len(rows)
+        doc_rows, doc_starts, num_rows, width = list(range(len(rows))), [0] * len(rows), len(rows), max(lengths)
     ids = torch.full((num_rows, width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((num_rows, width), dtype=torch.long)
     positions = torch.zeros((num_rows, width), dtype=torch.long)
