@@ -53,7 +53,7 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: Phas
             export_checkpoint(cfg.out, result["export"])
     timer.mark("finished")
     write_timing(cfg.out, "driver", timer)
-    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export")
+    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "stopped", "global_step", "seconds", "export")
             if k in result}
     for key, value in keep.items():
         print(f"[result] {key}: {json.dumps(value, default=str)}", flush=True)
