@@ -114,7 +114,7 @@ def decoder_activation_bytes(shape: DecoderShape, tokens: int, longest_row: int,
 
 @dataclass(frozen=True)
 class TableShape:
-    """CLLM4Rec-style trainable tables: two user and two item tables of width d, and an item head when the backbone's
+    """Trainable token tables: two user and two item tables of width d, and an item head when the backbone's
     head is untied. ``groups``: the parameter groups stepped separately (collaborative, content)."""
 
     users: int
@@ -164,7 +164,7 @@ def rank_memory(shape: DecoderShape, precision: str, tables: TableShape, *, runt
 
     tokens / longest_row / rows: the largest step's batch (all rows' tokens, its longest row, its rows).
     zero: DeepSpeed ZeRO-2 engines (else torch Adam). item_logit_rows: positions scored against the catalogue
-    (default ``tokens``). extra_trainable: other trainable parameters (e.g. A-LLMRec's projections), Adam and a
+    (default ``tokens``). extra_trainable: other trainable parameters (e.g. projections into the backbone), Adam and a
     dense gradient included."""
     p, g = tables.params + extra_trainable, tables.largest_group
     terms = {
