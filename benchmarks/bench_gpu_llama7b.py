@@ -85,21 +85,16 @@ def fail_fast(args) -> None:
                "benchmark builds a LLaMA-7B-shaped model (13.5 GB in bf16) and needs a GPU with >= 40 GB; run it "
                "on one. For a smoke test of the code on CPU: --preset tiny-llama --device cpu.")
     if args.device == "cpu" and args.preset == "llama-7b-shape":
-        refuse("--device cpu with the 7B preset would take hours and ~30 GB of RAM; use --preset tiny-llama "
-               "(or small-llama) for a CPU smoke test.")
+        refuse("--device cpu with the 7B preset builds it in bf16 in memory (13.5 GB + the int8 copy); on CPU use "
+               "benchmarks/bench_llama7b_cpu.py (the 7B loaded from disk in int8/nf4, ~8 GB), or --preset tiny-llama "
+               "(or small-llama) here for a smoke test.")
 
 
 def llama_config(args):
-    from transformers import LlamaConfig
+    """The preset's LlamaConfig: the same one benchmarks/llama_checkpoint.py writes to disk for the CPU benchmark."""
+    from llama_checkpoint import llama_config as preset_config
 
-    from cllm4rec_dist.corpus.presets import PRESETS
-
-    spec = dict(PRESETS[args.preset])
-    if spec.pop("family") != "llama":
-        raise SystemExit(f"preset {args.preset} is not LLaMA-family")
-    spec.setdefault("vocab_size", args.vocab)
-    return LlamaConfig(max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec)
+    return preset_config(args.preset, vocab=args.vocab, seq_len=args.seq_len)
 
 
 def build_bf16(config, device):

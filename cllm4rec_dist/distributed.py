@@ -327,8 +327,13 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
             copy_ray_logs(os.path.join(cfg.out, "logs", "ray"))
             with timer.phase("ray_stop"):
                 ray.shutdown()
-    with open(os.path.join(cfg.out, "metrics.json"), encoding="utf-8") as f:
-        return json.load(f) | {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+    checkpoint = {"ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+    metrics_file = os.path.join(cfg.out, "metrics.json")
+    if not os.path.exists(metrics_file):  # stopped at max_steps: no test, so no metrics.json; the checkpoint holds it
+        reported = result.metrics or {}
+        return {"stopped": "max_steps reached", "global_step": reported.get("global_step")} | checkpoint
+    with open(metrics_file, encoding="utf-8") as f:
+        return json.load(f) | checkpoint
 
 
 def _background_or_retry(starting: RayStart) -> bool:

@@ -57,7 +57,7 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: Phas
     timing = read_timing(cfg.out)
     split = wall_time_split(timing)
     write_json_atomic(os.path.join(cfg.out, TIMING_FILE), timing | {"wall_time": split})
-    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "global_step", "seconds", "export")
+    keep = {k: result[k] for k in ("valid", "test", "best", "stages", "stopped", "global_step", "seconds", "export")
             if k in result}
     for key, value in keep.items():
         print(f"[result] {key}: {json.dumps(value, default=str)}", flush=True)
