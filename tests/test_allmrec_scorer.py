@@ -168,3 +168,15 @@ def test_stage2_overfits_eight_users_far_above_chance(tiny_llm, prompts):
         optimizer.step()
         optimizer.zero_grad()
     assert hit1() >= 0.75
+
+
+def test_stage0_prints_one_progress_line_per_epoch_with_an_eta(demo_loo_data):
+    from cllm4rec_dist.baselines.sequential import CFStage, CFStageSettings
+    from cllm4rec_dist.corpus.sequences import SequentialData
+
+    lines: list[str] = []
+    settings = CFStageSettings(model="sasrec", max_epochs=3, patience=5, eval_every=2)
+    CFStage(SequentialData.open(demo_loo_data), settings, progress=lines.append).setup().train()
+    assert [line.split(" loss ")[0] for line in lines] == [f"[sasrec] epoch {e}/3" for e in (1, 2, 3)]
+    assert all("/epoch" in line and "ETA <= " in line for line in lines)
+    assert f"valid {settings.select_metric}" in lines[1] and "valid" not in lines[0]
