@@ -141,6 +141,9 @@ def test_eval_max_users_takes_a_seeded_random_sample_not_the_first_users(demo_lo
 # ---- over-fitting a few users: stage 2 can move the answer ------------------------------------
 
 
+@pytest.mark.xfail(strict=True, reason="issue 30, open: on the frozen RANDOM tiny LLM, 60 full-batch steps at lr 1e-2 "
+                   "lower the answer loss but training Hit@1 stays 0/8 (the summed score's short-title bias wins); "
+                   "strict: an XPASS flags the fix")
 def test_stage2_overfits_eight_users_far_above_chance(tiny_llm, prompts):
     """Only F_U, F_I train (frozen random tiny LLM), on the trainer's prompts (user soft token, titles with
     item soft tokens, 20 candidates) and loss (answer title + EOS); training Hit@1 on those prompts, scored
