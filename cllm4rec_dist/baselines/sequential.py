@@ -57,6 +57,7 @@ from cllm4rec_dist.train.checkpoint import (
     safetensors_header,
     write_model,
 )
+from cllm4rec_dist.train.monitor import _duration
 
 CF_CHECKPOINT = "cf_model"  # the file stem of the stage-0 model in its folder
 PARTS = ("valid", "test")
@@ -168,15 +169,22 @@ def training_examples(histories: list[list[int]], max_len: int) -> tuple[np.ndar
     return users, inputs, targets
 
 
+def print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
 class CFStage:
     """The stage-0 recipe: ``setup()``, ``train()``, ``save_checkpoint(out)``."""
 
     def __init__(self, data: SequentialData, settings: CFStageSettings | None = None,
-                 log: Callable[[str, float, int], None] | None = None):
+                 log: Callable[[str, float, int], None] | None = None,
+                 progress: Callable[[str], None] | None = print_progress):
         self.data = data
         self.settings = (settings or CFStageSettings()).validate()
         self.log = log or (lambda tag, value, step: None)
         """Called as log(tag, value, epoch) for each loss / metric, e.g. a TensorBoard writer's add_scalar."""
+        self.progress = progress
+        """Called with one console line per epoch (loss, validation, time, ETA); None = silent."""
 
     def setup(self) -> CFStage:
         s = self.settings
@@ -236,6 +244,7 @@ class CFStage:
                 else:
                     bad_evaluations += 1
             self.history.append(record)
+            self._epoch_line(epoch, record, bad_evaluations, time.perf_counter() - started)
             if bad_evaluations >= s.patience:
                 break
         if self.best_state is not None:
@@ -244,6 +253,23 @@ class CFStage:
         self.seconds = round(time.perf_counter() - started, 2)
         return {"best_epoch": self.best_epoch, "valid": self.valid, "test": self.test,
                 "history": self.history, "seconds": self.seconds}
+
+    def _epoch_line(self, epoch: int, record: dict, bad_evaluations: int, elapsed: float) -> None:
+        """The epoch's console line. The ETA is that of the remaining epochs up to max_epochs at the mean epoch
+        time so far: an upper bound, early stopping (patience) usually ends training sooner."""
+        if self.progress is None:
+            return
+        s = self.settings
+        line = f"[{s.model}] epoch {epoch}/{s.max_epochs} loss {record['loss']:.4f}"
+        if "valid" in record:
+            value = record["valid"].get(s.select_metric)
+            line += (f" | valid {s.select_metric} {value:.4f}" if value is not None else "") + (
+                f" (best {self.best_value:.4f} at epoch {self.best_epoch}, {bad_evaluations}/{s.patience} "
+                "without a better one)")
+        per_epoch = elapsed / epoch
+        line += (f" | {_duration(per_epoch)}/epoch, {_duration(elapsed)} elapsed, "
+                 f"ETA <= {_duration(per_epoch * (s.max_epochs - epoch))} (early stopping usually ends sooner)")
+        self.progress(line)
 
     def save_checkpoint(self, out: str) -> None:
         """The best model and what it was trained on (see the module docstring)."""

@@ -26,6 +26,8 @@ from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.recommenders.allmrec.prompts import SoftPrompt
 
 IGNORE = -100
+SCORE_MODES = ("sum", "mean", "first")
+"""allmrec.score: how a candidate title's token log-probabilities become its score (``candidate_scores``)."""
 
 
 # ---- stage 1 -----------------------------------------------------------------------------------
@@ -127,6 +129,20 @@ def projection(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+# Output RMS of ``projection`` at PyTorch's default init: LayerNorm -> GELU gives E[GELU(z)^2] = 0.425 per unit, the
+# last Linear(d, d) draws weights from U(-1/sqrt(d), 1/sqrt(d)) (variance 1/(3d)): sqrt(0.425 / 3) = 0.376.
+_PROJECTION_INIT_RMS = 0.376
+
+
+def match_output_scale(module: nn.Sequential, target_rms: float) -> None:
+    """Scale a fresh ``projection``'s last layer so that its outputs start at the RMS of the vocabulary embeddings
+    (SmolLM2: 0.136, 3x below the default init's 0.376): a soft token then looks like a token to the frozen LLM
+    instead of a 3x outlier in its residual stream."""
+    with torch.no_grad():
+        module[-1].weight.mul_(target_rms / _PROJECTION_INIT_RMS)
+        module[-1].bias.mul_(target_rms / _PROJECTION_INIT_RMS)
+
+
 @dataclass
 class SoftBatch:
     """Padded prompts (+ answers) with their soft-token slots, ready for ``LLMAlignment``.
@@ -180,6 +196,9 @@ class LLMAlignment(nn.Module):
         device = backbone.get_input_embeddings().weight.device
         self.user_projection = projection(user_dim, self.hidden_size).to(device)
         self.item_projection = projection(item_dim, self.hidden_size).to(device)
+        vocab_rms = float(backbone.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        for module in (self.user_projection, self.item_projection):
+            match_output_scale(module, vocab_rms)
 
     @classmethod
     def load(cls, location: dict, settings: lora.BackboneSettings | str, user_dim: int, item_dim: int,
@@ -256,35 +275,104 @@ class LLMAlignment(nn.Module):
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         return out, mask, positions[:, -1]
 
-    @torch.no_grad()
-    def candidate_scores(self, batch: SoftBatch, user_vectors, item_vectors,
-                         answers: list[list[list[int]]]) -> torch.Tensor:
-        """``[B, C]`` length-normalised log-likelihood (mean log-probability per token) of each row's C answers.
+    def head_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` fp32 log-softmax of the LM head at ``hidden`` ``[N, d]`` (any backbone dtype).
 
-        ``batch``: left-padded prompts; ``answers[b][c]``: token ids of candidate c's answer for row b.
-        The prompt runs once; its KV cache is repeated for the C answers, which run as one batch.
+        The head's matmul, the log-softmax and every sum after it run in fp32, also for a bf16 backbone (its
+        fp32 copy of the head weight is cached): a bf16 logit of magnitude ~20 carries an error of ~0.06."""
+        head = self.backbone.get_output_embeddings()
+        weight = head.weight
+        if weight.dtype != torch.float32:
+            key = (weight.data_ptr(), weight.dtype, weight.device)
+            if getattr(self, "_head32_key", None) != key:
+                self._head32, self._head32_key = weight.detach().float(), key
+            weight = self._head32
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        return F.log_softmax(F.linear(hidden.float(), weight, bias), -1)
+
+    def candidate_scores(self, prompts: list[SoftPrompt], user_vectors, item_vectors,
+                         titles: list[list[list[int]]], score: str = "sum") -> torch.Tensor:
+        """``[B, C]`` score of each row's C candidate titles (``score``: one of SCORE_MODES); see
+        ``candidate_scores_by_mode``."""
+        if score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {', '.join(SCORE_MODES)}, got {score!r}")
+        if score == "first":  # the first token alone: no need to run the rest of the titles
+            titles = [[t[:1] for t in row] for row in titles]
+        return self.candidate_scores_by_mode(prompts, user_vectors, item_vectors, titles, (score,))[score]
+
+    @torch.no_grad()
+    def candidate_scores_by_mode(self, prompts: list[SoftPrompt], user_vectors, item_vectors,
+                                 titles: list[list[list[int]]], modes=SCORE_MODES) -> dict[str, torch.Tensor]:
+        """``{mode: [B, C]}`` scores of each row's C candidate titles after its prompt, one forward for all the
+        ``modes`` (prompts.py ``scoring_prompt`` / ``scored_title``: the title tokens, no EOS).
+
+        Modes: "sum" = summed log-likelihood of the title tokens; "mean" = that over the number of tokens;
+        "first" = log-probability of the first title token alone.
+
+        One forward per batch, no padding between candidates: each row holds its prompt ONCE followed by its C
+        titles back to back; a block mask lets every title see the prompt and its own earlier tokens only, and
+        each title's positions continue the prompt's, so every title is scored exactly as in a separate
+        (prompt + title) sequence. The LM head runs only where a title token is predicted (``head_logprobs``:
+        fp32 from the final hidden state on; the decoder itself runs in the backbone's dtype).
         """
-        out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
-        c = len(answers[0])
-        flat = [a for row in answers for a in row]
-        width = max(len(a) for a in flat)
-        ids = torch.full((len(flat), width), batch.input_ids[0, 0].item(), dtype=torch.long, device=self.device)
-        answer_mask = torch.zeros((len(flat), width), dtype=mask.dtype, device=self.device)
-        for k, a in enumerate(flat):
-            ids[k, :len(a)] = torch.tensor(a, dtype=torch.long)
-            answer_mask[k, :len(a)] = 1
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(c)
-        first = F.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(c, 0)  # predicts answer token 0
-        embeds = self.backbone.get_input_embeddings()(ids).to(bb.compute_dtype(self.backbone))
-        positions = last.repeat_interleave(c)[:, None] + 1 + torch.arange(width, device=self.device)[None, :]
-        rest = self.backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.repeat_interleave(c, 0),
-                                                                             answer_mask], 1),
-                             position_ids=positions, past_key_values=cache, use_cache=True).logits
-        logprobs = torch.cat([first[:, None], F.log_softmax(rest[:, :-1].float(), -1)], 1)
-        token = logprobs.gather(2, ids[:, :, None])[:, :, 0] * answer_mask
-        scores = token.sum(1) / answer_mask.sum(1).clamp(min=1)
-        return scores.reshape(-1, c).cpu()
+        c = len(titles[0])
+        batch = SoftBatch.collate(prompts, [[tok for t in row for tok in t] for row in titles], self.fill_id(prompts))
+        b, width = batch.input_ids.shape
+        segment = torch.full((b, width), -2, dtype=torch.long)  # -2 padding, -1 prompt, k title k
+        positions = torch.zeros((b, width), dtype=torch.long)
+        pred_rows, pred_cols, targets, owners = [], [], [], []
+        for row, (p, row_titles) in enumerate(zip(prompts, titles)):
+            if len(row_titles) != c:
+                raise ValueError(f"row {row} has {len(row_titles)} candidates, row 0 has {c}")
+            n = len(p.ids)
+            segment[row, :n] = -1
+            positions[row, :n] = torch.arange(n)
+            start = n
+            for k, title in enumerate(row_titles):
+                if not title:
+                    raise ValueError(f"row {row}, candidate {k}: an empty title cannot be scored")
+                length = len(title)
+                segment[row, start:start + length] = k
+                positions[row, start:start + length] = torch.arange(n, n + length)
+                # title token j is predicted at the prompt's last position (j = 0), else at its own token j - 1
+                pred_cols += [n - 1, *range(start, start + length - 1)]
+                pred_rows += [row] * length
+                targets += title
+                owners += [row * c + k] * length
+                start += length
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        allowed = (torch.arange(width)[None, :, None] >= torch.arange(width)[None, None, :]) & (seg_k != -2) & (
+            (seg_k == -1) | (seg_k == seg_q))
+        allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding rows attend to themselves: no empty softmax
+        dtype = bb.compute_dtype(self.backbone)
+        mask = torch.zeros((b, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
+        hidden = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),
+                                          position_ids=positions.to(self.device)).last_hidden_state
+        rows = torch.tensor(pred_rows, device=self.device)
+        cols = torch.tensor(pred_cols, device=self.device)
+        token = self.head_logprobs(hidden[rows, cols]).gather(1, torch.tensor(targets, device=self.device)[:, None])
+        owner = torch.tensor(owners, device=self.device)
+        scores = {}
+        for mode in modes:
+            if mode == "first":  # each title's first token comes first among its owner's tokens
+                first = torch.ones_like(owner, dtype=torch.bool)
+                first[1:] = owner[1:] != owner[:-1]
+                scores[mode] = token[first, 0]
+                continue
+            total = torch.zeros(b * c, dtype=torch.float32, device=self.device).index_add_(0, owner, token[:, 0])
+            if mode == "mean":
+                count = torch.zeros(b * c, dtype=torch.float32, device=self.device).index_add_(
+                    0, owner, torch.ones_like(token[:, 0]))
+                total = total / count
+            scores[mode] = total
+        return {mode: v.reshape(b, c).cpu() for mode, v in scores.items()}
+
+    @staticmethod
+    def fill_id(prompts: list[SoftPrompt]) -> int:
+        """Any id for padding positions (masked out): the first prompt's first token."""
+        return prompts[0].ids[0] if prompts and prompts[0].ids else 0
 
     @torch.no_grad()
     def generate(self, batch: SoftBatch, user_vectors, item_vectors, max_new_tokens: int, eos: int) -> list[list[int]]:

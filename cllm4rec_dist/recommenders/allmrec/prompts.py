@@ -63,6 +63,15 @@ class ALLMRecPrompts:
         # Each item's rendered title piece (e.g. ' "Toy Story"'), the answer the LLM is trained to produce.
         self.title_ids = [self._encode(self._title_text(t))[:max_title_tokens] for t in titles]
         self.titles = list(titles)
+        # Scoring: the leading ids EVERY title piece shares (e.g. the opening quote ' "') are the same
+        # context for every candidate, so they join the prompt; each candidate keeps at least one token.
+        shared = 0
+        if self.title_ids:
+            shortest = min(len(t) for t in self.title_ids)
+            first = self.title_ids[0]
+            while shared < shortest - 1 and all(t[shared] == first[shared] for t in self.title_ids):
+                shared += 1
+        self.answer_prefix = list(self.title_ids[0][:shared]) if self.title_ids else []
 
     def _title_text(self, title: str) -> str:
         before, _, after = self.templates.item.partition("{item}")[0].partition("{title}")
@@ -118,6 +127,17 @@ class ALLMRecPrompts:
             self._emit_item(out, item, soft)
         out.ids += self._encode(self.templates.outro)
         return out
+
+    def scoring_prompt(self, history: list[int], candidates: list[int], soft: bool = True) -> SoftPrompt:
+        """``prompt`` followed by ``answer_prefix``: the context after which each ``scored_title`` is scored."""
+        out = self.prompt(history, candidates, soft)
+        out.ids += self.answer_prefix
+        return out
+
+    def scored_title(self, item: int) -> list[int]:
+        """The ids a candidate is scored on: its title piece without the shared prefix, WITHOUT EOS (EOS says
+        the answer ended, not which item it is; counting it would favour titles after which EOS is likely)."""
+        return self.title_ids[item][len(self.answer_prefix):]
 
     def answer(self, item: int) -> list[int]:
         """Token ids the LLM should produce after the prompt: the item's title piece, then EOS."""

@@ -95,7 +95,11 @@ def train_cf_stage(cfg: TrainConfig, data: SequentialData, cf, log) -> dict:
         return {"valid": evaluate_candidates(cf, data, "valid", settings),
                 "test": evaluate_candidates(cf, data, "test", settings), "best_epoch": info.get("best_epoch"),
                 "loaded_from": path}
-    stage = CFStage(data, cfg.allmrec.cf_stage_settings(cfg.seed), log=log).setup()
+    import torch.distributed as dist
+
+    quiet = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0  # every rank runs stage 0
+    stage = CFStage(data, cfg.allmrec.cf_stage_settings(cfg.seed), log=log,
+                    progress=None if quiet else (lambda line: print(f"[train] stage 0 {line}", flush=True))).setup()
     result = stage.train()
     cf.load_state_dict(stage.model.state_dict())
     return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"]}

@@ -71,7 +71,11 @@ class ALLMRecSettings:
     titles_only_baseline: bool = True
     """Also evaluate the frozen LLM on the same prompt without soft tokens (the titles-only baseline)."""
     eval_max_users: int = 0
-    """Evaluate only the first N evaluated users of each part (0 = all of them): smoke runs and tests only."""
+    """Evaluate a seeded random sample of N evaluated users of each part (0 = all of them): smoke runs, tests."""
+    score: str = "sum"
+    """How a candidate's title scores (model.py SCORE_MODES): "sum" = summed log-likelihood of its title tokens
+    (no EOS); "mean" = per-token mean (favours long titles whose later tokens are easy); "first" = the first
+    title token's log-probability alone."""
     eval_batch_size: int = 8
     """Users per evaluation forward (each expands to one row per candidate when scoring)."""
     cold_item_max_count: int = 10
@@ -90,6 +94,9 @@ class ALLMRecSettings:
                 ">= 0 (0 = every training user)")
         require(self.eval_max_users >= 0, "allmrec.eval_max_users", self.eval_max_users,
                 ">= 0 (0 = every evaluated user)")
+        from cllm4rec_dist.recommenders.allmrec.model import SCORE_MODES
+
+        require(self.score in SCORE_MODES, "allmrec.score", self.score, " | ".join(SCORE_MODES))
         require(self.num_candidates >= 2, "allmrec.num_candidates", self.num_candidates,
                 ">= 2 (the next item and at least one other)")
         require(self.cold_item_max_count < self.warm_item_min_count, "allmrec.cold_item_max_count",

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from cllm4rec_dist.config import TrainConfig
 
 STAGES = ("cf", "align", "llm", "eval", "done")
-_STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14}
+_STREAM = {"align": 11, "llm": 12, "negatives": 13, "subsample": 14, "eval_sample": 15}
+PARTS = ("valid", "test")
 LR_SETTING = {"align": "allmrec.stage1_lr", "llm": "allmrec.stage2_lr"}  # named when a stage's loss diverges
 
 
@@ -94,6 +95,24 @@ def sample_unseen(generator: np.random.Generator, num_items: int, seen: set[int]
     return out
 
 
+def known_items(data: SequentialData, user: int) -> set[int]:
+    """Every item the user interacted with: train items AND the held-out validation and test items. Training
+    negatives come from outside it: a held-out item drawn as a negative would teach the model to rank the
+    evaluation's positive low."""
+    held_out = (data.valid[user], data.test[user])
+    return set(data.histories[user]) | {i for i in held_out if i is not None}
+
+
+def evaluated_sample(data: SequentialData, part: str, max_users: int, seed: int) -> list[int]:
+    """The users evaluated on ``part`` (ascending): all of them, or with ``max_users`` > 0 a seeded random sample
+    of that many (the first N by index would be a biased slice: indices follow the raw file's user order)."""
+    users = [int(u) for u in data.evaluated_users(part)]
+    if 0 < max_users < len(users):
+        keep = rng(seed, _STREAM["eval_sample"], PARTS.index(part)).choice(len(users), max_users, replace=False)
+        users = [users[k] for k in sorted(keep)]
+    return users
+
+
 class ALLMRecTrainer:
     """Runs the stages on one rank; implements train/checkpoint.py's ``Coordinator`` (what the sinks need)."""
 
@@ -129,6 +148,9 @@ class ALLMRecTrainer:
         with torch.no_grad():
             return self.model.cf.user_representation(pad_histories(histories, self.a.cf_max_len).to(self.device))
 
+    def evaluated_users(self, part: str) -> list[int]:
+        return evaluated_sample(self.data, part, self.a.eval_max_users, self.cfg.seed)
+
     def align_steps(self) -> int:
         return math.ceil(len(self.train_users) / self.a.stage1_batch_size)
 
@@ -151,7 +173,7 @@ class ALLMRecTrainer:
         """(prompt, answer) for a training user: history = train items but the last, answer = the last."""
         history, target = self.data.histories[user][:-1], self.data.histories[user][-1]
         g = rng(self.cfg.batch.seed, epoch, user, _STREAM["negatives"])
-        candidates = [target, *sample_unseen(g, self.data.num_items, set(self.data.histories[user]),
+        candidates = [target, *sample_unseen(g, self.data.num_items, known_items(self.data, user),
                                              self.a.num_candidates - 1)]
         candidates = [candidates[k] for k in g.permutation(len(candidates))]
         prompt = self.prompts.prompt(history[-self.a.prompt_history:], candidates, soft=self.a.stage2_soft_tokens)
@@ -166,7 +188,7 @@ class ALLMRecTrainer:
         histories = [self.data.histories[u][:-1] for u in users]
         positives = torch.tensor([self.data.histories[u][-1] for u in users])
         negatives = torch.tensor([sample_unseen(rng(self.cfg.batch.seed, epoch, u, _STREAM["negatives"]),
-                                                self.data.num_items, set(self.data.histories[u]), 1)[0]
+                                                self.data.num_items, known_items(self.data, u), 1)[0]
                                   for u in users])
         with torch.no_grad():
             table = self.model.cf.item_embeddings().detach()
@@ -312,8 +334,7 @@ class ALLMRecTrainer:
         """Every model of the run on the stored candidates, valid and test: model -> part -> metrics."""
         results: dict = {}
         for part in ("valid", "test"):
-            users = [int(u) for u in self.data.evaluated_users(part)]
-            users = users[:self.a.eval_max_users] if self.a.eval_max_users else users
+            users = self.evaluated_users(part)
             mine = users[self.r.rank::self.r.world_size]
             rows = self._score_users(part, mine)
             gathered = [rows]
@@ -328,9 +349,16 @@ class ALLMRecTrainer:
         return results
 
     def _score_users(self, part: str, users: list[int]) -> dict[int, dict]:
-        """Per user: candidate scores of each model and the generated answer's candidate index (-1: none)."""
+        """Per user: candidate scores of each model and the generated answer's candidate index (-1: none).
+
+        Users go through in order of prompt length, so that a batch's rows are of similar length (less padding);
+        the results are keyed by user, so the order changes nothing else."""
         out: dict[int, dict] = {}
         llm = self.model.llm
+        variants = [("allmrec", True)] + ([("titles_only", False)] if self.a.titles_only_baseline else [])
+        titles = {u: sum(len(self.prompts.title_ids[i]) for i in self.data.prefix(u, part)[-self.a.prompt_history:])
+                  for u in users}
+        users = sorted(users, key=lambda u: (titles[u], u))
         for start in range(0, len(users), self.a.eval_batch_size):
             chunk = users[start:start + self.a.eval_batch_size]
             histories = [self.data.prefix(u, part) for u in chunk]
@@ -341,15 +369,15 @@ class ALLMRecTrainer:
                                                 torch.tensor(candidates, device=self.device)).cpu()
             for row, u in enumerate(chunk):
                 out[u] = {self.a.cf_model: cf_scores[row].tolist()}
-            variants = [("allmrec", True)] + ([("titles_only", False)] if self.a.titles_only_baseline else [])
+            scored = [[self.prompts.scored_title(i) for i in c] for c in candidates]
             for model, soft in variants:
-                prompts = [self.prompts.prompt(h[-self.a.prompt_history:], c, soft=soft)
-                           for h, c in zip(histories, candidates)]
-                left = SoftBatch.collate(prompts, None, self.prompts.fill_id, left=True)
-                scores = llm.candidate_scores(left, vectors, self.joint,
-                                              [[self.prompts.answer(i) for i in c] for c in candidates])
+                recent = [h[-self.a.prompt_history:] for h in histories]
+                prompts = [self.prompts.scoring_prompt(h, c, soft=soft) for h, c in zip(recent, candidates)]
+                scores = llm.candidate_scores(prompts, vectors, self.joint, scored, self.a.score)
                 generated = [None] * len(chunk)
                 if self.a.generate:
+                    left = SoftBatch.collate([self.prompts.prompt(h, c, soft=soft) for h, c in zip(recent, candidates)],
+                                             None, self.prompts.fill_id, left=True)
                     ids = llm.generate(left, vectors, self.joint, self.a.max_new_tokens, self.prompts.eos)
                     generated = [self._named_candidate(g, c) for g, c in zip(ids, candidates)]
                 for row, u in enumerate(chunk):
