@@ -1,4 +1,4 @@
-"""One optimizer engine per trainable parameter group: 'collab', 'content' (and 'backbone': FtAll, or LoRA adapters).
+"""One optimizer engine per trainable parameter group: 'collab', 'content' (and 'backbone': FtAll/Scratch, or LoRA).
 
 The paper trains the collaborative and the content side with separate Adam
 optimizers; a C-step must never touch collaborative Adam state and vice versa.
@@ -125,28 +125,51 @@ class TorchEngine:
 
 
 class DataParallelEngine(TorchEngine):
-    """Torch Adam over a small group whose backward ANOTHER engine runs: a group stepped in every step kind beside
-    that kind's own engine (e.g. the backbone's LoRA adapters, shared by the collaborative and the content LLM). A
-    DeepSpeed engine cannot serve it: ZeRO reduces the gradients in its own ``backward``, which the step never calls
-    for this group. Here each rank's gradients are averaged over the ranks with one all-reduce of one flat buffer,
-    then every rank takes the same Adam step (the update of DeepSpeed's averaged gradients); the optimizer state is
-    the same on every rank, so rank 0 alone writes it (``TorchEngine``). A parameter no rank has a gradient for
-    keeps none (Adam skips it, as in one process)."""
+    """Torch Adam over a group whose backward ANOTHER engine runs: a group stepped in every step kind beside that
+    kind's own engine (the backbone's LoRA adapters, or the whole backbone for LLM-FtAll / LLM-Scratch, shared by the
+    collaborative and the content LLM). A DeepSpeed engine cannot serve it: ZeRO reduces the gradients in its own
+    ``backward``, which the step never calls for this group (its ``step`` then fails). Here each rank's gradients
+    are averaged over the ranks with all-reduces of flat buckets (at most ``BUCKET`` elements each, so a whole
+    backbone needs one bucket of extra memory, not a second copy of its gradients), then every rank takes the same
+    Adam step (the update of DeepSpeed's averaged gradients); the optimizer state is the same on every rank, so rank
+    0 alone writes it (``TorchEngine``). A parameter no rank has a gradient for keeps none (Adam skips it, as in
+    one process)."""
+
+    BUCKET = 1 << 24  # elements (64 MiB of fp32)
 
     def step(self) -> torch.Tensor:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params]
-            has_grad = torch.tensor([float(p.grad is not None) for p in self.params], device=self.params[0].device)
-            flat = torch.cat([*pieces, has_grad])
-            dist.all_reduce(flat)
-            counts = flat[-len(self.params):].tolist()
-            averaged = flat[:-len(self.params)].split([p.numel() for p in self.params])
-            for param, piece, count in zip(self.params, averaged, counts):
-                param.grad = (piece / world).view_as(param).to(param.dtype) if count > 0 else None
+            self._average_gradients(dist)
         return super().step()
+
+    def _average_gradients(self, dist) -> None:
+        world = dist.get_world_size()
+        has_grad = torch.tensor([float(p.grad is not None) for p in self.params], device=self.params[0].device)
+        dist.all_reduce(has_grad)
+        bucket: list[nn.Parameter] = []
+        size = 0
+        for param, count in zip(self.params, has_grad.tolist()):
+            if count == 0:
+                param.grad = None  # no rank has one
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # this rank's share is zero; the others' still count
+            if bucket and size + param.numel() > self.BUCKET:
+                self._reduce_bucket(dist, bucket, world)
+                bucket, size = [], 0
+            bucket.append(param)
+            size += param.numel()
+        if bucket:
+            self._reduce_bucket(dist, bucket, world)
+
+    @staticmethod
+    def _reduce_bucket(dist, bucket: list[nn.Parameter], world: int) -> None:
+        flat = torch.cat([p.grad.reshape(-1).float() for p in bucket])
+        dist.all_reduce(flat)
+        for param, piece in zip(bucket, flat.div_(world).split([p.numel() for p in bucket])):
+            param.grad = piece.view_as(param).to(param.dtype)
 
 
 class _ParamGroup(nn.Module):

@@ -22,7 +22,7 @@ from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches, read_part
 from cllm4rec_dist.recommenders.cllm4rec.builder import backbone_location, build_model, check_item_texts
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
 from cllm4rec_dist.recommenders.cllm4rec.schedule import CORPUS_OF, build_schedule, total_steps
-from cllm4rec_dist.recommenders.cllm4rec.trainer import Trainer
+from cllm4rec_dist.recommenders.cllm4rec.trainer import SHARED_GROUP, Trainer
 from cllm4rec_dist.train.checkpoint import load_trainable, read_trainable
 from cllm4rec_dist.train.engines import DataParallelEngine, ShardedEngine, scaled_groups
 from cllm4rec_dist.train.monitor import Monitor
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg: TrainConfig) -> dict:
     """One engine per parameter group: ``engine_factory``'s (torch Adam or DeepSpeed ZeRO) for replicated
     parameters; a ShardedEngine for a group holding row shards, with the factory's engine inside for the group's
-    replicated rest (e.g. a replicated item head beside row-sharded tables)."""
+    replicated rest (e.g. a replicated item head beside row-sharded tables); a DataParallelEngine for the group
+    stepped beside every step kind's own engine (``SHARED_GROUP``: adapters, or the backbone of FtAll/Scratch)."""
     shards = model.row_shards()
     names = {id(p): n for n, p in model.named_parameters()}
     if model.item_head is None and cfg.optim.item_head_lr_scale != 1.0:
@@ -51,10 +52,10 @@ def build_engines(model: CLLM4Rec, groups: dict, engine_factory, lr: float, cfg:
         scale_of[id(model.item_head.weight)] = cfg.optim.item_head_lr_scale
     scale_of |= {id(p): cfg.optim.adapter_lr_scale for p in model.adapter_parameters()}
     engines = {}
-    adapter = {id(p) for p in model.adapter_parameters()}
     for name, params in groups.items():
-        if adapter and {id(p) for p in params} == adapter:
-            # stepped in every step kind, its backward run by that kind's engine: data-parallel torch Adam
+        if name == SHARED_GROUP:
+            # stepped in every step kind, its backward run by that kind's engine (LoRA adapters, or the whole
+            # backbone for FtAll/Scratch): a DeepSpeed engine would never reduce its gradients, data-parallel torch Adam
             engines[name] = DataParallelEngine(name, scaled_groups(params, scale_of), lr, cfg.optim.weight_decay,
                                                cfg.optim.grad_clip)
             continue

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 LOSSES = {"L": l_step_loss, "C": c_step_loss, "rec": rec_step_loss}
 ENGINE_OF = {"L": "collab", "C": "content", "rec": "collab"}
+SHARED_GROUP = "backbone"  # stepped in EVERY step kind beside ENGINE_OF's engine, which runs the backward: LoRA
+# adapters, or the whole backbone for LLM-FtAll / LLM-Scratch
 SCALARS = ("loss", "lm", "mr", "tokens")
 LOGGED = (*SCALARS, "grad_norm")  # per-step values, all-reduced every log_every steps
 
@@ -88,7 +90,7 @@ class Trainer:
         streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
         epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
         engine = self.engines[ENGINE_OF[kind]]
-        backbone = self.engines.get("backbone")  # LLM-FtAll / LLM-Scratch only
+        backbone = self.engines.get(SHARED_GROUP)  # LoRA adapters, LLM-FtAll, LLM-Scratch only
         totals = dict.fromkeys(SCALARS, 0.0)
         for stream in streams:
             batch = stream.batch(epoch, step).to(self.device)
