@@ -141,13 +141,45 @@ def test_eval_max_users_takes_a_seeded_random_sample_not_the_first_users(demo_lo
 # ---- over-fitting a few users: stage 2 can move the answer ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 30, open: on the frozen RANDOM tiny LLM, 60 full-batch steps at lr 1e-2 "
-                   "lower the answer loss but training Hit@1 stays 0/8 (the summed score's short-title bias wins); "
-                   "strict: an XPASS flags the fix")
+def test_the_training_loss_and_the_scorer_give_the_positive_title_the_same_log_likelihood(tiny_llm, prompts):
+    """Stage 2 trains on (prompt, answer prefix + title + EOS) and evaluation scores (prompt + answer prefix, title):
+    the title tokens must get the SAME log-probabilities in both layouts (same ids, positions, soft-token slots),
+    else stage 2 would optimise something the evaluation does not measure."""
+    torch.manual_seed(0)
+    llm = LLMAlignment.load(tiny_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
+    users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
+    history = [list(range(k, k + 1 + k % 4)) for k in range(4)]
+    candidates = [[k + 5, k + 11, k + 12, k + 20, k + 3] for k in range(4)]
+    targets = [0, 3, 1, 4]
+    batch = SoftBatch.collate([prompts.prompt(h, c) for h, c in zip(history, candidates)],
+                              [prompts.answer(c[t]) for c, t in zip(candidates, targets)], prompts.fill_id)
+    with torch.no_grad():
+        logprobs, owner = llm._answer_logprobs(batch, users, items)
+    scores = llm.candidate_scores([prompts.scoring_prompt(h, c) for h, c in zip(history, candidates)], users, items,
+                                  [[prompts.scored_title(i) for i in c] for c in candidates], "sum")
+    skip = len(prompts.answer_prefix)
+    for row, (c, t) in enumerate(zip(candidates, targets)):
+        answer = logprobs[owner == row]
+        assert len(answer) == skip + len(prompts.scored_title(c[t])) + 1  # prefix, title, EOS
+        assert scores[row, t].item() == pytest.approx(answer[skip:-1].sum().item(), abs=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 30, open: the frozen RANDOM tiny LLaMA cannot be steered by soft tokens "
+                   "(removing them moves a candidate's score by 0.03 nats against a 9-nat spread between candidates, "
+                   "never its rank); the loss plateaus at 6.18 (from 6.22, log V = 6.24); strict: an XPASS flags a fix")
 def test_stage2_overfits_eight_users_far_above_chance(tiny_llm, prompts):
     """Only F_U, F_I train (frozen random tiny LLM), on the trainer's prompts (user soft token, titles with
     item soft tokens, 20 candidates) and loss (answer title + EOS); training Hit@1 on those prompts, scored
-    like the evaluation (sum of title log-probabilities), must leave chance (1/20) far behind."""
+    like the evaluation (sum of title log-probabilities), must leave chance (1/20) far behind.
+
+    Why it fails (measured, issue 30): the training and scoring layouts agree exactly (the test above); the
+    gradient reaches F_U, F_I (norm 0.73 at step 1) and the loss converges (6.224 -> 6.182 by step 30, gradient
+    norm 0.002): the optimum is reached and it is near uniform. The random backbone (init std 0.02, width 64) has
+    head rows of norm 0.16, so no hidden state moves a logit by more than ~1.6 (log V = 6.24: every token sits
+    near -6.2), and its near-uniform attention dilutes the 24 soft tokens among ~340 prompt tokens: zeroing
+    every soft token changes the candidates' scores by 0.03 nats on average and no row's top candidate. Hit@1
+    0/8 before and after is chance, not a bias: P(0 of 8 | p = 1/20) = 0.66. A backbone that can show learning
+    must first be taught to read its prompt (issue 30)."""
     torch.manual_seed(0)
     llm = LLMAlignment.load(tiny_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
     g = torch.Generator().manual_seed(0)
@@ -166,7 +198,7 @@ def test_stage2_overfits_eight_users_far_above_chance(tiny_llm, prompts):
     batch = SoftBatch.collate([prompts.prompt(h, c) for h, c, _ in rows], [prompts.answer(c[t]) for _, c, t in rows],
                               prompts.fill_id)
     optimizer = torch.optim.Adam(llm.projection_parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(30):  # the loss has converged by step 30 (6.1821; 6.1813 at step 60)
         llm.answer_loss(batch, users, items)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
