@@ -238,4 +238,4 @@ def test_cllm4rec_batches_build_on_the_leave_one_out_split(demo_loo_data):
     space = TokenSpace(ds.vocab_size, ds.num_users, ds.num_items)
     for name in ("collab", "content", "rec"):
         batches = CorpusBatches.for_rank(ds, name, space, BatchSettings(batch_size=4, max_length=64), rank=1, world=2)
-        assert batches.batch(0, batches.steps_per_epoch - 1).input_ids.shape[0] == 4
+        assert batches.batch(0, batches.steps_per_epoch - 1).lengths.shape[0] == 4  # 4 documents, however packed
