@@ -402,8 +402,8 @@ class RayStart:
     ``wait()`` returns True once it is up (or raises what ray.init raised); ``stop()`` shuts it down if it is
     still up and ends the thread. The thread lives until then: Ray starts its GCS server and raylet with a
     parent-death signal, which Linux sends when the THREAD that started them ends, not the process. ray.init
-    installs no SIGTERM handler off the main thread, so the caller's (the launchers' one-line interruption)
-    stays in place throughout."""
+    installs no Python SIGTERM handler off the main thread, but Ray's C++ core worker installs its own: ``wait()``
+    (on the main thread) puts the caller's (the launchers' one-line interruption) back."""
 
     def __init__(self, cfg: TrainConfig, num_cpus: int, env_vars: dict[str, str]):
         self.cfg, self.num_cpus = cfg, num_cpus
@@ -425,6 +425,12 @@ class RayStart:
         self.ready.wait()
         if self.error is not None:
             raise self.error
+        # Ray's core worker installs its C++ failure-signal handler for SIGTERM (a stack dump and an abort) from
+        # whichever thread starts it; only the main thread can put the caller's handler back (sigaction again).
+        if threading.current_thread() is threading.main_thread():
+            on_sigterm = signal.getsignal(signal.SIGTERM)
+            if callable(on_sigterm):
+                signal.signal(signal.SIGTERM, on_sigterm)
         return True
 
     def stop(self) -> None:
