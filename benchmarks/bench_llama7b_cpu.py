@@ -6,7 +6,7 @@ LLaMA-7B folder takes, at full size, on the CPU:
 
 1. A random LLaMA-7B-shaped checkpoint (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32,000; bf16
    safetensors, one shard per layer, + a small byte-level BPE tokenizer) is written once to ``--checkpoint``
-   (default /work/llama7b-random, 13.5 GB; benchmarks/llama_checkpoint.py: shard by shard, atomic, reused).
+   (default runs/llama7b/random-checkpoint, 13.5 GB; benchmarks/llama_checkpoint.py: shard by shard, atomic, reused).
 2. The CLLM4Rec authors' Amazon Beauty split (10,553 users x 6,086 items: the tables at the paper's Beauty size,
    real document lengths) is preprocessed once with that tokenizer into ``--data``.
 3. For each precision (``int8``, ``nf4``), in a fresh child process (its own peak memory), one after the other:
@@ -55,7 +55,7 @@ REPO = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from llama_checkpoint import BEAUTY_SOURCE, prepare_beauty, write_random_checkpoint  # noqa: E402
+from llama_checkpoint import BEAUTY_SOURCE, DEFAULT_CHECKPOINT, prepare_beauty, write_random_checkpoint  # noqa: E402
 
 KINDS = ("L", "C", "rec")
 
@@ -63,7 +63,7 @@ KINDS = ("L", "C", "rec")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-7b-shape", help="a LLaMA preset (corpus/presets.py)")
-    p.add_argument("--checkpoint", default="/work/llama7b-random", help="folder of the random checkpoint (reused)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="folder of the random checkpoint (reused)")
     p.add_argument("--data", default=None, help="preprocessed Beauty folder (default: <checkpoint>-beauty, reused)")
     p.add_argument("--beauty", default=BEAUTY_SOURCE, help="the authors' Beauty split (npz matrices + item_tags.json)")
     p.add_argument("--precisions", default="int8,nf4", help="comma-separated: int8, nf4 (fp32, bf16 also work)")

@@ -154,8 +154,13 @@ def write_random_checkpoint(preset: str, out_dir: str, seed: int = 0, vocab: int
 
 
 
-BEAUTY_SOURCE = "/work/shared/data/amazon-cllm4rec-split/beauty"
-"""The CLLM4Rec authors' Amazon Beauty split (10,553 users x 6,086 items; /work/shared/data/.../SOURCE.md)."""
+BEAUTY_SOURCE = os.path.join(os.environ.get("CLLM4REC_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                                 "shared", "data")),
+                             "amazon-cllm4rec-split", "beauty")
+"""The CLLM4Rec authors' Amazon Beauty split (10,553 users x 6,086 items): ``../shared/data`` beside the checkout, or
+``$CLLM4REC_SHARED_DATA`` (its SOURCE.md says what it is)."""
+DEFAULT_CHECKPOINT = "runs/llama7b/random-checkpoint"
+"""Where the random 7B checkpoint goes by default (13.5 GB; ``runs/`` is git-ignored)."""
 
 
 def prepare_beauty(source: str, out_dir: str, backbone: str, log=sys.stderr) -> str:
@@ -208,7 +213,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-7b-shape")
-    p.add_argument("--out", default="/work/llama7b-random")
+    p.add_argument("--out", default=DEFAULT_CHECKPOINT)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     print(json.dumps(write_random_checkpoint(a.preset, a.out, a.seed)))
