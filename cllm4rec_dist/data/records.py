@@ -302,6 +302,13 @@ def read_json_file(path: str, what: str):
         raise InputError(f"{path}: not valid JSON ({err}); {what}.") from None
 
 
+def one_input_folder(options, layout: str) -> str:
+    """The one folder a folder-format reader takes as --input (``layout``: what that folder holds)."""
+    if len(options.inputs) != 1 or not is_dir(options.inputs[0]):
+        raise InputError(f"{', '.join(options.inputs)}: {layout}; pass that one folder as --input.")
+    return options.inputs[0]
+
+
 def read_json_object(path: str, what: str) -> dict:
     """``read_json_file`` that must hold an object."""
     value = read_json_file(path, what)

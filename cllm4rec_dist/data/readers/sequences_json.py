@@ -29,8 +29,8 @@ from cllm4rec_dist.data.records import (
     RawDataset,
     base_name,
     exists,
-    is_dir,
     join_path,
+    one_input_folder,
     read_json_object,
     read_title_map,
 )
@@ -58,9 +58,7 @@ def item_ids(value) -> list[str] | None:
 
 
 def read(options, report: InputReport) -> RawDataset:
-    if len(options.inputs) != 1 or not is_dir(options.inputs[0]):
-        raise InputError(f"{', '.join(options.inputs)}: {LAYOUT}; pass that one folder as --input.")
-    folder = options.inputs[0]
+    folder = one_input_folder(options, LAYOUT)
     path = join_path(folder, SEQUENCES_FILE)
     if not exists(path):
         raise InputError(f"{path}: missing; {LAYOUT}.")

@@ -37,8 +37,8 @@ from cllm4rec_dist.data.records import (
     base_name,
     clean_text,
     exists,
-    is_dir,
     join_path,
+    one_input_folder,
     open_binary,
     read_json_object,
 )
@@ -138,9 +138,7 @@ def read_tags(path: str, num_items: int, report: InputReport) -> dict[str, str]:
 def read(options, report: InputReport) -> RawDataset:
     import pandas as pd
 
-    if len(options.inputs) != 1 or not is_dir(options.inputs[0]):
-        raise InputError(f"{', '.join(options.inputs)}: {LAYOUT}; pass that one folder as --input.")
-    folder = options.inputs[0]
+    folder = one_input_folder(options, LAYOUT)
     meta_path = join_path(folder, META_FILE)
     for name in [META_FILE] + [file for _, file in MATRICES]:
         if not exists(join_path(folder, name)):
