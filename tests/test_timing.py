@@ -108,3 +108,17 @@ def test_the_parts_of_the_split_add_up_to_its_total():
     assert split["python_start_imports"] == 1.0 and split["worker_start"] == 4.0 and split["workers_stop"] == 1.0
     line = wall_time_line(TIMING)
     assert line.startswith("25.5s (59% in train steps) = python start imports 1.0s") and "(900x)" in line
+
+
+def test_parsing_a_config_imports_no_torch():
+    """The Ray driver parses and checks its config while its local Ray starts in the background; torch and
+    transformers (about 3 s of imports on 2 cores) come after. A setting validated against a module that imports
+    torch would put them back before Ray starts (an A-LLMRec score-mode check once did)."""
+    code = (
+        "import sys\n"
+        "from cllm4rec_dist.launch import parse\n"
+        "for config in ('configs/demo.yaml', 'configs/allmrec-demo.yaml', 'configs/llama7b-cpu.yaml'):\n"
+        "    parse('x', ['--config', config])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'ray', 'peft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -78,3 +78,7 @@ def build_cf_model(config: dict) -> SequentialCF:
 
 # The implementations register themselves on import (imported last: they import this module).
 from cllm4rec_dist.model.cf import gru4rec, sasrec  # noqa: E402,F401
+from cllm4rec_dist.model.options import CF_MODEL_NAMES  # noqa: E402
+
+if sorted(CF_MODELS) != sorted(CF_MODEL_NAMES):  # the names a config is checked against, without torch
+    raise ImportError(f"model/options.py CF_MODEL_NAMES {CF_MODEL_NAMES} != registered {sorted(CF_MODELS)}")

@@ -24,10 +24,9 @@ from torch import nn
 from cllm4rec_dist.model import adapter as lora
 from cllm4rec_dist.model import backbone as bb
 from cllm4rec_dist.recommenders.allmrec.prompts import SoftPrompt
+from cllm4rec_dist.recommenders.allmrec.settings import SCORE_MODES
 
 IGNORE = -100
-SCORE_MODES = ("sum", "mean", "first")
-"""allmrec.score: how a candidate title's token log-probabilities become its score (``candidate_scores``)."""
 
 
 # ---- stage 1 -----------------------------------------------------------------------------------

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cllm4rec_dist.model.options import CF_MODEL_NAMES
 from cllm4rec_dist.settings import ConfigError, require
+
+SCORE_MODES = ("sum", "mean", "first")
+"""allmrec.score: how a candidate title's token log-probabilities become its score (model.py ``candidate_scores``).
+Here, not in model.py: a Ray driver validates its config before it imports torch."""
 
 
 @dataclass
@@ -73,7 +78,7 @@ class ALLMRecSettings:
     eval_max_users: int = 0
     """Evaluate a seeded random sample of N evaluated users of each part (0 = all of them): smoke runs, tests."""
     score: str = "sum"
-    """How a candidate's title scores (model.py SCORE_MODES): "sum" = summed log-likelihood of its title tokens
+    """How a candidate's title scores (SCORE_MODES): "sum" = summed log-likelihood of its title tokens
     (no EOS); "mean" = per-token mean (favours long titles whose later tokens are easy); "first" = the first
     title token's log-probability alone."""
     eval_batch_size: int = 8
@@ -94,8 +99,6 @@ class ALLMRecSettings:
                 ">= 0 (0 = every training user)")
         require(self.eval_max_users >= 0, "allmrec.eval_max_users", self.eval_max_users,
                 ">= 0 (0 = every evaluated user)")
-        from cllm4rec_dist.recommenders.allmrec.model import SCORE_MODES
-
         require(self.score in SCORE_MODES, "allmrec.score", self.score, " | ".join(SCORE_MODES))
         require(self.num_candidates >= 2, "allmrec.num_candidates", self.num_candidates,
                 ">= 2 (the next item and at least one other)")
@@ -112,9 +115,7 @@ class ALLMRecSettings:
         if not self.stage2_soft_tokens and not cfg.model.uses_adapter:
             raise ConfigError("allmrec.stage2_soft_tokens false trains the LLM's adapter alone on the titles-only "
                               "prompt: set model.adapter lora (the 'tallrec' variant), or leave the soft tokens on")
-        from cllm4rec_dist.model.cf import CF_MODELS
-
-        require(self.cf_model in CF_MODELS, "allmrec.cf_model", self.cf_model, ", ".join(sorted(CF_MODELS)))
+        require(self.cf_model in CF_MODEL_NAMES, "allmrec.cf_model", self.cf_model, ", ".join(CF_MODEL_NAMES))
         return self
 
     def candidate_settings(self):
