@@ -478,8 +478,12 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
     try:
         # log_to_driver=False: workers' and Ray's own actors' output (one PlacementGroupCleaner warning a second
         # without a dashboard, DeepSpeed banners...) stays in Ray's log files, not on the console.
+        # No prestarted workers: Ray starts num_cpus idle Python workers with the node, before any job, and Ray
+        # Train starts each of its actors (controller, workers...) in a process of its own; the idle ones only
+        # compete for the cores with the driver's imports while the cluster starts.
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 _system_config={"worker_niceness": 0})
+                 _system_config={"worker_niceness": 0, "enable_worker_prestart": False,
+                                 "prestart_worker_first_driver": False})
     finally:
         for key, value in saved.items():
             if value is None:
