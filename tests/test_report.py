@@ -150,6 +150,25 @@ def test_llm_cf_runs_are_reused_across_mr_settings_it_does_not_read():
     assert settings_key(a, "cf") != settings_key(b, "cf")
 
 
+def test_a_run_of_another_checkout_is_reused_when_its_deepspeed_config_says_the_same(tmp_path):
+    """A run folder's config holds dist.ds_config as an absolute path: the same file of another checkout (or a copy)
+    must not make `--reuse` run it again; a file with other contents must."""
+    import shutil
+
+    from cllm4rec_dist.config import TrainConfig
+    from cllm4rec_dist.report.full_ranking import settings_key
+
+    a, b = TrainConfig(), TrainConfig()
+    b.dist.ds_config = str(tmp_path / "elsewhere.json")
+    shutil.copy(a.dist.ds_config, b.dist.ds_config)
+    assert a.dist.ds_config != b.dist.ds_config
+    assert settings_key(a, "cllm4rec") == settings_key(b, "cllm4rec")
+    config = json.loads(open(b.dist.ds_config, encoding="utf-8").read())
+    config["zero_optimization"]["stage"] = 1
+    (tmp_path / "elsewhere.json").write_text(json.dumps(config))
+    assert settings_key(a, "cllm4rec") != settings_key(b, "cllm4rec")
+
+
 def test_cold_item_slices_get_their_own_table_with_content_knn(demo_raw, tmp_path):
     """On a dataset with items held out of training the report adds the cold slices of every model, from each
     run's own result: content kNN scores the cold items from their texts, the collaborative baselines cannot."""

@@ -60,8 +60,20 @@ def settings_key(cfg, unused=(), tuned: dict | None = None) -> str:
     values.pop("out")
     for name in PATH_SETTINGS:  # a run folder's config.yaml holds them absolute (train/run_folder.py)
         values[name] = absolute_path(values[name])
+    # The DeepSpeed config by what it says, not where it is: the same zero2.json of another checkout of the project
+    # (a run folder holds the absolute path) is the same setting.
+    values["dist"]["ds_config"] = _file_settings(values["dist"]["ds_config"])
     for section, key in unused:
         values[section].pop(key)
     if tuned:
         values["tuned_baseline_settings"] = tuned
     return json.dumps(values, sort_keys=True)
+
+
+def _file_settings(path: str):
+    """A JSON settings file's contents (the path itself where it cannot be read as JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return path
