@@ -169,6 +169,23 @@ def test_a_run_of_another_checkout_is_reused_when_its_deepspeed_config_says_the_
     assert settings_key(a, "cllm4rec") != settings_key(b, "cllm4rec")
 
 
+def test_a_finished_run_whose_stored_key_is_stale_is_reused_by_its_config_yaml(tmp_path):
+    """entry.json keeps the settings key of the version that ran it; the run folder's config.yaml is what decides."""
+    from cllm4rec_dist.config import TrainConfig
+    from cllm4rec_dist.report.full_ranking import load_finished
+    from cllm4rec_dist.settings import to_yaml
+
+    cfg = TrainConfig()
+    cfg.out = str(tmp_path)
+    (tmp_path / "entry.json").write_text(json.dumps({"settings_key": "written by an older version", "test": {}}))
+    assert load_finished("cllm4rec", str(tmp_path), cfg) is None  # no config.yaml: nothing says it is the same
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert load_finished("cllm4rec", str(tmp_path), cfg)["reused"]
+    other = TrainConfig()
+    other.out, other.optim.finetune_lr = str(tmp_path), 0.5
+    assert load_finished("cllm4rec", str(tmp_path), other) is None
+
+
 def test_cold_item_slices_get_their_own_table_with_content_knn(demo_raw, tmp_path):
     """On a dataset with items held out of training the report adds the cold slices of every model, from each
     run's own result: content kNN scores the cold items from their texts, the collaborative baselines cannot."""
