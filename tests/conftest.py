@@ -56,3 +56,17 @@ def demo_loo_data(demo_raw, tmp_path_factory) -> str:
     preprocess(PreprocessConfig(format="table", options=ReaderOptions(inputs=[demo_raw]), out=out,
                                 protocol=ProtocolConfig(split="leave-one-out")))
     return out
+
+
+FILM_TITLES = [f"Film {chr(65 + i % 26)}{i} ({1980 + i})" for i in range(40)]
+"""The catalogue of the A-LLMRec unit tests: short titled items that the tiny backbone's tokenizer was built on."""
+
+
+@pytest.fixture(scope="session")
+def film_llm(tmp_path_factory) -> dict:
+    """A tiny LLaMA saved as a checkpoint whose tokenizer knows FILM_TITLES (an LLM location, as the recipes take)."""
+    from cllm4rec_dist.corpus.presets import build_backbone
+
+    path = str(tmp_path_factory.mktemp("film_llm") / "tiny-llama")
+    build_backbone("tiny-llama", path, texts=FILM_TITLES)
+    return {"path": path, "gguf_file": None}

@@ -10,25 +10,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FILM_TITLES
 
-from cllm4rec_dist.corpus.presets import build_backbone, load_tokenizer
+from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.model.sbert import load_sbert
 from cllm4rec_dist.recommenders.allmrec.model import CollabTextAlignment, LLMAlignment, SoftBatch, TextEncoder
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, normalise_title
 
-TITLES = [f"Film {chr(65 + i % 26)}{i} ({1980 + i})" for i in range(40)]
+TITLES = FILM_TITLES
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> dict:
-    path = str(tmp_path_factory.mktemp("allmrec_llm") / "tiny-llama")
-    build_backbone("tiny-llama", path, texts=TITLES)
-    return {"path": path, "gguf_file": None}
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_llm) -> ALLMRecPrompts:
-    return ALLMRecPrompts(load_tokenizer(tiny_llm), TITLES)
+def prompts(film_llm) -> ALLMRecPrompts:
+    return ALLMRecPrompts(load_tokenizer(film_llm), TITLES)
 
 
 def _batch(prompts: ALLMRecPrompts, soft: bool = True, left: bool = False, answers: bool = True) -> SoftBatch:
@@ -52,9 +46,9 @@ def test_prompt_names_every_title_with_a_slot_after_it_and_titles_only_drops_the
     assert normalise_title(' "The  Matrix (1999)", "Other"') == "the matrix (1999)"
 
 
-def test_stage2_loss_is_the_next_token_loss_of_the_answer_only(tiny_llm, prompts):
+def test_stage2_loss_is_the_next_token_loss_of_the_answer_only(film_llm, prompts):
     torch.manual_seed(0)
-    llm = LLMAlignment.load(tiny_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
+    llm = LLMAlignment.load(film_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
     batch = _batch(prompts)
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
     loss = llm.answer_loss(batch, users, items)["loss"]
@@ -69,9 +63,9 @@ def test_stage2_loss_is_the_next_token_loss_of_the_answer_only(tiny_llm, prompts
     assert torch.allclose(embeds[row, pos], llm.user_projection(users[batch.user_rows[0]]), atol=1e-6)
 
 
-def test_stage2_trains_only_the_projections_and_the_loss_falls(tiny_llm, prompts):
+def test_stage2_trains_only_the_projections_and_the_loss_falls(film_llm, prompts):
     torch.manual_seed(0)
-    llm = LLMAlignment.load(tiny_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
+    llm = LLMAlignment.load(film_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
     batch = _batch(prompts)
     trainable = {id(p) for p in llm.projection_parameters()}
@@ -92,10 +86,10 @@ def test_stage2_trains_only_the_projections_and_the_loss_falls(tiny_llm, prompts
         assert changed == (id(param) in trainable), name
 
 
-def test_generation_matches_plain_greedy(tiny_llm, prompts):
+def test_generation_matches_plain_greedy(film_llm, prompts):
     # Candidate scoring is tested against a plain forward in tests/test_allmrec_scorer.py.
     torch.manual_seed(0)
-    llm = LLMAlignment.load(tiny_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
+    llm = LLMAlignment.load(film_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
     left = _batch(prompts, left=True, answers=False)
     generated = llm.generate(left, users, items, max_new_tokens=4, eos=prompts.eos)
@@ -114,9 +108,9 @@ def test_generation_matches_plain_greedy(tiny_llm, prompts):
         assert tokens == generated[row]
 
 
-def test_stage2_runs_on_a_bf16_backbone(tiny_llm, prompts):
+def test_stage2_runs_on_a_bf16_backbone(film_llm, prompts):
     torch.manual_seed(0)
-    llm = LLMAlignment.load(tiny_llm, "bf16", user_dim=6, item_dim=8, device="cpu")
+    llm = LLMAlignment.load(film_llm, "bf16", user_dim=6, item_dim=8, device="cpu")
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
     loss = llm.answer_loss(_batch(prompts), users, items)["loss"]
     loss.backward()

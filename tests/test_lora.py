@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FILM_TITLES
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cllm4rec_dist.config import TrainConfig, load_config
@@ -362,20 +363,11 @@ def test_ray_deepspeed_workers_train_the_adapter_like_the_reference(reference_ru
 
 # ---- A-LLMRec: stage 2 with an adapter, and the TALLRec-style variant ------------------------------
 
-TITLES = [f"Film {chr(65 + i % 26)}{i} ({1980 + i})" for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> dict:
-    from cllm4rec_dist.corpus.presets import build_backbone
-
-    path = str(tmp_path_factory.mktemp("allmrec_llm") / "tiny-llama")
-    build_backbone("tiny-llama", path, texts=TITLES)
-    return {"path": path, "gguf_file": None}
+TITLES = FILM_TITLES
 
 
 @pytest.mark.parametrize("precision, soft", [("fp32", True), ("int8", True), ("fp32", False)])
-def test_allmrec_stage2_trains_the_projections_and_the_adapter_only(tiny_llm, precision, soft):
+def test_allmrec_stage2_trains_the_projections_and_the_adapter_only(film_llm, precision, soft):
     from torch import nn
 
     from cllm4rec_dist.corpus.presets import load_tokenizer
@@ -384,8 +376,8 @@ def test_allmrec_stage2_trains_the_projections_and_the_adapter_only(tiny_llm, pr
 
     torch.manual_seed(0)
     settings = lora.BackboneSettings(precision=precision, adapter="lora", lora_rank=4, lora_dropout=0.0)
-    llm = LLMAlignment.load(tiny_llm, settings, user_dim=6, item_dim=8, device="cpu")
-    prompts = ALLMRecPrompts(load_tokenizer(tiny_llm), TITLES)
+    llm = LLMAlignment.load(film_llm, settings, user_dim=6, item_dim=8, device="cpu")
+    prompts = ALLMRecPrompts(load_tokenizer(film_llm), TITLES)
     rows = [prompts.prompt([k, k + 1, k + 2], [k + 3, k + 4, k + 5, k + 6], soft=soft) for k in range(4)]
     batch = SoftBatch.collate(rows, [prompts.answer(k + 4) for k in range(4)], prompts.fill_id)
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
