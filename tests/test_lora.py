@@ -313,6 +313,38 @@ def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, confi
     assert resumed["test"] == result["test"]
 
 
+def test_a_run_pretrained_without_an_adapter_is_finetuned_with_one_from_its_checkpoint(config_file, tmp_path):
+    """init_from a run without an adapter into a LoRA run: the tables come from the checkpoint and the adapter keeps
+    its fresh init; the other way round (the adapter's weights would be dropped) is refused."""
+    from cllm4rec_dist.model.adapter import is_adapter_name
+    from cllm4rec_dist.train.checkpoint import CheckpointError
+
+    plain = reference_config(config_file, tmp_path / "plain", max_steps=3, checkpoint_interval_s=0)
+    plain.model.adapter = "none"
+    run_reference(plain)
+    source = max((tmp_path / "plain" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    saved = torch.load(source / "trainer.pt", weights_only=True)["trainable"]
+    assert saved and not any(is_adapter_name(n) for n in saved)
+
+    adapted = reference_config(config_file, tmp_path / "lora", max_steps=1, checkpoint_interval_s=0,
+                               init_from=str(source))
+    run_reference(adapted)
+    step = max((tmp_path / "lora" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    after = torch.load(step / "trainer.pt", weights_only=True)["trainable"]
+    assert sorted(n for n in after if not is_adapter_name(n)) == sorted(saved)
+    assert any(is_adapter_name(n) for n in after)
+    # one Adam step moves a weight by about its learning rate; a fresh table would be init_std (0.02) away
+    bound = 1.5 * max(adapted.optim.pretrain_lr, adapted.optim.finetune_lr) * max(
+        1.0, adapted.optim.user_lr_scale, adapted.optim.item_head_lr_scale)
+    for name, value in saved.items():
+        assert (after[name] - value).abs().max() <= bound, name
+
+    back = reference_config(config_file, tmp_path / "back", max_steps=1, init_from=str(step))
+    back.model.adapter = "none"
+    with pytest.raises(CheckpointError, match=r"extra .*lora_A.*model settings"):
+        run_reference(back)
+
+
 def test_export_writes_the_adapter_in_peft_format_that_peft_loads_with_the_trained_outputs(reference_run, tmp_path):
     from peft import PeftModel
 

@@ -109,19 +109,20 @@ def apply_adapter(backbone: nn.Module, settings: BackboneSettings) -> list[nn.Pa
         # and peft's LoRA forward casts the layer input to the adapter's dtype and the sum back to the layer's
         param.data = param.data.float()
         param.requires_grad_(True)
-    frozen = [n for n, p in backbone.named_parameters() if p.requires_grad and not _is_adapter_name(n)]
+    frozen = [n for n, p in backbone.named_parameters() if p.requires_grad and not is_adapter_name(n)]
     if frozen:
         raise RuntimeError(f"peft unfroze backbone weights: {', '.join(frozen[:5])}")
     return params
 
 
-def _is_adapter_name(name: str) -> bool:
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter name (of the backbone, or of a model holding it) is one of the injected LoRA tensors."""
     return ".lora_" in name
 
 
 def adapter_parameters(backbone: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters injected into ``backbone`` (none without an adapter), in module order."""
-    return [p for n, p in backbone.named_parameters() if _is_adapter_name(n)]
+    return [p for n, p in backbone.named_parameters() if is_adapter_name(n)]
 
 
 def has_adapter(backbone: nn.Module) -> bool:
@@ -159,7 +160,7 @@ def peft_adapter_files(settings: BackboneSettings, backbone_dir: str, gguf_file:
     modules = {name for name, _ in skeleton.named_modules() if name}
     state = {}
     for name, tensor in tensors.items():
-        if not _is_adapter_name(name):
+        if not is_adapter_name(name):
             continue
         head, _, tail = name.partition(".lora_")  # "<prefix>.<module>", "A.default.weight"
         parts = head.split(".")

@@ -68,7 +68,7 @@ import struct
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -892,14 +892,22 @@ def read_saved_weights(source: str, use_best: bool = True) -> SavedWeights:
                         fs.exists(posixpath.join(folder, SHARDED_DIR)))
 
 
-def read_trainable(source: str, model) -> dict[str, torch.Tensor]:
+def read_trainable(source: str, model, keeps_own: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The TRAINABLE tensors of a checkpoint (a checkpoint folder, or a run folder: its newest complete
-    checkpoint), checked against ``model`` (e.g. for init_from)."""
+    checkpoint), checked against ``model`` (e.g. for init_from). A trainable parameter of ``model`` that the checkpoint
+    lacks and ``keeps_own(name)`` accepts keeps the model's own value (e.g. an adapter added for finetuning a run
+    pretrained without one); every other difference is an error."""
     fs, folder = resolve_checkpoint(source)
     if model.row_shards() or fs.exists(posixpath.join(folder, SHARDED_DIR)):
         raise CheckpointError(f"{folder}: initialising from a checkpoint is for replicated tables; with row-sharded "
                               "tables resume the run itself (--resume, any number of ranks) instead.")
-    return read_trainer_file(folder, fs, model)[TRAINABLE]
+    state = dict(read_trainer_file(folder, fs)[TRAINABLE])
+    expected = trainable_shapes(model)
+    if keeps_own is not None:
+        params = dict(model.named_parameters())
+        state |= {n: params[n].detach().clone() for n in expected if n not in state and keeps_own(n)}
+    check_tensors(f"{posixpath.join(folder, TRAINER_FILE)} [{TRAINABLE}]", state, expected)
+    return state
 
 
 def write_checkpoint(trainer: Coordinator, directory: str) -> None:

@@ -17,7 +17,7 @@ from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.model.adapter import check_adapter_targets
+from cllm4rec_dist.model.adapter import check_adapter_targets, is_adapter_name
 from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches, read_partition
 from cllm4rec_dist.recommenders.cllm4rec.builder import backbone_location, build_model, check_item_texts
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
@@ -118,7 +118,10 @@ class CLLM4RecRecipe:
         resuming = cfg.resume and self.sink.has_checkpoint()
         if cfg.init_from and not resuming:
             # Before the engines exist: ZeRO keeps its own fp32 master copy of what it is given.
-            load_trainable(model, read_trainable(cfg.init_from, model), f"{cfg.init_from} (init_from)")
+            # A run pretrained without an adapter can be finetuned with one: the adapter keeps its fresh init (LoRA's
+            # B = 0, so the adapted backbone starts as the frozen one).
+            load_trainable(model, read_trainable(cfg.init_from, model, keeps_own=is_adapter_name),
+                           f"{cfg.init_from} (init_from)")
         groups = model.parameter_groups()
         if not cfg.uses_content:
             groups.pop("content", None)
