@@ -154,3 +154,18 @@ def test_models_of_the_other_recommender_are_refused(config, demo_data, tmp_path
 def test_cf_from_of_another_model_is_a_config_error(config, stage0, tmp_path, capsys):
     assert cli(["train", "--config", str(config), "--allmrec.cf_model", "gru4rec", "--out", str(tmp_path / "r")]) == 2
     assert "holds a sasrec model" in capsys.readouterr().err
+
+
+def test_the_tallrec_variant_reports_its_own_titles_only_model_as_its_row(config, tmp_path):
+    """TALLRec (titles-only prompt, LoRA-tuned LLM): its run scores only the model it trained (no soft-token prompt
+    whose projections never trained), and the report names that row after the variant, apart from A-LLMRec's."""
+    out = tmp_path / "rep"
+    assert cli(["report", "--config", str(config), "--out", str(out), "--models", "tallrec", "--seeds", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["llm/tallrec"]
+    run = json.loads((out / "runs" / "tallrec" / "seed-0" / "metrics.json").read_text())
+    assert sorted(run["stages"]["llm"]) == ["sasrec", "titles_only"]
+    for part in ("valid", "test"):
+        assert report["models"]["llm/tallrec"][part]["hit@1"] == run["stages"]["llm"]["titles_only"][part]["hit@1"]
+        assert report["models"]["llm/tallrec"][part]["users"] == EVAL_USERS
+    assert "TALLRec (titles only, LoRA)" in (out / "report.md").read_text()

@@ -37,6 +37,9 @@ class Variant:
     default: bool = True
     """Run by `cllm4rec report` when --models does not name models (False: only when named, e.g. the ablations
     that train the backbone itself)."""
+    rows: dict[str, str] | None = None
+    """The rows of a run that are this variant's own, renamed for a report (run row -> report row); the run's other
+    rows (the same baselines as the main variant's runs) are left out. None: every row under its own name."""
 
 
 @dataclass(frozen=True)

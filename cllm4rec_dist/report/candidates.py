@@ -148,7 +148,8 @@ def run_variant(name: str, cfg: TrainConfig, run_dir: str, reuse: bool) -> dict:
     settings): its rows and the wall time of each stage."""
     from cllm4rec_dist.reference import run_reference
 
-    run_cfg = with_variant(cfg, name, recommender(cfg.recommender).named_variants()[name].settings)
+    variant = recommender(cfg.recommender).named_variants()[name]
+    run_cfg = with_variant(cfg, name, variant.settings)
     run_cfg.out = run_dir
     metrics = finished_run(run_dir, run_cfg, name) if reuse else None
     reused = metrics is not None
@@ -162,9 +163,12 @@ def run_variant(name: str, cfg: TrainConfig, run_dir: str, reuse: bool) -> dict:
                                "raise max_steps or set it to 0")
     else:
         print(f"[report] {name} seed {cfg.seed}: reusing {run_dir}", flush=True)
-    return {"rows": run_rows(metrics), "stage_seconds": metrics.get("seconds", {}),
-            "best_epoch": {f"cf/{m}": v.get("best_epoch") for m, v in metrics["stages"].get("cf", {}).items()},
-            "reused": reused}
+    rows = run_rows(metrics)
+    best_epoch = {f"cf/{m}": v.get("best_epoch") for m, v in metrics["stages"].get("cf", {}).items()}
+    if variant.rows is not None:  # a variant's own rows only, under its names (its CF rows are the main variant's)
+        rows = {variant.rows[row]: parts for row, parts in rows.items() if row in variant.rows}
+        best_epoch = {variant.rows[row]: epoch for row, epoch in best_epoch.items() if row in variant.rows}
+    return {"rows": rows, "stage_seconds": metrics.get("seconds", {}), "best_epoch": best_epoch, "reused": reused}
 
 
 def run_baseline(name: str, cfg: TrainConfig, run_dir: str, reuse: bool) -> dict:

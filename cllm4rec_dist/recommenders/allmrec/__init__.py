@@ -10,7 +10,9 @@ RECOMMENDER = Recommender(
     variants={
         "allmrec": Variant("A-LLMRec", {}),
         # the paper's TALLRec row: the titles-only prompt with a LoRA-tuned LLM (stage 2 trains the adapter alone;
-        # its model is the run's "titles_only" row). Stage 1 is skipped: nothing of it reaches that prompt.
+        # its model is the run's "titles_only" row, reported as "tallrec"). Stage 1 is skipped: nothing of it reaches
+        # that prompt.
         "tallrec": Variant("TALLRec (titles only, LoRA)", {"model.adapter": "lora", "allmrec.stage2_soft_tokens": False,
-                                                          "allmrec.stage1_epochs": 0}, default=False),
+                                                          "allmrec.stage1_epochs": 0}, default=False,
+                           rows={"llm/titles_only": "llm/tallrec"}),
     })

@@ -118,6 +118,13 @@ class ALLMRecSettings:
         require(self.cf_model in CF_MODEL_NAMES, "allmrec.cf_model", self.cf_model, ", ".join(CF_MODEL_NAMES))
         return self
 
+    def evaluated_llm_rows(self) -> list[str]:
+        """The LLM rows stage 2's evaluation scores: "allmrec" (the soft-token prompt) when stage 2 trained it, and
+        "titles_only" (the same prompt without soft tokens: the frozen LLM, or with stage2_soft_tokens false the
+        LoRA-tuned one, the run's own model). A soft-token prompt whose projections never trained is not scored."""
+        rows = ["allmrec"] if self.stage2_soft_tokens else []
+        return rows + (["titles_only"] if self.titles_only_baseline or not self.stage2_soft_tokens else [])
+
     def candidate_settings(self):
         """How the stored candidates are scored and sliced (eval/candidates.py)."""
         from cllm4rec_dist.eval.candidates import CandidateEvalSettings

@@ -355,7 +355,7 @@ class ALLMRecTrainer:
         the results are keyed by user, so the order changes nothing else."""
         out: dict[int, dict] = {}
         llm = self.model.llm
-        variants = [("allmrec", True)] + ([("titles_only", False)] if self.a.titles_only_baseline else [])
+        variants = [(row, row == "allmrec") for row in self.a.evaluated_llm_rows()]
         titles = {u: sum(len(self.prompts.title_ids[i]) for i in self.data.prefix(u, part)[-self.a.prompt_history:])
                   for u in users}
         users = sorted(users, key=lambda u: (titles[u], u))
@@ -403,7 +403,7 @@ class ALLMRecTrainer:
         lengths = [len(self.data.prefix(u, part)) for u in users]
         common = dict(candidates=candidates, positives=positives, history_lengths=lengths,
                       train_counts=self.data.train_counts, settings=self.a.candidate_settings())
-        models = [self.a.cf_model, "allmrec"] + (["titles_only"] if self.a.titles_only_baseline else [])
+        models = [self.a.cf_model, *self.a.evaluated_llm_rows()]
         results = {}
         for model in models:
             metrics = candidate_metrics(np.asarray([merged[u][model] for u in users]), **common)
