@@ -110,6 +110,15 @@ def test_every_stage_runs_and_writes_metrics_per_model_and_stage(run, demo_loo_d
     assert any(t.startswith("cf/") for t in tags) and "test/allmrec/hit@1" in tags
 
 
+def test_the_evaluation_prints_its_progress_with_an_eta(run):
+    lines = [line for line in (run / "console.log").read_text().splitlines() if line.startswith("[score]")]
+    for part in ("valid", "test"):
+        mine = [line for line in lines if line.startswith(f"[score] {part}, allmrec + titles_only:")]
+        assert mine and "ETA" in mine[-1], lines
+        done, total = mine[-1].split(": ")[1].split(" ")[0].split("/")
+        assert done == total and int(total) > 0  # the closing line of the part
+
+
 def test_resumed_losses_and_metrics_equal_the_uninterrupted_run(run, config, tmp_path):
     reference = read_train_log(run)
     stage1 = sum(r["kind"] == "align" for r in reference)

@@ -88,6 +88,7 @@ class Monitor:
         self.kind_seconds: dict[str, tuple[float, int]] = {}  # step kind -> (seconds, steps) so far
         self.block_totals = [0.0, 0.0, 0.0, 0]  # loss sum, tokens, seconds, steps of the current block
         self.remaining: list[str] = []
+        self._last_work_line = 0.0  # work_done's last console line
         self.eta_shown = False
         self.last_valid: dict | None = None
         if is_main:
@@ -130,6 +131,19 @@ class Monitor:
     def progress(self, line: str) -> None:
         with open(self.progress_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+    def work_done(self, label: str, done: int, total: int, started: float, unit: str = "users",
+                  every_s: float = 30.0) -> None:
+        """A console line with the ETA of a long piece of work that is not training steps (e.g. an evaluation):
+        ``done`` of ``total`` ``unit`` since ``started`` (time.time()); at most one line per ``every_s`` seconds,
+        and one at the end (rank 0)."""
+        now = time.time()
+        if not self.is_main or (done < total and now - self._last_work_line < every_s):
+            return
+        self._last_work_line = now
+        elapsed = now - started
+        eta = elapsed / done * (total - done) if done else float("nan")
+        self.console(f"{label}: {done}/{total} {unit}, {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
 
     def eta_seconds(self, done_steps: int) -> float:
         """Seconds the steps after ``done_steps`` will take at each kind's mean step time so far."""

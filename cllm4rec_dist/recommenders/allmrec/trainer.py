@@ -359,7 +359,10 @@ class ALLMRecTrainer:
         titles = {u: sum(len(self.prompts.title_ids[i]) for i in self.data.prefix(u, part)[-self.a.prompt_history:])
                   for u in users}
         users = sorted(users, key=lambda u: (titles[u], u))
+        share = " (this rank's share)" if self.r.world_size > 1 else ""
+        started, label = time.time(), f"[score] {part}, {' + '.join(m for m, _ in variants)}{share}"
         for start in range(0, len(users), self.a.eval_batch_size):
+            self.log.work_done(label, start, len(users), started)
             chunk = users[start:start + self.a.eval_batch_size]
             histories = [self.data.prefix(u, part) for u in chunk]
             candidates = [self.data.candidates[part][u] for u in chunk]
@@ -383,6 +386,7 @@ class ALLMRecTrainer:
                 for row, u in enumerate(chunk):
                     out[u][model] = scores[row].tolist()
                     out[u][f"{model}_generated"] = generated[row]
+        self.log.work_done(label, len(users), len(users), started)
         return out
 
     def _named_candidate(self, generated: list[int], candidates: list[int]) -> int:
