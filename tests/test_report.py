@@ -181,6 +181,9 @@ def test_a_finished_run_whose_stored_key_is_stale_is_reused_by_its_config_yaml(t
     assert load_finished("cllm4rec", str(tmp_path), cfg) is None  # no config.yaml: nothing says it is the same
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     assert load_finished("cllm4rec", str(tmp_path), cfg)["reused"]
+    cfg.resume = not cfg.resume  # how the report runs its runs, not a setting they were trained with
+    assert load_finished("cllm4rec", str(tmp_path), cfg)["reused"]
+    cfg.resume = not cfg.resume
     other = TrainConfig()
     other.out, other.optim.finetune_lr = str(tmp_path), 0.5
     assert load_finished("cllm4rec", str(tmp_path), other) is None

@@ -210,19 +210,24 @@ def load_finished(name: str, run_dir: str, cfg: TrainConfig, tuned: dict | None 
     with open(path, encoding="utf-8") as f:
         entry = json.load(f)
     key = settings_key(cfg, name, tuned)
-    if entry.get("settings_key") != key and _saved_settings_key(run_dir, name, tuned) != key:
+    if entry.get("settings_key") != key and _saved_settings_key(run_dir, cfg, name, tuned) != key:
         print(f"[report] {name}: {run_dir} was run with other settings; running it again", flush=True)
         return None
     return {**entry, "run_dir": run_dir, "reused": True}
 
 
-def _saved_settings_key(run_dir: str, name: str, tuned: dict | None) -> str | None:
+def _saved_settings_key(run_dir: str, cfg: TrainConfig, name: str, tuned: dict | None) -> str | None:
     """The key of the settings a trained run folder holds (its config.yaml), by this version's rules: the key an
-    older version stored in entry.json may spell the same settings otherwise (e.g. the DeepSpeed config's path)."""
+    older version stored in entry.json may spell the same settings otherwise (e.g. the DeepSpeed config's path).
+    Whether the report resumes its runs is not a setting of the run."""
     from cllm4rec_dist.config import load_config
 
     path = os.path.join(run_dir, "config.yaml")
-    return settings_key(load_config(path), name, tuned) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    saved = load_config(path)
+    saved.resume = cfg.resume
+    return settings_key(saved, name, tuned)
 
 
 def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool,
