@@ -184,6 +184,14 @@ def test_a_finished_run_whose_stored_key_is_stale_is_reused_by_its_config_yaml(t
     cfg.resume = not cfg.resume  # how the report runs its runs, not a setting they were trained with
     assert load_finished("cllm4rec", str(tmp_path), cfg)["reused"]
     cfg.resume = not cfg.resume
+    # a variant's folder holds the config with the variant's settings; the report's config is the common one
+    from cllm4rec_dist.recommenders import recommender
+    from cllm4rec_dist.report.runs import with_variant
+
+    llm_cf = with_variant(cfg, "cf", recommender("cllm4rec").named_variants()["cf"].settings)
+    (tmp_path / "config.yaml").write_text(to_yaml(llm_cf))
+    assert load_finished("cf", str(tmp_path), cfg)["reused"]
+    assert load_finished("cllm4rec", str(tmp_path), cfg) is None
     other = TrainConfig()
     other.out, other.optim.finetune_lr = str(tmp_path), 0.5
     assert load_finished("cllm4rec", str(tmp_path), other) is None

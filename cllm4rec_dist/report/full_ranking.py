@@ -209,25 +209,26 @@ def load_finished(name: str, run_dir: str, cfg: TrainConfig, tuned: dict | None 
         return None
     with open(path, encoding="utf-8") as f:
         entry = json.load(f)
-    key = settings_key(cfg, name, tuned)
-    if entry.get("settings_key") != key and _saved_settings_key(run_dir, cfg, name, tuned) != key:
+    if entry.get("settings_key") != settings_key(cfg, name, tuned) and not _same_saved_settings(run_dir, cfg, name,
+                                                                                                  tuned):
         print(f"[report] {name}: {run_dir} was run with other settings; running it again", flush=True)
         return None
     return {**entry, "run_dir": run_dir, "reused": True}
 
 
-def _saved_settings_key(run_dir: str, cfg: TrainConfig, name: str, tuned: dict | None) -> str | None:
-    """The key of the settings a trained run folder holds (its config.yaml), by this version's rules: the key an
-    older version stored in entry.json may spell the same settings otherwise (e.g. the DeepSpeed config's path).
-    Whether the report resumes its runs is not a setting of the run."""
+def _same_saved_settings(run_dir: str, cfg: TrainConfig, name: str, tuned: dict | None) -> bool:
+    """Whether a trained run folder's config.yaml holds the settings ``run_variant`` would run ``name`` with now,
+    by this version's rules: the key an older version stored in entry.json may spell the same settings otherwise
+    (e.g. the DeepSpeed config by its path). Whether the report resumes its runs is not a setting of the run."""
     from cllm4rec_dist.config import load_config
 
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        return None
-    saved = load_config(path)
-    saved.resume = cfg.resume
-    return settings_key(saved, name, tuned)
+    variant = recommender(cfg.recommender).named_variants().get(name)
+    if variant is None or not os.path.exists(path):
+        return False
+    saved, expected = load_config(path), with_variant(cfg, name, variant.settings)
+    saved.resume = expected.resume = False
+    return settings_key(saved, name, tuned) == settings_key(expected, name, tuned)
 
 
 def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool,
