@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cllm4rec_dist  # noqa: E402,F401  before torch work: OMP settings as the CLI sets them
+from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.model import LLMAlignment, SoftBatch  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts  # noqa: E402
 
@@ -56,19 +57,6 @@ CF_DIM, JOINT_DIM = 50, 128
 def movielens_titles(folder: str) -> list[str]:
     with open(os.path.join(folder, "u.item"), encoding="latin-1") as f:
         return [line.split("|")[1] for line in f if line.strip()]
-
-
-def smollm2_location() -> dict:
-    from cllm4rec_dist.corpus.presets import smollm2_path
-
-    path, gguf_file = smollm2_path()
-    return {"path": path, "gguf_file": gguf_file}
-
-
-def load_tokenizer(location: dict):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(location["path"], gguf_file=location["gguf_file"])
 
 
 def timed(run, repeats: int) -> tuple[float, list[float]]:

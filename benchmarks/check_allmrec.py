@@ -35,11 +35,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cllm4rec_dist  # noqa: E402,F401  OMP settings as the CLI sets them
+from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.model import SCORE_MODES, LLMAlignment, SoftBatch  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, SoftPrompt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_allmrec import CF_DIM, DATA, JOINT_DIM, load_tokenizer, movielens_titles, smollm2_location  # noqa: E402
+from bench_allmrec import CF_DIM, DATA, JOINT_DIM, movielens_titles  # noqa: E402
 
 
 def movielens_histories(folder: str) -> list[list[int]]:

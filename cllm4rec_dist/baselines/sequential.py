@@ -57,7 +57,7 @@ from cllm4rec_dist.train.checkpoint import (
     safetensors_header,
     write_model,
 )
-from cllm4rec_dist.train.monitor import _duration
+from cllm4rec_dist.train.monitor import duration
 
 CF_CHECKPOINT = "cf_model"  # the file stem of the stage-0 model in its folder
 PARTS = ("valid", "test")
@@ -267,8 +267,8 @@ class CFStage:
                 f" (best {self.best_value:.4f} at epoch {self.best_epoch}, {bad_evaluations}/{s.patience} "
                 "without a better one)")
         per_epoch = elapsed / epoch
-        line += (f" | {_duration(per_epoch)}/epoch, {_duration(elapsed)} elapsed, "
-                 f"ETA <= {_duration(per_epoch * (s.max_epochs - epoch))} (early stopping usually ends sooner)")
+        line += (f" | {duration(per_epoch)}/epoch, {duration(elapsed)} elapsed, "
+                 f"ETA <= {duration(per_epoch * (s.max_epochs - epoch))} (early stopping usually ends sooner)")
         self.progress(line)
 
     def save_checkpoint(self, out: str) -> None:

@@ -32,7 +32,7 @@ import time
 
 from cllm4rec_dist.config import TrainConfig
 from cllm4rec_dist.recommenders import recommender
-from cllm4rec_dist.report.runs import fresh_dir, seeded, settings_key, with_variant
+from cllm4rec_dist.report.runs import fresh_dir, saved_config, seeded, settings_key, with_variant
 from cllm4rec_dist.report.stats import (
     code_info,
     dataset_info,
@@ -128,18 +128,15 @@ def run_rows(metrics: dict) -> dict[str, dict]:
 def finished_run(run_dir: str, cfg: TrainConfig, name: str | None = None) -> dict | None:
     """The finished run in ``run_dir`` when its config.yaml is ``cfg`` (output folder and resume aside); ``name``
     (default: the recommender's) names it in the console line."""
-    from cllm4rec_dist.config import load_config
-
-    paths = [os.path.join(run_dir, file) for file in ("metrics.json", "config.yaml")]
-    if not all(os.path.exists(p) for p in paths):
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    saved = saved_config(run_dir, cfg)
+    if saved is None or not os.path.exists(metrics_path):
         return None
-    saved = load_config(paths[1])
-    saved.out, saved.resume = cfg.out, cfg.resume
     if settings_key(saved) != settings_key(cfg):
         print(f"[report] {name or cfg.recommender}: {run_dir} was run with other settings; running it again",
               flush=True)
         return None
-    with open(paths[0], encoding="utf-8") as f:
+    with open(metrics_path, encoding="utf-8") as f:
         return json.load(f)
 
 

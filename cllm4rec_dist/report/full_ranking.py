@@ -33,7 +33,7 @@ import time
 from cllm4rec_dist import COMMAND
 from cllm4rec_dist.config import TrainConfig
 from cllm4rec_dist.recommenders import all_recommenders, recommender
-from cllm4rec_dist.report.runs import fresh_dir, seeded, setting, with_variant
+from cllm4rec_dist.report.runs import fresh_dir, saved_config, seeded, setting, with_variant
 from cllm4rec_dist.report.runs import settings_key as run_settings_key
 from cllm4rec_dist.report.stats import (
     backbone_info,
@@ -219,16 +219,13 @@ def load_finished(name: str, run_dir: str, cfg: TrainConfig, tuned: dict | None 
 def _same_saved_settings(run_dir: str, cfg: TrainConfig, name: str, tuned: dict | None) -> bool:
     """Whether a trained run folder's config.yaml holds the settings ``run_variant`` would run ``name`` with now,
     by this version's rules: the key an older version stored in entry.json may spell the same settings otherwise
-    (e.g. the DeepSpeed config by its path). Whether the report resumes its runs is not a setting of the run."""
-    from cllm4rec_dist.config import load_config
-
-    path = os.path.join(run_dir, "config.yaml")
+    (e.g. the DeepSpeed config by its path)."""
     variant = recommender(cfg.recommender).named_variants().get(name)
-    if variant is None or not os.path.exists(path):
+    if variant is None:
         return False
-    saved, expected = load_config(path), with_variant(cfg, name, variant.settings)
-    saved.resume = expected.resume = False
-    return settings_key(saved, name, tuned) == settings_key(expected, name, tuned)
+    expected = with_variant(cfg, name, variant.settings)
+    saved = saved_config(run_dir, expected)
+    return saved is not None and settings_key(saved, name, tuned) == settings_key(expected, name, tuned)
 
 
 def run_one(name: str, cfg: TrainConfig, run_dir: str, multivae_epochs: int | None, reuse: bool,

@@ -70,6 +70,19 @@ def settings_key(cfg, unused=(), tuned: dict | None = None) -> str:
     return json.dumps(values, sort_keys=True)
 
 
+def saved_config(run_dir: str, like):
+    """``run_dir``'s config.yaml (None when it has none), with the output folder and the resume flag of ``like``:
+    how a report runs a run, not what the run trained with; its settings key then compares with ``like``'s."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    from cllm4rec_dist.config import load_config
+
+    saved = load_config(path)
+    saved.out, saved.resume = like.out, like.resume
+    return saved
+
+
 def _file_settings(path: str):
     """A JSON settings file's contents (the path itself where it cannot be read as JSON)."""
     try:

@@ -143,7 +143,7 @@ class Monitor:
         self._last_work_line = now
         elapsed = now - started
         eta = elapsed / done * (total - done) if done else float("nan")
-        self.console(f"{label}: {done}/{total} {unit}, {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+        self.console(f"{label}: {done}/{total} {unit}, {duration(elapsed)} elapsed, ETA {duration(eta)}")
 
     def eta_seconds(self, done_steps: int) -> float:
         """Seconds the steps after ``done_steps`` will take at each kind's mean step time so far."""
@@ -191,7 +191,7 @@ class Monitor:
         """Once, after the first logged steps: how long all the schedule's steps will take."""
         if not self.eta_shown:
             self.eta_shown = True
-            self.console(f"[train] ETA for the whole schedule: {_duration(self.eta_seconds(global_step))} of steps "
+            self.console(f"[train] ETA for the whole schedule: {duration(self.eta_seconds(global_step))} of steps "
                          f"(from the first {global_step}; validations not included)")
 
     def block_done(self, block, global_step: int, total_steps: int) -> None:
@@ -208,7 +208,7 @@ class Monitor:
             line += f" | valid recall@20 {self.last_valid.get('recall@20') or 0.0:.4f}"
             self.last_valid = None
         elapsed = time.time() - self.started
-        self.console(f"{line} | {_duration(elapsed)} elapsed, ETA {_duration(self.eta_seconds(global_step))}")
+        self.console(f"{line} | {duration(elapsed)} elapsed, ETA {duration(self.eta_seconds(global_step))}")
 
     def evaluation(self, part: str, metrics: dict, global_step: int) -> None:
         """Validation goes onto its block's console line (the full line into progress.log), test onto its own."""
@@ -233,7 +233,7 @@ class Monitor:
             self.writer.close()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """3725 -> '1h02m', 125 -> '2m05s', 42 -> '42s'."""
     if seconds != seconds:  # nan: nothing timed yet
         return "?"

@@ -373,8 +373,8 @@ class ALLMRecTrainer:
             for row, u in enumerate(chunk):
                 out[u] = {self.a.cf_model: cf_scores[row].tolist()}
             scored = [[self.prompts.scored_title(i) for i in c] for c in candidates]
+            recent = [h[-self.a.prompt_history:] for h in histories]
             for model, soft in variants:
-                recent = [h[-self.a.prompt_history:] for h in histories]
                 prompts = [self.prompts.scoring_prompt(h, c, soft=soft) for h, c in zip(recent, candidates)]
                 scores = llm.candidate_scores(prompts, vectors, self.joint, scored, self.a.score)
                 generated = [None] * len(chunk)
