@@ -50,8 +50,8 @@ def finish(cfg: TrainConfig, args: argparse.Namespace, result: dict, timer: Phas
         from cllm4rec_dist.export_run import export_checkpoint
 
         result["export"] = os.path.join(cfg.out, "export")
-        with timer.phase("export"):
-            export_checkpoint(cfg.out, result["export"])
+        with timer.phase("export"):  # the data this job trained on: the checkpoint's path may be an old place of it
+            export_checkpoint(cfg.out, result["export"], data_dir=cfg.data)
     timer.mark("finished")
     write_timing(cfg.out, "driver", timer)
     timing = read_timing(cfg.out)

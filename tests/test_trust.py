@@ -176,6 +176,24 @@ def test_resume_on_other_data_is_refused_and_on_the_same_data_moved_it_continues
     assert json.loads((run / DATASET_FILE).read_text()) == {"data": str(moved), "content_hash": record["content_hash"]}
 
 
+def test_the_launchers_export_reads_the_data_the_run_trained_on_after_it_moved(demo_data, tmp_path):
+    """A run resumed on its dataset at a new path (content hash checked) ends with the launchers' export, which
+    reads that dataset, not the old path in the checkpoint's config: it used to fail after the whole run."""
+    from argparse import Namespace
+
+    from cllm4rec_dist.config import config_from_dict, read_yaml_settings
+    from cllm4rec_dist.launch import finish
+
+    first = shutil.copytree(demo_data, tmp_path / "first")
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(first), "--out", str(run), *TINY]) == 0
+    moved = first.rename(tmp_path / "moved")
+    cfg = config_from_dict({**read_yaml_settings(str(run / "config.yaml")), "out": str(run), "data": str(moved)})
+    assert finish(cfg, Namespace(no_export=False), json.loads((run / "metrics.json").read_text())) == 0
+    manifest = json.loads((run / "export" / "export.json").read_text())
+    assert manifest["source"]["data"] == str(moved)
+
+
 def test_a_held_run_folder_is_refused_and_a_stale_lock_is_taken_over(demo_data, tmp_path, capsys):
     out = tmp_path / "held"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
