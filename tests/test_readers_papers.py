@@ -1,11 +1,13 @@
 """The papers' own data: split-npz (the CLLM4Rec authors' Beauty/Sports split), sequences-json (A-LLMRec's Video
 Games), and S3-Rec sequences with --item-titles. Each through `cllm4rec preprocess`, its stats, a bad input's one
-error line, and training on the output (CLLM4Rec on split-npz, A-LLMRec on sequences-json, the latter marked slow:
-about 15 s of CPU, SBERT and the tiny backbone loaded)."""
+error line, and training on the output: CLLM4Rec on split-npz in one process and through the Ray launcher (2
+workers, the same losses), A-LLMRec on sequences-json (the Ray path of a leave-one-out dataset, whose files the
+three leave-one-out readers write alike, is test_allmrec_train.py's). The runs are marked slow."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,16 +128,49 @@ def test_split_npz_tags_of_unknown_items_reject_the_file_when_too_many(tmp_path,
     one_line_error(capsys, "item_tags.json: 16 of 16 lines are bad", "unknown_item", "wrong --format")
 
 
-def test_cllm4rec_trains_and_ranks_the_full_catalogue_on_a_split_npz_dataset(tmp_path):
-    npz_split(tmp_path / "raw")
-    data = tmp_path / "ds"
-    assert preprocess("--format", "split-npz", "--input", str(tmp_path / "raw"), "--out", str(data)) == 0
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--schedule.warmup_epochs", "0",
-                 "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
-                 "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64"]) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+SPLIT_RUN = ["--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1", "--schedule.finetune_epochs", "1",
+             "--schedule.finetune_content_fraction", "0", "--batch.max_length", "64", "--log_every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def split_npz_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("split_npz")
+    npz_split(root / "raw")
+    assert preprocess("--format", "split-npz", "--input", str(root / "raw"), "--out", str(root / "ds")) == 0
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def split_npz_run(split_npz_data, tmp_path_factory) -> Path:
+    """One process standing in for 2 ranks: what the Ray workers must reproduce."""
+    out = tmp_path_factory.mktemp("split_npz_run") / "run"
+    assert main(["train", "--data", str(split_npz_data), "--out", str(out), "--simulate_ranks", "2", *SPLIT_RUN]) == 0
+    return out
+
+
+def test_cllm4rec_trains_and_ranks_the_full_catalogue_on_a_split_npz_dataset(split_npz_run):
+    metrics = json.loads((split_npz_run / "metrics.json").read_text())
     for part in ("valid", "test"):
         assert 0 <= metrics[part]["recall@20"] <= 1 and metrics[part]["recall@20"] > 0  # 16 items: 20 covers all
+
+
+@pytest.mark.slow
+def test_ray_workers_train_on_a_split_npz_dataset_like_one_process(split_npz_data, split_npz_run, tmp_path):
+    """The real launcher (Ray Train + DeepSpeed, 2 workers) reading the split-npz shards: the same per-step losses
+    and test metrics as the single process standing in for 2 ranks."""
+    from test_distributed import assert_same_losses, launch
+
+    from cllm4rec_dist.train.monitor import read_train_log
+
+    out = tmp_path / "ray"
+    launch([sys.executable, "launchers/pretrain_llama.py", "--data", str(split_npz_data), "--dist.num_workers", "2",
+            *SPLIT_RUN], out)
+    assert_same_losses(out, read_train_log(split_npz_run))
+    ray_test = json.loads((out / "metrics.json").read_text())["test"]
+    one_test = json.loads((split_npz_run / "metrics.json").read_text())["test"]
+    assert ray_test["num_users"] == one_test["num_users"]
+    assert ray_test["recall@20"] == pytest.approx(one_test["recall@20"], abs=1e-6)
+    assert (out / "export" / "export.json").is_file()
 
 
 # --- S3-Rec sequences + --item-titles -------------------------------------------------------------------------------
