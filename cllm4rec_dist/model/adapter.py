@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 from torch import nn
@@ -131,6 +132,8 @@ def has_adapter(backbone: nn.Module) -> bool:
 
 def set_adapter_training(backbone: nn.Module, mode: bool) -> None:
     """Switch the adapters' dropout to ``mode`` inside a backbone kept in eval mode (frozen: its own dropout off)."""
+    if "peft" not in sys.modules:  # no LoRA layer can exist: importing peft only to find none costs ~1.5 s a process
+        return
     from peft.tuners.lora import LoraLayer
 
     for module in backbone.modules():
