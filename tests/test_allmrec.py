@@ -51,7 +51,9 @@ def test_stage2_loss_is_the_next_token_loss_of_the_answer_only(film_llm, prompts
     llm = LLMAlignment.load(film_llm, "fp32", user_dim=6, item_dim=8, device="cpu")
     batch = _batch(prompts)
     users, items = torch.randn(4, 6), torch.randn(len(TITLES), 8)
-    loss = llm.answer_loss(batch, users, items)["loss"]
+    out = llm.answer_loss(batch, users, items)
+    loss = out["loss"]
+    assert out["tokens"] == batch.attention_mask.sum()  # tokens/s counts what the LLM ran on, not the answers alone
     # Reference: the HF causal-LM loss over the full logits with every non-answer label masked.
     embeds = llm.inputs_embeds(batch, users, items)
     reference = llm.backbone(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels).loss

@@ -180,10 +180,9 @@ class Monitor:
             w.add_scalar("memory/rss_mb", rss_mb, gs)
             if torch.cuda.is_available():
                 w.add_scalar("memory/cuda_max_mb", torch.cuda.max_memory_allocated() / 2**20, gs)
-            rate = self.tokens_since / max(self.seconds_since, 1e-9)
             self.progress(f"[train] {block.phase} ep {block.epoch} step {gs}/{total_steps} {kind:>3s} "
-                          f"loss {loss:.4f} (lm {lm:.4f} mr {mr:.4f}) {rate:,.0f} tok/s "
-                          f"elapsed {time.time() - self.started:.0f}s")
+                          f"loss {loss:.4f} (lm {lm:.4f} mr {mr:.4f}) "
+                          f"{_rate(self.tokens_since, self.seconds_since)}elapsed {time.time() - self.started:.0f}s")
             self.tokens_since = self.seconds_since = 0.0
             self.show_schedule_eta(gs)
 
@@ -203,7 +202,7 @@ class Monitor:
         self.block_totals = [0.0, 0.0, 0.0, 0]
         kinds = "+".join(dict.fromkeys(block.kinds))
         line = (f"[train] {block.phase} epoch {block.epoch} ({kinds}): step {global_step}/{total_steps} "
-                f"loss {loss / max(steps, 1):.4f} {tokens / max(seconds, 1e-9):,.0f} tok/s")
+                f"loss {loss / max(steps, 1):.4f} {_rate(tokens, seconds)}".rstrip())
         if self.last_valid is not None:
             line += f" | valid recall@20 {self.last_valid.get('recall@20') or 0.0:.4f}"
             self.last_valid = None
@@ -231,6 +230,11 @@ class Monitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _rate(tokens: float, seconds: float) -> str:
+    """"N tok/s " of a console line; nothing for steps that run no tokens (A-LLMRec's stage 1: no LLM)."""
+    return f"{tokens / max(seconds, 1e-9):,.0f} tok/s " if tokens > 0 else ""
 
 
 def duration(seconds: float) -> str:

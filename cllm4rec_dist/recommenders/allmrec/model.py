@@ -262,9 +262,10 @@ class LLMAlignment(nn.Module):
         return -F.cross_entropy(logits, targets, reduction="none"), rows
 
     def answer_loss(self, batch: SoftBatch, user_vectors, item_vectors) -> dict[str, torch.Tensor]:
-        """Next-token loss on the answer title tokens only (mean over answer tokens)."""
+        """Next-token loss on the answer title tokens only (mean over answer tokens); "tokens": the tokens the LLM
+        ran on (prompts and answers, no padding), what the console's tokens/s counts."""
         logprobs, _ = self._answer_logprobs(batch, user_vectors, item_vectors)
-        return {"loss": -logprobs.mean(), "tokens": torch.tensor(float(logprobs.numel()))}
+        return {"loss": -logprobs.mean(), "tokens": batch.attention_mask.sum().float()}
 
     def _prompt_pass(self, batch: SoftBatch, user_vectors, item_vectors):
         """Forward over left-padded prompts with a KV cache: (outputs, attention mask, last position ids)."""
