@@ -169,6 +169,30 @@ def test_a_run_of_another_checkout_is_reused_when_its_deepspeed_config_says_the_
     assert settings_key(a, "cllm4rec") != settings_key(b, "cllm4rec")
 
 
+def test_a_run_whose_deepspeed_config_file_is_gone_is_compared_by_its_kept_copy(demo_data, tmp_path):
+    """A run folder keeps a copy of the DeepSpeed config its config.yaml names: once that checkout's file is
+    deleted, `--reuse` still compares the run by what the file said instead of running it again."""
+    import shutil
+
+    from cllm4rec_dist.cli import main as cli
+    from cllm4rec_dist.config import TrainConfig
+    from cllm4rec_dist.report.full_ranking import settings_key
+    from cllm4rec_dist.report.runs import saved_config
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    ds_config = shutil.copy(TrainConfig().dist.ds_config, checkout / "zero2.json")
+    run = tmp_path / "run"
+    flags = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1",
+             "--schedule.finetune_epochs", "0", "--batch.max_length", "64", "--log_every", "1000"]
+    assert cli(["train", "--data", demo_data, "--out", str(run), "--dist.ds_config", str(ds_config), *flags]) == 0
+    assert json.loads((run / "ds_config.json").read_text()) == json.loads(open(ds_config, encoding="utf-8").read())
+    like = saved_config(str(run), TrainConfig())
+    like.dist.ds_config = TrainConfig().dist.ds_config  # this checkout's own zero2.json: the same contents
+    shutil.rmtree(checkout)
+    assert settings_key(saved_config(str(run), like), "cllm4rec") == settings_key(like, "cllm4rec")
+
+
 def test_a_finished_run_whose_stored_key_is_stale_is_reused_by_its_config_yaml(tmp_path):
     """entry.json keeps the settings key of the version that ran it; the run folder's config.yaml is what decides."""
     from cllm4rec_dist.config import TrainConfig

@@ -11,7 +11,7 @@ import os
 import shutil
 
 from cllm4rec_dist.settings import _set
-from cllm4rec_dist.train.run_folder import PATH_SETTINGS, absolute_path
+from cllm4rec_dist.train.run_folder import DS_CONFIG_FILE, PATH_SETTINGS, absolute_path
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -80,6 +80,9 @@ def saved_config(run_dir: str, like):
 
     saved = load_config(path)
     saved.out, saved.resume = like.out, like.resume
+    kept = os.path.join(run_dir, DS_CONFIG_FILE)
+    if not os.path.exists(saved.dist.ds_config) and os.path.exists(kept):  # the checkout that ran it is gone
+        saved.dist.ds_config = kept
     return saved
 
 

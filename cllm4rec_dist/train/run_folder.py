@@ -30,6 +30,9 @@ from cllm4rec_dist.errors import UserError
 LOCK_FILE = ".lock"
 RUN_DIR_MODE = 0o775  # what os.makedirs asks for a new run folder (the umask may take more away): never world-writable
 DATASET_FILE = "dataset.json"  # {"data": where it was read from, "content_hash": the manifest's}
+# A copy of the DeepSpeed config file that config.yaml names (dist.ds_config, an absolute path into some checkout):
+# what the run was set up with stays readable after that checkout is gone.
+DS_CONFIG_FILE = "ds_config.json"
 # Settings a resume may change: locations, logging and checkpoint cadence, how long to run, evaluation batching.
 NEUTRAL = frozenset({
     "data", "out", "log_every", "max_steps", "resume", "keep_checkpoints", "checkpoint_every", "checkpoint_interval_s",
@@ -260,3 +263,6 @@ def settle_run_config(restored_config: dict | None, cfg, is_main: bool, content_
     if is_main:
         write_text_atomic(os.path.join(cfg.out, "config.yaml"), to_yaml(cfg))
         write_json_atomic(os.path.join(cfg.out, DATASET_FILE), {"data": cfg.data, "content_hash": content_hash})
+        if os.path.isfile(cfg.dist.ds_config):
+            with open(cfg.dist.ds_config, encoding="utf-8") as f:
+                write_text_atomic(os.path.join(cfg.out, DS_CONFIG_FILE), f.read())
