@@ -2,7 +2,7 @@
 Games), and S3-Rec sequences with --item-titles. Each through `cllm4rec preprocess`, its stats, a bad input's one
 error line, and training on the output: CLLM4Rec on split-npz in one process and through the Ray launcher (2
 workers, the same losses), A-LLMRec on sequences-json (the Ray path of a leave-one-out dataset, whose files the
-three leave-one-out readers write alike, is test_allmrec_train.py's). The runs are marked slow."""
+three leave-one-out readers write alike, is test_allmrec_train.py's). The Ray and A-LLMRec runs are marked slow."""
 
 from __future__ import annotations
 

@@ -174,6 +174,8 @@ def test_a_run_whose_deepspeed_config_file_is_gone_is_compared_by_its_kept_copy(
     deleted, `--reuse` still compares the run by what the file said instead of running it again."""
     import shutil
 
+    from test_trust import TINY
+
     from cllm4rec_dist.cli import main as cli
     from cllm4rec_dist.config import TrainConfig
     from cllm4rec_dist.report.full_ranking import settings_key
@@ -183,9 +185,7 @@ def test_a_run_whose_deepspeed_config_file_is_gone_is_compared_by_its_kept_copy(
     checkout.mkdir()
     ds_config = shutil.copy(TrainConfig().dist.ds_config, checkout / "zero2.json")
     run = tmp_path / "run"
-    flags = ["--ablation", "cf", "--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1",
-             "--schedule.finetune_epochs", "0", "--batch.max_length", "64", "--log_every", "1000"]
-    assert cli(["train", "--data", demo_data, "--out", str(run), "--dist.ds_config", str(ds_config), *flags]) == 0
+    assert cli(["train", "--data", demo_data, "--out", str(run), "--dist.ds_config", str(ds_config), *TINY]) == 0
     assert json.loads((run / "ds_config.json").read_text()) == json.loads(open(ds_config, encoding="utf-8").read())
     like = saved_config(str(run), TrainConfig())
     like.dist.ds_config = TrainConfig().dist.ds_config  # this checkout's own zero2.json: the same contents

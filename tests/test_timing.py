@@ -127,12 +127,12 @@ def test_parsing_a_config_imports_no_torch():
 def test_a_run_without_an_adapter_imports_no_peft(demo_data, tmp_path):
     """peft (and the bitsandbytes kernels it pulls in) is ~1.5 s of imports in every process, each Ray worker's
     included; a run with model.adapter none has no LoRA layer to look for (the dropout switch once imported it)."""
+    from test_trust import TINY
+
     code = (
         "import sys\n"
         "from cllm4rec_dist.cli import main\n"
-        f"assert main(['train', '--data', {demo_data!r}, '--out', {str(tmp_path / 'run')!r}, '--ablation', 'cf',\n"
-        "             '--schedule.warmup_epochs', '0', '--schedule.pretrain_epochs', '1',\n"
-        "             '--schedule.finetune_epochs', '1', '--batch.max_length', '64', '--log_every', '1000']) == 0\n"
+        f"assert main(['train', '--data', {demo_data!r}, '--out', {str(tmp_path / 'run')!r}, *{TINY!r}]) == 0\n"
         "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

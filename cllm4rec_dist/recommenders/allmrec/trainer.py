@@ -215,7 +215,8 @@ class ALLMRecTrainer:
             out = self.model.llm.answer_loss(batch, vectors, self.joint)
             engine.backward(out["loss"] / len(streams))
             totals["loss"] = totals["loss"] + out["loss"].detach().to(totals["loss"]) / len(streams)
-            totals["tokens"] = totals["tokens"] + torch.as_tensor(out["tokens"]).to(totals["loss"])  # the step's
+            # summed, not averaged: the tokens/s of the whole step
+            totals["tokens"] = totals["tokens"] + torch.as_tensor(out["tokens"]).to(totals["loss"])
         totals["grad_norm"] = engine.step()
         return totals
 
