@@ -286,13 +286,15 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
     with timer.phase("driver_imports"):
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+
+        from cllm4rec_dist.ray_local import local_trainer_class
 
     with timer.phase("ray_start"):  # what is left of it: it started in the background (RayStart)
         started_here = _background_or_retry(starting) if starting is not None else _start_ray(cfg, local_cpus)
     controllers = []
     try:
-        trainer = TorchTrainer(
+        # On a cluster this process started: without the actors that serve a shared, autoscaled cluster
+        trainer = local_trainer_class(local_cluster=started_here)(
             ray_worker_loop,
             train_loop_config=dataclasses.asdict(cfg),
             scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -144,6 +144,11 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     # DeepSpeed's inference-only shared-memory op was neither built nor loaded (its JIT compile cost 20-95 s).
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "logs" / "ray").glob("worker-*"))
     assert "shm_comm" not in worker_logs
+    # On the cluster it started, Ray Train ran no actor of a shared cluster's machinery (ray_local.py): no
+    # autoscaling coordinator, placement-group cleaner or dataset manager, each a process on the workers' cores.
+    actors = Counter(line.split(":actor_name:", 1)[1].strip() for p in (out / "logs" / "ray").glob("worker-*.out")
+                     for line in p.read_text(errors="replace").splitlines() if line.startswith(":actor_name:"))
+    assert actors == {"TrainController": 1, "SynchronizationActor": 1, "RayTrainWorker": 2}, actors
     # Ray persisted the checkpoints in <run>/ray/checkpoint_<time> (no ray/<name>/ below); the config was saved.
     assert list((out / "ray").glob("checkpoint_*/trainer.pt")) and not (out / "ray" / out.name).exists()
     assert load_config(str(out / "config.yaml")).dist.num_workers == 2
@@ -229,3 +234,29 @@ def test_zero3_is_refused_with_a_clear_error(config_file, tmp_path):
     cfg.dist.ds_config = str(zero3)
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported.*zero2.json"):
         check_combination(cfg, load_ds_config(str(zero3), 8, 2, 0.0))
+
+
+def test_a_joined_cluster_keeps_ray_trains_own_machinery():
+    """Only a cluster the launcher started (and stops) runs without the autoscaling coordinator, the placement-group
+    cleaner and the dataset manager; joining a cluster, or passing Ray datasets, gets the plain TorchTrainer."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from cllm4rec_dist.ray_local import LocalScalingPolicy, LocalTorchTrainer, local_trainer_class
+
+    assert local_trainer_class(local_cluster=False) is TorchTrainer
+    assert local_trainer_class(local_cluster=True, has_datasets=True) is TorchTrainer
+    assert local_trainer_class(local_cluster=True) is LocalTorchTrainer
+    from ray.train import ScalingConfig
+
+    scaling = ScalingConfig(num_workers=2)
+    plain = TorchTrainer(lambda: None, scaling_config=scaling)._create_default_callbacks()
+    local = LocalTorchTrainer(lambda: None, scaling_config=scaling)._create_default_callbacks()
+    skipped = (DatasetsCallback, PlacementGroupCleanerCallback)
+    assert sum(isinstance(cb, skipped) for cb in plain) == 2
+    assert [type(cb) for cb in local] == [type(cb) for cb in plain if not isinstance(cb, skipped)]
+    policy = LocalScalingPolicy(scaling)
+    policy.after_controller_start(None)  # sends nothing: there is no coordinator client to send it with
+    assert policy._coordinator_client is None
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2
