@@ -71,6 +71,7 @@ def test_console_shows_one_line_per_block_and_the_run_records_its_time_split(ref
     assert [line.split(" epoch ")[0] for line in block_lines] == [f"[train] {b.phase}" for b in blocks]
     assert sum("valid recall@20" in line for line in block_lines) == sum(b.evaluate for b in blocks)
     assert sum("ETA for the whole schedule" in line for line in console) == 1
+    assert any("ETA for the whole schedule" in line and "steps run;" in line for line in console)
     assert len(console) <= len(blocks) + 5  # fits a screen; the detail is in progress.log
     # every evaluation line names how many users its metrics average over (the validations', then the test's)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -121,6 +122,11 @@ def test_resume_mid_block_gives_the_same_losses_and_metrics(reference_run, demo_
     assert [r["global_step"] for r in log] == [r["global_step"] for r in uninterrupted]
     assert [r["loss"] for r in log] == [r["loss"] for r in uninterrupted]  # bit-identical
     assert resumed["test"] == result["test"]
+    # The resumed process's schedule ETA says what it was estimated from: this process's steps, not the run's
+    eta = [line for line in (tmp_path / "console.log").read_text().splitlines() if "ETA for the whole" in line][-1]
+    measured = int(eta.split("(from the ")[1].split(" steps run")[0])
+    assert f"steps run since the resume at step {stop_at};" in eta, eta
+    assert measured == blocks[0].steps + blocks[1].steps - stop_at  # shown at the end of the block it resumed in
 
 
 def test_schedule_shapes():

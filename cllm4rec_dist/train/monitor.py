@@ -90,6 +90,7 @@ class Monitor:
         self.remaining: list[str] = []
         self._last_work_line = 0.0  # work_done's last console line
         self.eta_shown = False
+        self.resume_step = resume_step  # where this process started counting steps (0: a new run)
         self.last_valid: dict | None = None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -187,11 +188,14 @@ class Monitor:
             self.show_schedule_eta(gs)
 
     def show_schedule_eta(self, global_step: int) -> None:
-        """Once, after the first logged steps: how long all the schedule's steps will take."""
+        """Once, after the first logged steps: how long all the schedule's steps will take, from the step times this
+        process measured (a resumed run names how many: its first logged step may be a few after the resume)."""
         if not self.eta_shown:
             self.eta_shown = True
+            measured = sum(n for _, n in self.kind_seconds.values())
+            since = f" since the resume at step {self.resume_step}" if self.resume_step else ""
             self.console(f"[train] ETA for the whole schedule: {duration(self.eta_seconds(global_step))} of steps "
-                         f"(from the first {global_step}; validations not included)")
+                         f"(from the {measured} steps run{since}; validations not included)")
 
     def block_done(self, block, global_step: int, total_steps: int) -> None:
         """The console line of a finished block: its phase and epoch, mean loss, tokens/s, validation, ETA."""
