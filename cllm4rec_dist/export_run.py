@@ -10,7 +10,7 @@ import argparse
 import json
 
 from cllm4rec_dist.config import config_from_dict
-from cllm4rec_dist.corpus.presets import resolve_backbone
+from cllm4rec_dist.corpus.presets import run_backbone
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.export.embeddings import ExportError, write_export
 from cllm4rec_dist.model.adapter import peft_adapter_files
@@ -78,12 +78,9 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
 
 
 def _backbone_location(cfg, manifest: dict) -> dict:
-    """The backbone the run trained on: cfg.backbone (a folder or a preset-free spec), else the dataset's."""
-    if cfg.backbone is None:
-        recorded = manifest["backbone"]
-        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
+    """The backbone the run trained on (``run_backbone``)."""
     try:
-        return resolve_backbone(cfg.backbone)
+        return run_backbone(cfg.backbone, manifest)
     except ValueError as err:
         raise ExportError(f"the run's backbone {cfg.backbone!r} cannot be found for its adapter's export ({err})") \
             from None

@@ -354,3 +354,28 @@ def test_manifest_counts_and_sizes_are_checked_against_the_shards(demo_data, tmp
     assert cli(["train", "--data", edited("docs2", shift_docs), "--out", str(tmp_path / "r2"), *TINY]) == 2
     one_line_error(capsys, "collab-000000.tar", "num_docs")
     assert not (tmp_path / "r2" / "train_log.jsonl").exists()
+
+
+def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data, tmp_path, capsys):
+    """`--backbone` on a training run takes what preprocessing's does (a checkpoint folder or `smollm2`), for both
+    recommenders and the export alike (`corpus/presets.py` `run_backbone`); one that cannot be found, a preset name,
+    or one whose tokenizer is not the dataset's is one line from the Ray launcher's checks (no worker started)."""
+    launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
+
+    def launch(*args) -> int:
+        return run_command(launcher["main"], ["--data", demo_data, "--out", str(tmp_path / "run"), *args])
+
+    assert launch("--backbone", str(tmp_path / "no-such-checkpoint")) == 2
+    one_line_error(capsys, str(tmp_path / "no-such-checkpoint"), "config.json")
+    assert launch("--backbone", "tiny-llama") == 2
+    one_line_error(capsys, "'tiny-llama'", "cllm4rec preprocess --backbone tiny-llama")
+    assert not (tmp_path / "run" / "ray").exists()  # no Ray Train run began
+    try:  # located, not imported (see tests/test_model.py)
+        from cllm4rec_dist.corpus.presets import smollm2_location
+
+        smollm2_location()
+    except ModuleNotFoundError as missing:
+        pytest.skip(str(missing))
+    # 'smollm2' is found (it used to be taken for a folder name: an OSError from the Hub client, in the workers)
+    assert launch("--backbone", "smollm2") == 2
+    one_line_error(capsys, "backbone smollm2: its tokenizer differs", "cllm4rec preprocess --backbone smollm2")

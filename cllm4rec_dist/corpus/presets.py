@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cllm4rec_dist.settings import ConfigError
+
 PRESETS: dict[str, dict] = {
     # name: (family, config kwargs). hidden/layers sized for CPU tests and the demo.
     "tiny-llama": {"family": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -155,6 +157,23 @@ def resolve_backbone(spec: str, build_dir: str | None = None) -> dict:
         raise ValueError(f"--backbone {spec!r}: not a preset ({', '.join(PRESETS)}, smollm2) and not a local "
                          "Hugging Face checkpoint folder with a config.json")
     return {"path": os.path.abspath(spec), "gguf_file": None, "preset": None}
+
+
+def run_backbone(spec: str | None, manifest: dict) -> dict:
+    """{"path", "gguf_file"} of the backbone a training run (or its export) uses: ``spec`` (a training config's
+    ``backbone``: a local checkpoint folder or ``smollm2``, resolved as ``--backbone`` is in preprocessing), else the
+    one the dataset was tokenised with (its manifest). A spec that names no usable backbone is a ConfigError."""
+    if spec is None:
+        recorded = manifest["backbone"]
+        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
+    if spec in PRESETS:
+        raise ConfigError(f"backbone {spec!r}: a preset is built by `cllm4rec preprocess --backbone {spec}`; leave "
+                          "`backbone` unset to train on the one the dataset was built with, or name its folder")
+    try:
+        location = resolve_backbone(spec)
+    except (ValueError, ModuleNotFoundError) as err:
+        raise ConfigError(f"backbone: {err}") from None
+    return {"path": location["path"], "gguf_file": location["gguf_file"]}
 
 
 def load_tokenizer(location: dict):

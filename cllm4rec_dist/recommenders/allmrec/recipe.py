@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cllm4rec_dist.atomic import write_json_atomic
-from cllm4rec_dist.corpus.presets import load_tokenizer, resolve_backbone
+from cllm4rec_dist.corpus.presets import load_tokenizer, run_backbone
 from cllm4rec_dist.corpus.sequences import SequentialData
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.sbert import load_sbert
@@ -35,10 +35,7 @@ def backbone_for(cfg: TrainConfig, manifest: dict) -> dict:
     """The LLM of stage 2: cfg.backbone (a preset-free spec: folder or 'smollm2'), else the dataset's.
 
     A-LLMRec tokenises its prompts online from the titles, so any backbone works on any dataset."""
-    if cfg.backbone is None:
-        recorded = manifest["backbone"]
-        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
-    return resolve_backbone(cfg.backbone)
+    return run_backbone(cfg.backbone, manifest)
 
 
 def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: str) -> tuple[ALLMRec, ALLMRecPrompts]:

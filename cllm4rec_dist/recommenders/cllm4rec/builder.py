@@ -5,23 +5,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cllm4rec_dist.corpus.preprocess import tokenizer_identity
-from cllm4rec_dist.corpus.presets import load_tokenizer
+from cllm4rec_dist.corpus.presets import load_tokenizer, run_backbone
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
+from cllm4rec_dist.settings import ConfigError
 
 if TYPE_CHECKING:
     from cllm4rec_dist.config import TrainConfig
 
 
 def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
-    """The backbone to train with: cfg.backbone, else the one the dataset was tokenised with."""
+    """The backbone to train with (``run_backbone``): cfg.backbone, else the one the dataset was tokenised with. The
+    dataset's token ids are that tokenizer's, so another backbone must have the same one."""
     recorded = manifest["backbone"]
+    location = run_backbone(cfg.backbone, manifest)
     if cfg.backbone is None:
-        return {"path": recorded["path"], "gguf_file": recorded.get("gguf_file")}
-    location = {"path": cfg.backbone, "gguf_file": None}
+        return location
     if tokenizer_identity(load_tokenizer(location)) != recorded["tokenizer_sha256"]:
-        raise ValueError(f"backbone {cfg.backbone}: its tokenizer differs from the one {cfg.data} was tokenised "
+        raise ConfigError(f"backbone {cfg.backbone}: its tokenizer differs from the one {cfg.data} was tokenised "
                          f"with ({recorded['path']}); re-run `cllm4rec preprocess --backbone {cfg.backbone}`.")
     return location
 

@@ -78,13 +78,15 @@ class CLLM4RecRecipe:
 
     @staticmethod
     def check_data(cfg: TrainConfig) -> None:
-        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks or
-        name adapter target modules the backbone does not have."""
+        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks, name a
+        backbone that cannot be found or has another tokenizer than the dataset's, or name adapter target modules the
+        backbone does not have."""
         if cfg.model.reads_item_texts():
             check_item_texts(ShardedDataset(cfg.data))
-        if cfg.model.uses_adapter:
+        if cfg.backbone is not None or cfg.model.uses_adapter:
             location = backbone_location(cfg, ShardedDataset(cfg.data).manifest)
-            check_adapter_targets(cfg.model, location["path"], location["gguf_file"])
+            if cfg.model.uses_adapter:
+                check_adapter_targets(cfg.model, location["path"], location["gguf_file"])
 
     def setup(self) -> CLLM4RecRecipe:
         cfg, rank = self.cfg, self.rank
