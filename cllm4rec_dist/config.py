@@ -51,7 +51,8 @@ class RunSettings:
     out: str = ""
     """Run folder: config, metrics.json, TensorBoard events, checkpoints. Empty = runs/<timestamp>."""
     backbone: str | None = None
-    """Backbone checkpoint folder; None = the one recorded in the dataset's manifest."""
+    """Backbone: a local checkpoint folder or ``smollm2`` (as `cllm4rec preprocess --backbone`); None = the one recorded
+    in the dataset's manifest. CLLM4Rec needs the dataset's tokenizer (checked before any worker starts)."""
     ablation: str = "none"
     """One of none, cf (no content LLM), fixord (no reordering), prerec (no finetuning),
     ftall (backbone trained), scratch (random backbone, trained)."""
