@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import logging
 
+from ray.train.torch import TorchTrainer
+
 logger = logging.getLogger(__name__)
 
 try:  # Ray Train V2's private layout (ray 2.5x-2.6x); without it the plain TorchTrainer runs
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 except ImportError:  # pragma: no cover - another Ray version
-    TorchTrainer = DatasetsCallback = PlacementGroupCleanerCallback = FixedScalingPolicy = None
-
-SKIPPED_CALLBACKS = tuple(c for c in (DatasetsCallback, PlacementGroupCleanerCallback) if c is not None)
+    DatasetsCallback = PlacementGroupCleanerCallback = FixedScalingPolicy = None
 
 
 if FixedScalingPolicy is not None:
+    SKIPPED_CALLBACKS = (DatasetsCallback, PlacementGroupCleanerCallback)
 
     class LocalScalingPolicy(FixedScalingPolicy):
         """The fixed worker count, with no resource request sent: nothing autoscales a local cluster."""
@@ -63,8 +63,8 @@ if FixedScalingPolicy is not None:
 
 
 def _layout_known() -> bool:
-    """Whether this Ray has every private hook the subclass overrides, with the signatures it relies on."""
-    if FixedScalingPolicy is None or len(SKIPPED_CALLBACKS) != 2:
+    """Whether this Ray has the private classes and every hook the subclasses override (by name)."""
+    if FixedScalingPolicy is None:
         return False
     hooks = [(TorchTrainer, "_create_default_callbacks"), (TorchTrainer, "_initialize_and_run_controller"),
              (FixedScalingPolicy, "_maybe_send_resource_request"), (FixedScalingPolicy, "_send_resource_request"),
@@ -75,11 +75,9 @@ def _layout_known() -> bool:
 def local_trainer_class(local_cluster: bool, has_datasets: bool = False):
     """The trainer class for a run: `LocalTorchTrainer` on a local cluster this process started with no Ray
     dataset, where this Ray's private layout is the one it knows; the plain `TorchTrainer` otherwise."""
-    from ray.train.torch import TorchTrainer as plain
-
     if not local_cluster or has_datasets:
-        return plain
+        return TorchTrainer
     if not _layout_known():
         logger.info("ray_local: this Ray's Train internals differ; using the plain TorchTrainer")
-        return plain
+        return TorchTrainer
     return LocalTorchTrainer

@@ -31,13 +31,6 @@ from cllm4rec_dist.train.timing import PhaseTimer, write_timing
 if TYPE_CHECKING:
     from cllm4rec_dist.config import TrainConfig
 
-def backbone_for(cfg: TrainConfig, manifest: dict) -> dict:
-    """The LLM of stage 2: cfg.backbone (a preset-free spec: folder or 'smollm2'), else the dataset's.
-
-    A-LLMRec tokenises its prompts online from the titles, so any backbone works on any dataset."""
-    return run_backbone(cfg.backbone, manifest)
-
-
 def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: str) -> tuple[ALLMRec, ALLMRecPrompts]:
     """The A-LLMRec modules a config describes (untrained), and its prompt builder (trainer and export alike)."""
     a = cfg.allmrec
@@ -46,7 +39,8 @@ def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: 
     sbert = load_sbert(a.sbert, device)
     text = TextEncoder(sbert, [item_text(t, d) for t, d in zip(data.titles, data.descriptions)], a.finetune_sbert)
     align = CollabTextAlignment(cf.dim, text.dim, a.text_dim).to(device)
-    location = backbone_for(cfg, manifest)
+    # The LLM of stage 2. A-LLMRec tokenises its prompts online from the titles: any backbone works on any dataset.
+    location = run_backbone(cfg.backbone, manifest)
     llm = LLMAlignment.load(location, cfg.model.backbone_settings(), cf.dim, a.text_dim, device=device)
     prompts = ALLMRecPrompts(load_tokenizer(location), data.titles)
     return ALLMRec(cf, text, align, llm), prompts
