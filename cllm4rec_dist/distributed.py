@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 
+from cllm4rec_dist import ray_warm
 from cllm4rec_dist.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
 from cllm4rec_dist.errors import UserError
 from cllm4rec_dist.recommenders import recommender
@@ -101,6 +102,8 @@ def ray_worker_loop(config: dict) -> None:
     """Runs in every Ray Train worker (torch.distributed is already initialised by Ray)."""
     timer = PhaseTimer()
     timer.mark("worker_started")
+    if ray_warm.started_at is not None:  # the imports began when Ray started this process (ray_warm.py)
+        timer.mark("warm_imports_started", ray_warm.started_at)
     with timer.phase("worker_imports"):
         import deepspeed  # noqa: F401
         import ray.train
@@ -301,7 +304,10 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
                                          resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 # ray_warm.start's cue: only the training workers import the model's code early
+                                 worker_runtime_env={"env_vars": {ray_warm.WARM_ENV: cfg.recommender}}
+                                 if started_here else None),
         )
         # Ray Train's fit() replaces the SIGINT handler with its own, which aborts the run, then exits the driver
         # with status 0 or 1 and no word. The caller's is kept (a KeyboardInterrupt; in the launchers, one line and
@@ -385,6 +391,9 @@ def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
             signal.signal(signal.SIGTERM, on_sigterm)
 
 
+RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
 def _local_ray_env() -> dict[str, str]:
     """Environment of a local Ray cluster's processes for a training run (the caller's settings win)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
@@ -394,6 +403,10 @@ def _local_ray_env() -> dict[str, str]:
     # One node that this process started and stops: no node can be preempted, so no watcher actor (one more Python
     # process importing Ray Train while the workers start, on a machine with a few cores).
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray's worker_process_setup_hook, through the variable that Ray's own runtime_env handling would set
+    # (ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR; a test checks the name): every process of the
+    # cluster runs it, and it starts the imports of the training workers only (ray_warm.py).
+    env[RAY_SETUP_HOOK_ENV] = ray_warm.HOOK
     return env
 
 

@@ -140,6 +140,8 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     assert_honest_timing(out, *ray_run_stopwatch)
     assert f"[result] wall time: {timing['wall_time']['total']:.1f}s" in output
     assert timing["rank0"]["counts"]["validation"] == 2 and "worker_started" in timing["rank0"]["marks"]
+    # The worker's imports began when Ray started its process, before the training function (ray_warm.py).
+    assert timing["rank0"]["marks"]["warm_imports_started"] < timing["rank0"]["marks"]["worker_started"]
     assert list((out / "logs" / "ray").glob("worker-*.out")) and (out / "progress.log").exists()
     # DeepSpeed's inference-only shared-memory op was neither built nor loaded (its JIT compile cost 20-95 s).
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "logs" / "ray").glob("worker-*"))
@@ -260,3 +262,30 @@ def test_a_joined_cluster_keeps_ray_trains_own_machinery():
     policy.after_controller_start(None)  # sends nothing: there is no coordinator client to send it with
     assert policy._coordinator_client is None
     assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+
+
+def test_only_a_training_worker_starts_its_imports_when_ray_starts_its_process():
+    """ray_warm.start, Ray's worker_process_setup_hook on a local cluster: in a process whose environment names the
+    recommender, it imports the model's code on a thread and returns at once; in any other (Ray's own actors) it
+    imports nothing. Fresh interpreters, so that nothing here is imported already."""
+    import ray._private.ray_constants as ray_constants
+
+    from cllm4rec_dist.distributed import RAY_SETUP_HOOK_ENV, _local_ray_env
+    from cllm4rec_dist.ray_warm import HOOK, WARM_ENV
+
+    # The variable Ray's default_worker.py reads the hook from, under the name this Ray gives it.
+    assert RAY_SETUP_HOOK_ENV == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    assert _local_ray_env()[RAY_SETUP_HOOK_ENV] == HOOK
+    probe = ("import sys, threading; from cllm4rec_dist import ray_warm; ray_warm.start(); "
+             "workers = [w for w in threading.enumerate() if w.name == 'cllm4rec-warm-imports']; "
+             "running = [w.is_alive() for w in workers]; [w.join() for w in workers]; "
+             "print(running, ray_warm.started_at is not None, "
+             "'transformers' in sys.modules, 'deepspeed' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != WARM_ENV}
+    idle = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert idle.stdout.splitlines()[-1].split() == ["[]", "False", "False", "False"], idle.stdout
+    warm = subprocess.run([sys.executable, "-c", probe], env=env | {WARM_ENV: "cllm4rec"}, capture_output=True,
+                          text=True, check=True)
+    # start() returned with the imports still running on their thread, and they completed there (the last line:
+    # DeepSpeed prints a line of its own first).
+    assert warm.stdout.splitlines()[-1].split() == ["[True]", "True", "True", "True"], warm.stdout

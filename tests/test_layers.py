@@ -21,8 +21,8 @@ BASE = ("__init__", "atomic", "errors", "quiet", "resources", "settings")
 machinery of every config class)."""
 LAYERS = ("data", "corpus", "model", "train", "eval", "baselines", "export", "recommenders", "config")
 """The data flow, in order. The baselines are recommenders scored by eval/; recommenders/ holds the models."""
-ENTRY_POINTS = ("cli", "evaluate_run", "export_run", "launch", "distributed", "ray_local", "reference", "tune",
-                "tune_scheduler", "report")
+ENTRY_POINTS = ("cli", "evaluate_run", "export_run", "launch", "distributed", "ray_local", "ray_warm", "reference",
+                "tune", "tune_scheduler", "report")
 """Commands and runtimes on top of everything (the Ray / torchrun workers, the single-process trainer, `cllm4rec
 tune`'s Ray Tune parts): they may import any layer; no layer imports them."""
 TYPE_ONLY = "TYPE_CHECKING"
