@@ -301,3 +301,28 @@ def test_content_signal_benchmark_prints_one_json_per_item_vector_source(demo_da
     dataset = ShardedDataset(demo_data)
     knn = run_baseline(dataset.eval_split(), "content-knn", texts=dataset_item_texts(dataset), neighbours=(3, 10))
     assert lines["sbert"]["test"]["recall@20"] == pytest.approx(knn["test"]["recall@20"])
+
+
+def test_rank_ceiling_benchmark_scores_eases_weights_cut_to_each_width(demo_data):
+    """benchmarks/rank_ceiling.py: at a width of at least the item count it is EASE itself (the baseline's own
+    validation Recall@20 at its chosen λ); below, B is cut to exactly that rank, and a width of 1 scores lower."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("rank_ceiling", os.path.join(root, "benchmarks", "rank_ceiling.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--data", demo_data, "--ranks", "1,4,100000"])
+    from cllm4rec_dist.corpus.shards import ShardedDataset
+
+    split = ShardedDataset(demo_data).eval_split()
+    baseline = run_baseline(split, "ease", score_test=False)
+    assert out["lambda"] == baseline["selected"]["lambda"]
+    assert out["full"] == pytest.approx(baseline["valid"]["recall@20"])
+    assert out["by_rank"]["100000"] == pytest.approx(out["full"])
+    assert out["by_rank"]["1"] < out["full"]
+    b = ease.ease_weights(ease.gram_matrix(split.train_matrix()), out["lambda"])
+    factors = np.linalg.svd(b, full_matrices=False)
+    ranks = {rank: np.linalg.matrix_rank(bench.truncated(b, factors, rank)) for rank in (1, 4)}
+    assert ranks == {1: 1, 4: 4}
