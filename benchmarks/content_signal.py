@@ -50,8 +50,8 @@ from cllm4rec_dist.baselines.content_knn import (
     run_on_vectors,
     similarity_matrix,
 )
-from cllm4rec_dist.baselines.ease import EaseSettings, ease_weights, gram_matrix
-from cllm4rec_dist.baselines.ease import run as run_ease
+from cllm4rec_dist.baselines.ease import EaseSettings
+from cllm4rec_dist.baselines.ease import select as select_ease
 from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.model.backbone import freeze, load_backbone, mean_text_hidden
@@ -121,9 +121,8 @@ def ease_blend(split, vectors: np.ndarray, k: int, settings: ContentKnnSettings)
     import time
 
     started = time.perf_counter()
-    lam = run_ease(split, EaseSettings(score_test=False))["selected"]["lambda"]
-    x = split.train_matrix().astype(np.float64).tocsr()
-    weights = ease_weights(gram_matrix(x), lam)
+    ease = select_ease(split, EaseSettings(score_test=False))
+    x, weights = ease.train, ease.weights
     index, value = neighbourhoods(vectors, k)
     sim = similarity_matrix(index, value, k)
 
@@ -143,8 +142,8 @@ def ease_blend(split, vectors: np.ndarray, k: int, settings: ContentKnnSettings)
             best = (selection_value(valid, settings), beta, valid)
     _, beta, valid = best
     test = evaluate(scorer(beta), split, "test", settings)
-    return make_result("ease+sbert", valid, test, {"lambda": lam, "neighbours": k, "beta": beta}, settings, started,
-                       history)
+    return make_result("ease+sbert", valid, test, {"lambda": ease.lam, "neighbours": k, "beta": beta}, settings,
+                       started, history)
 
 
 def main() -> int:

@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 from cllm4rec_dist.baselines.common import evaluate
-from cllm4rec_dist.baselines.ease import EaseSettings, ease_weights, gram_matrix
-from cllm4rec_dist.baselines.ease import run as run_ease
+from cllm4rec_dist.baselines.ease import EaseSettings
+from cllm4rec_dist.baselines.ease import select as select_ease
 from cllm4rec_dist.corpus.shards import ShardedDataset
 from cllm4rec_dist.train.monitor import duration
 
@@ -51,15 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
         settings.lambdas = tuple(float(x) for x in args.lambdas.split(","))
     print(f"[rank_ceiling] EASE: choosing λ on validation from {len(settings.lambdas)} value(s)", file=sys.stderr,
           flush=True)
-    lam = run_ease(split, settings)["selected"]["lambda"]
-    x = split.train_matrix().astype(np.float64).tocsr()
-    b = ease_weights(gram_matrix(x), lam)
+    ease = select_ease(split, settings)
+    lam, x, b = ease.lam, ease.train, ease.weights
     print(f"[rank_ceiling] λ {lam:g}; SVD of B ({b.shape[0]} x {b.shape[0]}) | "
           f"{duration(time.perf_counter() - started)} elapsed", file=sys.stderr, flush=True)
     factors = np.linalg.svd(b, full_matrices=False)
     metric = settings.select_metric
     out = {"data": args.data, "lambda": lam, "num_items": int(b.shape[0]), "metric": f"valid/{metric}",
-           "full": evaluate(lambda users: np.asarray(x[users] @ b), split, "valid", settings)[metric], "by_rank": {}}
+           "full": ease.valid[metric], "by_rank": {}}
     scored = time.perf_counter()
     for done, rank in enumerate(ranks, 1):
         b_rank = truncated(b, factors, rank)

@@ -79,28 +79,48 @@ def _fill_lower_from_upper(p: np.ndarray, block: int = 1024) -> None:
         target[lower] = p[:i1, i0:i1].T[lower]
 
 
-def run(split: EvalSplit, settings: EaseSettings) -> dict[str, Any]:
-    """Grid-search λ on valid, then evaluate the chosen λ once on test."""
-    started = time.perf_counter()
+@dataclass
+class EaseSelection:
+    """The λ chosen on validation, with what was computed on the way (for `run` and the diagnostics that build on
+    EASE's weights: benchmarks/content_signal.py, benchmarks/rank_ceiling.py)."""
+
+    train: Any
+    """The training matrix the weights were fitted on (scipy CSR, float64)."""
+    lam: float
+    weights: np.ndarray
+    """B at ``lam`` (J x J float64)."""
+    valid: dict[str, Any]
+    """Validation metrics at ``lam``."""
+    history: dict[str, list]
+    """Every λ of the grid with its validation ``select_metric``."""
+
+    def scores(self, users) -> np.ndarray:
+        return np.asarray(self.train[users] @ self.weights)
+
+
+def select(split: EvalSplit, settings: EaseSettings) -> EaseSelection:
+    """Grid-search λ on valid (ties keep the earlier, grid-order λ); test is not read."""
     if not settings.lambdas:
         raise ValueError("EASE needs at least one λ")
     x = split.train_matrix().astype(np.float64).tocsr()
     gram = gram_matrix(x)
-
-    def scorer(b: np.ndarray):
-        return lambda users: np.asarray(x[users] @ b)
-
     history: dict[str, list] = {"lambda": [], f"valid_{settings.select_metric}": []}
-    best = None  # (value, lambda, B, valid metrics)
+    best = None  # (value, EaseSelection)
     for lam in settings.lambdas:
-        b = ease_weights(gram, float(lam))
-        valid = evaluate(scorer(b), split, "valid", settings)
-        value = selection_value(valid, settings)
+        candidate = EaseSelection(x, float(lam), ease_weights(gram, float(lam)), {}, history)
+        candidate.valid = evaluate(candidate.scores, split, "valid", settings)
+        value = selection_value(candidate.valid, settings)
         history["lambda"].append(float(lam))
-        history[f"valid_{settings.select_metric}"].append(valid[settings.select_metric])
-        if best is None or value > best[0]:  # ties keep the earlier (grid-order) λ
-            best = (value, float(lam), b, valid)
-        del b
-    _, lam, b, valid = best
-    test = evaluate(scorer(b), split, "test", settings) if settings.score_test else None
-    return make_result("ease", valid, test, {"lambda": lam}, settings, started, history)
+        history[f"valid_{settings.select_metric}"].append(candidate.valid[settings.select_metric])
+        if best is None or value > best[0]:
+            best = (value, candidate)
+        del candidate
+    return best[1]
+
+
+def run(split: EvalSplit, settings: EaseSettings) -> dict[str, Any]:
+    """Grid-search λ on valid, then evaluate the chosen λ once on test."""
+    started = time.perf_counter()
+    chosen = select(split, settings)
+    test = evaluate(chosen.scores, split, "test", settings) if settings.score_test else None
+    return make_result("ease", chosen.valid, test, {"lambda": chosen.lam}, settings, started, chosen.history)
