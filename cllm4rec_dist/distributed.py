@@ -391,9 +391,6 @@ def _start_ray(cfg: TrainConfig, local_cpus: int | None) -> bool:
             signal.signal(signal.SIGTERM, on_sigterm)
 
 
-RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
-
-
 def _local_ray_env() -> dict[str, str]:
     """Environment of a local Ray cluster's processes for a training run (the caller's settings win)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("CLLM4REC_")}
@@ -403,10 +400,9 @@ def _local_ray_env() -> dict[str, str]:
     # One node that this process started and stops: no node can be preempted, so no watcher actor (one more Python
     # process importing Ray Train while the workers start, on a machine with a few cores).
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray's worker_process_setup_hook, through the variable that Ray's own runtime_env handling would set
-    # (ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR; a test checks the name): every process of the
-    # cluster runs it, and it starts the imports of the training workers only (ray_warm.py).
-    env[RAY_SETUP_HOOK_ENV] = ray_warm.HOOK
+    # Ray's worker_process_setup_hook: every process of the cluster runs it, and it starts the imports of the
+    # training workers only (ray_warm.py).
+    env[ray_warm.HOOK_ENV] = ray_warm.HOOK
     return env
 
 

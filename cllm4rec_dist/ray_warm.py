@@ -25,6 +25,9 @@ WARM_ENV = "CLLM4REC_WARM_IMPORTS"
 """Set to the recommender's name in the training workers' runtime environment only."""
 HOOK = f"{__name__}.start"
 """What Ray's worker_process_setup_hook names: this module's `start`."""
+HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+"""The variable Ray's worker processes read the hook from (ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR,
+which its runtime_env handling sets; a test checks the name)."""
 started_at: float | None = None
 """When this process's imports began (time.time()); None where they did not (the training function's timing.json)."""
 
@@ -42,7 +45,6 @@ def _import(name: str) -> None:
         # What the training function imports first (deepspeed imports torch), so that the two threads wait on, never
         # into, each other's imports.
         import deepspeed  # noqa: F401
-        import torch  # noqa: F401
 
         from cllm4rec_dist.recommenders import recommender
 

@@ -270,12 +270,12 @@ def test_only_a_training_worker_starts_its_imports_when_ray_starts_its_process()
     imports nothing. Fresh interpreters, so that nothing here is imported already."""
     import ray._private.ray_constants as ray_constants
 
-    from cllm4rec_dist.distributed import RAY_SETUP_HOOK_ENV, _local_ray_env
-    from cllm4rec_dist.ray_warm import HOOK, WARM_ENV
+    from cllm4rec_dist.distributed import _local_ray_env
+    from cllm4rec_dist.ray_warm import HOOK, HOOK_ENV, WARM_ENV
 
     # The variable Ray's default_worker.py reads the hook from, under the name this Ray gives it.
-    assert RAY_SETUP_HOOK_ENV == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-    assert _local_ray_env()[RAY_SETUP_HOOK_ENV] == HOOK
+    assert HOOK_ENV == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    assert _local_ray_env()[HOOK_ENV] == HOOK
     probe = ("import sys, threading; from cllm4rec_dist import ray_warm; ray_warm.start(); "
              "workers = [w for w in threading.enumerate() if w.name == 'cllm4rec-warm-imports']; "
              "running = [w.is_alive() for w in workers]; [w.join() for w in workers]; "
