@@ -123,8 +123,9 @@ def ray_worker_loop(config: dict) -> None:
     ray.train.report(final)
 
 
-def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
-    """Train with Ray Train; joins a running cluster if there is one, else starts a local one.
+def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None, exports: bool = False) -> dict:
+    """Train with Ray Train; joins a running cluster if there is one, else starts a local one. ``exports``: the
+    caller exports the run afterwards, so the export's code is imported while the workers start (ray_warm.py).
 
     A local cluster starts in the background (`RayStart`) while the driver builds the demo dataset when the config
     names it (corpus/preprocess.py ``demo_dataset``) and checks the data and settings; a check that fails stops it
@@ -142,14 +143,12 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
             from cllm4rec_dist.corpus.preprocess import demo_dataset
             from cllm4rec_dist.corpus.shards import ShardedDataset
             from cllm4rec_dist.train.engines import load_ds_config
-
-            recipe_class = recommender(cfg.recommender).recipe_class()  # the model's code (torch, transformers)
         with timer.phase("demo_data"):
             cfg.data = demo_dataset(cfg.data)
         cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
         with timer.phase("checks"):
             # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-            recipe_class.check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
+            recommender(cfg.recommender).check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
             check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                                   cfg.optim.grad_clip))
             data = ShardedDataset(cfg.data)
@@ -158,7 +157,7 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None) -> dict:
         with RunLock(cfg.out):
             with timer.phase("checks"):
                 _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
-            return _fit_ray(cfg, storage, name, timer, local_cpus, starting)
+            return _fit_ray(cfg, storage, name, timer, local_cpus, starting, exports)
     finally:
         if starting is not None:
             starting.stop()  # after the run (_fit_ray shut Ray down), a failed check or an interruption
@@ -285,7 +284,7 @@ def _user_error_in(err: BaseException) -> UserError | None:
 
 
 def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local_cpus: int | None = None,
-             starting: RayStart | None = None) -> dict:
+             starting: RayStart | None = None, exports: bool = False) -> dict:
     with timer.phase("driver_imports"):
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -315,6 +314,8 @@ def _fit_ray(cfg: TrainConfig, storage: str, name: str, timer: PhaseTimer, local
         if hasattr(trainer, "_register_sigint_handler"):
             trainer._register_sigint_handler = controllers.append
         timer.mark("fit_started")
+        if exports:
+            timer.mark("export_imports_started", ray_warm.start_export_imports(cfg.recommender))
         with ConsoleRelay(os.path.join(cfg.out, CONSOLE_FILE)), timer.phase("fit"):
             result = trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -1,4 +1,5 @@
-"""A training worker's imports, started the moment Ray starts its process, beside Ray Train's own set-up of it.
+"""Imports started early, off the job's path: a training worker's, the moment Ray starts its process (``start``),
+and the driver's export code, while the workers start (``start_export_imports``).
 
 Ray Train starts each training worker in a new Python process, then spends seconds on it before the training function
 runs: the actor is created, the controller waits for the whole group, the train context and torch's process group are
@@ -50,4 +51,23 @@ def _import(name: str) -> None:
 
         recommender(name).recipe_class()  # the model's code: transformers and the backbone loader
     except Exception:  # noqa: BLE001 - the training function imports them again and reports what fails
+        pass
+
+
+def start_export_imports(name: str) -> float:
+    """The Ray driver's: the code of recommender ``name``'s export (its model's, transformers) imported on a daemon
+    thread while Ray starts the training workers, when the cores have room, rather than after training, on the job's
+    path to its end (about 3 s on 2 cores). The driver's checks leave that code out so as not to hold back the workers'
+    start (recommenders/<name>/checks.py). Returns when it began (time.time())."""
+    threading.Thread(target=_import_export, args=(name,), name="cllm4rec-export-imports", daemon=True).start()
+    return time.time()
+
+
+def _import_export(name: str) -> None:
+    try:
+        import cllm4rec_dist.export_run  # noqa: F401
+        from cllm4rec_dist.recommenders import recommender
+
+        recommender(name).load_module("export")
+    except Exception:  # noqa: BLE001 - the export imports them again and reports what fails
         pass

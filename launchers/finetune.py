@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     if use_ray:
         from cllm4rec_dist.distributed import launch_ray
 
-        result = launch_ray(cfg, timer)  # builds the demo dataset if cfg.data names it
+        result = launch_ray(cfg, timer, exports=not args.no_export)  # builds the demo dataset if cfg.data names it
     else:
         from cllm4rec_dist.distributed import run_torch_distributed
 

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     timer.mark("process_started", process_started_at())
     timer.mark("started")
     cfg, args = parse(__doc__, argv)
-    return finish(cfg, args, launch_ray(cfg, timer), timer)
+    return finish(cfg, args, launch_ray(cfg, timer, exports=not args.no_export), timer)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def test_ray_launcher_runs_the_whole_job(ray_run, demo_data):
     assert timing["rank0"]["counts"]["validation"] == 2 and "worker_started" in timing["rank0"]["marks"]
     # The worker's imports began when Ray started its process, before the training function (ray_warm.py).
     assert timing["rank0"]["marks"]["warm_imports_started"] < timing["rank0"]["marks"]["worker_started"]
+    # ... and the driver's export code while the workers started (it is not imported for the checks before them)
+    driver = timing["driver"]["marks"]
+    assert driver["fit_started"] <= driver["export_imports_started"] < timing["rank0"]["marks"]["train_started"]
     assert list((out / "logs" / "ray").glob("worker-*.out")) and (out / "progress.log").exists()
     # DeepSpeed's inference-only shared-memory op was neither built nor loaded (its JIT compile cost 20-95 s).
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "logs" / "ray").glob("worker-*"))

@@ -201,8 +201,9 @@ def test_every_registered_recommender_is_complete():
         assert (PACKAGE / "recommenders" / rec.name / "__init__.py").exists()
         assert isinstance(rec.settings_of(cfg), rec.settings)
         recipe = rec.recipe_class()
-        for method in ("check_data", "setup", "train", "save_checkpoint"):
+        for method in ("setup", "train", "save_checkpoint"):
             assert callable(getattr(recipe, method)), (rec.name, method)
+        assert callable(rec.load(rec.checks))
         assert callable(rec.load_module("export").export_tables)
         if rec.evaluate is not None:
             assert callable(rec.load(rec.evaluate))

@@ -124,6 +124,22 @@ def test_parsing_a_config_imports_no_torch():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_drivers_checks_import_none_of_the_models_code(demo_data, demo_loo_data):
+    """The Ray driver checks the data while its local cluster starts, then starts the workers: transformers (about
+    3.5 s of imports on 2 cores, which the recipes' modules pull in) would hold that start back
+    (recommenders/<name>/checks.py)."""
+    code = (
+        "import sys\n"
+        "from cllm4rec_dist.config import config_from_dict\n"
+        "from cllm4rec_dist.recommenders import recommender\n"
+        f"for name, data in (('cllm4rec', {demo_data!r}), ('allmrec', {demo_loo_data!r})):\n"
+        "    recommender(name).check_data(config_from_dict({'recommender': name, 'data': data}))\n"
+        "print(sorted(m for m in ('transformers', 'deepspeed', 'peft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_a_run_without_an_adapter_imports_no_peft(demo_data, tmp_path):
     """peft (and the bitsandbytes kernels it pulls in) is ~1.5 s of imports in every process, each Ray worker's
     included; a run with model.adapter none has no LoRA layer to look for (the dropout switch once imported it)."""

@@ -356,7 +356,7 @@ def test_manifest_counts_and_sizes_are_checked_against_the_shards(demo_data, tmp
     assert not (tmp_path / "r2" / "train_log.jsonl").exists()
 
 
-def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data, tmp_path, capsys):
+def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data, demo_loo_data, tmp_path, capsys):
     """`--backbone` on a training run takes what preprocessing's does (a checkpoint folder or `smollm2`), for both
     recommenders and the export alike (`corpus/presets.py` `run_backbone`); one that cannot be found, a preset name,
     or one whose tokenizer is not the dataset's is one line from the Ray launcher's checks (no worker started)."""
@@ -367,6 +367,11 @@ def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data,
 
     assert launch("--backbone", str(tmp_path / "no-such-checkpoint")) == 2
     one_line_error(capsys, str(tmp_path / "no-such-checkpoint"), "config.json")
+    # an adapter target the backbone does not have, for either recommender (its checks.py, on the driver)
+    for data, recommender in ((demo_data, "cllm4rec"), (demo_loo_data, "allmrec")):
+        assert launch("--data", data, "--recommender", recommender, "--model.adapter", "lora",
+                      "--model.lora_targets", "q_proj,qkv") == 2
+        one_line_error(capsys, "model.lora_targets", "no module named qkv")
     assert launch("--backbone", "tiny-llama") == 2
     one_line_error(capsys, "'tiny-llama'", "cllm4rec preprocess --backbone tiny-llama")
     assert not (tmp_path / "run" / "ray").exists()  # no Ray Train run began

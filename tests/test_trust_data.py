@@ -158,11 +158,11 @@ def test_stored_candidates_are_checked_before_any_training(demo_loo_data, loo, t
 
     # A-LLMRec refuses it on the driver (the Ray launcher's check) and in `cllm4rec train`, before stage 0
     from cllm4rec_dist.config import config_from_dict
-    from cllm4rec_dist.recommenders.allmrec.recipe import ALLMRecRecipe
+    from cllm4rec_dist.recommenders import recommender
 
     crafted = str(tmp_path / "no_positive")
     with pytest.raises(ShardError, match=f"user {u}: test_candidates"):
-        ALLMRecRecipe.check_data(config_from_dict({"data": crafted, "recommender": "allmrec"}))
+        recommender("allmrec").check_data(config_from_dict({"data": crafted, "recommender": "allmrec"}))
     run = tmp_path / "run"
     assert cli(["train", "--config", str(allmrec_config(tmp_path, crafted)), "--out", str(run)]) == 2
     one_line_error(capsys, shard_of(crafted, u), f"user {u}", "test_candidates", "cllm4rec preprocess")

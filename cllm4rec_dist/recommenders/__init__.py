@@ -56,8 +56,11 @@ class Recommender:
     settings: type
     """That section's dataclass: ``validate(cfg)`` checks it against the whole config."""
     recipe: str
-    """``module:Class`` of its recipe: ``Class(cfg, rank, engine_factory, sink, timer)`` with ``check_data(cfg)``
-    (static, on the driver before any worker starts), ``setup()``, ``train()``, ``save_checkpoint()``."""
+    """``module:Class`` of its recipe: ``Class(cfg, rank, engine_factory, sink, timer)`` with ``setup()``,
+    ``train()``, ``save_checkpoint()``."""
+    checks: str
+    """``module:function`` checking a dataset against the settings: ``function(cfg)`` raises a one-line error. The
+    Ray launcher's driver runs it before any worker starts, so its module imports none of the model's code."""
     protocol: str
     """One of PROTOCOLS: how its test metrics are computed (and which report module reports it)."""
     row_sharding: bool = False
@@ -83,6 +86,10 @@ class Recommender:
 
     def recipe_class(self):
         return self.load(self.recipe)
+
+    def check_data(self, cfg) -> None:
+        """Its checks of ``cfg.data`` against ``cfg`` (``checks``)."""
+        self.load(self.checks)(cfg)
 
     def settings_of(self, cfg):
         """Its settings section of a training config."""

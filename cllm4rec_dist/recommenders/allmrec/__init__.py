@@ -6,7 +6,8 @@ from cllm4rec_dist.recommenders.allmrec.settings import ALLMRecSettings
 
 RECOMMENDER = Recommender(
     name="allmrec", title="A-LLMRec", section="allmrec", settings=ALLMRecSettings,
-    recipe="cllm4rec_dist.recommenders.allmrec.recipe:ALLMRecRecipe", protocol="candidates",
+    recipe="cllm4rec_dist.recommenders.allmrec.recipe:ALLMRecRecipe",
+    checks="cllm4rec_dist.recommenders.allmrec.checks:check_data", protocol="candidates",
     variants={
         "allmrec": Variant("A-LLMRec", {}),
         # the paper's TALLRec row: the titles-only prompt with a LoRA-tuned LLM (stage 2 trains the adapter alone;

@@ -105,11 +105,6 @@ class ALLMRecRecipe:
         if not cfg.out:
             cfg.out = default_run_dir()
 
-    @staticmethod
-    def check_data(cfg: TrainConfig) -> None:
-        """Fail on the driver, before any worker starts, when the dataset has no leave-one-out data."""
-        SequentialData.open(cfg.data)
-
     def setup(self) -> ALLMRecRecipe:
         cfg, rank = self.cfg, self.rank
         os.makedirs(cfg.out, exist_ok=True)

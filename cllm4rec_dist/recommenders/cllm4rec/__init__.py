@@ -6,7 +6,8 @@ from cllm4rec_dist.recommenders.cllm4rec.settings import CLLM4RecSettings
 
 RECOMMENDER = Recommender(
     name="cllm4rec", title="CLLM4Rec", section="model", settings=CLLM4RecSettings,
-    recipe="cllm4rec_dist.recommenders.cllm4rec.recipe:CLLM4RecRecipe", protocol="full_ranking",
+    recipe="cllm4rec_dist.recommenders.cllm4rec.recipe:CLLM4RecRecipe",
+    checks="cllm4rec_dist.recommenders.cllm4rec.checks:check_data", protocol="full_ranking",
     row_sharding=True, evaluate="cllm4rec_dist.recommenders.cllm4rec.evaluate:evaluate_checkpoint",
     variants={  # the paper's ablations (Table 4), one `ablation` setting each
         "cllm4rec": Variant("CLLM4Rec", {"ablation": "none"}),

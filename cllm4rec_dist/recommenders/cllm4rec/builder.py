@@ -4,35 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cllm4rec_dist.corpus.preprocess import tokenizer_identity
-from cllm4rec_dist.corpus.presets import load_tokenizer, run_backbone
+from cllm4rec_dist.corpus.presets import load_tokenizer
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
+from cllm4rec_dist.recommenders.cllm4rec.checks import backbone_location, check_item_texts
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
-from cllm4rec_dist.settings import ConfigError
 
 if TYPE_CHECKING:
     from cllm4rec_dist.config import TrainConfig
-
-
-def backbone_location(cfg: TrainConfig, manifest: dict) -> dict:
-    """The backbone to train with (``run_backbone``): cfg.backbone, else the one the dataset was tokenised with. The
-    dataset's token ids are that tokenizer's, so another backbone must have the same one."""
-    recorded = manifest["backbone"]
-    location = run_backbone(cfg.backbone, manifest)
-    if cfg.backbone is None:
-        return location
-    if tokenizer_identity(load_tokenizer(location)) != recorded["tokenizer_sha256"]:
-        raise ConfigError(f"backbone {cfg.backbone}: its tokenizer differs from the one {cfg.data} was tokenised "
-                         f"with ({recorded['path']}); re-run `cllm4rec preprocess --backbone {cfg.backbone}`.")
-    return location
-
-
-def check_item_texts(data: ShardedDataset) -> None:
-    if ITEMS_FILE not in data.manifest["files"]:
-        raise ValueError(f"model.token_init/content_init text or model.cold_item_source text_hidden: {data.url} has "
-                         f"no {ITEMS_FILE} (item texts); re-run `cllm4rec preprocess` with this version, or choose "
-                         "another token_init / content_init / cold_item_source")
 
 
 def item_text_ids(data: ShardedDataset, location: dict) -> list[list[int]]:

@@ -17,9 +17,9 @@ from cllm4rec_dist.atomic import write_json_atomic
 from cllm4rec_dist.corpus.ids import TokenSpace
 from cllm4rec_dist.corpus.sequences import ITEMS_FILE
 from cllm4rec_dist.corpus.shards import ShardedDataset
-from cllm4rec_dist.model.adapter import check_adapter_targets, is_adapter_name
+from cllm4rec_dist.model.adapter import is_adapter_name
 from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches, read_partition
-from cllm4rec_dist.recommenders.cllm4rec.builder import backbone_location, build_model, check_item_texts
+from cllm4rec_dist.recommenders.cllm4rec.builder import build_model
 from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec
 from cllm4rec_dist.recommenders.cllm4rec.schedule import CORPUS_OF, build_schedule, total_steps
 from cllm4rec_dist.recommenders.cllm4rec.trainer import SHARED_GROUP, Trainer
@@ -75,18 +75,6 @@ class CLLM4RecRecipe:
         self.timer = timer or PhaseTimer()  # rank 0 writes it to <run>/timing.json
         if not cfg.out:
             cfg.out = default_run_dir()
-
-    @staticmethod
-    def check_data(cfg: TrainConfig) -> None:
-        """Fail on the driver, before any worker starts, when the settings read item texts the dataset lacks, name a
-        backbone that cannot be found or has another tokenizer than the dataset's, or name adapter target modules the
-        backbone does not have."""
-        if cfg.model.reads_item_texts():
-            check_item_texts(ShardedDataset(cfg.data))
-        if cfg.backbone is not None or cfg.model.uses_adapter:
-            location = backbone_location(cfg, ShardedDataset(cfg.data).manifest)
-            if cfg.model.uses_adapter:
-                check_adapter_targets(cfg.model, location["path"], location["gguf_file"])
 
     def setup(self) -> CLLM4RecRecipe:
         cfg, rank = self.cfg, self.rank
