@@ -148,10 +148,10 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None, exports: bool 
         cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
         with timer.phase("checks"):
             # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-            recommender(cfg.recommender).check_data(cfg)  # e.g. A-LLMRec needs a leave-one-out dataset
+            data = ShardedDataset(cfg.data)
+            recommender(cfg.recommender).check_data(cfg, data)  # e.g. A-LLMRec needs a leave-one-out dataset
             check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
                                                   cfg.optim.grad_clip))
-            data = ShardedDataset(cfg.data)
             data.verify()
             storage, name = ray_storage(cfg)
         with RunLock(cfg.out):

@@ -179,9 +179,10 @@ def test_joint_embedding_takes_the_text_path_for_cold_items(sbert):
 
 def test_allmrec_on_a_random_split_dataset_fails_with_a_clear_error(demo_data, tmp_path):
     from cllm4rec_dist.config import config_from_dict
-    from cllm4rec_dist.corpus.shards import ShardError
+    from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
     from cllm4rec_dist.recommenders import recommender
 
     cfg = config_from_dict({"recommender": "allmrec", "data": demo_data, "out": str(tmp_path / "run")})
     with pytest.raises(ShardError, match="--split leave-one-out"):
-        recommender("allmrec").check_data(cfg)  # what the Ray launcher runs on the driver before any worker
+        # what the Ray launcher runs on the driver before any worker
+        recommender("allmrec").check_data(cfg, ShardedDataset(demo_data))

@@ -131,9 +131,11 @@ def test_the_drivers_checks_import_none_of_the_models_code(demo_data, demo_loo_d
     code = (
         "import sys\n"
         "from cllm4rec_dist.config import config_from_dict\n"
+        "from cllm4rec_dist.corpus.shards import ShardedDataset\n"
         "from cllm4rec_dist.recommenders import recommender\n"
         f"for name, data in (('cllm4rec', {demo_data!r}), ('allmrec', {demo_loo_data!r})):\n"
-        "    recommender(name).check_data(config_from_dict({'recommender': name, 'data': data}))\n"
+        "    cfg = config_from_dict({'recommender': name, 'data': data})\n"
+        "    recommender(name).check_data(cfg, ShardedDataset(data))\n"
         "print(sorted(m for m in ('transformers', 'deepspeed', 'peft') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -162,7 +162,8 @@ def test_stored_candidates_are_checked_before_any_training(demo_loo_data, loo, t
 
     crafted = str(tmp_path / "no_positive")
     with pytest.raises(ShardError, match=f"user {u}: test_candidates"):
-        recommender("allmrec").check_data(config_from_dict({"data": crafted, "recommender": "allmrec"}))
+        recommender("allmrec").check_data(config_from_dict({"data": crafted, "recommender": "allmrec"}),
+                                          ShardedDataset(crafted))
     run = tmp_path / "run"
     assert cli(["train", "--config", str(allmrec_config(tmp_path, crafted)), "--out", str(run)]) == 2
     one_line_error(capsys, shard_of(crafted, u), f"user {u}", "test_candidates", "cllm4rec preprocess")

@@ -59,8 +59,9 @@ class Recommender:
     """``module:Class`` of its recipe: ``Class(cfg, rank, engine_factory, sink, timer)`` with ``setup()``,
     ``train()``, ``save_checkpoint()``."""
     checks: str
-    """``module:function`` checking a dataset against the settings: ``function(cfg)`` raises a one-line error. The
-    Ray launcher's driver runs it before any worker starts, so its module imports none of the model's code."""
+    """``module:function`` checking a dataset against the settings: ``function(cfg, data)`` (``data``: cfg.data
+    opened, a ``ShardedDataset``) raises a one-line error. The Ray launcher's driver runs it before any worker starts,
+    so its module imports none of the model's code."""
     protocol: str
     """One of PROTOCOLS: how its test metrics are computed (and which report module reports it)."""
     row_sharding: bool = False
@@ -87,9 +88,9 @@ class Recommender:
     def recipe_class(self):
         return self.load(self.recipe)
 
-    def check_data(self, cfg) -> None:
-        """Its checks of ``cfg.data`` against ``cfg`` (``checks``)."""
-        self.load(self.checks)(cfg)
+    def check_data(self, cfg, data) -> None:
+        """Its checks of ``data`` (cfg.data, opened) against ``cfg`` (``checks``)."""
+        self.load(self.checks)(cfg, data)
 
     def settings_of(self, cfg):
         """Its settings section of a training config."""

@@ -38,10 +38,9 @@ def check_item_texts(data: ShardedDataset) -> None:
                          "another token_init / content_init / cold_item_source")
 
 
-def check_data(cfg: TrainConfig) -> None:
-    """Fail when the settings read item texts the dataset lacks, name a backbone that cannot be found or has another
-    tokenizer than the dataset's, or name adapter target modules the backbone does not have."""
-    data = ShardedDataset(cfg.data)
+def check_data(cfg: TrainConfig, data: ShardedDataset) -> None:
+    """Fail when the settings read item texts the dataset (``cfg.data``, opened) lacks, name a backbone that cannot be
+    found or has another tokenizer than the dataset's, or name adapter target modules the backbone does not have."""
     if cfg.model.reads_item_texts():
         check_item_texts(data)
     if cfg.backbone is not None or cfg.model.uses_adapter:
