@@ -17,6 +17,7 @@ from cllm4rec_dist.eval.metrics import SELECTION_METRICS
 from cllm4rec_dist.recommenders import REGISTRY, all_recommenders, names, recommender
 from cllm4rec_dist.resources import resolve_path
 from cllm4rec_dist.settings import ConfigError, read_yaml_settings, require, to_yaml
+from cllm4rec_dist.train.lr_schedule import LR_SCHEDULES
 from cllm4rec_dist.train.settings import BatchSettings, DistSettings, OptimSettings, ScheduleSettings
 
 SEED_LIMIT = 2**32
@@ -127,6 +128,12 @@ class RunSettings:
                  "> 0 (1 = the user tables at the phase's lr)")
         require(self.optim.item_head_lr_scale > 0, "optim.item_head_lr_scale", self.optim.item_head_lr_scale,
                  "> 0 (1 = the item head at the phase's lr)")
+        require(self.optim.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", self.optim.lr_schedule,
+                ", ".join(LR_SCHEDULES))
+        require(0 <= self.optim.lr_warmup_fraction < 1, "optim.lr_warmup_fraction", self.optim.lr_warmup_fraction,
+                "in [0, 1): the share of each phase's steps spent ramping up")
+        require(0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", self.optim.min_lr_ratio,
+                "in [0, 1]: the last step's lr as a share of the phase's")
         require(self.optim.adapter_lr_scale > 0, "optim.adapter_lr_scale", self.optim.adapter_lr_scale,
                  "> 0 (1 = the adapters at the phase's lr)")
         for name in ("num_workers", "cpus_per_worker"):

@@ -137,6 +137,22 @@ def test_resumed_losses_and_metrics_equal_the_uninterrupted_run(run, config, tmp
             pytest.approx(expected["stages"]["llm"]["allmrec"]["test"][key])
 
 
+def test_a_cosine_schedule_steps_each_stage_at_its_place_in_the_stage(run, config, tmp_path):
+    """Stages 1 and 2 each ramp up and fall along their own half cosine from their own lr (the schedule's
+    reference formula: tests/test_train.py)."""
+    from test_train import _reference_lr
+
+    out = tmp_path / "cosine"
+    train(config, out, "--optim.lr_schedule", "cosine", "--optim.lr_warmup_fraction", "0.2", "--optim.min_lr_ratio",
+          "0.1", "--allmrec.generate", "false", "--allmrec.titles_only_baseline", "false")
+    log = read_train_log(out)
+    assert [r["kind"] for r in log] == [r["kind"] for r in read_train_log(run)]
+    for stage in ("align", "llm"):
+        lrs = [r["lr"] for r in log if r["kind"] == stage]
+        assert len(lrs) >= 4 and lrs == pytest.approx([1e-3 * _reference_lr("cosine", k, len(lrs), 0.2, 0.1)
+                                                       for k in range(len(lrs))], rel=1e-6), stage
+
+
 def test_export_writes_joint_and_projected_vectors_with_original_ids(run, demo_loo_data, tmp_path):
     from cllm4rec_dist.export.embeddings import read_export
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
 import pytest
@@ -14,7 +15,9 @@ from cllm4rec_dist.corpus.shards import ShardedDataset, load_eval_split
 from cllm4rec_dist.recommenders.cllm4rec.schedule import Block, build_schedule, interleave
 from cllm4rec_dist.recommenders.cllm4rec.settings import CLLM4RecSettings
 from cllm4rec_dist.reference import run_reference
+from cllm4rec_dist.settings import ConfigError
 from cllm4rec_dist.train.checkpoint import READER, READER_FILE
+from cllm4rec_dist.train.lr_schedule import LR_SCHEDULES, lr_factor
 from cllm4rec_dist.train.monitor import read_train_log
 from cllm4rec_dist.train.settings import ScheduleSettings
 
@@ -506,3 +509,61 @@ def test_checkpoint_clock_is_due_after_its_interval_and_resets_on_save():
     assert clock.due()
     clock.saved()
     assert not clock.due()
+
+
+def _reference_lr(schedule: str, k: int, n: int, warmup_fraction: float, min_ratio: float) -> float:
+    """The schedule written out plainly: a linear ramp over the warm-up steps, then flat or a half cosine."""
+    warm = int(warmup_fraction * n)
+    if k < warm:
+        return (k + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    t = (k - warm) / (n - warm - 1)
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * t)) / 2
+
+
+def test_lr_factor_ramps_then_follows_a_half_cosine_to_the_floor():
+    for schedule in LR_SCHEDULES:
+        for n, warmup, floor in ((10, 0.0, 0.0), (10, 0.3, 0.1), (101, 0.05, 0.25)):
+            got = [lr_factor(schedule, k, n, warmup, floor) for k in range(n)]
+            assert got == pytest.approx([_reference_lr(schedule, k, n, warmup, floor) for k in range(n)])
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 9, 10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 1) == 1.0 and lr_factor("constant", 0, 10, 0.5) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_factor("linear", 0, 10)
+    for flag, value in (("lr_schedule", "linear"), ("lr_warmup_fraction", 1.0), ("min_lr_ratio", -0.1)):
+        cfg = TrainConfig(data="d")
+        setattr(cfg.optim, flag, value)
+        with pytest.raises(ConfigError, match=f"optim.{flag}"):
+            cfg.validate()
+
+
+def test_a_cosine_schedule_steps_each_phase_at_its_place_and_a_resumed_run_at_the_same_rates(demo_data, tmp_path):
+    """Each logged step's lr is the phase's lr times the schedule at the step's place in its phase (every engine,
+    so every kind of step in a phase shares one ramp and one cosine); a run stopped mid-finetuning and resumed
+    repeats the uninterrupted run's rates and losses exactly."""
+    def config(out, **overrides):
+        cfg = tiny_config(demo_data, str(out), checkpoint_interval_s=0, **overrides)
+        cfg.schedule.pretrain_epochs, cfg.schedule.finetune_epochs = 1, 2
+        cfg.optim.lr_schedule, cfg.optim.lr_warmup_fraction, cfg.optim.min_lr_ratio = "cosine", 0.1, 0.05
+        return cfg.validate()
+
+    run_reference(config(tmp_path / "whole"))
+    log = read_train_log(tmp_path / "whole")
+    phases = defaultdict(list)
+    for row in log:
+        phases[row["phase"]].append(row)
+    assert set(phases) == {"warmup", "pretrain", "finetune"} and {"rec", "C"} <= {r["kind"] for r in phases["finetune"]}
+    for phase, rows in phases.items():
+        base = 1e-3 if phase == "finetune" else TrainConfig().optim.pretrain_lr  # tiny_config's finetune_lr: 1e-3
+        expected = [base * _reference_lr("cosine", k, len(rows), 0.1, 0.05) for k in range(len(rows))]
+        assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-6), phase
+    assert phases["finetune"][-1]["lr"] == pytest.approx(0.05 * 1e-3)
+
+    stop_at = len(phases["warmup"]) + len(phases["pretrain"]) + len(phases["finetune"]) // 3
+    partial = run_reference(config(tmp_path / "resumed", max_steps=stop_at))
+    assert partial["stopped"] and partial["global_step"] == stop_at
+    run_reference(config(tmp_path / "resumed"))
+    resumed = read_train_log(tmp_path / "resumed")
+    assert [(r["global_step"], r["lr"], r["loss"]) for r in resumed] == [(r["global_step"], r["lr"], r["loss"])
+                                                                         for r in log]

@@ -75,6 +75,15 @@ class OptimSettings:
     2's lr) times this. LoRA is often run at a larger lr than the tables' 1e-4."""
     grad_clip: float = 0.0
     """Max gradient norm per step (0 = off)."""
+    lr_schedule: str = "constant"
+    """How the learning rate moves within each phase (CLLM4Rec: warm-up, pretraining, finetuning; A-LLMRec:
+    stages 1 and 2), after optim.lr_warmup_fraction: 'constant' (the papers') or 'cosine' (a half cosine from the
+    phase's lr down to optim.min_lr_ratio of it at the phase's last step). Every multiplier (user, item head,
+    adapter) applies on top."""
+    lr_warmup_fraction: float = 0.0
+    """Share of each phase's steps over which the lr ramps linearly up to the phase's lr (0 = none)."""
+    min_lr_ratio: float = 0.0
+    """lr_schedule cosine: the lr at a phase's last step, as a share of the phase's lr."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ from cllm4rec_dist.recommenders.allmrec.model import (
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, normalise_title
 from cllm4rec_dist.train.checkpoint import CheckpointClock, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.loop import block_end_checkpoint_due, check_loss, run_block_steps
+from cllm4rec_dist.train.lr_schedule import lr_factor
 from cllm4rec_dist.train.monitor import Monitor, PendingSteps
 from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.timing import PhaseTimer
@@ -154,6 +155,12 @@ class ALLMRecTrainer:
     def align_steps(self) -> int:
         return math.ceil(len(self.train_users) / self.a.stage1_batch_size)
 
+    def stage_steps(self, stage: str) -> int:
+        return self.align_steps() if stage == "align" else self.llm_steps()
+
+    def stage_epochs(self, stage: str) -> int:
+        return self.a.stage1_epochs if stage == "align" else self.a.stage2_epochs
+
     def llm_streams(self) -> range:
         return range(self.r.rank * self.r.accumulate, (self.r.rank + 1) * self.r.accumulate)
 
@@ -221,7 +228,12 @@ class ALLMRecTrainer:
         return totals
 
     def train_step(self, stage: str) -> dict:
-        """One optimizer step of stage "align" or "llm" at the current (epoch, step)."""
+        """One optimizer step of stage "align" or "llm" at the current (epoch, step), at the stage's lr times
+        optim.lr_schedule's factor at the step's place in the stage."""
+        o, epochs, steps = self.cfg.optim, self.stage_epochs(stage), self.stage_steps(stage)
+        base = self.a.stage1_lr if stage == "align" else self.a.stage2_lr
+        self.engines[stage].set_lr(base * lr_factor(o.lr_schedule, self.state.epoch * steps + self.state.step,
+                                                    epochs * steps, o.lr_warmup_fraction, o.min_lr_ratio))
         step_fn = self.align_step if stage == "align" else self.llm_step
         return step_fn(self.state.epoch, self.state.step)
 
@@ -249,7 +261,7 @@ class ALLMRecTrainer:
             p.requires_grad_(False)  # frozen from here on
         self.model.cf.eval()
 
-        stages = (("align", self.a.stage1_epochs, self.align_steps()), ("llm", self.a.stage2_epochs, self.llm_steps()))
+        stages = [(name, self.stage_epochs(name), self.stage_steps(name)) for name in ("align", "llm")]
         self.log.schedule([_Phase(name, epoch, (name,) * steps)
                            for name, epochs, steps in stages for epoch in range(epochs)])
         total = sum(epochs * steps for _, epochs, steps in stages)  # global steps of stages 1 and 2

@@ -81,3 +81,14 @@ def build_schedule(cfg: TrainConfig, steps_per_epoch: dict[str, int]) -> list[Bl
 
 def total_steps(blocks: list[Block]) -> int:
     return sum(b.steps for b in blocks)
+
+
+def phase_positions(blocks: list[Block]) -> list[tuple[int, int]]:
+    """For each block: (steps of its phase in the blocks before it, steps of its whole phase), the place in its
+    phase that a learning-rate schedule (train/lr_schedule.py) reads for the block's steps."""
+    totals: dict[str, int] = {}
+    positions = []
+    for block in blocks:
+        positions.append(totals.get(block.phase, 0))
+        totals[block.phase] = positions[-1] + block.steps
+    return [(before, totals[block.phase]) for before, block in zip(positions, blocks)]

@@ -18,9 +18,10 @@ from cllm4rec_dist.eval.metrics import selection_score
 from cllm4rec_dist.recommenders.cllm4rec.batches import CorpusBatches
 from cllm4rec_dist.recommenders.cllm4rec.evaluate import evaluate_model
 from cllm4rec_dist.recommenders.cllm4rec.losses import c_step_loss, l_step_loss, rec_step_loss
-from cllm4rec_dist.recommenders.cllm4rec.schedule import Block
+from cllm4rec_dist.recommenders.cllm4rec.schedule import Block, phase_positions
 from cllm4rec_dist.train.checkpoint import CheckpointClock, CheckpointError, capture_rng, load_trainable, restore_rng
 from cllm4rec_dist.train.loop import block_end_checkpoint_due, check_loss, run_block_steps
+from cllm4rec_dist.train.lr_schedule import lr_factor
 from cllm4rec_dist.train.monitor import PendingSteps
 from cllm4rec_dist.train.rank import Rank
 from cllm4rec_dist.train.timing import PhaseTimer
@@ -55,6 +56,7 @@ class Trainer:
                  cold_items: list[int] = (), timer: PhaseTimer | None = None):
         self.cfg, self.model, self.engines, self.batches = cfg, model, engines, batches
         self.blocks, self.eval_docs, self.space, self.r = blocks, eval_docs, space, rank
+        self.phase_positions = phase_positions(blocks)  # each block's place in its phase: the lr schedule's input
         self.cold_items = list(cold_items)  # items held out of training (protocol.cold_item_fraction)
         self.sink = sink        # checkpoint writer/reader (train/checkpoint.py)
         self.log = logger       # progress lines + TensorBoard (train/monitor.py)
@@ -87,6 +89,7 @@ class Trainer:
         Returns the LOGGED scalars as device tensors: nothing here waits for the device."""
         if regularize is None:
             regularize = self.block is None or self.block.phase != "warmup" or self.cfg.schedule.warmup_mr
+        self.set_step_lr()
         streams = self.batches[kind]  # this rank's partition (several when standing in for several ranks)
         epoch, step = divmod(self.state.counters[kind], streams[0].steps_per_epoch)
         engine = self.engines[ENGINE_OF[kind]]
@@ -106,9 +109,24 @@ class Trainer:
 
     # ---- the schedule ------------------------------------------------------------------------
 
+    def phase_lr(self, block: Block) -> float:
+        return self.cfg.optim.finetune_lr if block.phase == "finetune" else self.cfg.optim.pretrain_lr
+
+    def set_step_lr(self) -> None:
+        """Every engine at the current step's rate: the phase's lr times optim.lr_schedule's factor at the step's
+        place in its phase (constant without warm-up: the phase's lr, as enter_block set it)."""
+        if self.state.block >= len(self.blocks):
+            return  # a step outside the schedule (a test's, after the last block): the rates stay
+        o = self.cfg.optim
+        before, steps = self.phase_positions[self.state.block]
+        lr = self.phase_lr(self.blocks[self.state.block]) * lr_factor(
+            o.lr_schedule, before + self.state.step, steps, o.lr_warmup_fraction, o.min_lr_ratio)
+        for engine in self.engines.values():
+            engine.set_lr(lr)
+
     def enter_block(self, block: Block) -> None:
         """Set learning rates for the block's phase; entering finetuning starts a fresh rec optimizer."""
-        lr = self.cfg.optim.finetune_lr if block.phase == "finetune" else self.cfg.optim.pretrain_lr
+        lr = self.phase_lr(block)
         previous = self.blocks[self.state.block - 1].phase if self.state.block > 0 else None
         for name, engine in self.engines.items():
             if name == "collab" and block.phase == "finetune" and previous != "finetune":
