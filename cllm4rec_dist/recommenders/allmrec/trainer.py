@@ -161,6 +161,9 @@ class ALLMRecTrainer:
     def stage_epochs(self, stage: str) -> int:
         return self.a.stage1_epochs if stage == "align" else self.a.stage2_epochs
 
+    def stage_lr(self, stage: str) -> float:
+        return self.a.stage1_lr if stage == "align" else self.a.stage2_lr
+
     def llm_streams(self) -> range:
         return range(self.r.rank * self.r.accumulate, (self.r.rank + 1) * self.r.accumulate)
 
@@ -231,9 +234,9 @@ class ALLMRecTrainer:
         """One optimizer step of stage "align" or "llm" at the current (epoch, step), at the stage's lr times
         optim.lr_schedule's factor at the step's place in the stage."""
         o, epochs, steps = self.cfg.optim, self.stage_epochs(stage), self.stage_steps(stage)
-        base = self.a.stage1_lr if stage == "align" else self.a.stage2_lr
-        self.engines[stage].set_lr(base * lr_factor(o.lr_schedule, self.state.epoch * steps + self.state.step,
-                                                    epochs * steps, o.lr_warmup_fraction, o.min_lr_ratio))
+        factor = lr_factor(o.lr_schedule, self.state.epoch * steps + self.state.step, epochs * steps,
+                           o.lr_warmup_fraction, o.min_lr_ratio)
+        self.engines[stage].set_lr(self.stage_lr(stage) * factor)
         step_fn = self.align_step if stage == "align" else self.llm_step
         return step_fn(self.state.epoch, self.state.step)
 
