@@ -6,7 +6,8 @@ offline). Prints one JSON object.
 
 (1) stated: "the answer stated in the prompt is picked". Each user's titles-only prompt (real MovieLens-100K
     history, the true next item + 19 random unseen candidates) gets a hint right before the question's end:
-    '... The answer is "<title of candidate k>". The next item this user will watch is', k drawn at random
+    '... The answer is "<title of candidate k>". The next item this user will watch is' (with --chat-template: the
+    chat's question, then the assistant turn), k drawn at random
     among the 20 (not always the positive). The scorer (model.py ``candidate_scores``) must rank candidate k
     first; pick rate per score mode (sum, mean, first). No trained part takes part: this checks the scorer and
     the prompt, with the frozen pretrained LLM alone.
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 import cllm4rec_dist  # noqa: E402,F401  OMP settings as the CLI sets them
 from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.model import SCORE_MODES, LLMAlignment, SoftBatch  # noqa: E402
-from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, SoftPrompt  # noqa: E402
+from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, SoftPrompt, chat_template_source  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_allmrec import CF_DIM, DATA, JOINT_DIM, movielens_titles  # noqa: E402
@@ -75,12 +76,12 @@ def examples(histories, num_items: int, n: int, history: int, candidates: int, s
 def check_stated(llm, prompts: ALLMRecPrompts, rows, seed: int, batch: int) -> dict:
     tok = prompts.tokenizer
     g = np.random.default_rng(seed + 1)
-    hint, question = tok.encode(". The answer is", add_special_tokens=False), prompts._encode(prompts.templates.outro)
+    hint, closing = tok.encode(". The answer is", add_special_tokens=False), prompts.closing
     stated = [int(g.integers(len(c))) for _, _, c, _ in rows]
     built = []
     for (_, history, candidates, _), k in zip(rows, stated):
         base = prompts.prompt(history, candidates, soft=False)
-        ids = base.ids[:len(base.ids) - len(question)] + hint + prompts.title_ids[candidates[k]] + question
+        ids = base.ids[:len(base.ids) - len(closing)] + hint + prompts.title_ids[candidates[k]] + closing
         built.append(SoftPrompt(ids=ids + prompts.answer_prefix))
     titles = [[prompts.scored_title(i) for i in c] for _, _, c, _ in rows]
     picked = {score: [] for score in SCORE_MODES}
@@ -149,14 +150,18 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=20)
     p.add_argument("--score", default="sum", choices=SCORE_MODES)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", default=None,
+                   help='allmrec.chat_template: unset = the plain prompt, "backbone" or a Jinja file')
     args = p.parse_args(argv)
     titles = movielens_titles(DATA)
     histories = movielens_histories(DATA)
     location = smollm2_location()
-    prompts = ALLMRecPrompts(load_tokenizer(location), titles)
+    tokenizer = load_tokenizer(location)
+    prompts = ALLMRecPrompts(tokenizer, titles, chat_template=chat_template_source(args.chat_template, tokenizer))
     torch.manual_seed(args.seed)
     llm = LLMAlignment.load(location, args.precision, CF_DIM, JOINT_DIM, device="cpu")
     out = {"backbone": "smollm2", "precision": args.precision, "history": args.history, "score": args.score,
+           "chat_template": args.chat_template,
            "load_1min": os.getloadavg()[0]}
     checks = args.check.split(",")
     if "stated" in checks:

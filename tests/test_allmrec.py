@@ -6,6 +6,7 @@ The whole pipeline through the entry points is in tests/test_allmrec_train.py.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from cllm4rec_dist.recommenders.allmrec.model import CollabTextAlignment, LLMAli
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, normalise_title
 
 TITLES = FILM_TITLES
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,51 @@ def test_prompt_names_every_title_with_a_slot_after_it_and_titles_only_drops_the
     assert prompts.answer(3)[-1] == prompts.eos
     assert prompts.decode_answer(prompts.answer(3)) == normalise_title(TITLES[3])
     assert normalise_title(' "The  Matrix (1999)", "Other"') == "the matrix (1999)"
+
+
+CHATML = REPO / "configs" / "chat" / "chatml-user-turn.jinja"
+
+
+def test_a_chat_prompt_is_the_user_turn_and_the_answer_the_assistants_reply(film_llm, prompts):
+    """allmrec.chat_template: the prompt renders as the template renders the plain prompt's words (with the
+    question) as one user message; answers and scored titles drop the space that joined them to a sentence."""
+    from cllm4rec_dist.recommenders.allmrec.prompts import chat_template_source
+
+    tok = load_tokenizer(film_llm)
+    template = chat_template_source(str(CHATML), tok)
+    chat = ALLMRecPrompts(tok, TITLES, chat_template=template)
+    history, candidates = [1, 2], [3, 4, 5]
+    words = tok.decode(prompts.prompt(history, candidates, soft=False).ids[len(prompts.opening):])
+    question = words[:-len(prompts.templates.outro)] + prompts.templates.chat_outro
+    rendered = tok.apply_chat_template([{"role": "user", "content": question}], chat_template=template,
+                                       tokenize=False, add_generation_prompt=True)
+    assert tok.decode(chat.prompt(history, candidates, soft=False).ids) == rendered
+    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
+    soft = chat.prompt(history, candidates)
+    assert len(soft.user_slots) == 1 and [i for _, i in soft.item_slots] == [*history, *candidates]
+    for item in range(len(TITLES)):
+        assert tok.decode(chat.answer(item)[:-1]) == f'"{TITLES[item]}"' and chat.answer(item)[-1] == chat.eos
+        assert chat.answer_prefix + chat.scored_title(item) == chat.answer(item)[:-1]
+    assert chat.decode_answer(chat.answer(3)) == normalise_title(TITLES[3])
+    # the stated-answer check (benchmarks/check_allmrec.py) inserts its hint before ``closing``
+    assert chat.prompt(history, candidates).ids[-len(chat.closing):] == chat.closing
+
+
+def test_a_chat_template_that_is_missing_or_renders_no_user_turn_fails_naming_the_setting(film_llm, tmp_path):
+    from cllm4rec_dist.config import config_from_dict
+    from cllm4rec_dist.recommenders.allmrec.prompts import chat_frame, chat_template_source
+    from cllm4rec_dist.settings import ConfigError
+
+    tok = load_tokenizer(film_llm)
+    with pytest.raises(ValueError, match="allmrec.chat_template=backbone: the backbone's tokenizer has no chat"):
+        chat_template_source("backbone", tok)
+    with pytest.raises(ValueError, match="does not render the user's message exactly once"):
+        chat_frame(tok, "{{ bos_token }}Question?")
+    with pytest.raises(ValueError, match="does not render a user turn"):
+        chat_frame(tok, "{{ raise_exception('no user turns here') }}")
+    with pytest.raises(ConfigError, match="allmrec.chat_template='missing.jinja': must be an existing Jinja file"):
+        config_from_dict({"recommender": "allmrec", "out": str(tmp_path),
+                          "allmrec": {"chat_template": "missing.jinja"}})
 
 
 def test_stage2_loss_is_the_next_token_loss_of_the_answer_only(film_llm, prompts):

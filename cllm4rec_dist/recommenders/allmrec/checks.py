@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from cllm4rec_dist.corpus.presets import run_backbone
 from cllm4rec_dist.corpus.sequences import SequentialData
+from cllm4rec_dist.settings import ConfigError
 
 if TYPE_CHECKING:
     from cllm4rec_dist.config import TrainConfig
@@ -14,11 +15,20 @@ if TYPE_CHECKING:
 
 
 def check_data(cfg: TrainConfig, data: ShardedDataset) -> None:
-    """Fail when the dataset (``cfg.data``, opened) has no leave-one-out data, or the adapter names target modules the
-    LLM does not have."""
+    """Fail when the dataset (``cfg.data``, opened) has no leave-one-out data, the adapter names target modules the
+    LLM does not have, or the chat template does not render a user turn with the backbone's tokenizer."""
     SequentialData.open(data)
+    location = run_backbone(cfg.backbone, data.manifest)
     if cfg.model.uses_adapter:
         from cllm4rec_dist.model.adapter import check_adapter_targets
 
-        location = run_backbone(cfg.backbone, data.manifest)
         check_adapter_targets(cfg.model.backbone_settings(), location["path"], location["gguf_file"])
+    if cfg.allmrec.chat_template is not None:
+        from cllm4rec_dist.corpus.presets import load_tokenizer
+        from cllm4rec_dist.recommenders.allmrec.prompts import chat_frame, chat_template_source
+
+        tokenizer = load_tokenizer(location)
+        try:
+            chat_frame(tokenizer, chat_template_source(cfg.allmrec.chat_template, tokenizer))
+        except ValueError as error:
+            raise ConfigError(f"allmrec.chat_template={cfg.allmrec.chat_template!r}: {error}") from None

@@ -26,6 +26,43 @@ class ALLMRecTemplates:
     separator: str = ","
     question: str = ". From the following items:"
     outro: str = ". The next item this user will watch is"
+    chat_outro: str = ". Which item will this user watch next? Answer with its title."
+    """The user turn's last words when the prompt is a chat: a question the assistant's reply answers."""
+
+
+_USER_TURN = "\x00A-LLMRec prompt\x00"
+
+
+def chat_template_source(setting: str | None, tokenizer) -> str | None:
+    """The Jinja source ``allmrec.chat_template`` names: None = no chat (the plain prompt), "backbone" = the
+    tokenizer's own template, otherwise a file. ValueError naming the setting when there is none."""
+    if setting is None:
+        return None
+    if setting == "backbone":
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # tokenizers with several named templates keep the chat one as "default"
+            template = template.get("default")
+        if not template:
+            raise ValueError("allmrec.chat_template=backbone: the backbone's tokenizer has no chat template; name a "
+                             "Jinja file (e.g. configs/chat/chatml-user-turn.jinja) or leave it unset (the plain "
+                             "prompt)")
+        return template
+    with open(setting, encoding="utf-8") as f:
+        return f.read()
+
+
+def chat_frame(tokenizer, template: str) -> tuple[str, str]:
+    """The text a chat ``template`` (Jinja, the tokenizer's or a file's) puts before and after a single user turn,
+    the assistant's generation prompt included. ValueError when it does not render one user turn."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _USER_TURN}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja2's TemplateError and what the template raises itself
+        raise ValueError(f"the chat template does not render a user turn: {error}") from None
+    if not isinstance(text, str) or text.count(_USER_TURN) != 1:
+        raise ValueError("the chat template does not render the user's message exactly once")
+    before, after = text.split(_USER_TURN)
+    return before, after
 
 
 @dataclass
@@ -51,27 +88,38 @@ class ALLMRecPrompts:
     """Builds A-LLMRec prompts for one tokenizer and one dataset's titles (titles tokenised once)."""
 
     def __init__(self, tokenizer, titles: list[str], templates: ALLMRecTemplates | None = None,
-                 max_title_tokens: int = 24):
+                 max_title_tokens: int = 24, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.templates = templates or ALLMRecTemplates()
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if tokenizer.eos_token_id is None:
             raise ValueError("the backbone's tokenizer has no EOS token; A-LLMRec answers end with EOS")
         self.eos = tokenizer.eos_token_id
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._pieces: dict[str, list] = {}
-        # Each item's rendered title piece (e.g. ' "Toy Story"'), the answer the LLM is trained to produce.
+        # Each item's rendered title piece (e.g. ' "Toy Story"'), as the history and the candidates name it.
         self.title_ids = [self._encode(self._title_text(t))[:max_title_tokens] for t in titles]
         self.titles = list(titles)
-        # Scoring: the leading ids EVERY title piece shares (e.g. the opening quote ' "') are the same
-        # context for every candidate, so they join the prompt; each candidate keeps at least one token.
+        if chat_template is None:
+            # BOS, the prompt, and the answer continuing its last sentence.
+            self.opening = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            self.closing = self._encode(self.templates.outro)
+            self.answer_ids = self.title_ids
+        else:
+            # The chat's user turn (the template brings its own start tokens), a question, then the assistant's
+            # reply: the title as a reply starts, without the space that joins it to a sentence.
+            before, after = chat_frame(tokenizer, chat_template)
+            self.opening = self._encode(before)
+            self.closing = self._encode(self.templates.chat_outro) + self._encode(after)
+            self.answer_ids = [self._encode(self._title_text(t).lstrip())[:max_title_tokens] for t in titles]
+        # Scoring: the leading ids EVERY answer shares (e.g. the opening quote ' "') are the same context for every
+        # candidate, so they join the prompt; each candidate keeps at least one token.
         shared = 0
-        if self.title_ids:
-            shortest = min(len(t) for t in self.title_ids)
-            first = self.title_ids[0]
-            while shared < shortest - 1 and all(t[shared] == first[shared] for t in self.title_ids):
+        if self.answer_ids:
+            shortest = min(len(t) for t in self.answer_ids)
+            first = self.answer_ids[0]
+            while shared < shortest - 1 and all(t[shared] == first[shared] for t in self.answer_ids):
                 shared += 1
-        self.answer_prefix = list(self.title_ids[0][:shared]) if self.title_ids else []
+        self.answer_prefix = list(self.answer_ids[0][:shared]) if self.answer_ids else []
 
     def _title_text(self, title: str) -> str:
         before, _, after = self.templates.item.partition("{item}")[0].partition("{title}")
@@ -113,7 +161,7 @@ class ALLMRecPrompts:
 
     def prompt(self, history: list[int], candidates: list[int], soft: bool = True) -> SoftPrompt:
         """The question for one user: the history (oldest first) and the candidates, as token ids + slots."""
-        out = SoftPrompt(ids=list(self.bos))
+        out = SoftPrompt(ids=list(self.opening))
         self._emit(out, "intro", soft)
         sep = self._encode(self.templates.separator)
         for k, item in enumerate(history):
@@ -125,7 +173,7 @@ class ALLMRecPrompts:
             if k:
                 out.ids += sep
             self._emit_item(out, item, soft)
-        out.ids += self._encode(self.templates.outro)
+        out.ids += self.closing
         return out
 
     def scoring_prompt(self, history: list[int], candidates: list[int], soft: bool = True) -> SoftPrompt:
@@ -137,11 +185,11 @@ class ALLMRecPrompts:
     def scored_title(self, item: int) -> list[int]:
         """The ids a candidate is scored on: its title piece without the shared prefix, WITHOUT EOS (EOS says
         the answer ended, not which item it is; counting it would favour titles after which EOS is likely)."""
-        return self.title_ids[item][len(self.answer_prefix):]
+        return self.answer_ids[item][len(self.answer_prefix):]
 
     def answer(self, item: int) -> list[int]:
         """Token ids the LLM should produce after the prompt: the item's title piece, then EOS."""
-        return self.title_ids[item] + [self.eos]
+        return self.answer_ids[item] + [self.eos]
 
     def decode_answer(self, ids: list[int]) -> str:
         """Generated ids (up to EOS) as a normalised title."""

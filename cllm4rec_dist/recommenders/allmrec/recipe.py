@@ -19,7 +19,7 @@ from cllm4rec_dist.recommenders.allmrec.model import (
     TextEncoder,
     item_text,
 )
-from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts
+from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts, chat_template_source
 from cllm4rec_dist.recommenders.allmrec.trainer import ALLMRecTrainer
 from cllm4rec_dist.settings import ConfigError
 from cllm4rec_dist.train.engines import TorchEngine, scaled_groups
@@ -42,7 +42,8 @@ def build_model(cfg: TrainConfig, data: SequentialData, manifest: dict, device: 
     # The LLM of stage 2. A-LLMRec tokenises its prompts online from the titles: any backbone works on any dataset.
     location = run_backbone(cfg.backbone, manifest)
     llm = LLMAlignment.load(location, cfg.model.backbone_settings(), cf.dim, a.text_dim, device=device)
-    prompts = ALLMRecPrompts(load_tokenizer(location), data.titles)
+    tokenizer = load_tokenizer(location)
+    prompts = ALLMRecPrompts(tokenizer, data.titles, chat_template=chat_template_source(a.chat_template, tokenizer))
     return ALLMRec(cf, text, align, llm), prompts
 
 

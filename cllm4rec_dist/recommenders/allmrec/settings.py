@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from cllm4rec_dist.model.options import CF_MODEL_NAMES
@@ -69,6 +70,10 @@ class ALLMRecSettings:
     num_candidates: int = 20
     """Stage-2 training prompts: the next item + this many minus one sampled unseen items (evaluation uses
     the dataset's stored candidates)."""
+    chat_template: str | None = None
+    """The prompt as a chat: the user's turn, then the assistant's reply is the answer (prompts.py). None = the
+    paper's plain prompt (its LLM, OPT, has no chat format); "backbone" = the backbone tokenizer's chat template; else
+    a Jinja file (configs/chat/chatml-user-turn.jinja: ChatML without a system turn, for SmolLM2-Instruct)."""
     max_new_tokens: int = 32
     """Greedy generation: most tokens generated per answer (titles are shorter)."""
     generate: bool = True
@@ -115,6 +120,9 @@ class ALLMRecSettings:
         if not self.stage2_soft_tokens and not cfg.model.uses_adapter:
             raise ConfigError("allmrec.stage2_soft_tokens false trains the LLM's adapter alone on the titles-only "
                               "prompt: set model.adapter lora (the 'tallrec' variant), or leave the soft tokens on")
+        if self.chat_template not in (None, "backbone"):
+            require(os.path.isfile(self.chat_template), "allmrec.chat_template", self.chat_template,
+                    'an existing Jinja file, "backbone" (the tokenizer\'s own template) or unset (the plain prompt)')
         require(self.cf_model in CF_MODEL_NAMES, "allmrec.cf_model", self.cf_model, ", ".join(CF_MODEL_NAMES))
         return self
 
