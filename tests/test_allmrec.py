@@ -82,8 +82,11 @@ def test_a_chat_template_that_is_missing_or_renders_no_user_turn_fails_naming_th
     from cllm4rec_dist.settings import ConfigError
 
     tok = load_tokenizer(film_llm)
-    with pytest.raises(ValueError, match="allmrec.chat_template=backbone: the backbone's tokenizer has no chat"):
+    with pytest.raises(ConfigError, match="allmrec.chat_template=backbone: the backbone's tokenizer has no chat"):
         chat_template_source("backbone", tok)
+    (tmp_path / "no-turn.jinja").write_text("{{ bos_token }}Question?")
+    with pytest.raises(ConfigError, match="chat_template='.*no-turn.jinja': the chat template does not render the"):
+        chat_template_source(str(tmp_path / "no-turn.jinja"), tok)
     with pytest.raises(ValueError, match="does not render the user's message exactly once"):
         chat_frame(tok, "{{ bos_token }}Question?")
     with pytest.raises(ValueError, match="does not render a user turn"):

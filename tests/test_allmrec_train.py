@@ -153,6 +153,22 @@ def test_a_cosine_schedule_steps_each_stage_at_its_place_in_the_stage(run, confi
                                                        for k in range(len(lrs))], rel=1e-6), stage
 
 
+def test_a_chat_template_trains_and_scores_stage2_on_the_chat_prompt(run, config, tmp_path, capsys):
+    """allmrec.chat_template through `cllm4rec train`: a tokenizer without a chat template is refused in one line
+    naming the setting; with a Jinja file stages 0-1 repeat the plain run and stage 2 trains on the chat prompt."""
+    assert cli(["train", "--config", str(config), "--out", str(tmp_path / "bad"),
+                "--allmrec.chat_template", "backbone"]) == 2
+    assert "allmrec.chat_template=backbone: the backbone's tokenizer has no chat template" in capsys.readouterr().err
+    out = tmp_path / "chat"
+    metrics = train(config, out, "--allmrec.chat_template", str(REPO / "configs/chat/chatml-user-turn.jinja"),
+                    "--allmrec.generate", "false", "--allmrec.titles_only_baseline", "false")
+    log, plain = read_train_log(out), read_train_log(run)
+    assert [r["loss"] for r in log if r["kind"] == "align"] == [r["loss"] for r in plain if r["kind"] == "align"]
+    chat_llm, plain_llm = ([r["loss"] for r in rows if r["kind"] == "llm"] for rows in (log, plain))
+    assert len(chat_llm) == len(plain_llm) and chat_llm != pytest.approx(plain_llm, rel=1e-3)
+    assert 0 <= metrics["stages"]["llm"]["allmrec"]["test"]["hit@1"] <= 1
+
+
 def test_export_writes_joint_and_projected_vectors_with_original_ids(run, demo_loo_data, tmp_path):
     from cllm4rec_dist.export.embeddings import read_export
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from cllm4rec_dist.settings import ConfigError
+
 _SLOT = re.compile(r"(\{user\}|\{item\}|\{title\})")
 
 
@@ -34,8 +36,8 @@ _USER_TURN = "\x00A-LLMRec prompt\x00"
 
 
 def chat_template_source(setting: str | None, tokenizer) -> str | None:
-    """The Jinja source ``allmrec.chat_template`` names: None = no chat (the plain prompt), "backbone" = the
-    tokenizer's own template, otherwise a file. ValueError naming the setting when there is none."""
+    """The Jinja source ``allmrec.chat_template`` names, checked to render one user turn: None = no chat (the plain
+    prompt), "backbone" = the tokenizer's own template, otherwise a file. ConfigError naming the setting."""
     if setting is None:
         return None
     if setting == "backbone":
@@ -43,12 +45,20 @@ def chat_template_source(setting: str | None, tokenizer) -> str | None:
         if isinstance(template, dict):  # tokenizers with several named templates keep the chat one as "default"
             template = template.get("default")
         if not template:
-            raise ValueError("allmrec.chat_template=backbone: the backbone's tokenizer has no chat template; name a "
-                             "Jinja file (e.g. configs/chat/chatml-user-turn.jinja) or leave it unset (the plain "
-                             "prompt)")
-        return template
-    with open(setting, encoding="utf-8") as f:
-        return f.read()
+            raise ConfigError("allmrec.chat_template=backbone: the backbone's tokenizer has no chat template; name a "
+                              "Jinja file (e.g. configs/chat/chatml-user-turn.jinja) or leave it unset (the plain "
+                              "prompt)")
+    else:
+        try:
+            with open(setting, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"allmrec.chat_template={setting!r}: cannot read it ({error})") from None
+    try:
+        chat_frame(tokenizer, template)
+    except ValueError as error:
+        raise ConfigError(f"allmrec.chat_template={setting!r}: {error}; fix the template") from None
+    return template
 
 
 def chat_frame(tokenizer, template: str) -> tuple[str, str]:
