@@ -161,7 +161,8 @@ def test_a_chat_template_trains_and_scores_stage2_on_the_chat_prompt(run, config
     assert "allmrec.chat_template=backbone: the backbone's tokenizer has no chat template" in capsys.readouterr().err
     out = tmp_path / "chat"
     metrics = train(config, out, "--allmrec.chat_template", str(REPO / "configs/chat/chatml-user-turn.jinja"),
-                    "--allmrec.generate", "false", "--allmrec.titles_only_baseline", "false")
+                    "--allmrec.generate", "false", "--allmrec.titles_only_baseline", "false",
+                    "--allmrec.eval_max_users", "8")
     log, plain = read_train_log(out), read_train_log(run)
     assert [r["loss"] for r in log if r["kind"] == "align"] == [r["loss"] for r in plain if r["kind"] == "align"]
     chat_llm, plain_llm = ([r["loss"] for r in rows if r["kind"] == "llm"] for rows in (log, plain))
