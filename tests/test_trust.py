@@ -372,6 +372,9 @@ def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data,
         assert launch("--data", data, "--recommender", recommender, "--model.adapter", "lora",
                       "--model.lora_targets", "q_proj,qkv") == 2
         one_line_error(capsys, "model.lora_targets", "no module named qkv")
+    # a chat template the backbone's tokenizer does not have (A-LLMRec's checks.py renders it on the driver)
+    assert launch("--data", demo_loo_data, "--recommender", "allmrec", "--allmrec.chat_template", "backbone") == 2
+    one_line_error(capsys, "allmrec.chat_template=backbone", "has no chat template")
     assert launch("--backbone", "tiny-llama") == 2
     one_line_error(capsys, "'tiny-llama'", "cllm4rec preprocess --backbone tiny-llama")
     assert not (tmp_path / "run" / "ray").exists()  # no Ray Train run began
