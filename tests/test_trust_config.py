@@ -6,6 +6,7 @@ any folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -216,3 +217,32 @@ def test_a_run_saved_with_a_relative_data_path_resumes(demo_data, tmp_path, monk
     assert (run / "metrics.json").exists()
     assert cli(["train", "--data", str(data), "--backbone", str(data / "backbone"), "--out", str(copy), *TINY]) == 0
     assert "resumed at step 4" in capsys.readouterr().out
+
+
+def test_a_sections_path_settings_are_stored_absolute_and_compare_resolved(tmp_path, monkeypatch):
+    """A config section's own PATH_FIELDS (A-LLMRec's chat template, CF model, SBERT folder) are made absolute like
+    `data`; a keyword, a missing path or a `{seed}` pattern stays as given; on resume and in a report's settings key
+    a relative and an absolute spelling of the same file are the same setting."""
+    from cllm4rec_dist.config import config_from_dict
+    from cllm4rec_dist.report.runs import settings_key
+    from cllm4rec_dist.train.run_folder import absolute_paths, config_changes, path_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "sbert").mkdir()
+    section = {"chat_template": "chat.jinja", "sbert": "sbert", "cf_from": "cf-{seed}"}
+    cfg = config_from_dict({"recommender": "allmrec", "out": "run", "allmrec": section})
+    assert {"allmrec.chat_template", "allmrec.sbert", "allmrec.cf_from", "data"} <= set(path_settings(cfg))
+    relative_key = settings_key(cfg)
+    saved = dataclasses.asdict(cfg)
+    absolute_paths(cfg)
+    assert cfg.allmrec.chat_template == str(tmp_path / "chat.jinja") and cfg.allmrec.sbert == str(tmp_path / "sbert")
+    assert cfg.allmrec.cf_from == "cf-{seed}"
+    assert settings_key(cfg) == relative_key and config_changes(saved, cfg) == []
+    backbone = config_from_dict({"recommender": "allmrec", "out": "run", "allmrec": {"chat_template": "backbone"}})
+    absolute_paths(backbone)
+    assert backbone.allmrec.chat_template == "backbone"
+    other = tmp_path / "other.jinja"
+    other.write_text("x")
+    cfg.allmrec.chat_template = str(other)
+    assert config_changes(saved, cfg) == [f"allmrec.chat_template: 'chat.jinja' -> {str(other)!r}"]

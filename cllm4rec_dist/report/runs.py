@@ -11,7 +11,7 @@ import os
 import shutil
 
 from cllm4rec_dist.settings import _set
-from cllm4rec_dist.train.run_folder import DS_CONFIG_FILE, PATH_SETTINGS, absolute_path
+from cllm4rec_dist.train.run_folder import DS_CONFIG_FILE, absolute_paths
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -58,8 +58,7 @@ def settings_key(cfg, unused=(), tuned: dict | None = None) -> str:
     ``unused`` (section, field) settings the model does not read (+ a baseline's tuned settings)."""
     values = dataclasses.asdict(cfg)
     values.pop("out")
-    for name in PATH_SETTINGS:  # a run folder's config.yaml holds them absolute (train/run_folder.py)
-        values[name] = absolute_path(values[name])
+    absolute_paths(cfg, values)  # a run folder's config.yaml holds them absolute (train/run_folder.py)
     # The DeepSpeed config by what it says, not where it is: the same zero2.json of another checkout of the project
     # (a run folder holds the absolute path) is the same setting.
     values["dist"]["ds_config"] = _file_settings(values["dist"]["ds_config"])

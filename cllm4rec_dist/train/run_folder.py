@@ -47,7 +47,25 @@ NEUTRAL = frozenset({
 PATH_SETTINGS = ("data", "backbone", "init_from")
 """Settings that name a local folder or a URL: stored absolute in the run's config (``absolute_paths``), so the
 run is evaluated, exported and resumed from any folder; compared as resolved paths on resume (a run folder written
-before stored them as given, relative to where it was started)."""
+before stored them as given, relative to where it was started). A config section adds its own as a ``PATH_FIELDS``
+class attribute (e.g. A-LLMRec's ``cf_from``), so this module names no model's settings."""
+
+
+def path_settings(cfg) -> list[str]:
+    """The dotted names of every path setting of ``cfg``: ``PATH_SETTINGS`` and each section's ``PATH_FIELDS``."""
+    names = list(PATH_SETTINGS)
+    for field in dataclasses.fields(cfg):
+        section = getattr(cfg, field.name)
+        names += [f"{field.name}.{name}" for name in getattr(section, "PATH_FIELDS", ())]
+    return names
+
+
+def _owner(values, dotted: str):
+    """(the object or dict holding a dotted setting, its last name)."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        values = values[section] if isinstance(values, dict) else getattr(values, section)
+    return values, name
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -58,17 +76,23 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def absolute_paths(cfg) -> None:
-    """Make ``cfg``'s ``PATH_SETTINGS`` absolute (``absolute_path``), in place."""
-    for name in PATH_SETTINGS:
-        setattr(cfg, name, absolute_path(getattr(cfg, name)))
+def absolute_paths(cfg, values: dict | None = None) -> None:
+    """Make ``cfg``'s path settings (``path_settings``) absolute (``absolute_path``), in place; in ``values``
+    (``dataclasses.asdict(cfg)``, possibly edited) instead of ``cfg`` when given."""
+    target = cfg if values is None else values
+    for dotted in path_settings(cfg):
+        owner, name = _owner(target, dotted)
+        if isinstance(owner, dict):
+            owner[name] = absolute_path(owner[name])
+        else:
+            setattr(owner, name, absolute_path(getattr(owner, name)))
 
 
-def _same_setting(name: str, before, after) -> bool:
+def _same_setting(name: str, before, after, paths=PATH_SETTINGS) -> bool:
     """Whether a setting is unchanged; a path setting compares resolved (relative to this working directory)."""
     if before == after:
         return True
-    if name in PATH_SETTINGS and isinstance(before, str) and isinstance(after, str) and "://" not in before + after:
+    if name in paths and isinstance(before, str) and isinstance(after, str) and "://" not in before + after:
         return os.path.abspath(before) == os.path.abspath(after)
     return False
 
@@ -205,8 +229,9 @@ def config_changes(saved: dict, new) -> list[str]:
     """'name: saved -> new' for every trajectory setting that differs (settings only one side knows are skipped)."""
     before = flatten_settings(saved)
     after = flatten_settings(dataclasses.asdict(new) if dataclasses.is_dataclass(new) else new)
+    paths = path_settings(new) if dataclasses.is_dataclass(new) else PATH_SETTINGS
     return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before.keys() & after.keys())
-            if k not in NEUTRAL and not _same_setting(k, before[k], after[k])]
+            if k not in NEUTRAL and not _same_setting(k, before[k], after[k], paths)]
 
 
 def check_resume_config(saved: dict, new, source: str) -> list[str]:
@@ -247,9 +272,10 @@ def settle_run_config(restored_config: dict | None, cfg, is_main: bool, content_
     """After a recipe's resume attempt and before anything is written: refuse a trajectory-changing config
     (``check_resume_config``) or other data (``check_resume_dataset``; a refused resume leaves the run folder as it
     was), warn about an allowed one, then record the config the run continues with as ``<out>/config.yaml`` and the
-    dataset's content hash as ``<out>/dataset.json`` (rank 0). Local paths (``PATH_SETTINGS``: the dataset, the
-    backbone, init_from) are made absolute in ``cfg`` first, so the saved config and every checkpoint's copy of it
-    name them from any folder (`cllm4rec evaluate --checkpoint RUN` run elsewhere); URLs stay as given."""
+    dataset's content hash as ``<out>/dataset.json`` (rank 0). Local paths (``path_settings``: the dataset, the
+    backbone, init_from, a section's own) are made absolute in ``cfg`` first, so the saved config and every
+    checkpoint's copy of it name them from any folder (`cllm4rec evaluate --checkpoint RUN` run elsewhere); URLs
+    stay as given."""
     from cllm4rec_dist.atomic import write_json_atomic, write_text_atomic
     from cllm4rec_dist.settings import to_yaml
 

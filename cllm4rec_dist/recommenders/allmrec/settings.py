@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cllm4rec_dist.model.options import CF_MODEL_NAMES
 from cllm4rec_dist.settings import ConfigError, require
@@ -17,6 +18,9 @@ Here, not in model.py: a Ray driver validates its config before it imports torch
 class ALLMRecSettings:
     """A-LLMRec (recommender: allmrec): stage 0 CF model, stage 1 collaborative-text alignment, stage 2 LLM
     alignment, candidate evaluation. Defaults are the paper's (lr 1e-4, batch 32 / 4, d' = 128)."""
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("cf_from", "sbert", "chat_template")
+    """Settings naming a local file or folder: stored absolute in a run's config (train/run_folder.py)."""
 
     cf_model: str = "sasrec"
     """Stage-0 sequential CF model, a name in model/cf CF_MODELS (sasrec, gru4rec); frozen after stage 0."""
