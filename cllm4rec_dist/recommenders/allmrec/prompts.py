@@ -107,13 +107,15 @@ class ALLMRecPrompts:
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._pieces: dict[str, list] = {}
         # Each item's rendered title piece (e.g. ' "Toy Story"'), as the history and the candidates name it.
-        self.title_ids = [self._encode(self._title_text(t))[:max_title_tokens] for t in titles]
-        self.titles = list(titles)
         opening_text, _, closing_text = self.templates.item.partition("{item}")[0].partition("{title}")
+        listed = [self._encode(f"{opening_text}{title}{closing_text}") for title in titles]
+        self.title_ids = [ids[:max_title_tokens] for ids in listed]
+        self.titles = list(titles)
         if chat_template is None:
-            # BOS, the prompt, and the answer continuing its last sentence.
+            # BOS, the prompt, and the answer continuing its last sentence: spelled as the list spells it.
             self.opening = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             self.closing = self._encode(self.templates.outro)
+            spelled = listed
         else:
             # The chat's user turn (the template brings its own start tokens), a question, then the assistant's
             # reply: the title as a reply starts, without the space that joins it to a sentence.
@@ -121,21 +123,17 @@ class ALLMRecPrompts:
             self.opening = self._encode(before)
             self.closing = self._encode(self.templates.chat_outro) + self._encode(after)
             opening_text = opening_text.lstrip()
+            spelled = [self._encode(f"{opening_text}{title}{closing_text}") for title in titles]
         # Scoring: the answer's opening text (e.g. the quote ' "') is the same context for every candidate, so it
         # joins the prompt. A title whose first characters merge with it into one token (' "\'' for "'Til ...") is
         # spelled as the opening's ids and then its own, so that every candidate is scored on its title alone;
         # a tokenizer that joins the opening to most titles keeps its own spelling, opening included.
         prefix = self._encode(opening_text)
-        spelled = [self._encode(f"{opening_text}{title}{closing_text}") for title in titles]
         if 2 * sum(ids[:len(prefix)] == prefix for ids in spelled) < len(spelled):
             prefix = []
         self.answer_prefix = prefix
         self.answer_ids = [(ids if ids[:len(prefix)] == prefix else prefix + self._encode(f"{title}{closing_text}"))
                            [:max(max_title_tokens, len(prefix) + 1)] for ids, title in zip(spelled, titles)]
-
-    def _title_text(self, title: str) -> str:
-        before, _, after = self.templates.item.partition("{item}")[0].partition("{title}")
-        return f"{before}{title}{after}"
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
