@@ -56,9 +56,10 @@ def fresh_dir(path: str) -> str:
 def settings_key(cfg, unused=(), tuned: dict | None = None) -> str:
     """What a finished run must have been run with to be reused: the whole config but the output folder and the
     ``unused`` (section, field) settings the model does not read (+ a baseline's tuned settings)."""
+    cfg = copy.deepcopy(cfg)
+    absolute_paths(cfg)  # a run folder's config.yaml holds them absolute (train/run_folder.py)
     values = dataclasses.asdict(cfg)
     values.pop("out")
-    absolute_paths(cfg, values)  # a run folder's config.yaml holds them absolute (train/run_folder.py)
     # The DeepSpeed config by what it says, not where it is: the same zero2.json of another checkout of the project
     # (a run folder holds the absolute path) is the same setting.
     values["dist"]["ds_config"] = _file_settings(values["dist"]["ds_config"])

@@ -60,12 +60,6 @@ def path_settings(cfg) -> list[str]:
     return names
 
 
-def _owner(values, dotted: str):
-    """(the object or dict holding a dotted setting, its last name)."""
-    *sections, name = dotted.split(".")
-    for section in sections:
-        values = values[section] if isinstance(values, dict) else getattr(values, section)
-    return values, name
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -76,16 +70,12 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def absolute_paths(cfg, values: dict | None = None) -> None:
-    """Make ``cfg``'s path settings (``path_settings``) absolute (``absolute_path``), in place; in ``values``
-    (``dataclasses.asdict(cfg)``, possibly edited) instead of ``cfg`` when given."""
-    target = cfg if values is None else values
+def absolute_paths(cfg) -> None:
+    """Make ``cfg``'s path settings (``path_settings``) absolute (``absolute_path``), in place."""
     for dotted in path_settings(cfg):
-        owner, name = _owner(target, dotted)
-        if isinstance(owner, dict):
-            owner[name] = absolute_path(owner[name])
-        else:
-            setattr(owner, name, absolute_path(getattr(owner, name)))
+        section, _, name = dotted.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        setattr(owner, name, absolute_path(getattr(owner, name)))
 
 
 def _same_setting(name: str, before, after, paths=PATH_SETTINGS) -> bool:
