@@ -119,12 +119,23 @@ def test_the_evaluation_prints_its_progress_with_an_eta(run):
         assert done == total and int(total) > 0  # the closing line of the part
 
 
+def optimizer_states(run: Path) -> set[str]:
+    """The engines whose optimizer state the newest checkpoint of ``run`` holds (its rank-0 record's files)."""
+    from cllm4rec_dist.train.checkpoint import LocalSink
+
+    record = json.loads((Path(LocalSink(str(run)).steps()[0]) / "files-rank0.json").read_text())
+    return {name.removeprefix("optim-").split(".")[0].split("-rank")[0] for name in record["files"]
+            if name.startswith("optim-")}
+
+
 def test_resumed_losses_and_metrics_equal_the_uninterrupted_run(run, config, tmp_path):
     reference = read_train_log(run)
     stage1 = sum(r["kind"] == "align" for r in reference)
     out = tmp_path / "resumed"
     assert train(config, out, "--max_steps", "2") == {}                # stopped inside stage 1
+    assert optimizer_states(out) == {"align", "llm"}
     assert train(config, out, "--max_steps", str(stage1 + 3)) == {}   # resumed, stopped inside stage 2
+    assert optimizer_states(out) == {"llm"}  # stage 1's optimizer is never stepped again: not saved
     metrics = train(config, out, "--allmrec.generate", "false",       # resumed to the end (scored metrics only)
                     "--allmrec.titles_only_baseline", "false")
     resumed = read_train_log(out)

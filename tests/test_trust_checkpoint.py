@@ -185,6 +185,19 @@ def test_an_unrecorded_safetensors_file_in_the_sharded_part_is_refused(row_run, 
 # ----------------------------------------------------------------------------------------------- records
 
 
+@pytest.mark.parametrize("run_name", ["run_dir", "row_run"])
+def test_every_recorded_size_and_digest_is_the_file_on_disk(run_name, request):
+    """The writer hashes a file as it streams it out (no second read): the record must still be the file read
+    back, for the torch.save files and the sharded part's safetensors alike."""
+    fs = fsspec.filesystem("file")
+    for checkpoint in steps(request.getfixturevalue(run_name)):
+        record = json.loads((checkpoint / "files-rank0.json").read_text())
+        assert TRAINER_FILE in record["files"]
+        for name, meta in record["files"].items():
+            path = checkpoint / name
+            assert meta == {"bytes": path.stat().st_size, "sha256": sha256_file(fs, str(path))}, path
+
+
 def _set(path: tuple, value):
     def change(record: dict) -> None:
         target = record

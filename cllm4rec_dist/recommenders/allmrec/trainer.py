@@ -120,7 +120,7 @@ class ALLMRecTrainer:
     def __init__(self, cfg: TrainConfig, data: SequentialData, model: ALLMRec, prompts: ALLMRecPrompts,
                  engines: dict, rank: Rank, sink, train_cf, timer: PhaseTimer | None = None):
         self.cfg, self.a, self.data, self.model, self.prompts = cfg, cfg.allmrec, data, model, prompts
-        self.engines, self.r, self.sink = engines, rank, sink
+        self.stage_engines, self.r, self.sink = engines, rank, sink
         self.train_cf = train_cf  # stage 0: (cfg, data, cf_model, log) -> metrics
         self.state = ALLMRecState()
         self.best_weights = None  # A-LLMRec keeps the last weights of each stage (the paper's schedule)
@@ -141,6 +141,14 @@ class ALLMRecTrainer:
         self.joint: torch.Tensor | None = None  # [J, d'] e_i, fixed after stage 1
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint_interval_s)
         self.stage_total = 0  # global steps of stages 1 and 2 (the log's ETA)
+
+    @property
+    def engines(self) -> dict:
+        """The engines of the current stage and the stages after it: what the checkpoint sinks save and load. A
+        finished stage's optimizer is never stepped again, so its state stays out of every later checkpoint (stage
+        1's Adam state of a fine-tuned Sentence-BERT is twice the encoder's size). A function of the position, so a
+        resume that falls back to an older checkpoint gets that position's engines back."""
+        return {name: e for name, e in self.stage_engines.items() if STAGES.index(name) >= self.state.block}
 
     # ---- data ----------------------------------------------------------------------------------
 
