@@ -1,5 +1,5 @@
 """Files that ship with the project (DeepSpeed configs, demo configs, the demo dataset's home), found from the
-installed package, never from the working directory.
+installed package, never from the working directory; and the cache of what the project derives from a user's files.
 
 A relative path the user gives is looked up in the working directory first, then in the project, so
 ``--dist.ds_config ds_configs/zero1.json`` and ``--config configs/demo.yaml`` work from any folder.
@@ -7,7 +7,11 @@ A relative path the user gives is looked up in the working directory first, then
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATASETS = {os.path.join("shards", "demo"): "random", os.path.join("shards", "demo-loo"): "leave-one-out"}
@@ -35,3 +39,44 @@ def demo_data_dir(name: str) -> str:
     """Where the embedded demo dataset ``name`` (a key of DEMO_DATASETS) is built and read: <project>/<name>
     (shards/ is git-ignored)."""
     return packaged(name)
+
+
+CACHE_ENV = "CLLM4REC_CACHE"
+"""Where the project keeps what it derives from a file it reads, to skip the work next time (default:
+$XDG_CACHE_HOME/cllm4rec, else ~/.cache/cllm4rec). Today: a GGUF backbone unpacked into a plain tokenizer and
+plain weights (``gguf_cache``)."""
+
+
+def cache_root() -> str:
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return root
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "cllm4rec")
+
+
+def gguf_cache(path: str, gguf_file: str) -> str:
+    """The cache folder of one GGUF file: named by the file's real path, size and modification time and by the
+    transformers version that unpacks it, so a changed file or library gets a new folder."""
+    import transformers
+
+    gguf = os.path.realpath(os.path.join(path, gguf_file))
+    stat = os.stat(gguf)
+    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    name = os.path.splitext(os.path.basename(gguf))[0]
+    return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+def fill_cache(folder: str, write: Callable[[str], None]) -> None:
+    """Cache ``folder`` whole or not at all: ``write`` fills a temporary folder beside it, which is then renamed to
+    it. The cache is an optimisation: a read-only home, a full disk or another process's copy renamed first leaves
+    nothing behind and raises nothing."""
+    staging = None
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
+        write(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

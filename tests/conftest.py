@@ -17,9 +17,9 @@ _SESSION_CACHE: list[str] = []
 
 
 def pytest_configure(config):
-    """The tests never write the user's own cache (corpus/presets.py ``cache_root``): one folder for the session,
+    """The tests never write the user's own cache (resources.py ``cache_root``): one folder for the session,
     shared by the xdist workers and every command they start (they inherit the variable), removed at the end."""
-    from cllm4rec_dist.corpus.presets import CACHE_ENV
+    from cllm4rec_dist.resources import CACHE_ENV
 
     if not os.environ.get(CACHE_ENV):
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="cllm4rec-test-cache-")

@@ -186,7 +186,11 @@ def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monk
     cache gives the same vocabulary, ids and chat template, later loads read it, and a changed GGUF file (its size or
     time) gets a folder of its own."""
     from cllm4rec_dist.corpus.preprocess import tokenizer_identity
-    from cllm4rec_dist.corpus.presets import CACHE_ENV, gguf_tokenizer_cache, load_tokenizer, smollm2_location
+    from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location
+    from cllm4rec_dist.resources import CACHE_ENV, gguf_cache
+
+    def gguf_tokenizer_cache(location: dict) -> str:
+        return os.path.join(gguf_cache(location["path"], location["gguf_file"]), "tokenizer")
 
     try:
         location = smollm2_location()

@@ -2,6 +2,7 @@
 
 import copy
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -580,6 +581,38 @@ def test_smollm2_gguf_backbone_runs_an_l_step():
     out = l_step_loss(model, batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.collab_item_table.weight.grad is not None
+
+
+@pytest.mark.smollm2
+def test_a_gguf_backbone_is_unpacked_once_into_the_cache_with_the_same_weights():
+    """A load unpacks the GGUF file into a plain checkpoint in its cache folder (the session's, conftest.py), unless
+    an earlier load did, and loads that: its weights are the file's own, bit for bit (reference: transformers' own
+    GGUF load), in fp32 (and the logits) and in bf16."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from cllm4rec_dist.resources import gguf_cache
+
+    try:
+        package_dir, gguf_file = smollm2_path()
+    except ModuleNotFoundError as missing:
+        pytest.skip(str(missing))
+    unpacked = Path(gguf_cache(package_dir, gguf_file)) / "model"
+    reference = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True),
+                                                     device_map={"": "cpu"}, local_files_only=True)
+    ids = torch.randint(0, 49152, (2, 11), generator=torch.Generator().manual_seed(0))
+    for precision in ("fp32", "bf16"):
+        loaded = bb.load_backbone(package_dir, precision, gguf_file=gguf_file, device="cpu")
+        assert (unpacked / "config.json").is_file() and Path(loaded.config._name_or_path) == unpacked
+        assert not list(unpacked.parent.glob("*.tmp-*")) and bb.is_tied(loaded) and not bb.is_quantised(loaded)
+        mine, theirs = loaded.state_dict(), reference.state_dict()
+        # bf16: transformers' bf16 GGUF load holds its fp32 weights cast (its non-persistent buffers, such as the
+        # rotary frequencies, are built by the same from_pretrained(dtype=bf16) as here: not compared)
+        theirs = {k: v.to(mine[k].dtype) for k, v in theirs.items() if k in mine}
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), precision
+        if precision == "fp32":
+            with torch.no_grad():
+                assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
 # ---- (7) packed rows and a bf16 backbone against the fp32 one-document-at-a-time reference ------

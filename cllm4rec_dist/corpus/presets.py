@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cllm4rec_dist.resources import fill_cache, gguf_cache
 from cllm4rec_dist.settings import ConfigError
 
 PRESETS: dict[str, dict] = {
@@ -179,55 +180,20 @@ def run_backbone(spec: str | None, manifest: dict) -> dict:
     return {"path": location["path"], "gguf_file": location["gguf_file"]}
 
 
-CACHE_ENV = "CLLM4REC_CACHE"
-"""Where this project keeps what it derives from files it reads (default: $XDG_CACHE_HOME/cllm4rec, else
-~/.cache/cllm4rec). Today: the tokenizer of a GGUF backbone, saved as a plain Hugging Face tokenizer."""
-
-
-def cache_root() -> str:
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "cllm4rec")
-    return root
-
-
-def gguf_tokenizer_cache(location: dict) -> str:
-    """The cache folder of a GGUF file's tokenizer: named by the file's real path, size and modification time and
-    the transformers version that converted it, so a changed file or library gets a new one."""
-    import hashlib
-
-    import transformers
-
-    gguf = os.path.realpath(os.path.join(location["path"], location["gguf_file"]))
-    stat = os.stat(gguf)
-    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(cache_root(), "gguf-tokenizers", f"{Path(gguf).stem}-{digest}")
-
-
 def load_tokenizer(location: dict):
-    """The backbone's tokenizer. From a GGUF file, transformers rebuilds it from the file's fields (about 5 s of
-    Python parsing, at every launch, in the driver's checks and again in each worker): the first load saves it as
-    a plain tokenizer in ``gguf_tokenizer_cache``, which later loads read instead (tokenizer.json, no code). An
-    unwritable cache only costs the parse."""
+    """The backbone's tokenizer. From a GGUF file transformers rebuilds it from the file's fields (about 5 s of
+    Python parsing, and a launch loads it in the driver's checks and again in each worker): the first load keeps it
+    as a plain tokenizer (tokenizer.json: no code) in the file's cache folder (resources.py ``gguf_cache``), which
+    later loads read instead."""
     from transformers import AutoTokenizer
 
     if not location.get("gguf_file"):
         return AutoTokenizer.from_pretrained(location["path"], local_files_only=True)
-    cached = gguf_tokenizer_cache(location)
+    cached = os.path.join(gguf_cache(location["path"], location["gguf_file"]), "tokenizer")
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(cached, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(location["path"], gguf_file=location["gguf_file"], local_files_only=True)
-    staging = None
-    try:  # written beside its final name, then renamed: a reader never sees half a tokenizer
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=os.path.basename(cached) + ".tmp-", dir=os.path.dirname(cached))
-        tokenizer.save_pretrained(staging)
-        os.rename(staging, cached)
-    except OSError:  # a read-only home, a full disk, or another process renamed its copy first
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+    fill_cache(cached, tokenizer.save_pretrained)
     return tokenizer
 
 

@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 
 from cllm4rec_dist.model.options import PRECISIONS, QUANTISED  # noqa: E402, F401 (re-exported)
+from cllm4rec_dist.resources import fill_cache, gguf_cache  # noqa: E402
 
 GQA_SDPA = "cllm4rec_gqa_sdpa"
 """Name of the attention implementation ``use_gqa_sdpa`` registers with transformers."""
@@ -78,6 +79,11 @@ def load_backbone(path_or_dir: str | os.PathLike, precision: str = "fp32", gguf_
                                 "written by save_pretrained (or holding the GGUF file); nothing is downloaded")
     if gguf_file is not None and not (directory / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {str(directory)!r}")
+
+    if gguf_file is not None and not from_scratch:
+        unpacked = gguf_unpacked(directory, gguf_file)
+        if unpacked is not None:  # the same weights, bit for bit, without unpacking the file again
+            directory, gguf_file = Path(unpacked), None
 
     device = torch.device(device) if device is not None else _default_device()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -180,7 +186,9 @@ def save_gguf_as_checkpoint(path_or_dir: str | os.PathLike, gguf_file: str, out_
     transformers refuses both to save a GGUF-loaded model and to bitsandbytes-quantise one, so the
     weights are copied into a fresh model of the same config, without the GGUF quantization entry.
     """
-    gguf_model = load_backbone(path_or_dir, "fp32", gguf_file=gguf_file, device="cpu")
+    gguf_model = AutoModelForCausalLM.from_pretrained(path_or_dir, local_files_only=True, dtype=torch.float32,
+                                                      gguf_file=gguf_file, device_map={"": "cpu"},
+                                                      quantization_config=GgufConfig(dequantize=True))
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -188,6 +196,16 @@ def save_gguf_as_checkpoint(path_or_dir: str | os.PathLike, gguf_file: str, out_
     plain.load_state_dict(gguf_model.state_dict())
     plain.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def gguf_unpacked(path_or_dir: str | os.PathLike, gguf_file: str) -> str | None:
+    """The plain fp32 checkpoint of a GGUF file in the file's cache folder (resources.py ``gguf_cache``), written
+    by the first load: unpacking SmolLM2's file takes ~11 s of every worker's start otherwise, its plain weights
+    load in well under a second. None where the cache cannot be written (the caller unpacks the file itself)."""
+    folder = os.path.join(gguf_cache(str(path_or_dir), gguf_file), "model")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        fill_cache(folder, lambda out: save_gguf_as_checkpoint(path_or_dir, gguf_file, out))
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
