@@ -43,8 +43,8 @@ def demo_data_dir(name: str) -> str:
 
 CACHE_ENV = "CLLM4REC_CACHE"
 """Where the project keeps what it derives from a file it reads, to skip the work next time (default:
-$XDG_CACHE_HOME/cllm4rec, else ~/.cache/cllm4rec). Today: a GGUF backbone unpacked into a plain tokenizer and
-plain weights (``gguf_cache``)."""
+$XDG_CACHE_HOME/cllm4rec_dist, else ~/.cache/cllm4rec_dist: the package's name). Today: a GGUF backbone unpacked
+into a plain tokenizer and plain weights (``gguf_cache``)."""
 
 
 def cache_root() -> str:
@@ -52,7 +52,7 @@ def cache_root() -> str:
     if root:
         return root
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "cllm4rec")
+                        "cllm4rec_dist")
 
 
 def gguf_cache(path: str, gguf_file: str) -> str:
