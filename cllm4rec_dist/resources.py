@@ -69,14 +69,19 @@ def gguf_cache(path: str, gguf_file: str) -> str:
 
 def fill_cache(folder: str, write: Callable[[str], None]) -> None:
     """Cache ``folder`` whole or not at all: ``write`` fills a temporary folder beside it, which is then renamed to
-    it. The cache is an optimisation: a read-only home, a full disk or another process's copy renamed first leaves
-    nothing behind and raises nothing."""
+    it. The cache is an optimisation: a folder another process renamed first is kept; a read-only home or a full
+    disk is one warning line, leaves nothing behind, and the caller reads the source itself."""
     staging = None
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
         write(staging)
         os.rename(staging, folder)
-    except OSError:
+        staging = None
+    except Exception as err:  # noqa: BLE001 (any failure to write a cache only costs the work it would save)
+        if not os.path.isdir(folder):
+            print(f"[cache] warning: could not write {folder} ({type(err).__name__}: {err}); "
+                  f"set {CACHE_ENV} to a writable folder to skip this work next time", flush=True)
+    finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -218,3 +218,27 @@ def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monk
     (copy / location["gguf_file"]).unlink()
     (copy / location["gguf_file"]).write_bytes(b"GGUF")
     assert gguf_tokenizer_cache({"path": str(copy), "gguf_file": location["gguf_file"]}) != str(cached)
+
+
+def test_a_cache_folder_is_written_whole_or_not_at_all(tmp_path, capsys):
+    """resources.py ``fill_cache``: a finished write appears under its name at once; a failing one (a full disk, a
+    bug in the writer) leaves neither the folder nor its temporary twin, says so in one line, and raises nothing;
+    a folder another process put there first is kept."""
+    from cllm4rec_dist.resources import fill_cache
+
+    def write(folder: str) -> None:
+        Path(folder, "a.json").write_text("{}")
+
+    def fails(folder: str) -> None:
+        Path(folder, "half.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    target = tmp_path / "cache" / "entry"
+    fill_cache(str(target), fails)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    assert "[cache] warning: could not write" in capsys.readouterr().out
+    fill_cache(str(target), write)
+    assert [p.name for p in target.iterdir()] == ["a.json"]
+    fill_cache(str(target), lambda folder: Path(folder, "b.json").write_text("{}"))  # another writer came first
+    assert [p.name for p in target.iterdir()] == ["a.json"] and len(list(target.parent.iterdir())) == 1
+    assert capsys.readouterr().out == ""
