@@ -9,17 +9,21 @@ fit are refused: join a cluster with --dist.ray_address). Every setting is a key
 the command that resumes it (exit status 130 / 143).
 """
 
-import sys
+import time
 
-from cllm4rec_dist.distributed import launch_ray
-from cllm4rec_dist.errors import run_command
-from cllm4rec_dist.launch import exit_now, finish, interruptible, parse
-from cllm4rec_dist.train.timing import PhaseTimer, process_started_at
+FIRST_STATEMENT = time.time(), time.process_time()  # before the imports: train/timing.py launch_started_at
+
+import sys  # noqa: E402
+
+from cllm4rec_dist.distributed import launch_ray  # noqa: E402
+from cllm4rec_dist.errors import run_command  # noqa: E402
+from cllm4rec_dist.launch import exit_now, finish, interruptible, parse  # noqa: E402
+from cllm4rec_dist.train.timing import PhaseTimer, launch_started_at  # noqa: E402
 
 
 def main(argv=None) -> int:
     timer = PhaseTimer()
-    timer.mark("process_started", process_started_at())
+    timer.mark("process_started", launch_started_at(*FIRST_STATEMENT))
     timer.mark("started")
     cfg, args = parse(__doc__, argv)
     return finish(cfg, args, launch_ray(cfg, timer, exports=not args.no_export), timer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -38,6 +39,28 @@ def test_a_process_start_is_between_its_spawn_and_its_first_statement():
         first, started, job = probe()
         assert before - TICK <= started <= first, (before, started, first)
         assert job == pytest.approx(started, abs=1e-3)  # no launcher above it: the same process
+
+
+EXEC_PROBE = ("import time; first = time.time(), time.process_time(); import json, sys; sys.path.insert(0, {repo!r}); "
+              "from cllm4rec_dist.train.timing import launch_started_at, process_started_at; "
+              "print(json.dumps([first[0], process_started_at(), launch_started_at(*first, idle_s=1.0)]))")
+
+
+@pytest.mark.parametrize("shell_waits", [False, True])
+def test_a_launcher_exec_d_by_a_shell_after_a_wait_is_timed_from_its_first_statement(shell_waits):
+    """`bash -c "setup && python launcher.py"` runs python in the shell's own process once setup ends: /proc then
+    gives the shell's start, and a job's wall time would count the setup. Here the shell waits 2.5 s, then execs
+    Python: the launch clock starts at the launcher's first statement. Without the wait it is the process's start
+    (the interpreter's start and imports count)."""
+    wait = "sleep 2.5; " if shell_waits else ""
+    code = shlex.quote(EXEC_PROBE.format(repo=str(REPO)))
+    out = subprocess.run(["bash", "-c", f"{wait}exec {shlex.quote(sys.executable)} -c {code}"],
+                         capture_output=True, text=True, check=True).stdout
+    first, process_start, launch_start = json.loads(out.strip().splitlines()[-1])
+    if shell_waits:
+        assert first - process_start > 2.4 and launch_start == first
+    else:
+        assert first - process_start < 2.0 and launch_start == pytest.approx(process_start, abs=1e-3)
 
 
 def test_the_start_does_not_read_btime(monkeypatch):

@@ -93,6 +93,25 @@ def process_started_at(pid: int | str = "self") -> float | None:
         return None
 
 
+EXEC_IDLE_S = 10.0
+"""Wall time between a process's start and a launcher's first statement that its CPU time leaves unexplained,
+beyond which the process was another program first (``launch_started_at``)."""
+
+
+def launch_started_at(first_statement: float, cpu_at_first_statement: float, idle_s: float = EXEC_IDLE_S) -> float:
+    """When a launcher's job started, for its wall time: the process's start (``process_started_at``: the
+    interpreter's start and the launcher's imports count), unless the process was another program first. A shell
+    runs the last command of its command line in its own process (``bash -c "bash scripts/setup.sh && python
+    launchers/pretrain_llama.py"`` becomes python once setup ends), and the process's start is then the shell's.
+    Starting Python and importing a launcher's first lines is CPU work; a gap between the process's start and the
+    launcher's first statement (``time.time()`` and ``time.process_time()`` there) that the CPU time leaves more than
+    ``idle_s`` unexplained was a wait before the exec, and the clock starts at the first statement instead."""
+    started = process_started_at()
+    if started is None or (first_statement - started) - cpu_at_first_statement > idle_s:
+        return first_statement
+    return started
+
+
 def _cmdline(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return [w.decode("utf-8", "replace") for w in f.read().split(b"\0") if w]
