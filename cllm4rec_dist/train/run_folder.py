@@ -60,8 +60,6 @@ def path_settings(cfg) -> list[str]:
     return names
 
 
-
-
 def absolute_path(path: str | None) -> str | None:
     """A local path that exists, made absolute; a URL ("s3://..."), an absolute path, None or a name that is no
     local path (a backbone given by another name) as given."""
