@@ -243,28 +243,57 @@ def test_zero3_is_refused_with_a_clear_error(config_file, tmp_path):
 
 def test_a_joined_cluster_keeps_ray_trains_own_machinery():
     """Only a cluster the launcher started (and stops) runs without the autoscaling coordinator, the placement-group
-    cleaner and the dataset manager; joining a cluster, or passing Ray datasets, gets the plain TorchTrainer."""
-    from ray.train.torch import TorchTrainer
+    cleaner and the dataset manager, and with the torch-free process-group config on CPU workers; joining a cluster,
+    or passing Ray datasets, gets the plain TorchTrainer."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from cllm4rec_dist.ray_local import LocalScalingPolicy, LocalTorchTrainer, local_trainer_class
+    from cllm4rec_dist.ray_local import GlooProcessGroup, LocalScalingPolicy, LocalTrainer, local_trainer_class
 
     assert local_trainer_class(local_cluster=False) is TorchTrainer
     assert local_trainer_class(local_cluster=True, has_datasets=True) is TorchTrainer
-    assert local_trainer_class(local_cluster=True) is LocalTorchTrainer
-    from ray.train import ScalingConfig
+    assert local_trainer_class(local_cluster=True) is LocalTrainer
 
     scaling = ScalingConfig(num_workers=2)
     plain = TorchTrainer(lambda: None, scaling_config=scaling)._create_default_callbacks()
-    local = LocalTorchTrainer(lambda: None, scaling_config=scaling)._create_default_callbacks()
+    local_trainer = LocalTrainer(lambda: None, scaling_config=scaling)
+    local = local_trainer._create_default_callbacks()
     skipped = (DatasetsCallback, PlacementGroupCleanerCallback)
     assert sum(isinstance(cb, skipped) for cb in plain) == 2
     assert [type(cb) for cb in local] == [type(cb) for cb in plain if not isinstance(cb, skipped)]
+    assert isinstance(local_trainer.backend_config, GlooProcessGroup)
+    # Ray's own config where the workers have GPUs (NCCL, the CUDA device set per worker)
+    gpu = LocalTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2, use_gpu=True)).backend_config
+    assert isinstance(gpu, TorchConfig) and gpu.backend == "nccl"
     policy = LocalScalingPolicy(scaling)
     policy.after_controller_start(None)  # sends nothing: there is no coordinator client to send it with
     assert policy._coordinator_client is None
     assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+
+
+def test_the_controller_unpickles_the_local_runs_policy_and_process_group_without_torch():
+    """What Ray Train's controller actor receives from `LocalTrainer` (the scaling policy and the backend config, by
+    cloudpickle as Ray sends them) loads in a fresh interpreter without importing torch: the controller, on the path
+    to the workers' start, no longer spends a second of a core importing it (ray_local.py). Ray's own TorchConfig
+    does import it (the check that the probe can tell)."""
+    import ray.cloudpickle as cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from cllm4rec_dist.ray_local import GlooProcessGroup, LocalScalingPolicy
+
+    probe = ("import sys; from ray import cloudpickle; cloudpickle.loads(sys.stdin.buffer.read()); "
+             "print('torch' in sys.modules)")
+
+    def imports_torch(obj) -> bool:
+        done = subprocess.run([sys.executable, "-c", probe], input=cloudpickle.dumps(obj), capture_output=True,
+                              cwd=REPO, check=True)
+        return done.stdout.decode().strip() == "True"
+
+    assert not imports_torch((LocalScalingPolicy(ScalingConfig(num_workers=2)), GlooProcessGroup()))
+    assert imports_torch(TorchConfig())
 
 
 def test_only_a_training_worker_starts_its_imports_when_ray_starts_its_process():
