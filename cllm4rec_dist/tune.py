@@ -410,7 +410,9 @@ def run_search(spec: TuneSpec, base: TrainConfig, out: str, record: dict) -> Non
         tuner.fit()  # its ResultGrid is not used: the results are in OUT/trials.json
     finally:
         if started_here:
-            ray.shutdown()
+            from cllm4rec_dist.distributed import stop_local_ray
+
+            stop_local_ray()
 
 
 def search_state_dir(out: str) -> str:

@@ -40,11 +40,19 @@ def ray_session():
     """One local Ray for this module's searches (`cllm4rec tune` joins an initialised Ray instead of starting one)."""
     import ray
 
+    from cllm4rec_dist.distributed import stop_local_ray
     from cllm4rec_dist.tune import start_local_ray
 
     start_local_ray(2)
     yield
-    ray.shutdown()
+    # stop_local_ray kills the autoscaler's monitor itself, ahead of ray.shutdown: no process of the node is left.
+    node = ray._private.worker._global_node
+    processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
+    assert "monitor" in processes, sorted(processes)
+    stop_local_ray()
+    assert not ray.is_initialized()
+    assert {kind: [p.poll() for p in procs if p.poll() is None] for kind, procs in processes.items()
+            if any(p.poll() is None for p in procs)} == {}
 
 
 def test_local_ray_workers_run_at_the_commands_priority(ray_session):
