@@ -98,15 +98,17 @@ def _install_kill_hook(recipe) -> None:
     trainer.train_step = train_step
 
 
-def ray_worker_loop(config: dict) -> None:
-    """Runs in every Ray Train worker (torch.distributed is already initialised by Ray)."""
+def ray_worker_loop(config: dict) -> dict:
+    """Runs in every Ray Train worker (torch.distributed is already initialised by Ray). Returns the final metrics,
+    which Ray Train hands to the driver as ``Result.return_value`` (rank 0's). Not a last ``ray.train.report``: Ray
+    Train 2.x keeps only the metrics reported with a checkpoint in its ``Result``, and every report is one more
+    round of the controller's polls (0.5 s apart) before it sees the workers finish."""
     timer = PhaseTimer()
     timer.mark("worker_started")
     if ray_warm.started_at is not None:  # the imports began when Ray started this process (ray_warm.py)
         timer.mark("warm_imports_started", ray_warm.started_at)
     with timer.phase("worker_imports"):
         import deepspeed  # noqa: F401
-        import ray.train
 
         from cllm4rec_dist.train.checkpoint import RaySink
         from cllm4rec_dist.train.engines import init_distributed
@@ -120,7 +122,7 @@ def ray_worker_loop(config: dict) -> None:
     result = recipe.train()
     final = {"final": True, **{f"{part}/{k}": v for part in ("valid", "test") for k, v in result.get(part, {}).items()},
              "global_step": result.get("global_step", 0)}
-    ray.train.report(final)
+    return final
 
 
 def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None, exports: bool = False) -> dict:
