@@ -50,6 +50,9 @@ def _import(name: str) -> None:
         from cllm4rec_dist.recommenders import recommender
 
         recommender(name).recipe_class()  # the model's code: transformers and the backbone loader
+        # What the first deepspeed.initialize imports, inside the job's "engines" phase otherwise: its ZeRO optimizer
+        # check loads this module, which calls torch.compile at import time (torch._dynamo and inductor).
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     except Exception:  # noqa: BLE001 - the training function imports them again and reports what fails
         pass
 
