@@ -31,7 +31,7 @@ def read_projector(logdir: Path) -> list[dict]:
 
 
 def load_tsv(path: Path) -> np.ndarray:
-    return np.loadtxt(path, delimiter="\t", dtype=np.float64, ndmin=2)
+    return np.loadtxt(path, delimiter="\t", dtype=np.float32, ndmin=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_projector_files_hold_sampled_tables_with_ids_and_titles(titled_run):
     assert not np.allclose(by_tag[(first, "collab_item")], by_tag[(last, "collab_item")])
     best = f"{metrics['best']['global_step']:05d}"
     final = f"{metrics['global_step']:05d}"
-    for name in tables:
-        np.testing.assert_allclose(by_tag[(final, f"best/{name}")], by_tag[(best, name)], rtol=1e-6)
+    for name in tables:  # the float32 values exactly (the TSV's digits give each back)
+        np.testing.assert_array_equal(by_tag[(final, f"best/{name}")], by_tag[(best, name)])
 
 
 def test_tensorboard_projector_plugin_serves_the_tables(titled_run):
@@ -118,3 +118,42 @@ def test_tensorboard_projector_plugin_serves_the_tables(titled_run):
     assert tensor.shape == (SAMPLE * 64,)
     metadata = get("/metadata", run=".", name=final).decode().splitlines()
     assert metadata[0] == "item\titem_id\ttitle" and len(metadata) == SAMPLE + 1
+
+
+def test_the_files_are_those_add_embedding_writes(tmp_path):
+    """The projector's own writer against TensorBoard's ``SummaryWriter.add_embedding`` (the reference): the same
+    folders, metadata and config byte for byte, tag escaping included, and the same float32 values."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cllm4rec_dist.train.projector import ITEM_HEADER, USER_HEADER, EmbeddingProjector
+
+    tables = {"collab_item": ("item", torch.randn(30, 8)), "collab_user": ("user", torch.randn(40, 8)),
+              "odd/ta%g": ("item", torch.randn(30, 8))}
+
+    class Model:
+        def embedding_tables(self):
+            return tables
+
+    item_ids, user_ids = [f"i{j}" for j in range(30)], [f"u {i}" for i in range(40)]
+    titles = [f"title\t{j}" for j in range(30)]
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    projector = EmbeddingProjector(SummaryWriter(str(ours)), item_ids, user_ids, titles, sample_size=20, seed=0)
+    writer = SummaryWriter(str(ref))
+    for step, prefix in ((3, ""), (7, ""), (7, "best/")):
+        projector.write(Model(), step, prefix=prefix)
+        for name, (entity, weight) in tables.items():
+            rows = projector.items if entity == "item" else projector.users
+            metadata = ([[str(j), item_ids[j], " ".join(titles[j].split())] for j in rows] if entity == "item"
+                        else [[str(i), " ".join(user_ids[i].split())] for i in rows])
+            writer.add_embedding(weight[torch.as_tensor(rows)], metadata=metadata, global_step=step,
+                                 metadata_header=list(ITEM_HEADER if entity == "item" else USER_HEADER),
+                                 tag=prefix + name)
+    written = sorted(p.relative_to(ref) for p in ref.rglob("*.*") if not p.name.startswith("events."))
+    assert sorted(p.relative_to(ours) for p in ours.rglob("*.*") if not p.name.startswith("events.")) == written
+    assert len(written) == 1 + 3 * 3 * 2
+    for path in written:
+        if path.name == "tensors.tsv":
+            np.testing.assert_array_equal(load_tsv(ours / path), load_tsv(ref / path))
+        else:
+            assert (ours / path).read_bytes() == (ref / path).read_bytes(), path
