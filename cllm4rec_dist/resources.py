@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,13 +75,38 @@ def gguf_cache(path: str, gguf_file: str, part: str) -> str:
     return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}", part)
 
 
+ABANDONED_STAGING_S = 3600
+"""A cache's temporary folder this much older than now was left by a killed writer (a write takes seconds)."""
+
+
+def remove_abandoned_staging(folder: str, older_than_s: float = ABANDONED_STAGING_S) -> None:
+    """Remove the temporary twins of ``folder`` (``<name>.tmp-*`` beside it) last modified more than
+    ``older_than_s`` ago: what a writer killed before its rename left (a GGUF backbone's is half a gigabyte). A
+    younger one may be another process's write in progress and is kept."""
+    parent, prefix = os.path.dirname(folder), os.path.basename(folder) + ".tmp-"
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            if now - os.stat(path).st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # removed meanwhile by another process
+
+
 def fill_cache(folder: str, write: Callable[[str], None]) -> None:
     """Cache ``folder`` whole or not at all: ``write`` fills a temporary folder beside it, which is then renamed to
     it. The cache is an optimisation: a folder another process renamed first is kept; a read-only home or a full
-    disk is one warning line, leaves nothing behind, and the caller reads the source itself."""
+    disk is one warning line, leaves nothing behind, and the caller reads the source itself. Temporary folders
+    that killed writers left are removed first (``remove_abandoned_staging``)."""
     staging = None
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
+        remove_abandoned_staging(folder)
         staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
         write(staging)
         os.rename(staging, folder)

@@ -239,3 +239,24 @@ def test_a_cache_folder_is_written_whole_or_not_at_all(tmp_path, capsys):
     fill_cache(str(target), lambda folder: Path(folder, "b.json").write_text("{}"))  # another writer came first
     assert [p.name for p in target.iterdir()] == ["a.json"] and len(list(target.parent.iterdir())) == 1
     assert capsys.readouterr().out == ""
+
+
+def test_a_killed_writers_temporary_cache_folder_is_removed_by_the_next_write(tmp_path):
+    """A writer killed before its rename leaves its temporary twin (half a gigabyte for a GGUF backbone); the next
+    write removes the twins older than an hour, and keeps a younger one, which may be a write in progress."""
+    import os
+    import time
+
+    from cllm4rec_dist.resources import ABANDONED_STAGING_S, fill_cache
+
+    cache = tmp_path / "cache"
+    abandoned, in_progress = cache / "entry.tmp-dead", cache / "entry.tmp-live"
+    for twin in (abandoned, in_progress):
+        twin.mkdir(parents=True)
+        (twin / "model.safetensors").write_bytes(b"0" * 1024)
+    old = time.time() - ABANDONED_STAGING_S - 60
+    os.utime(abandoned, (old, old))
+    (cache / "other.tmp-dead").mkdir()  # another entry's twin: not this write's to judge
+    os.utime(cache / "other.tmp-dead", (old, old))
+    fill_cache(str(cache / "entry"), lambda folder: Path(folder, "a.json").write_text("{}"))
+    assert sorted(p.name for p in cache.iterdir()) == ["entry", "entry.tmp-live", "other.tmp-dead"]
