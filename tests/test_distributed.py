@@ -284,16 +284,14 @@ def test_the_controller_unpickles_the_local_runs_policy_and_process_group_withou
 
     from cllm4rec_dist.ray_local import GlooProcessGroup, LocalScalingPolicy
 
-    probe = ("import sys; from ray import cloudpickle; cloudpickle.loads(sys.stdin.buffer.read()); "
+    # One fresh interpreter: ours first, then Ray's TorchConfig (the check that the probe can tell).
+    probe = ("import sys; from ray import cloudpickle; ours, ray_s = cloudpickle.loads(sys.stdin.buffer.read()); "
+             "cloudpickle.loads(ours); print('torch' in sys.modules); cloudpickle.loads(ray_s); "
              "print('torch' in sys.modules)")
-
-    def imports_torch(obj) -> bool:
-        done = subprocess.run([sys.executable, "-c", probe], input=cloudpickle.dumps(obj), capture_output=True,
-                              cwd=REPO, check=True)
-        return done.stdout.decode().strip() == "True"
-
-    assert not imports_torch((LocalScalingPolicy(ScalingConfig(num_workers=2)), GlooProcessGroup()))
-    assert imports_torch(TorchConfig())
+    payload = cloudpickle.dumps((cloudpickle.dumps((LocalScalingPolicy(ScalingConfig(num_workers=2)),
+                                                    GlooProcessGroup())), cloudpickle.dumps(TorchConfig())))
+    done = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, cwd=REPO, check=True)
+    assert done.stdout.decode().split() == ["False", "True"], done.stdout
 
 
 def test_only_a_training_worker_starts_its_imports_when_ray_starts_its_process():
