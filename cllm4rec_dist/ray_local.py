@@ -8,8 +8,8 @@ in-process cluster of `launch_ray` there is no autoscaler to ask, the placement 
 (``ray.shutdown``), and our workers read their webdataset shards themselves: each of these actors is one more
 process importing Ray on the cores the workers start on, the first of them on the path to the workers.
 
-The controller also imports torch (about 1.2 s of a core, before it creates the workers) only to unpickle
-``TorchConfig``, whose module imports torch at the top although the controller calls no torch function. On CPU
+The controller also imports torch, before it creates the workers, only to unpickle ``TorchConfig``, whose module
+imports torch at the top although the controller calls no torch function. On CPU
 workers `GlooProcessGroup` stands in for it: the same process group (gloo, ``env://``, the torchrun variables
 set on each worker), set up by functions that import torch on the workers.
 
@@ -29,9 +29,7 @@ import logging
 import os
 
 import ray
-from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +37,12 @@ PROCESS_GROUP_SHUTDOWN_TIMEOUT_S = 30
 """How long the workers get to leave the process group at the end (Ray's TorchConfig: 30 s as well)."""
 
 try:  # Ray Train V2's private layout (ray 2.5x-2.6x); without it the plain TorchTrainer runs
+    from ray.train._internal.utils import get_address_and_port
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.util import TrainingFramework
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 except ImportError:  # pragma: no cover - another Ray version
     DatasetsCallback = PlacementGroupCleanerCallback = FixedScalingPolicy = TrainingFramework = None
 
