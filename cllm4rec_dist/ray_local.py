@@ -97,7 +97,7 @@ class GlooProcessGroup(BackendConfig):
 
     @property
     def framework(self):
-        return TrainingFramework.TORCH if TrainingFramework is not None else None
+        return TrainingFramework.TORCH  # defined wherever this class is used (`_layout_known`)
 
     def to_dict(self) -> dict:
         return {"backend": "gloo", "init_method": "env", "timeout_s": self.timeout_s}

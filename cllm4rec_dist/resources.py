@@ -79,11 +79,16 @@ ABANDONED_STAGING_S = 3600
 """A cache's temporary folder this much older than now was left by a killed writer (a write takes seconds)."""
 
 
+def _staging_prefix(folder: str) -> str:
+    """The name prefix of ``folder``'s temporary twins (``fill_cache`` writes into one, then renames it)."""
+    return os.path.basename(folder) + ".tmp-"
+
+
 def remove_abandoned_staging(folder: str, older_than_s: float = ABANDONED_STAGING_S) -> None:
     """Remove the temporary twins of ``folder`` (``<name>.tmp-*`` beside it) last modified more than
     ``older_than_s`` ago: what a writer killed before its rename left (a GGUF backbone's is half a gigabyte). A
     younger one may be another process's write in progress and is kept."""
-    parent, prefix = os.path.dirname(folder), os.path.basename(folder) + ".tmp-"
+    parent, prefix = os.path.dirname(folder), _staging_prefix(folder)
     try:
         names = [n for n in os.listdir(parent) if n.startswith(prefix)]
     except OSError:
@@ -107,7 +112,7 @@ def fill_cache(folder: str, write: Callable[[str], None]) -> None:
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         remove_abandoned_staging(folder)
-        staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
+        staging = tempfile.mkdtemp(prefix=_staging_prefix(folder), dir=os.path.dirname(folder))
         write(staging)
         os.rename(staging, folder)
         staging = None
