@@ -295,28 +295,34 @@ def test_row_layout_is_the_dtensor_split_and_the_init_does_not_depend_on_it(rows
         assert torch.equal(part, shifted[lay.start:lay.stop])
 
 
-def _text_init_on_rank(rank, world, backbone_dir, texts, token_init="text", content_init="draw"):
+def _text_init_on_rank(rank, world, backbone_dir, texts):
+    """Both text initialisations on one pair of ranks (a spawn of two processes is most of this test's time)."""
     from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
-    model = CLLM4Rec(ModelConfig(backbone=backbone_dir, num_users=9, num_items=len(texts), token_init=token_init,
-                                 content_init=content_init, item_text_ids=texts, init_std=1e-6,
-                                 table_sharding="row", device="cpu"))
-    return {"start": model.collab_item_table.layout.start, "rows": model.collab_item_table.weight.detach().clone(),
+    out = {}
+    for token_init, content_init in (("text", "draw"), ("normal", "text")):
+        model = CLLM4Rec(ModelConfig(backbone=backbone_dir, num_users=9, num_items=len(texts), token_init=token_init,
+                                     content_init=content_init, item_text_ids=texts, init_std=1e-6,
+                                     table_sharding="row", device="cpu"))
+        out[token_init, content_init] = {
+            "start": model.collab_item_table.layout.start, "rows": model.collab_item_table.weight.detach().clone(),
             "content": model.content_item_table.weight.detach().clone(),
             "words": model.backbone.get_input_embeddings().weight.detach().float()}
+    return out
 
 
 def test_text_init_of_row_sharded_tables_gives_each_rank_its_items_text_rows(demo_data):
     """token_init="text" with row-sharded tables: rank r's rows are the text means of ITS items (start..)."""
     backbone_dir = ShardedDataset(demo_data).manifest["backbone"]["path"]
     texts = [[3 * j % 50, 7 + j % 11, 2 * j % 13] for j in range(13)]
-    out = run_ranks(_text_init_on_rank, 2, backbone_dir, texts)
+    ranks = run_ranks(_text_init_on_rank, 2, backbone_dir, texts)
+    out = [r["text", "draw"] for r in ranks]
     words = out[0]["words"]
     expected = torch.stack([words[ids].mean(0) for ids in texts])
     assert [o["start"] for o in out] == [0, len(out[0]["rows"])]
     torch.testing.assert_close(torch.cat([o["rows"] for o in out]), expected, atol=1e-5, rtol=0)
     # content_init="text": the content item rows only, the collaborative rows keep the "normal" draw
-    out = run_ranks(_text_init_on_rank, 2, backbone_dir, texts, "normal", "text")
+    out = [r["normal", "text"] for r in ranks]
     torch.testing.assert_close(torch.cat([o["content"] for o in out]), expected, atol=1e-5, rtol=0)
     assert torch.cat([o["rows"] for o in out]).abs().max() < 1e-4
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import one_line_error  # noqa: E402
+from ranks import free_port
 
 from cllm4rec_dist.cli import main as cli
 from cllm4rec_dist.data.readers import ReaderOptions, read_dataset
@@ -256,15 +257,18 @@ def test_a_broken_quote_and_invalid_utf8_keep_every_valid_row(tmp_path, capsys):
 
 def test_the_launcher_runs_from_another_folder(demo_data, tmp_path, monkeypatch, capsys):
     """Its packaged defaults (configs/demo.yaml, ds_configs/zero2.json) are found from any working directory:
-    the run gets past them to the dataset check (a missing dataset here, so that no Ray cluster starts)."""
+    the run gets past them to the dataset check (a missing dataset here, so that no training starts; a cluster
+    address that nothing listens on, so that no local Ray starts either: the checks come before Ray is joined)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
     missing = str(tmp_path / "no-dataset")
-    assert run_command(launcher["main"], ["--data", missing, "--out", str(tmp_path / "r")]) == 2
+    cluster = ["--dist.ray_address", f"127.0.0.1:{free_port()}"]
+    assert run_command(launcher["main"], ["--data", missing, "--out", str(tmp_path / "r"), *cluster]) == 2
     one_line_error(capsys, f"{missing}: no manifest.json")
-    assert run_command(launcher["main"], ["--data", missing, "--dist.ds_config", "ds_configs/zero1.json"]) == 2
+    assert run_command(launcher["main"], ["--data", missing, "--dist.ds_config", "ds_configs/zero1.json",
+                                          *cluster]) == 2
     one_line_error(capsys, "no manifest.json")
     from cllm4rec_dist.launch import parse
 
@@ -294,7 +298,9 @@ def test_ordinary_mistakes_exit_2_with_one_line_naming_the_file_or_field(demo_da
     broken = tmp_path / "broken.json"
     broken.write_text('{"zero_optimization": {"stage": 2},}\n')
     launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
-    assert run_command(launcher["main"], ["--data", demo_data, "--dist.ds_config", str(broken)]) == 2
+    # (a cluster address that nothing listens on: the checks come before Ray is joined, and no local Ray starts)
+    assert run_command(launcher["main"], ["--data", demo_data, "--dist.ds_config", str(broken),
+                                          "--dist.ray_address", f"127.0.0.1:{free_port()}"]) == 2
     one_line_error(capsys, f"{broken}:1:", "not valid JSON")
     bf16 = tmp_path / "bf16.json"
     bf16.write_text('{"bf16": {"enabled": true}}')
@@ -362,10 +368,13 @@ def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data,
     or one whose tokenizer is not the dataset's is one line from the Ray launcher's checks (no worker started)."""
     launcher = runpy.run_path(str(ROOT / "launchers" / "pretrain_llama.py"))
 
-    def launch(*args) -> int:
-        return run_command(launcher["main"], ["--data", demo_data, "--out", str(tmp_path / "run"), *args])
+    def launch(*args, local: bool = False) -> int:
+        # The checks come before Ray is joined, so a cluster address that nothing listens on gets the same line
+        # without a local Ray started and stopped around each check (seconds each); `local` takes that path.
+        cluster = [] if local else ["--dist.ray_address", f"127.0.0.1:{free_port()}"]
+        return run_command(launcher["main"], ["--data", demo_data, "--out", str(tmp_path / "run"), *cluster, *args])
 
-    assert launch("--backbone", str(tmp_path / "no-such-checkpoint")) == 2
+    assert launch("--backbone", str(tmp_path / "no-such-checkpoint"), local=True) == 2
     one_line_error(capsys, str(tmp_path / "no-such-checkpoint"), "config.json")
     # an adapter target the backbone does not have, for either recommender (its checks.py, on the driver)
     for data, recommender in ((demo_data, "cllm4rec"), (demo_loo_data, "allmrec")):

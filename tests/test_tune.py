@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,6 +187,36 @@ def _kill_session(leader: subprocess.Popen) -> None:
     leader.wait(timeout=60)
 
 
+class RunsCode:
+    """Unpickling this calls os.system: what a hostile experiment state would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_pickles(folder: Path, payload: bytes) -> list[str]:
+    """Replace every file under ``folder`` that Ray Tune unpickles when it restores an experiment: ``*.pkl``
+    (tuner.pkl, the trials' params.pkl / error.pkl), the searcher's state (``basic-variant-state-*.json`` and
+    ``searcher-state-*``, pickles despite their names) and ``experiment_state-*.json`` (JSON whose values Ray
+    decodes with cloudpickle: here the whole document is one such value)."""
+    planted = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.name
+        if name.endswith(".pkl") or name.startswith(("basic-variant-state", "searcher-state")):
+            path.write_bytes(payload)
+        elif name.startswith("experiment_state") and name.endswith(".json"):
+            path.write_text(json.dumps({"_type": "CLOUDPICKLE_FALLBACK", "value": payload.hex()}))
+        else:
+            continue
+        planted.append(str(path.relative_to(folder)))
+    return planted
+
+
 def _wait_for(condition, what: str, leader: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -205,8 +237,17 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
     the search's own records (OUT/trials.json, asha.json, clock.json; Ray's pickled state is never read): the
     finished trial is kept; the second resumes from its checkpoint and reports epoch 1 again; ASHA, which kept
     the first trial's rungs, stops it there as before. Every trial's curve, epochs and stop equal those of the
-    search that was never interrupted."""
+    search that was never interrupted.
+
+    Trust (issue 32): before resuming, every pickle Ray left in OUT/ray is replaced by one that runs code (anyone
+    who can write the folder can do that): nothing runs, since the search is rebuilt from its JSON records."""
     from cllm4rec_dist.tune import PAUSE_ENV
+
+    pwned = tmp_path / "pwned"
+    payload = pickle.dumps(RunsCode(pwned))
+    pickle.loads(payload)  # sanity: unpickling it WOULD run it
+    assert pwned.exists()
+    pwned.unlink()
 
     spec = write(tmp_path / "spec.yaml", SPEC)
     out = str(tmp_path / "out")
@@ -233,13 +274,22 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
         assert search.returncode == 1 and "1 of 2 trials finished" in said and "run the same command again" in said
     _kill_session(search)
     assert not os.path.exists(os.path.join(out, "tune.json"))
+    planted = plant_pickles(Path(out, "ray"), payload)
+    assert "search/tuner.pkl" in planted, planted  # what Tuner.restore unpickles first
+    assert any(p.startswith("search/experiment_state") for p in planted), planted
+    assert any(p.endswith("params.pkl") for p in planted), planted
 
     with open(os.path.join(out, "clock.json"), encoding="utf-8") as f:
         clock = json.load(f)  # the interrupted run's time up to its last result
     assert clock["runs"] == 1 and clock["seconds"] > 0
     resume_started = time.time()
-    assert main(args) == 0
+    try:
+        rc = main(args)
+    except Exception as err:  # noqa: BLE001 - the marker is what this test is about; the error comes after it
+        rc = err
     resume_seconds = time.time() - resume_started
+    assert not pwned.exists(), f"resuming the search ran a planted pickle (then: {rc!r})"
+    assert rc == 0, rc
     assert f"[tune] resuming the interrupted search in {out}" in capsys.readouterr().out
     with open(os.path.join(out, "tune.json"), encoding="utf-8") as f:
         resumed = json.load(f)
@@ -251,10 +301,12 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_searchs_trials(demo_
     assert clock["seconds"] < resumed["budget"]["wall_seconds"] <= clock["seconds"] + resume_seconds + 0.1
     lr = "optim.finetune_lr"
     after = {t["params"][lr]: t for t in resumed["trials"]}
+    assert len(after) == len(uninterrupted["trials"]) == 2
     for trial in uninterrupted["trials"]:
         again = after[trial["params"][lr]]
-        assert (again["epochs_run"], again["stopped_early"], again["best_epoch"]) == \
-            (trial["epochs_run"], trial["stopped_early"], trial["best_epoch"])
+        assert again["params"] == trial["params"]  # the same sampled values, to the last bit
+        assert (again["epochs_run"], again["stopped_early"], again["best_epoch"], again["error"]) == \
+            (trial["epochs_run"], trial["stopped_early"], trial["best_epoch"], None)
         assert [c["epoch"] for c in again["curve"]] == [c["epoch"] for c in trial["curve"]]
         for c_again, c in zip(again["curve"], trial["curve"]):
             assert c_again == pytest.approx(c, abs=1e-9)
