@@ -15,6 +15,7 @@ the run folder private to the user (`copy_private`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ import threading
 
 from cllm4rec_dist import ray_warm
 from cllm4rec_dist.config import ConfigError, TrainConfig, config_from_dict, read_yaml_settings
-from cllm4rec_dist.errors import UserError
+from cllm4rec_dist.errors import UserError, report_now
 from cllm4rec_dist.recommenders import recommender
 from cllm4rec_dist.train.monitor import CONSOLE_FILE
 from cllm4rec_dist.train.run_folder import (
@@ -141,28 +142,43 @@ def launch_ray(cfg: TrainConfig, timer: PhaseTimer | None = None, exports: bool 
     cfg.dist.ds_config = os.path.abspath(cfg.dist.ds_config)
     starting = RayStart(cfg, local_cpus, _local_ray_env()) if local_cpus else None
     try:
-        with timer.phase("driver_imports"):
-            from cllm4rec_dist.corpus.preprocess import demo_dataset
-            from cllm4rec_dist.corpus.shards import ShardedDataset
-            from cllm4rec_dist.train.engines import load_ds_config
-        with timer.phase("demo_data"):
-            cfg.data = demo_dataset(cfg.data)
-        cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
-        with timer.phase("checks"):
-            # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
-            data = ShardedDataset(cfg.data)
-            recommender(cfg.recommender).check_data(cfg, data)  # e.g. A-LLMRec needs a leave-one-out dataset
-            check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size, cfg.dist.num_workers,
-                                                  cfg.optim.grad_clip))
-            data.verify()
-            storage, name = ray_storage(cfg)
-        with RunLock(cfg.out):
-            with timer.phase("checks"):
-                _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
+        with contextlib.ExitStack() as held:
+            with _reported_at_once(starting):
+                with timer.phase("driver_imports"):
+                    from cllm4rec_dist.corpus.preprocess import demo_dataset
+                    from cllm4rec_dist.corpus.shards import ShardedDataset
+                    from cllm4rec_dist.train.engines import load_ds_config
+                with timer.phase("demo_data"):
+                    cfg.data = demo_dataset(cfg.data)
+                cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+                with timer.phase("checks"):
+                    # Fail fast on the driver: Ray would otherwise retry a bad path max_failures times on every worker.
+                    data = ShardedDataset(cfg.data)
+                    recommender(cfg.recommender).check_data(cfg, data)  # e.g. A-LLMRec needs a leave-one-out dataset
+                    check_combination(cfg, load_ds_config(cfg.dist.ds_config, cfg.batch.batch_size,
+                                                          cfg.dist.num_workers, cfg.optim.grad_clip))
+                    data.verify()
+                    storage, name = ray_storage(cfg)
+                held.enter_context(RunLock(cfg.out))
+                with timer.phase("checks"):
+                    _check_ray_resume(cfg, storage, name, data.manifest.get("content_hash"))
             return _fit_ray(cfg, storage, name, timer, local_cpus, starting, exports)
     finally:
         if starting is not None:
             starting.stop()  # after the run (_fit_ray shut Ray down), a failed check or an interruption
+
+
+@contextlib.contextmanager
+def _reported_at_once(starting: RayStart | None):
+    """A check that fails while a local Ray starts in the background: its line goes to the console now, since
+    stopping that Ray on the way out waits for its start to finish (seconds on 2 cores)."""
+    try:
+        yield
+    except Exception as err:
+        reported = report_now(err) if starting is not None else None
+        if reported is None:
+            raise
+        raise reported from err
 
 
 RAY_FOLDER = "ray"

@@ -99,16 +99,39 @@ def describe_os_error(err: OSError) -> str | None:
     return f"{err.filename}: {err.strerror or type(err).__name__}; {fix}."
 
 
+class ReportedError(UserError):
+    """A user error whose line is already on stderr (``report_now``): ``run_command`` only returns its status."""
+
+
+def user_error_line(err: BaseException) -> str | None:
+    """The ``error: <message>`` line of a user error (``UserError``, an OS error naming a file, a full disk), or None
+    for anything else (a bug)."""
+    if isinstance(err, UserError):
+        return f"error: {one_line(err)}"
+    message = describe_os_error(err) if isinstance(err, OSError) else None
+    return None if message is None else f"error: {one_line(message)}"
+
+
+def report_now(err: BaseException) -> ReportedError | None:
+    """Print a user error's line at once, ahead of a slow cleanup on its way out (a local Ray cluster that must
+    finish starting before it can be stopped); returns the ``ReportedError`` to raise in its place, or None (then
+    ``err`` is a bug and goes on as it is)."""
+    line = user_error_line(err)
+    if line is None:
+        return None
+    print(line, file=sys.stderr, flush=True)
+    return ReportedError(str(err))
+
+
 def run_command(fn, *args, **kwargs) -> int:
     """Call ``fn`` and turn a user error into one line on stderr and exit status 2."""
     try:
         return int(fn(*args, **kwargs) or 0)
-    except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    except ReportedError:
         return USER_ERROR_EXIT
-    except OSError as err:
-        message = describe_os_error(err)
-        if message is None:
+    except (UserError, OSError) as err:
+        line = user_error_line(err)
+        if line is None:
             raise
-        print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
         return USER_ERROR_EXIT

@@ -362,7 +362,8 @@ def test_manifest_counts_and_sizes_are_checked_against_the_shards(demo_data, tmp
     assert not (tmp_path / "r2" / "train_log.jsonl").exists()
 
 
-def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data, demo_loo_data, tmp_path, capsys):
+def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data, demo_loo_data, tmp_path, capsys,
+                                                                     monkeypatch):
     """`--backbone` on a training run takes what preprocessing's does (a checkpoint folder or `smollm2`), for both
     recommenders and the export alike (`corpus/presets.py` `run_backbone`); one that cannot be found, a preset name,
     or one whose tokenizer is not the dataset's is one line from the Ray launcher's checks (no worker started)."""
@@ -374,8 +375,22 @@ def test_a_backbone_that_cannot_be_used_is_one_line_before_any_worker(demo_data,
         cluster = [] if local else ["--dist.ray_address", f"127.0.0.1:{free_port()}"]
         return run_command(launcher["main"], ["--data", demo_data, "--out", str(tmp_path / "run"), *cluster, *args])
 
+    # On the local path the line is on the console before the background Ray start is stopped (which waits for
+    # that start to finish), and only once.
+    from cllm4rec_dist.distributed import RayStart
+
+    stop, printed_before_stop = RayStart.stop, []
+
+    def recording_stop(self):
+        printed_before_stop.append(capsys.readouterr().err)
+        stop(self)
+
+    monkeypatch.setattr(RayStart, "stop", recording_stop)
     assert launch("--backbone", str(tmp_path / "no-such-checkpoint"), local=True) == 2
-    one_line_error(capsys, str(tmp_path / "no-such-checkpoint"), "config.json")
+    monkeypatch.undo()
+    [line] = printed_before_stop
+    assert line.startswith("error: ") and str(tmp_path / "no-such-checkpoint") in line and "config.json" in line
+    assert line.count("\n") == 1 and capsys.readouterr().err == ""
     # an adapter target the backbone does not have, for either recommender (its checks.py, on the driver)
     for data, recommender in ((demo_data, "cllm4rec"), (demo_loo_data, "allmrec")):
         assert launch("--data", data, "--recommender", recommender, "--model.adapter", "lora",
