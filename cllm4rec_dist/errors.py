@@ -8,7 +8,10 @@ field) and how to fix it. ``run_command`` is the boundary every entry point
 operating-system error that names a file (missing path, a folder given as a
 file, no permission), or a full disk (ENOSPC, or a quota: EDQUOT) prints
 ``error: <message>`` on one line and returns 2. Anything else is a bug and
-propagates with its traceback.
+propagates with its traceback. A user error met ahead of a slow cleanup (the Ray
+launcher's checks, while a local Ray is still starting) is printed at once by
+``report_now`` and raised again as a ``ReportedError``, for which ``run_command``
+only returns 2.
 """
 
 from __future__ import annotations
