@@ -2,6 +2,7 @@
 
     python benchmarks/bench_allmrec.py                          # fp32 and bf16, CPU
     python benchmarks/bench_allmrec.py --parts score --precision fp32 --repeats 3
+    python benchmarks/bench_allmrec.py --parts stage2,score --compile off,on    # eager and torch.compile'd layers
 
 Inputs: MovieLens-100K's real titles (../shared/data/movielens-100k/u.item), seeded random histories of
 ``--history`` items and ``--candidates`` candidates per user, random x_u / e_i vectors (the stage-0/1 outputs'
@@ -26,6 +27,10 @@ longest, mean per token) on the same loaded backbone and the same users, alterna
 both see the same machine load (``git show 27b35ea:cllm4rec_dist/recommenders/allmrec/model.py > old_model.py``).
 The two do not compute the same score (the old one averages over the tokens incl. EOS); the new one's numerics are
 pinned by tests/test_allmrec_scorer.py (equal to a plain per-candidate forward).
+
+``--compile off,on``: each precision with the LLM's decoder layers eager, then compiled (``model.compile``; the
+warm-up run compiles). The legacy scorer is timed in the eager case only; the compiled case's
+``speedup_vs_legacy`` divides by that eager legacy time.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch  # noqa: E402
 
 import cllm4rec_dist  # noqa: E402,F401  before torch work: OMP settings as the CLI sets them
 from cllm4rec_dist.corpus.presets import load_tokenizer, smollm2_location  # noqa: E402
+from cllm4rec_dist.model.backbone_settings import BackboneSettings  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.model import LLMAlignment, SoftBatch  # noqa: E402
 from cllm4rec_dist.recommenders.allmrec.prompts import ALLMRecPrompts  # noqa: E402
 
@@ -71,7 +77,7 @@ def timed(run, repeats: int) -> tuple[float, list[float]]:
 
 def matmul_fraction(run, seconds: float) -> float:
     recorder = GemmRecorder()
-    with recorder:
+    with torch.compiler.set_stance("force_eager"), recorder:  # a compiled run's GEMMs are the eager run's
         run()
     gemm_seconds, _ = standalone_seconds(recorder.calls)
     return round(gemm_seconds / seconds, 3)
@@ -96,7 +102,7 @@ def legacy_scorer(path: str):
 
 
 def bench_score(llm, prompts: ALLMRecPrompts, rows, users, items, batch: int, repeats: int,
-                legacy=None) -> dict:
+                legacy=None, legacy_seconds: float | None = None) -> dict:
     chunks = [list(range(k, min(k + batch, len(rows)))) for k in range(0, len(rows), batch)]
     shapes = {"new": [], "legacy": []}
 
@@ -139,7 +145,9 @@ def bench_score(llm, prompts: ALLMRecPrompts, rows, users, items, batch: int, re
                     f"{prefix}real_token_fraction": round(real / processed, 3)})
     out["matmul_rate_fraction"] = matmul_fraction(run_new, statistics.median(times["new"]))
     if legacy:
-        out["speedup_vs_legacy"] = round(statistics.median(times["legacy"]) / statistics.median(times["new"]), 2)
+        legacy_seconds = statistics.median(times["legacy"])
+    if legacy_seconds:
+        out["speedup_vs_legacy"] = round(legacy_seconds / statistics.median(times["new"]), 2)
     out.update({"users": len(rows), "batch": batch})
     return out
 
@@ -203,7 +211,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--legacy-model", default=None, help="an older allmrec/model.py whose scorer is timed too")
+    p.add_argument("--compile", default="off", help="off, on, or off,on: the LLM's decoder layers torch.compile'd")
     args = p.parse_args(argv)
+    if not set(args.compile.split(",")) <= {"off", "on"}:
+        p.error(f"--compile {args.compile!r}: off, on, or off,on")
     if args.threads:
         torch.set_num_threads(args.threads)
     titles = movielens_titles(DATA)
@@ -216,18 +227,25 @@ def main(argv=None) -> int:
     prompts = ALLMRecPrompts(load_tokenizer(location), titles)
     g = np.random.default_rng(0)
     rows = user_rows(g, len(titles), args.users, args.history, args.candidates)
+    legacy_seconds = {}  # precision -> the eager legacy scorer's time
     for precision in args.precision.split(","):
-        torch.manual_seed(0)
-        llm = LLMAlignment.load(location, precision, CF_DIM, JOINT_DIM, device="cpu")
-        users, items = torch.randn(len(rows), CF_DIM), torch.randn(len(titles), JOINT_DIM)
-        if "stage2" in parts:
-            out = bench_stage2(llm, prompts, rows, users, items, 4, args.repeats)
-            print(json.dumps({"part": "stage2", "precision": precision, **common, **out}), flush=True)
-        if "score" in parts:
-            legacy = legacy_scorer(args.legacy_model) if args.legacy_model else None
-            out = bench_score(llm, prompts, rows, users, items, args.batch, args.repeats, legacy)
-            print(json.dumps({"part": "score", "precision": precision, **common, **out}), flush=True)
-        del llm
+        for compiled in [mode == "on" for mode in args.compile.split(",")]:
+            torch.manual_seed(0)
+            llm = LLMAlignment.load(location, BackboneSettings(precision=precision, compile=compiled), CF_DIM,
+                                    JOINT_DIM, device="cpu")
+            users, items = torch.randn(len(rows), CF_DIM), torch.randn(len(titles), JOINT_DIM)
+            case = {"precision": precision, "compile": compiled}
+            if "stage2" in parts:
+                out = bench_stage2(llm, prompts, rows, users, items, 4, args.repeats)
+                print(json.dumps({"part": "stage2", **case, **common, **out}), flush=True)
+            if "score" in parts:
+                legacy = legacy_scorer(args.legacy_model) if args.legacy_model and not compiled else None
+                out = bench_score(llm, prompts, rows, users, items, args.batch, args.repeats, legacy,
+                                  legacy_seconds.get(precision))
+                if legacy:
+                    legacy_seconds[precision] = out["legacy_seconds"]
+                print(json.dumps({"part": "score", **case, **common, **out}), flush=True)
+            del llm
     return 0
 
 

@@ -27,6 +27,7 @@
     with tokens/s, the real-token fraction and the fraction of the machine's matmul rate:
     python benchmarks/bench_model.py --backbone smollm2 --precision fp32,bf16 [--data SHARDS] [--pack on,longest,off]
     python benchmarks/bench_model.py --backbone tiny --precision fp32,bf16,int8
+    python benchmarks/bench_model.py --backbone smollm2 --precision bf16 --compile off,on --kinds L,C,rec
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def parse_args(argv=None):
     for precision in args.precision.split(","):
         if precision not in ("fp32", "bf16", "int8", "nf4"):
             p.error(f"--precision {precision!r}: choose from fp32, bf16, int8, nf4")
+    for mode in args.compile.split(","):
+        if mode not in ("off", "on"):
+            p.error(f"--compile {mode!r}: choose from off, on (or off,on)")
     for layout in args.pack.split(","):
         if layout not in ("on", "longest", "off"):
             p.error(f"--pack {layout!r}: choose from on, longest, off")
@@ -116,6 +120,10 @@ def add_step_arguments(p):
     g.add_argument("--eval-batch", type=int, default=64, help="users per scoring batch (eval.batch_size)")
     g.add_argument("--max-length", type=int, default=1024)
     g.add_argument("--kinds", default=None, help="subset of L,C,rec,score")
+    g.add_argument("--compile", default="off",
+                   help="off, on, or off,on: the backbone's decoder layers eager and/or torch.compile'd "
+                        "(model.compile); each compiled case first runs every batch it times once, untimed, so that "
+                        "the compilation of each shape is not timed")
 
 
 # ---- (a) throughput ------------------------------------------------------------------------------

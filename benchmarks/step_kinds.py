@@ -4,7 +4,7 @@ Used by ``bench_model.py --part steps`` (the default when --backbone names a pre
 ``smollm2`` / ``tiny`` or several precisions are given). For each (precision, layout, step kind) it prints
 one JSON line:
 
-    backbone, precision, step (L, C, rec, score), pack, tokens_per_s (REAL input tokens per second),
+    backbone, precision, compile, step (L, C, rec, score), pack, tokens_per_s (REAL input tokens per second),
     processed_tokens_per_s (real + padding), real_token_fraction, matmul_rate_fraction, step_seconds,
     rows_per_step and row_width (the layout model/batch.py chose, averaged over the timed steps), ...
 
@@ -109,7 +109,7 @@ def prepare_data(backbone: str, data: str | None, workdir: str) -> str:
     return out
 
 
-def load_model(data, precision: str, backbone: str | None):
+def load_model(data, precision: str, backbone: str | None, compiled: bool = False):
     from cllm4rec_dist.corpus.presets import resolve_backbone
     from cllm4rec_dist.recommenders.cllm4rec.model import CLLM4Rec, ModelConfig
 
@@ -127,7 +127,7 @@ def load_model(data, precision: str, backbone: str | None):
             save_gguf_as_checkpoint(location["path"], location["gguf_file"], converted)
         location = {"path": converted, "gguf_file": None}
     return CLLM4Rec(ModelConfig(backbone=location["path"], gguf_file=location["gguf_file"], precision=precision,
-                                num_users=data.num_users, num_items=data.num_items, device="cpu"))
+                                num_users=data.num_users, num_items=data.num_items, device="cpu", compile=compiled))
 
 
 def step_functions(model, data, space, settings, eval_batch_size: int):
@@ -177,8 +177,8 @@ def bench_steps(args, out=sys.stdout) -> list[dict]:
     with tempfile.TemporaryDirectory() as workdir:
         data = ShardedDataset(prepare_data(args.backbone or "tiny", args.data, workdir))
         space = TokenSpace(data.vocab_size, data.num_users, data.num_items)
-        for precision in args.precision.split(","):
-            model = load_model(data, precision, args.backbone)
+        for precision, compiled in [(p, c == "on") for p in args.precision.split(",") for c in args.compile.split(",")]:
+            model = load_model(data, precision, args.backbone, compiled)
             for layout in args.pack.split(","):
                 settings = BatchSettings(batch_size=args.docs_per_step, max_length=args.max_length,
                                          pack=layout != "off")
@@ -187,9 +187,9 @@ def bench_steps(args, out=sys.stdout) -> list[dict]:
                         continue
                     if layout == "longest":
                         batches = [relayout(batch, rows_as_wide_as_the_longest) for batch in batches]
-                    record = time_step(run, batches, args.steps)
+                    record = time_step(run, batches, args.steps, compiled)
                     records.append({"backbone": args.backbone or data.manifest["backbone"]["path"],
-                                    "precision": precision, "step": kind, "pack": layout,
+                                    "precision": precision, "compile": compiled, "step": kind, "pack": layout,
                                     "docs_per_step": args.docs_per_step if kind != "score" else args.eval_batch,
                                     **record})
                     print(json.dumps(records[-1]), file=out, flush=True)
@@ -208,17 +208,19 @@ def relayout(batch, plan):
                    position_ids=layout.position_ids, doc_rows=layout.doc_rows, doc_starts=layout.doc_starts)
 
 
-def time_step(run, batches, steps: int) -> dict:
-    """Times ``steps`` consecutive batches (after one warm-up), then records their GEMMs untimed and
-    replays them alone."""
+def time_step(run, batches, steps: int, compiled: bool = False) -> dict:
+    """Times ``steps`` consecutive batches (after one warm-up; compiled: after running each of them once, so that no
+    shape compiles while timed), then records their GEMMs untimed (eager: the same GEMMs) and replays them alone."""
     chosen = batches[1:1 + steps] if len(batches) > steps else batches[:steps]
     run(batches[0])
+    for batch in chosen if compiled else []:
+        run(batch)
     start = time.perf_counter()
     for batch in chosen:
         run(batch)
     seconds = time.perf_counter() - start
     recorder = GemmRecorder()
-    with recorder:
+    with torch.compiler.set_stance("force_eager"), recorder:
         for batch in chosen:
             run(batch)
     gemm_seconds, flops = standalone_seconds(recorder.calls)

@@ -215,6 +215,28 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The backbone's stack of decoder layers: the ModuleList of ``config.num_hidden_layers`` modules of one class
+    (LLaMA's ``model.layers``, GPT-2's ``transformer.h``), found by shape so that any decoder-only family works."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) == count
+                and len({type(layer) for layer in module}) == 1):
+            return module
+    raise ValueError(f"found no stack of {count} decoder layers in this {type(model).__name__} to compile")
+
+
+def compile_decoder_layers(model: PreTrainedModel) -> int:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``: parameter names, state dicts and
+    adapters stay as they are), with dynamic shapes so that the rows and widths of packed batches do not each
+    compile anew; the layers are instances of one class, so they share what is compiled. The embeddings, the
+    attention-mask construction and the heads stay eager. Returns the number of layers."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def hidden_size(model: PreTrainedModel) -> int:
     return model.get_input_embeddings().embedding_dim
 

@@ -1,10 +1,12 @@
-"""The backbone's settings every recommender shares: precision and an optional LoRA adapter.
+"""The backbone's settings every recommender shares: precision, an optional LoRA adapter, and compilation.
 
 Kept apart from ``model/adapter.py`` (which applies the adapter with torch and peft) so that reading and checking a
 config imports neither torch nor transformers: a Ray run's driver checks its config before Ray starts."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 from cllm4rec_dist.model.options import PRECISIONS
@@ -33,6 +35,11 @@ class BackboneSettings:
     lora_targets: str | None = None
     """Comma-separated names of the modules that get an adapter (e.g. 'q_proj,v_proj'; a name matches every layer's
     module of that name); none = peft's default for the architecture (LLaMA: q_proj,v_proj; GPT-2: c_attn)."""
+    compile: bool = False
+    """torch.compile each decoder layer of the backbone (model/backbone.py ``compile_decoder_layers``): the layers'
+    element-wise work (norms, rotary, activation, residual adds) is fused around the GEMMs, the results equal the
+    eager ones to rounding. fp32 and bf16 backbones; the first steps of each shape pay the compilation, which needs a
+    C++ compiler (inductor builds its CPU kernels with g++, or $CXX)."""
 
     def check_backbone(self) -> BackboneSettings:
         """This class's rules (ConfigError naming the setting)."""
@@ -41,6 +48,13 @@ class BackboneSettings:
         require(self.lora_rank >= 1, "model.lora_rank", self.lora_rank, ">= 1")
         require(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "> 0")
         require(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "in [0, 1)")
+        if self.compile:
+            require(self.precision in COMPILED_PRECISIONS, "model.compile", self.compile,
+                    f"false with model.precision {self.precision} (compiled backbones: "
+                    f"{', '.join(COMPILED_PRECISIONS)}; int8/nf4 layers run bitsandbytes' own kernels)")
+            require(cxx_compiler() is not None, "model.compile", self.compile,
+                    f"false on a machine without a C++ compiler: torch.compile builds its kernels with "
+                    f"{os.environ.get('CXX') or 'g++'}; install it (e.g. apt install g++), or point $CXX at one")
         if self.lora_targets is not None:
             require(bool(self.target_names()), "model.lora_targets", self.lora_targets,
                     "comma-separated module names (e.g. q_proj,v_proj), or none for the architecture's default")
@@ -65,4 +79,12 @@ class BackboneSettings:
         return [name.strip() for name in (self.lora_targets or "").split(",") if name.strip()]
 
 
-BACKBONE_FIELDS = ("precision", "adapter", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+BACKBONE_FIELDS = ("precision", "adapter", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "compile")
+
+COMPILED_PRECISIONS = ("fp32", "bf16")
+"""The backbone precisions ``model.compile`` accepts."""
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would call ($CXX, else g++), as a path; None if there is none."""
+    return shutil.which(os.environ.get("CXX") or "g++")

@@ -211,6 +211,8 @@ class LLMAlignment(nn.Module):
         module = cls(backbone, user_dim, item_dim)
         lora.apply_adapter(module.backbone, settings)
         lora.set_adapter_training(module.backbone, module.training)
+        if settings.compile:  # after the adapter: what is compiled is the adapted layer
+            bb.compile_decoder_layers(module.backbone)
         return module
 
     def train(self, mode: bool = True):
@@ -248,8 +250,10 @@ class LLMAlignment(nn.Module):
 
     def _hidden(self, batch: SoftBatch, user_vectors, item_vectors) -> torch.Tensor:
         embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
-        return self.backbone.base_model(inputs_embeds=embeds,
-                                        attention_mask=batch.attention_mask.to(self.device)).last_hidden_state
+        # use_cache=False: the config's default (True) builds a KV cache of every layer that nobody reads, and
+        # each layer's first write to it is a different guard for a compiled layer (model.compile)
+        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
+                                        use_cache=False).last_hidden_state
 
     def _answer_logprobs(self, batch: SoftBatch, user_vectors, item_vectors) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability of each answer token [N], its row [N]): the LM head only at answer positions."""
@@ -349,7 +353,7 @@ class LLMAlignment(nn.Module):
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
         embeds = self.inputs_embeds(batch, user_vectors, item_vectors)
         hidden = self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),
-                                          position_ids=positions.to(self.device)).last_hidden_state
+                                          position_ids=positions.to(self.device), use_cache=False).last_hidden_state
         rows = torch.tensor(pred_rows, device=self.device)
         cols = torch.tensor(pred_cols, device=self.device)
         token = self.head_logprobs(hidden[rows, cols]).gather(1, torch.tensor(targets, device=self.device)[:, None])
@@ -375,8 +379,12 @@ class LLMAlignment(nn.Module):
         return prompts[0].ids[0] if prompts and prompts[0].ids else 0
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def generate(self, batch: SoftBatch, user_vectors, item_vectors, max_new_tokens: int, eos: int) -> list[list[int]]:
-        """Greedy decoding after left-padded prompts (KV cache); returns each row's new ids up to EOS."""
+        """Greedy decoding after left-padded prompts (KV cache); returns each row's new ids up to EOS.
+
+        Eager also when the layers are compiled (model.compile): each layer writes its own entry of the KV cache, a
+        guard of its own, so a compiled layer would compile once per layer and per step width."""
         out, mask, last = self._prompt_pass(batch, user_vectors, item_vectors)
         embedding = self.backbone.get_input_embeddings()
         dtype = bb.compute_dtype(self.backbone)

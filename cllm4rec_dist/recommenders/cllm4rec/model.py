@@ -110,6 +110,8 @@ class CLLM4Rec(nn.Module):
             if not lora.has_adapter(backbone):
                 lora.apply_adapter(backbone, config)  # model.adapter lora: the adapters are its only trainable part
             lora.set_adapter_training(backbone, self.training)
+        if config.compile:  # after the adapter: what is compiled is the adapted layer
+            bb.compile_decoder_layers(backbone)
 
         self.num_users, self.num_items = config.num_users, config.num_items
         self.vocab_size = bb.vocab_size(backbone)
