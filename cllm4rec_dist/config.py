@@ -201,5 +201,12 @@ def config_from_dict(values: dict, source: str = "config", cls=TrainConfig):
     return _settings.config_from_dict(values, source, cls)
 
 
+def saved_run_config(values: dict, source: str) -> TrainConfig:
+    """A saved run's config (a checkpoint's snapshot) for reading the run once, `cllm4rec evaluate` and the export:
+    as trained, but with ``model.compile`` off. Compiling pays off over a training run's many steps, not one
+    scoring pass, and the machine that reads a run may have no C++ compiler."""
+    return config_from_dict({**values, "model": {**values.get("model", {}), "compile": False}}, source)
+
+
 def load_config(path: str, cls=TrainConfig):
     return _settings.load_config(path, cls)

@@ -16,7 +16,7 @@ import argparse
 import json
 
 from cllm4rec_dist.atomic import write_json_atomic
-from cllm4rec_dist.config import config_from_dict
+from cllm4rec_dist.config import saved_run_config
 from cllm4rec_dist.errors import EvaluateError
 from cllm4rec_dist.recommenders import recommender
 from cllm4rec_dist.train.checkpoint import read_saved_weights
@@ -34,7 +34,7 @@ def evaluate_checkpoint(source: str, parts=PARTS, use_best: bool = True, data_di
     if bad or not parts:
         raise EvaluateError(f"--part {','.join(parts)}: choose from {', '.join(PARTS)} (comma-separated).")
     saved = read_saved_weights(source, use_best)
-    cfg = config_from_dict(saved.snapshot["config"], f"{saved.path} (snapshot config)")
+    cfg = saved_run_config(saved.snapshot["config"], f"{saved.path} (snapshot config)")
     rec = recommender(cfg.recommender)
     if rec.evaluate is None:
         raise EvaluateError(f"{saved.path}: an {rec.title} run. {rec.title} is scored on its stored candidates "

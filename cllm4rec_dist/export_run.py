@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cllm4rec_dist.config import config_from_dict
+from cllm4rec_dist.config import saved_run_config
 from cllm4rec_dist.corpus.presets import run_backbone
 from cllm4rec_dist.corpus.shards import ShardedDataset, ShardError
 from cllm4rec_dist.export.embeddings import ExportError, write_export
@@ -37,7 +37,7 @@ def export_checkpoint(source: str, out_dir: str, dim: int | None = None, use_bes
     if dim is not None and dim < 1:
         raise ExportError(f"dim={dim}: must be a positive number of dimensions (or None for no projection).")
     saved = read_saved_weights(source, use_best)
-    cfg = config_from_dict(saved.snapshot["config"], f"{saved.path} (snapshot config)")
+    cfg = saved_run_config(saved.snapshot["config"], f"{saved.path} (snapshot config)")
     hooks = recommender(cfg.recommender).load_module("export")
     if saved.sharded:
         if dim is not None:

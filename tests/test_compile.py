@@ -25,7 +25,7 @@ SHORT = ["--schedule.warmup_epochs", "0", "--schedule.pretrain_epochs", "1", "--
 
 
 @pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile needs a C++ compiler (g++ or $CXX)")
-def test_a_compiled_backbone_trains_and_scores_like_the_eager_one(demo_data, tmp_path):
+def test_a_compiled_backbone_trains_and_scores_like_the_eager_one(demo_data, tmp_path, monkeypatch):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert cli(["train", "--data", demo_data, "--out", str(eager), *SHORT]) == 0
     torch._dynamo.reset()
@@ -41,6 +41,14 @@ def test_a_compiled_backbone_trains_and_scores_like_the_eager_one(demo_data, tmp
     for part in ("valid", "test"):
         ours, theirs = (json.loads((run / "metrics.json").read_text())[part] for run in (compiled, eager))
         assert ours["recall@20"] == pytest.approx(theirs["recall@20"], abs=1e-6)
+
+    # Reading the run once (evaluate, export) runs eager: no compiler needed on the machine that reads it.
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    rescored = tmp_path / "rescored.json"
+    assert cli(["evaluate", "--checkpoint", str(compiled), "--part", "test", "--out", str(rescored)]) == 0
+    test = json.loads((compiled / "metrics.json").read_text())["test"]
+    assert json.loads(rescored.read_text())["test"]["recall@20"] == pytest.approx(test["recall@20"], abs=1e-6)
+    assert cli(["export", "--checkpoint", str(compiled), "--out", str(tmp_path / "export")]) == 0
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
