@@ -54,7 +54,7 @@ class BackboneSettings:
                     f"{', '.join(COMPILED_PRECISIONS)}; int8/nf4 layers run bitsandbytes' own kernels)")
             require(cxx_compiler() is not None, "model.compile", self.compile,
                     f"false on a machine without a C++ compiler: torch.compile builds its kernels with "
-                    f"{os.environ.get('CXX') or 'g++'}; install it (e.g. apt install g++), or point $CXX at one")
+                    f"{cxx_name()}; install it (e.g. apt install g++), or point $CXX at one")
         if self.lora_targets is not None:
             require(bool(self.target_names()), "model.lora_targets", self.lora_targets,
                     "comma-separated module names (e.g. q_proj,v_proj), or none for the architecture's default")
@@ -85,6 +85,11 @@ COMPILED_PRECISIONS = ("fp32", "bf16")
 """The backbone precisions ``model.compile`` accepts."""
 
 
+def cxx_name() -> str:
+    """The C++ compiler torch.compile's inductor calls on Linux: $CXX, else g++."""
+    return os.environ.get("CXX") or "g++"
+
+
 def cxx_compiler() -> str | None:
-    """The C++ compiler torch.compile's inductor would call ($CXX, else g++), as a path; None if there is none."""
-    return shutil.which(os.environ.get("CXX") or "g++")
+    """``cxx_name()`` as a path on this machine; None if there is none."""
+    return shutil.which(cxx_name())
